@@ -1,0 +1,212 @@
+"""`torch.ops.fxsparse.conv2d`: one fused, channel-compacting 2-D convolution.
+
+    out = epilogue(conv2d(x[:, in_index], weight))   scattered to out_index
+
+Per kept output channel j (a row of `weight`):
+    z_j = (acc_j + bias_j + bias_map_j[h, w]) * scale_j + shift_j
+Output channels not named by `out_index` hold `fill_c` (0 if no fill): the
+pre-activation constant that a pruned channel still carries. Then
+    z += residual            (unless residual_after_activation)
+    y  = activation(z)
+    y += residual            (if residual_after_activation)
+The result is channels_last, in x's dtype; accumulation is fp32.
+
+Implementations: CPU -> aten (`reference.py`), or the Triton kernel when the
+Triton interpreter is on (TRITON_INTERPRET=1, for testing the kernel without a
+GPU); CUDA -> the Triton kernel (`fxsparse/kernels/conv2d.py`). The fake
+implementation only computes the output's shape, so the op traces under
+torch.compile and make_fx. Backward differentiates the reference formula.
+"""
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Optional, Sequence
+
+import torch
+
+from .activations import check_activation
+from .reference import conv2d_reference
+
+Tensor = torch.Tensor
+
+
+def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def triton_interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Index vectors the backend builds are constants: checking each once keeps the
+# range check (a device sync on CUDA) off the hot path.
+_checked_indices: "weakref.WeakKeyDictionary[Tensor, int]" = weakref.WeakKeyDictionary()
+
+
+def _fail(problem: str) -> None:
+    raise ValueError(f"fxsparse.conv2d: {problem}")
+
+
+def _check_vector(name: str, v: Optional[Tensor], length, device, float_dtype: bool = True) -> None:
+    if v is None:
+        return
+    if v.dim() != 1 or v.shape[0] != length:
+        _fail(f"{name} must be a vector of length {length}, got shape {tuple(v.shape)}")
+    if v.device != device:
+        _fail(f"{name} is on {v.device} but x is on {device}")
+    if float_dtype and not v.is_floating_point():
+        _fail(f"{name} must be floating point, got {v.dtype}")
+
+
+def _check_index(name: str, idx: Optional[Tensor], length, bound, device) -> None:
+    if idx is None:
+        return
+    if idx.dtype not in (torch.int32, torch.int64):
+        _fail(f"{name} must be int32 or int64, got {idx.dtype}")
+    _check_vector(name, idx, length, device, float_dtype=False)
+    if isinstance(idx, torch._subclasses.FakeTensor) or idx.numel() == 0:
+        return
+    if _checked_indices.get(idx) == idx._version:
+        return
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= bound:
+        _fail(f"{name} has values in [{lo}, {hi}], outside [0, {bound})")
+    if name == "out_index" and torch.unique(idx).numel() != idx.numel():
+        _fail("out_index has repeated channels")
+    _checked_indices[idx] = idx._version
+
+
+def check_conv2d_args(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    in_index: Optional[Tensor],
+    out_index: Optional[Tensor],
+    out_channels: int,
+    fill: Optional[Tensor],
+    scale: Optional[Tensor],
+    shift: Optional[Tensor],
+    bias_map: Optional[Tensor],
+    residual: Optional[Tensor],
+    activation: str,
+) -> tuple:
+    """Checks every argument; returns the output shape (N, out_channels, Ho, Wo)."""
+    if x.dim() != 4:
+        _fail(f"x must be 4-D (N, C, H, W), got {x.dim()}-D")
+    if weight.dim() != 4:
+        _fail(f"weight must be 4-D (Cout, Cin, KH, KW), got {weight.dim()}-D")
+    if not x.is_floating_point() or x.dtype == torch.float64 and x.is_cuda:
+        _fail(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    if weight.dtype != x.dtype:
+        _fail(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}")
+    if weight.device != x.device:
+        _fail(f"weight is on {weight.device} but x is on {x.device}")
+    for name, v in (("stride", stride), ("padding", padding), ("dilation", dilation)):
+        if len(v) != 2:
+            _fail(f"{name} must have 2 values, got {list(v)}")
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        _fail(f"stride and dilation must be >= 1 and padding >= 0, got {list(stride)}, {list(dilation)}, {list(padding)}")
+    check_activation(activation)
+    n, cx, h, w = x.shape
+    cout_k, cin_k, kh, kw = weight.shape
+    if in_index is None and cx != cin_k:
+        _fail(f"x has {cx} channels but weight expects {cin_k} (pass in_index to read a subset)")
+    _check_index("in_index", in_index, cin_k, cx, x.device)
+    if out_index is None and out_channels != cout_k:
+        _fail(f"out_channels={out_channels} differs from weight's {cout_k} rows and no out_index is given")
+    if out_index is not None and out_channels < cout_k:
+        _fail(f"out_channels={out_channels} is smaller than weight's {cout_k} rows")
+    _check_index("out_index", out_index, cout_k, out_channels, x.device)
+    if fill is not None and out_index is None:
+        _fail("fill needs out_index (without it every output channel is computed)")
+    _check_vector("fill", fill, out_channels, x.device)
+    for name, v in (("bias", bias), ("scale", scale), ("shift", shift)):
+        _check_vector(name, v, cout_k, x.device)
+    ho = output_size(h, kh, stride[0], padding[0], dilation[0])
+    wo = output_size(w, kw, stride[1], padding[1], dilation[1])
+    if ho <= 0 or wo <= 0:
+        _fail(f"the output would be empty ({ho}x{wo}) for input {h}x{w}, kernel {kh}x{kw}")
+    if bias_map is not None and tuple(bias_map.shape) != (cout_k, ho, wo):
+        _fail(f"bias_map must have shape {(cout_k, ho, wo)}, got {tuple(bias_map.shape)}")
+    if bias_map is not None and bias_map.device != x.device:
+        _fail(f"bias_map is on {bias_map.device} but x is on {x.device}")
+    out_shape = (n, out_channels, ho, wo)
+    if residual is not None:
+        if tuple(residual.shape) != out_shape:
+            _fail(f"residual must have the output's shape {out_shape}, got {tuple(residual.shape)}")
+        if residual.device != x.device:
+            _fail(f"residual is on {residual.device} but x is on {x.device}")
+    return out_shape
+
+
+@torch.library.custom_op("fxsparse::conv2d", mutates_args=())
+def conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    in_index: Optional[Tensor],
+    out_index: Optional[Tensor],
+    out_channels: int,
+    fill: Optional[Tensor],
+    scale: Optional[Tensor],
+    shift: Optional[Tensor],
+    bias_map: Optional[Tensor],
+    residual: Optional[Tensor],
+    activation: str,
+    residual_after_activation: bool,
+) -> Tensor:
+    args = (x, weight, bias, stride, padding, dilation, in_index, out_index, out_channels,
+            fill, scale, shift, bias_map, residual, activation, residual_after_activation)
+    check_conv2d_args(*args[:-1])
+    if x.is_cuda or (x.device.type == "cpu" and triton_interpreter_on()):
+        from fxsparse.kernels.conv2d import conv2d_triton
+
+        return conv2d_triton(*args)
+    return conv2d_reference(*args)
+
+
+@conv2d.register_fake
+def _(x, weight, bias, stride, padding, dilation, in_index, out_index, out_channels,
+      fill, scale, shift, bias_map, residual, activation, residual_after_activation):
+    shape = check_conv2d_args(x, weight, bias, stride, padding, dilation, in_index, out_index,
+                              out_channels, fill, scale, shift, bias_map, residual, activation)
+    return x.new_empty(shape).contiguous(memory_format=torch.channels_last)
+
+
+_GRAD_INPUTS = {"x": 0, "weight": 1, "bias": 2, "fill": 9, "scale": 10, "shift": 11,
+                "bias_map": 12, "residual": 13}
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.inputs = inputs
+    ctx.save_for_backward(*(inputs[i] for i in _GRAD_INPUTS.values()))
+
+
+def _backward(ctx, grad_out):
+    # Differentiating the aten formula gives aten's own conv gradients on the
+    # compacted weight: exact, and as fast as eager's backward.
+    saved = ctx.saved_tensors
+    inputs = list(ctx.inputs)
+    wanted = []
+    with torch.enable_grad():
+        for slot, t in zip(_GRAD_INPUTS.values(), saved):
+            if t is not None and ctx.needs_input_grad[slot]:
+                t = t.detach().requires_grad_(True)
+                wanted.append((slot, t))
+            inputs[slot] = t
+        out = conv2d_reference(*inputs)
+        grads = torch.autograd.grad(out, [t for _, t in wanted], grad_out, allow_unused=True)
+    result = [None] * len(inputs)
+    for (slot, _), g in zip(wanted, grads):
+        result[slot] = g
+    return tuple(result)
+
+
+conv2d.register_autograd(_backward, setup_context=_setup_context)
