@@ -1,0 +1,124 @@
+"""The `fxsparse` torch.compile backend: the stages, wired in order.
+
+    capture -> sparsity -> propagation -> lowering -> Inductor
+    (graph/)   (sparsity/)  (compaction/)  (lowering/)
+
+`torch.compile(model, backend="fxsparse", options={...})` finds this function
+through the `torch_dynamo_backends` entry point; `Options` lists what it takes.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+from fxsparse.compaction.propagate import propagate
+from fxsparse.graph.capture import capture, placeholder_source
+from fxsparse.lowering.rewrite import lower
+from fxsparse.options import Options
+from fxsparse.report import GraphReport, current_report, log_graph, write_dumps
+from fxsparse.runtime import GuardedGraph, ValueGuard
+from fxsparse.sparsity.read import read_all
+
+_graph_counter = itertools.count()
+
+
+@dataclass
+class Rewrite:
+    gm: fx.GraphModule
+    report: GraphReport
+    depends_on: list  # positions of the inputs whose values the rewrite read
+
+
+def is_inference(example_inputs: Sequence) -> bool:
+    if not torch.is_grad_enabled():
+        return True
+    return not any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
+
+
+def conv_lowering(opts: Options, example_inputs: Sequence, inference: bool) -> str:
+    if opts.lowering != "auto":
+        return opts.lowering
+    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    on_gpu = bool(tensors) and all(t.is_cuda for t in tensors)
+    half = bool(tensors) and any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors)
+    return "triton" if inference and on_gpu and half else "aten"
+
+
+def rewrite(gm: fx.GraphModule, example_inputs: Sequence, opts: Options, index: int) -> Rewrite:
+    """Stages 1-4 on one graph: the compacted graph and its report (nothing compiled yet)."""
+    inference = is_inference(example_inputs)
+    lowering = conv_lowering(opts, example_inputs, inference)
+    cap = capture(gm, example_inputs)
+    sparsity = read_all(cap, inference)
+    enabled = inference and opts.propagate and not _mutates_shared_tensor(cap)
+    prop = propagate(cap, sparsity, enabled=enabled)
+    new_gm, records = lower(prop, sparsity, lowering, inference)
+    report = GraphReport(index, "inference" if inference else "training", lowering, enabled,
+                         [records[n] for n in sparsity if n in records])
+    if inference and opts.propagate and not enabled:
+        report.notes.append("an in-place op writes a tensor that other ops also read: channels not "
+                            "carried across layers (per-conv compaction only)")
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    depends_on = [i for i, p in enumerate(placeholders) if p in cap.read]
+    return Rewrite(new_gm, report, depends_on)
+
+
+def _mutates_shared_tensor(cap) -> bool:
+    return any(v.inplace and v.node.args and isinstance(v.node.args[0], fx.Node)
+               and len(v.node.args[0].users) > 1 for v in cap.views.values())
+
+
+def _inductor(gm: fx.GraphModule, example_inputs: Sequence, cudagraphs: bool):
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = {"triton.cudagraphs": True} if cudagraphs else {}
+    return compile_fx(gm, list(example_inputs), config_patches=patches)
+
+
+def _use_cudagraphs(opts: Options, example_inputs: Sequence, inference: bool) -> bool:
+    if opts.cudagraphs is not None:
+        return opts.cudagraphs and torch.cuda.is_available()
+    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
+    static = all(not isinstance(t, torch.SymInt) for t in example_inputs)
+    return inference and static and bool(tensors) and all(t.is_cuda for t in tensors)
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, opts: Options):
+    index = next(_graph_counter)
+    inference = is_inference(example_inputs)
+    cudagraphs = _use_cudagraphs(opts, example_inputs, inference)
+    report = current_report(opts.dump_dir)
+
+    def build(inputs: Sequence):
+        rw = rewrite(gm, inputs, opts, index)
+        if opts.dump_dir:
+            write_dumps(opts.dump_dir, index, gm, rw.gm)
+        _record(report, rw.report, opts)
+        fn = _inductor(rw.gm, inputs, cudagraphs) if opts.inductor else rw.gm.forward
+        owned = [t for name, t in rw.gm.named_buffers() if name.startswith("_fxsparse_output")]
+        return fn, ValueGuard(rw.depends_on, inputs, owned)
+
+    return GuardedGraph(build, example_inputs)
+
+
+def _record(report, graph_report: GraphReport, opts: Options) -> None:
+    report.graphs = [g for g in report.graphs if g.index != graph_report.index] + [graph_report]
+    report.graphs.sort(key=lambda g: g.index)
+    log_graph(graph_report)
+    if opts.dump_dir:
+        report.write(opts.dump_dir)
+
+
+def fxsparse_backend(gm: fx.GraphModule, example_inputs: Sequence, options: Optional[dict] = None, **kwargs):
+    """torch.compile backend entry point (`backend="fxsparse"`)."""
+    if kwargs:
+        options = {**(options or {}), **kwargs}
+    opts = Options.parse(options)
+    return compile_graph(gm, example_inputs, opts)
+
+
+__all__ = ["fxsparse_backend", "compile_graph", "rewrite", "placeholder_source"]

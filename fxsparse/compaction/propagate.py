@@ -1,0 +1,358 @@
+"""Stage 3, compaction and propagation: which channels each tensor physically stores.
+
+A removed channel is gone from every tensor it flows through (BatchNorm,
+activations, residual adds, concat, pooling, the next conv's input and a
+linear head), as a physical pruning would remove it, but inside the compiled
+graph of the unmodified model. Two passes over the graph:
+
+1. Liveness, backward: a channel is live where some consumer needs it. A conv
+   needs the input channels its filters use; a linear head the features its
+   weight uses; the graph output and any op fxsparse does not understand need
+   every channel. Residual adds and elementwise ops pass liveness through;
+   concat maps it by offsets.
+2. Layouts, forward: every channel-carrying tensor gets a `Layout`: the
+   channels it stores (`kept`, in order) and, for every other channel, the
+   constant it holds everywhere. A conv's pruned output channel is not zero: it
+   is its bias, then BatchNorm and the activation turn it into another
+   constant, `act(gamma * (b - mean) / sqrt(var + eps) + beta)`. Constants
+   travel through the graph (evaluated by each op's own function) and are
+   folded where they are consumed: into the next conv's bias (no padding) or a
+   bias map (zero padding: exact at the borders), into the linear head's bias.
+   A channel that is live but not constant is kept; a channel that nobody
+   needs is dropped whatever its value.
+
+Where a constant cannot be folded (a conv of symbolic spatial size with
+padding, a pooling that is not uniform at the borders, an unknown op), the
+consumer gets the channels it needs materialised (`Relayout`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from fxsparse.graph.capture import Capture, OpView
+from fxsparse.sparsity.read import ConvSparsity, evaluate
+
+CONST_DTYPE = torch.float64  # constants are folded in fp64, then cast to the model's dtype
+
+
+@dataclass
+class Layout:
+    """A tensor of `channels` channels stored as its `kept` channels (in that order);
+    every other channel c holds `const[c]` everywhere."""
+    channels: int
+    kept: torch.Tensor  # int64, ascending original channel ids
+    const: torch.Tensor  # CONST_DTYPE [channels]; meaningful where not kept
+
+    @staticmethod
+    def full(channels: int) -> "Layout":
+        return Layout(channels, torch.arange(channels), torch.zeros(channels, dtype=CONST_DTYPE))
+
+    @property
+    def is_full(self) -> bool:
+        return len(self.kept) == self.channels
+
+    def kept_mask(self) -> torch.Tensor:
+        m = torch.zeros(self.channels, dtype=torch.bool)
+        m[self.kept] = True
+        return m
+
+    def same_storage(self, other: "Layout") -> bool:
+        return self.channels == other.channels and torch.equal(self.kept, other.kept)
+
+    def positions_of(self, channels: torch.Tensor) -> torch.Tensor:
+        """Where each of `channels` (all kept here) sits in the stored tensor."""
+        pos = torch.full((self.channels,), -1, dtype=torch.long)
+        pos[self.kept] = torch.arange(len(self.kept))
+        out = pos[channels]
+        assert bool((out >= 0).all()), "channel not stored"
+        return out
+
+
+def channel_count(node) -> Optional[int]:
+    """Channels of a 4-D activation (dim 1) or a 2-D feature matrix; None for anything else."""
+    val = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    if not isinstance(val, torch.Tensor) or val.dim() not in (2, 4) or not isinstance(val.shape[1], int):
+        return None
+    if not val.is_floating_point():
+        return None
+    return int(val.shape[1])
+
+
+@dataclass
+class ConvPlan:
+    """How one conv runs: its compacted weight, which input channels it reads and what constants it folds."""
+    sparsity: ConvSparsity
+    in_layout: Layout  # layout of the tensor the conv reads (after any relayout)
+    out_layout: Layout  # the conv's own output (pre-BatchNorm)
+    in_channels_used: torch.Tensor  # original input channel ids read, in order
+    weight: torch.Tensor  # [kept_out, used_in, kh, kw], model dtype
+    bias: Optional[torch.Tensor]  # [kept_out], with folded constants
+    bias_map: Optional[torch.Tensor]  # [kept_out, Ho, Wo] where constant inputs meet padding
+    depthwise: bool = False
+
+
+class Propagation:
+    """Runs both passes; results are `layout[node]`, `conv_plans[node]`, `relayout[(node, user)]`."""
+
+    def __init__(self, cap: Capture, sparsity: dict, enabled: bool = True):
+        self.cap = cap
+        self.sparsity = sparsity
+        self.enabled = enabled  # off: every tensor full (per-conv compaction only)
+        self.live: dict = {}
+        self.layout: dict = {}
+        self.conv_plans: dict = {}
+        self.linear_plans: dict = {}
+        self.materialize: dict = {}  # node -> Layout a consumer needs it in (full where unknown)
+        self._memo: dict = {}
+
+    # -- helpers ------------------------------------------------------------------------
+    def view(self, node) -> Optional[OpView]:
+        return self.cap.views.get(node)
+
+    def rewritable(self, node) -> bool:
+        sp = self.sparsity.get(node)
+        return sp is not None and sp.reason is None
+
+    def is_depthwise(self, node) -> bool:
+        v = self.view(node)
+        sp = self.sparsity.get(node)
+        return (v is not None and v.kind == "conv2d" and v.conv.groups > 1 and sp is not None
+                and sp.in_channels == v.conv.groups and sp.out_channels == v.conv.groups)
+
+    def value(self, node):
+        return evaluate(node, self.cap, self._memo)
+
+    # -- pass 1: liveness ---------------------------------------------------------------
+    def run_liveness(self) -> None:
+        nodes = list(self.cap.gm.graph.nodes)
+        for n in nodes:
+            c = channel_count(n)
+            if c is not None:
+                self.live[n] = torch.zeros(c, dtype=torch.bool)
+        for n in reversed(nodes):
+            self._pull_liveness(n)
+
+    def _need(self, node, mask=None) -> None:
+        if node not in self.live:
+            return
+        self.live[node] |= True if mask is None else mask
+
+    def _pull_liveness(self, n: fx.Node) -> None:
+        if n.op == "output" or n.op == "placeholder":
+            for a in n.all_input_nodes:
+                self._need(a)
+            return
+        v = self.view(n)
+        out_live = self.live.get(n)
+        kind = v.kind if v is not None else "unknown"
+        if not self.enabled or out_live is None and kind not in ("linear",):
+            for a in n.all_input_nodes:
+                self._need(a)
+            return
+        if kind == "conv2d" and self.rewritable(n) and v.conv.groups == 1:
+            self._need(v.conv.input, ~self.sparsity[n].zero_cols)
+            self._need_rest(n, v.conv.input)
+        elif kind == "conv2d" and self.rewritable(n) and self.is_depthwise(n):
+            self._need(v.conv.input, out_live & ~self.sparsity[n].zero_rows)
+            self._need_rest(n, v.conv.input)
+        elif kind in ("batch_norm", "pointwise", "pool", "flatten") and self._channel_in(v) is not None:
+            self._need(self._channel_in(v), out_live)
+            self._need_rest(n, self._channel_in(v))
+        elif kind == "add":
+            self._need(v.args["a"], out_live)
+            self._need(v.args["b"], out_live)
+        elif kind == "cat":
+            start = 0
+            for t in v.args["tensors"]:
+                c = channel_count(t)
+                self._need(t, out_live[start:start + c])
+                start += c
+        elif kind == "linear" and self._foldable_linear(v):
+            w = self.value(v.args["weight"])
+            self._need(v.args["input"], (w != 0).any(0).cpu())
+            self._need_rest(n, v.args["input"])
+        else:
+            for a in n.all_input_nodes:
+                self._need(a)
+
+    def _need_rest(self, n, channel_input) -> None:
+        for a in n.all_input_nodes:
+            if a is not channel_input:
+                self._need(a)
+
+    @staticmethod
+    def _channel_in(v: OpView):
+        return v.args.get("input", v.node.args[0] if v.node.args else None) if v.kind != "pointwise" else v.node.args[0]
+
+    def _foldable_linear(self, v: OpView) -> bool:
+        return (self.cap.views is not None and isinstance(v.args.get("weight"), fx.Node)
+                and self.inference_value_ok(v.args["weight"])
+                and (v.args.get("bias") is None or self.inference_value_ok(v.args["bias"])))
+
+    def inference_value_ok(self, node) -> bool:
+        from fxsparse.sparsity.read import param_only
+        return self.enabled and param_only(node, self.cap)
+
+    # -- pass 2: layouts ----------------------------------------------------------------
+    def run_layouts(self) -> None:
+        for n in self.cap.gm.graph.nodes:
+            c = channel_count(n)
+            if c is None:
+                continue
+            self.layout[n] = self._layout_of(n, c)
+
+    def input_layout(self, node) -> Layout:
+        return self.layout.get(node) or Layout.full(channel_count(node))
+
+    def _layout_of(self, n: fx.Node, c: int) -> Layout:
+        v = self.view(n)
+        if not self.enabled or v is None:
+            return self._plan_unknown(n, c)
+        kind = v.kind
+        if kind == "conv2d" and self.rewritable(n) and (v.conv.groups == 1 or self.is_depthwise(n)):
+            return self._plan_conv(n, v)
+        if kind == "batch_norm" and self._foldable_bn(v):
+            lin = self.input_layout(v.args["input"])
+            a, b = self.bn_affine(v)
+            return Layout(c, lin.kept, lin.const * a + b)
+        if kind == "pointwise":
+            lin = self.input_layout(v.node.args[0])
+            const = v.fn(lin.const.reshape(1, -1, 1, 1)).reshape(-1).to(CONST_DTYPE)
+            return Layout(c, lin.kept, const)
+        if kind == "add":
+            la, lb = self.input_layout(v.args["a"]), self.input_layout(v.args["b"])
+            kept = torch.unique(torch.cat([la.kept, lb.kept]))
+            return Layout(c, kept, la.const + lb.const)
+        if kind == "cat":
+            kept, const, start = [], [], 0
+            for t in v.args["tensors"]:
+                lt = self.input_layout(t)
+                kept.append(lt.kept + start)
+                const.append(lt.const)
+                start += lt.channels
+            return Layout(c, torch.cat(kept), torch.cat(const))
+        if kind == "pool":
+            lin = self.input_layout(v.args["input"])
+            if self._uniform_pool(v):
+                return Layout(c, lin.kept, lin.const.clone())
+            self.materialize[(v.args["input"], n)] = self._physical(lin, v.args["input"])
+            return Layout(c, self.materialize[(v.args["input"], n)].kept, lin.const.clone())
+        if kind == "flatten":
+            lin = self.input_layout(v.args["input"])
+            return Layout(c, lin.kept, lin.const.clone())
+        if kind == "linear" and self._foldable_linear(v):
+            self.linear_plans[n] = self.input_layout(v.args["input"])
+            return Layout.full(c)
+        return self._plan_unknown(n, c)
+
+    def _physical(self, lin: Layout, node) -> Layout:
+        """The layout storing every live channel of `node` (constants materialised)."""
+        keep = lin.kept_mask() | self.live.get(node, torch.ones(lin.channels, dtype=torch.bool))
+        return Layout(lin.channels, keep.nonzero().flatten(), lin.const.clone())
+
+    def _plan_unknown(self, n: fx.Node, c: int) -> Layout:
+        for a in n.all_input_nodes:
+            if a in self.layout and not self.layout[a].is_full:
+                self.materialize[(a, n)] = Layout.full(self.layout[a].channels)
+        return Layout.full(c)
+
+    def _foldable_bn(self, v: OpView) -> bool:
+        a = v.args
+        return (a.get("training") is False and all(
+            isinstance(a[k], fx.Node) and self.inference_value_ok(a[k]) for k in ("running_mean", "running_var"))
+            and all(a[k] is None or (isinstance(a[k], fx.Node) and self.inference_value_ok(a[k]))
+                    for k in ("weight", "bias")))
+
+    def bn_affine(self, v: OpView) -> tuple:
+        """BatchNorm in inference as y = a * x + b, in CONST_DTYPE on the CPU."""
+        a = v.args
+        mean = self.value(a["running_mean"]).detach().to("cpu", CONST_DTYPE)
+        var = self.value(a["running_var"]).detach().to("cpu", CONST_DTYPE)
+        gamma = torch.ones_like(mean) if a["weight"] is None else self.value(a["weight"]).detach().to("cpu", CONST_DTYPE)
+        beta = torch.zeros_like(mean) if a["bias"] is None else self.value(a["bias"]).detach().to("cpu", CONST_DTYPE)
+        scale = gamma / torch.sqrt(var + float(a["eps"]))
+        return scale, beta - mean * scale
+
+    @staticmethod
+    def _uniform_pool(v: OpView) -> bool:
+        a = v.args
+        if a["pool"] in ("adaptive", "max"):
+            return True
+        return a["pool"] == "avg" and (a["padding"] in (0, (0, 0), [0, 0]) or not a["count_include_pad"])
+
+    # -- convs -------------------------------------------------------------------------
+    def _plan_conv(self, n: fx.Node, v: OpView) -> Layout:
+        sp: ConvSparsity = self.sparsity[n]
+        conv = v.conv
+        x = conv.input
+        lin = self.input_layout(x)
+        weight = sp.weight.detach()
+        bias = None if sp.bias is None else sp.bias.detach().to("cpu", CONST_DTYPE)
+        live_out = self.live.get(n, torch.ones(sp.out_channels, dtype=torch.bool))
+        if self.is_depthwise(n):
+            return self._plan_depthwise(n, v, sp, lin, weight, bias, live_out)
+        kept_out = (live_out & ~sp.zero_rows).nonzero().flatten()
+        out_const = torch.zeros(sp.out_channels, dtype=CONST_DTYPE) if bias is None else bias.clone()
+        used = ~sp.zero_cols
+        const_in = (used & ~lin.kept_mask()).nonzero().flatten()
+        values = lin.const[const_in]
+        const_in = const_in[values != 0]
+        w_out = weight[kept_out]
+        kept_bias = None if bias is None else bias[kept_out]
+        bias_map = None
+        if len(const_in):
+            folded = self._fold_constant_inputs(w_out, const_in, lin.const[const_in], x, conv)
+            if folded is None:  # cannot fold: read those channels materialised instead
+                lin = Layout(lin.channels, torch.unique(torch.cat([lin.kept, const_in])), lin.const)
+                self.materialize[(x, n)] = lin
+            else:
+                base = torch.zeros(len(kept_out), dtype=CONST_DTYPE) if kept_bias is None else kept_bias
+                kept_bias, bias_map = base + folded[0], folded[1]
+        in_ids = (used & lin.kept_mask()).nonzero().flatten()
+        out_layout = Layout(sp.out_channels, kept_out, out_const)
+        self.conv_plans[n] = ConvPlan(sp, lin, out_layout, in_ids, w_out[:, in_ids], kept_bias, bias_map)
+        return out_layout
+
+    def _fold_constant_inputs(self, w_out, const_in, values, x, conv):
+        """Contribution of constant input channels: (bias [Cout_k], bias map or None), or None."""
+        w = w_out[:, const_in].to("cpu", CONST_DTYPE)
+        v = values.to(CONST_DTYPE)
+        if conv.padding == (0, 0):
+            return (w.sum((2, 3)) @ v, None)
+        shape = x.meta["example_value"].shape
+        h, wd = shape[2], shape[3]
+        if not isinstance(h, int) or not isinstance(wd, int):
+            return None
+        image = v.reshape(1, -1, 1, 1).expand(1, len(v), h, wd)
+        bmap = torch.nn.functional.conv2d(image, w, None, conv.stride, conv.padding, conv.dilation)[0]
+        uniform = bmap.amax((1, 2))
+        if torch.equal(bmap.amin((1, 2)), uniform):
+            return (uniform, None)
+        return (torch.zeros(bmap.shape[0], dtype=CONST_DTYPE), bmap)
+
+    def _plan_depthwise(self, n, v, sp, lin, weight, bias, live_out) -> Layout:
+        # in and out channels are tied: channel c is computed iff it is live, its filter is
+        # non-zero and its input is stored (a constant input would need a bias map: materialise)
+        kept_out = (live_out & ~sp.zero_rows).nonzero().flatten()
+        out_const = torch.zeros(sp.out_channels, dtype=CONST_DTYPE) if bias is None else bias.clone()
+        in_kept = lin.kept_mask()
+        if not bool(in_kept[kept_out].all()):
+            lin = Layout(lin.channels, torch.unique(torch.cat([lin.kept, kept_out])), lin.const)
+            self.materialize[(v.conv.input, n)] = lin
+        self.conv_plans[n] = ConvPlan(
+            sp, lin, Layout(sp.out_channels, kept_out, out_const), kept_out, weight[kept_out],
+            None if bias is None else bias[kept_out], None, depthwise=True)
+        return Layout(sp.out_channels, kept_out, out_const)
+
+    def run(self) -> "Propagation":
+        self.run_liveness()
+        self.run_layouts()
+        return self
+
+
+def propagate(cap: Capture, sparsity: dict, enabled: bool = True) -> Propagation:
+    return Propagation(cap, sparsity, enabled).run()

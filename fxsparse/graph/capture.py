@@ -1,0 +1,360 @@
+"""Stage 1, capture: what each node of a dynamo graph means to fxsparse.
+
+Dynamo hands the backend a torch-level FX graph: parameters and buffers are
+placeholders (their real tensors are among the example inputs) and modules
+appear as calls such as `torch.conv2d`, `F.batch_norm`, `F.relu(inplace=True)`
+or `operator.iadd`. `view(node)` binds each call once to the signature of the
+function it stands for and names its role (`OpView.kind`), so the later stages
+never index positional arguments or compare targets themselves.
+
+Kinds:
+  conv2d       2-D convolution (`conv`: the bound ConvArgs)
+  conv_other   conv1d/3d, transposed convs: never rewritten (reason given)
+  batch_norm   F.batch_norm / torch.batch_norm
+  pointwise    channel-independent elementwise op of one tensor (activations,
+               scalar arithmetic, eval-mode dropout): `fn` recomputes it
+  add          tensor + tensor of the same shape (residual add)
+  cat          concatenation along the channel dimension
+  pool         max/avg/adaptive pooling (channel-independent)
+  flatten      flatten of (N, C, 1, 1) into (N, C)
+  linear       F.linear
+  unknown      anything else: the pass keeps every channel it touches
+"""
+from __future__ import annotations
+
+import inspect
+import operator
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from fxsparse.ops.activations import ACTIVATIONS
+
+
+@dataclass
+class ConvArgs:
+    input: fx.Node
+    weight: fx.Node
+    bias: Optional[fx.Node]
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    groups: int
+    unsupported: Optional[str] = None  # why the conv cannot be rewritten, if it cannot
+
+
+@dataclass
+class OpView:
+    kind: str
+    node: fx.Node
+    args: dict = field(default_factory=dict)
+    # the activation name (a key of fxsparse.ops.ACTIVATIONS) where the op is one
+    activation: Optional[str] = None
+    # recomputes a pointwise op on a tensor standing in for its tensor operand
+    fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    conv: Optional[ConvArgs] = None
+    inplace: bool = False
+
+    @property
+    def tensor_inputs(self) -> list:
+        return [a for a in self.node.all_input_nodes]
+
+
+# -- signatures, bound once per target -------------------------------------------------------
+
+def _sig(fn):
+    return inspect.signature(fn)
+
+
+def _conv2d_sig(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1): ...
+def _convolution_sig(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups): ...
+def _fbn_sig(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5): ...
+def _tbn_sig(input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled=True): ...
+def _unary_sig(input, *args, **kwargs): ...
+def _add_sig(input, other, *, alpha=1, out=None): ...
+def _cat_sig(tensors, dim=0, *, out=None): ...
+def _flatten_sig(input, start_dim=0, end_dim=-1): ...
+def _linear_sig(input, weight, bias=None): ...
+def _max_pool_sig(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False): ...
+def _avg_pool_sig(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None): ...
+def _adaptive_sig(input, output_size, *args, **kwargs): ...
+def _dropout_sig(input, p=0.5, training=True, inplace=False): ...
+
+
+_CONV2D_TARGETS = {torch.conv2d, F.conv2d, torch.ops.aten.conv2d.default}
+_OTHER_CONV_TARGETS = {
+    torch.conv1d: "conv1d", F.conv1d: "conv1d", torch.conv3d: "conv3d", F.conv3d: "conv3d",
+    torch.conv_transpose1d: "transposed conv", torch.conv_transpose2d: "transposed conv",
+    torch.conv_transpose3d: "transposed conv", F.conv_transpose1d: "transposed conv",
+    F.conv_transpose2d: "transposed conv", F.conv_transpose3d: "transposed conv",
+}
+_BN_TARGETS = {F.batch_norm: _fbn_sig, torch.batch_norm: _tbn_sig}
+
+# activation targets -> (activation name, extra arguments to check)
+_ACTIVATION_FUNCTIONS = {
+    F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu",
+    F.relu6: "relu6", F.silu: "silu", F.gelu: "gelu", F.hardswish: "hardswish",
+    F.hardsigmoid: "hardsigmoid", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
+    torch.tanh: "tanh", F.tanh: "tanh",
+}
+_ACTIVATION_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid",
+                       "tanh": "tanh", "tanh_": "tanh"}
+_INPLACE_METHODS = {"relu_", "sigmoid_", "tanh_", "add_", "mul_", "hardtanh_", "clamp_"}
+_ADD_TARGETS = {operator.add, operator.iadd, torch.add}
+_POOL_TARGETS = {
+    F.max_pool2d: ("max", _max_pool_sig), torch.max_pool2d: ("max", _max_pool_sig),
+    F.avg_pool2d: ("avg", _avg_pool_sig), torch._C._nn.avg_pool2d: ("avg", _avg_pool_sig),
+    F.adaptive_avg_pool2d: ("adaptive", _adaptive_sig), torch._C._nn.adaptive_avg_pool2d: ("adaptive", _adaptive_sig),
+    F.adaptive_max_pool2d: ("adaptive", _adaptive_sig),
+}
+_SCALAR_ARITH = {operator.mul: torch.mul, operator.truediv: torch.div, operator.sub: torch.sub,
+                 operator.add: torch.add, torch.mul: torch.mul, torch.div: torch.div}
+
+
+def _bind(sig_fn, node: fx.Node) -> Optional[dict]:
+    try:
+        bound = _sig(sig_fn).bind(*node.args, **node.kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _pair(v) -> tuple:
+    if isinstance(v, int):
+        return (v, v)
+    return tuple(int(a) for a in v)
+
+
+def _is_tensor_node(a) -> bool:
+    return isinstance(a, fx.Node) and isinstance(a.meta.get("example_value"), torch.Tensor)
+
+
+# -- the classifier -----------------------------------------------------------------------
+
+def view(node: fx.Node) -> OpView:
+    """What `node` means to fxsparse (`unknown` where it is not sure)."""
+    if node.op == "call_function":
+        return _view_function(node)
+    if node.op == "call_method":
+        return _view_method(node)
+    return OpView("unknown", node)
+
+
+def _view_function(node: fx.Node) -> OpView:
+    t = node.target
+    if t in _CONV2D_TARGETS:
+        return _view_conv(node, _bind(_conv2d_sig, node))
+    if t is torch.ops.aten.convolution.default:
+        args = _bind(_convolution_sig, node)
+        if args is None or args["transposed"]:
+            return OpView("conv_other", node, args={"reason": "transposed conv"})
+        if len(args["stride"]) != 2:
+            return OpView("conv_other", node, args={"reason": f"conv{len(args['stride'])}d"})
+        return _view_conv(node, args)
+    if t in _OTHER_CONV_TARGETS:
+        return OpView("conv_other", node, args={"reason": _OTHER_CONV_TARGETS[t]})
+    if t in _BN_TARGETS:
+        args = _bind(_BN_TARGETS[t], node)
+        return OpView("batch_norm", node, args) if args else OpView("unknown", node)
+    if t in _ACTIVATION_FUNCTIONS:
+        return _view_activation(node, _ACTIVATION_FUNCTIONS[t])
+    if t in (F.hardtanh, torch._C._nn.hardtanh):
+        args = node.args[1:3] + tuple(node.kwargs.get(k) for k in ("min_val", "max_val") if k in node.kwargs)
+        if tuple(float(a) for a in args[:2]) == (0.0, 6.0):
+            return _view_activation(node, "relu6")
+        return OpView("unknown", node)
+    if t in (F.leaky_relu, F.elu, F.mish, F.softplus):
+        return _pointwise(node, lambda z, n=node: n.target(z, *n.args[1:], **_no_inplace(n.kwargs)))
+    if t in (F.dropout, F.dropout2d):
+        args = _bind(_dropout_sig, node)
+        if args is not None and args["training"] is False:
+            return OpView("pointwise", node, fn=lambda z: z, inplace=bool(args["inplace"]))
+        return OpView("unknown", node)
+    if t in _ADD_TARGETS or t in _SCALAR_ARITH:
+        return _view_arith(node)
+    if t is torch.cat:
+        args = _bind(_cat_sig, node)
+        if args is None or args["dim"] not in (1, -3):
+            return OpView("unknown", node)
+        if not all(_is_tensor_node(a) and a.meta["example_value"].dim() == 4 for a in args["tensors"]):
+            return OpView("unknown", node)
+        return OpView("cat", node, args)
+    if t in _POOL_TARGETS:
+        kind, sig = _POOL_TARGETS[t]
+        args = _bind(sig, node)
+        if args is None or args.get("return_indices"):
+            return OpView("unknown", node)
+        args["pool"] = kind
+        return OpView("pool", node, args)
+    if t is torch.flatten:
+        return _view_flatten(node, _bind(_flatten_sig, node))
+    if t is F.linear or t is torch._C._nn.linear:
+        args = _bind(_linear_sig, node)
+        return OpView("linear", node, args) if args else OpView("unknown", node)
+    return OpView("unknown", node)
+
+
+def _view_method(node: fx.Node) -> OpView:
+    name = node.target
+    inplace = name in _INPLACE_METHODS
+    if name in _ACTIVATION_METHODS:
+        return OpView("pointwise", node, activation=_ACTIVATION_METHODS[name],
+                      fn=ACTIVATIONS[_ACTIVATION_METHODS[name]], inplace=inplace)
+    if name in ("add", "add_"):
+        return _view_arith(node, inplace=inplace)
+    if name == "flatten":
+        return _view_flatten(node, _bind(_flatten_sig, node))
+    return OpView("unknown", node)
+
+
+def _no_inplace(kwargs: dict) -> dict:
+    return {k: v for k, v in kwargs.items() if k != "inplace"}
+
+
+def _pointwise(node: fx.Node, fn, activation=None) -> OpView:
+    return OpView("pointwise", node, activation=activation, fn=fn,
+                  inplace=bool(node.kwargs.get("inplace", False)))
+
+
+def _view_activation(node: fx.Node, name: str) -> OpView:
+    extra = [a for a in node.args[1:] if not isinstance(a, bool)]
+    if name != "relu6" and (extra or set(node.kwargs) - {"inplace", "approximate"}):
+        return OpView("unknown", node)
+    if name == "gelu" and node.kwargs.get("approximate", "none") == "tanh":
+        name = "gelu_tanh"
+    inplace = bool(node.kwargs.get("inplace", False)) or node.target in (torch.relu_, F.relu_) or (
+        len(node.args) > 1 and node.args[1] is True)
+    return OpView("pointwise", node, activation=name, fn=ACTIVATIONS[name], inplace=inplace)
+
+
+def _view_arith(node: fx.Node, inplace: bool = False) -> OpView:
+    args = _bind(_add_sig, node) if node.op == "call_function" else None
+    if node.op == "call_method" or args is None:
+        if len(node.args) != 2 or node.kwargs:
+            return OpView("unknown", node)
+        args = {"input": node.args[0], "other": node.args[1], "alpha": 1}
+    a, b = args["input"], args["other"]
+    inplace = inplace or node.target is operator.iadd
+    is_add = node.target in _ADD_TARGETS or node.target in ("add", "add_")
+    if args.get("alpha", 1) != 1:
+        return OpView("unknown", node)
+    if is_add and _is_tensor_node(a) and _is_tensor_node(b):
+        sa, sb = a.meta["example_value"].shape, b.meta["example_value"].shape
+        if sa == sb and len(sa) in (2, 4):
+            return OpView("add", node, {"a": a, "b": b}, inplace=inplace)
+        return OpView("unknown", node)
+    # one tensor and a Python scalar: channel-independent
+    if _is_tensor_node(a) and isinstance(b, (int, float)):
+        op = _SCALAR_ARITH.get(node.target, torch.add)
+        return OpView("pointwise", node, fn=lambda z, s=b, op=op: op(z, s), inplace=inplace)
+    if _is_tensor_node(b) and isinstance(a, (int, float)) and node.target in (operator.add, operator.mul, torch.add, torch.mul):
+        op = _SCALAR_ARITH[node.target]
+        return OpView("pointwise", node, fn=lambda z, s=a, op=op: op(s, z), inplace=inplace)
+    return OpView("unknown", node)
+
+
+def _view_flatten(node: fx.Node, args: Optional[dict]) -> OpView:
+    if args is None:
+        return OpView("unknown", node)
+    src = args["input"]
+    if not _is_tensor_node(src):
+        return OpView("unknown", node)
+    shape = src.meta["example_value"].shape
+    if len(shape) == 4 and args["start_dim"] == 1 and args["end_dim"] in (-1, 3) and _static_one(shape[2]) and _static_one(shape[3]):
+        return OpView("flatten", node, args)
+    return OpView("unknown", node)
+
+
+def _static_one(s) -> bool:
+    return isinstance(s, int) and s == 1
+
+
+def _view_conv(node: fx.Node, args: Optional[dict]) -> OpView:
+    if args is None:
+        return OpView("unknown", node)
+    x = args["input"]
+    stride, dilation = _pair(args["stride"]), _pair(args["dilation"])
+    padding = args["padding"]
+    unsupported = None
+    weight_val = args["weight"].meta.get("example_value") if isinstance(args["weight"], fx.Node) else None
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0, 0)
+        elif weight_val is not None and all(
+            (d * (k - 1)) % 2 == 0 for d, k in zip(dilation, weight_val.shape[2:])
+        ):
+            padding = tuple(d * (k - 1) // 2 for d, k in zip(dilation, weight_val.shape[2:]))
+        else:
+            unsupported, padding = "padding='same' with an even kernel (asymmetric padding)", (0, 0)
+    padding = _pair(padding)
+    if weight_val is None or weight_val.dim() != 4:
+        unsupported = unsupported or "the weight is not a 4-D tensor of the graph"
+    conv = ConvArgs(x, args["weight"], args["bias"], stride, padding, dilation, int(args["groups"]), unsupported)
+    return OpView("conv2d", node, args, conv=conv)
+
+
+# -- where a node came from -------------------------------------------------------------
+
+_SOURCE_PREFIX = re.compile(r"^L\['[^']+'\]\.?")
+
+
+def module_path(node: fx.Node) -> str:
+    """The source module path of a call node, e.g. `layer1.0.conv1` (else the node's name)."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        path = _SOURCE_PREFIX.sub("", path)
+        path = re.sub(r"\[(\d+)\]", r".\1", path).strip(".")
+        path = re.sub(r"\._modules\['([^']+)'\]", r".\1", "." + path).strip(".")
+        if path:
+            return path
+    return node.name
+
+
+def placeholder_source(node: fx.Node) -> Optional[str]:
+    """`conv1.weight_orig` for a lifted parameter or buffer placeholder; None for user inputs."""
+    arg = node.meta.get("grapharg")
+    source = getattr(arg, "source", None)
+    name = getattr(source, "name", None)
+    if callable(name):  # older torch: a method
+        name = name()
+    if not isinstance(name, str):
+        return None
+    if "_parameters[" not in name and "_buffers[" not in name and "." not in _SOURCE_PREFIX.sub("", name):
+        return None
+    path = _SOURCE_PREFIX.sub("", name)
+    path = re.sub(r"_(modules|parameters|buffers)\['([^']+)'\]", r"\2", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    return path.strip(".") or None
+
+
+@dataclass
+class Capture:
+    """The graph's placeholders with their real tensors, and a view of every call node."""
+    gm: fx.GraphModule
+    values: dict  # placeholder node -> example input (real tensor, SymInt or other)
+    views: dict  # call node -> OpView
+    read: dict = field(default_factory=dict)  # placeholders whose values a decision used
+
+    def value(self, node) -> Any:
+        """The real tensor behind a placeholder, remembered as a value the result depends on."""
+        self.read[node] = True
+        return self.values.get(node)
+
+    def is_param(self, node) -> bool:
+        return node in self.values and placeholder_source(node) is not None
+
+    def convs(self) -> list:
+        return [v for v in self.views.values() if v.kind in ("conv2d", "conv_other")]
+
+
+def capture(gm: fx.GraphModule, example_inputs) -> Capture:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values = dict(zip(placeholders, example_inputs))
+    views = {n: view(n) for n in gm.graph.nodes if n.op in ("call_function", "call_method")}
+    return Capture(gm, values, views)

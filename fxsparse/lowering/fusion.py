@@ -1,0 +1,104 @@
+"""Which nodes run inside one conv kernel: conv -> BatchNorm -> activation -> residual add.
+
+A chain grows from a planned conv through single-user successors, in the
+orders ResNet-like blocks use:
+
+    conv [-> batch_norm] [-> act]                 epilogue: bias, BN, act
+    conv [-> batch_norm] -> add [-> act]          residual added before act
+    conv [-> batch_norm] -> act -> add            residual added after act
+
+The last node is the chain's anchor: the lowering emits the fused conv when it
+reaches the anchor, where every input (the residual too) already exists.
+With the aten lowering, chains stop after BatchNorm (folded into the weights)
+and Inductor fuses the elementwise rest.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch.fx as fx
+
+from fxsparse.compaction.propagate import Propagation
+
+
+@dataclass
+class Chain:
+    conv: fx.Node
+    bn: Optional[fx.Node] = None
+    act: Optional[fx.Node] = None
+    add: Optional[fx.Node] = None
+    residual: Optional[fx.Node] = None  # the add's other operand
+    residual_after_activation: bool = False
+
+    @property
+    def nodes(self) -> list:
+        return [n for n in (self.conv, self.bn, self.act, self.add) if n is not None]
+
+    @property
+    def anchor(self) -> fx.Node:
+        return max(self.nodes, key=_position)
+
+    @property
+    def pre_activation(self) -> fx.Node:
+        """The node whose value the conv epilogue computes before activation and residual."""
+        return self.bn or self.conv
+
+
+def _position(node: fx.Node) -> int:
+    # fx node lists are ordered; a node's index in its graph is its position
+    return node.meta.setdefault("_fxsparse_pos", list(node.graph.nodes).index(node))
+
+
+def _only_user(node: fx.Node, output_nodes: set) -> Optional[fx.Node]:
+    if len(node.users) != 1 or node in output_nodes:
+        return None
+    return next(iter(node.users))
+
+
+def plan_chains(prop: Propagation, fuse_epilogue: bool) -> dict:
+    """{node: Chain} for every node that is part of a chain."""
+    graph = prop.cap.gm.graph
+    for i, n in enumerate(graph.nodes):
+        n.meta["_fxsparse_pos"] = i
+    output = next(n for n in graph.nodes if n.op == "output")
+    output_nodes = set(output.all_input_nodes)
+    chains = {}
+    for conv, plan in prop.conv_plans.items():
+        chain = Chain(conv)
+        nxt = _only_user(conv, output_nodes)
+        if nxt is not None and _is_foldable_bn(prop, nxt):
+            chain.bn, nxt = nxt, _only_user(nxt, output_nodes)
+        if fuse_epilogue and not plan.depthwise:
+            _extend_epilogue(prop, chain, nxt, output_nodes)
+        for n in chain.nodes:
+            chains[n] = chain
+    return chains
+
+
+def _is_foldable_bn(prop: Propagation, node: fx.Node) -> bool:
+    v = prop.view(node)
+    return v is not None and v.kind == "batch_norm" and prop._foldable_bn(v) and node in prop.layout
+
+
+def _activation(prop: Propagation, node) -> Optional[str]:
+    v = prop.view(node) if node is not None else None
+    return v.activation if v is not None and v.kind == "pointwise" else None
+
+
+def _extend_epilogue(prop: Propagation, chain: Chain, nxt, output_nodes: set) -> None:
+    if _activation(prop, nxt):
+        chain.act, nxt = nxt, _only_user(nxt, output_nodes)
+    v = prop.view(nxt) if nxt is not None else None
+    if v is None or v.kind != "add" or nxt not in prop.layout:
+        return
+    prev = chain.act or chain.pre_activation
+    other = v.args["b"] if v.args["a"] is prev else v.args["a"]
+    if other is prev:  # x + x: not a residual
+        return
+    chain.add, chain.residual = nxt, other
+    chain.residual_after_activation = chain.act is not None
+    if chain.act is None:
+        after = _only_user(nxt, output_nodes)
+        if _activation(prop, after):
+            chain.act = after

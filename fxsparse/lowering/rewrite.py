@@ -1,0 +1,353 @@
+"""Stage 4, lowering: emit the compacted graph.
+
+Walks the captured graph once, in order, and emits a new one in which every
+channel-carrying tensor is stored in its `Layout` (only kept channels), convs
+run on compacted constant weights with their BatchNorm folded in, and fused
+chains (see fusion.py) become one `torch.ops.fxsparse.conv2d` call (lowering
+"triton") or a compacted aten conv (lowering "aten"). Everything fxsparse does
+not rewrite is copied as it is, its channel inputs first restored to full width
+(`relayout`), and the result goes to Inductor.
+
+In training, values change every step, so nothing is folded: a conv whose mask
+removes channels gathers its kept weights from `mask * weight_orig` inside the
+graph (gradients reach the kept weights as in eager) and scatters its output
+back to full width, pruned channels holding their bias.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from fxsparse.compaction.propagate import CONST_DTYPE, ConvPlan, Layout, Propagation, channel_count
+from fxsparse.graph.capture import OpView
+from fxsparse.lowering.fusion import Chain, plan_chains
+from fxsparse.sparsity.read import ConvSparsity, evaluate, param_only
+
+
+def relayout(x: torch.Tensor, src_pos: torch.Tensor, dst_pos: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """A tensor whose channel dst_pos[i] is x's channel src_pos[i]; other channels hold fill."""
+    shape = list(x.shape)
+    shape[1] = fill.shape[0]
+    view = [1] * x.dim()
+    view[1] = -1
+    base = fill.to(x.dtype).reshape(view).expand(shape)
+    return base.index_copy(1, dst_pos, x.index_select(1, src_pos))
+
+
+@dataclass
+class ConvRecord:
+    """What happened to one conv (a row of the report)."""
+    name: str
+    in_channels: int
+    out_channels: int
+    kept_in_channels: int
+    kept_out_channels: int
+    kernel_size: tuple
+    stride: tuple
+    groups: int
+    lowering: str  # triton | aten | unchanged
+    reason: Optional[str]
+    sparsity: str
+    source: str
+    macs_before: int
+    macs_after: int
+    macs_ideal: int
+    fused: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+
+class Lowering:
+    def __init__(self, prop: Propagation, sparsity: dict, conv_backend: str, inference: bool):
+        self.prop = prop
+        self.cap = prop.cap
+        self.sparsity = sparsity
+        self.conv_backend = conv_backend  # "triton" | "aten"
+        self.inference = inference
+        self.graph = fx.Graph()
+        self.env: dict = {}
+        self.consts: dict = {}
+        self.records: dict = {}
+        self.chains = plan_chains(prop, fuse_epilogue=conv_backend == "triton") if inference else {}
+
+    # -- constants ----------------------------------------------------------------------
+    def const(self, tensor: torch.Tensor, hint: str) -> fx.Node:
+        name = f"_fxsparse_{hint}_{len(self.consts)}".replace(".", "_")
+        self.consts[name] = tensor
+        node = self.graph.get_attr(name)
+        node.meta["example_value"] = tensor
+        return node
+
+    # -- channel layouts ----------------------------------------------------------------
+    def read(self, old, want: Optional[Layout] = None):
+        """The emitted value of `old`, stored as `want` (default: as it is stored now)."""
+        if not isinstance(old, fx.Node):
+            return old
+        new = self.env[old]
+        have = self.prop.layout.get(old)
+        if want is None or have is None or have.same_storage(want):
+            return new
+        src = have.kept_mask() & want.kept_mask()
+        src_ids = src.nonzero().flatten()
+        fill = want.const.clone()
+        fill[src_ids] = 0
+        dst_pos = want.positions_of(src_ids)
+        like = self._example(old)
+        return self.graph.call_function(relayout, (
+            new,
+            self.const(have.positions_of(src_ids), "src_pos"),
+            self.const(dst_pos, "dst_pos"),
+            self.const(fill[want.kept].to(like.dtype).to(like.device), "fill"),
+        ))
+
+    def read_for(self, old, user) -> fx.Node:
+        """`old` as `user` needs it: materialised where the propagation said so."""
+        if not isinstance(old, fx.Node):
+            return old
+        want = self.prop.materialize.get((old, user))
+        return self.read(old, want)
+
+    def _example(self, node) -> torch.Tensor:
+        return node.meta["example_value"]
+
+    # -- the walk -----------------------------------------------------------------------
+    def run(self) -> fx.GraphModule:
+        for n in self.cap.gm.graph.nodes:
+            self.emit(n)
+        root = torch.nn.Module()
+        for name, t in self.consts.items():
+            root.register_buffer(name, t)
+        for n in self.graph.nodes:  # attributes the captured graph itself reads
+            if n.op == "get_attr" and not hasattr(root, n.target):
+                setattr(root, n.target, getattr(self.cap.gm, n.target))
+        gm = fx.GraphModule(root, self.graph, class_name="FxsparseGraph")
+        gm.graph.lint()
+        gm.recompile()
+        return gm
+
+    def emit(self, n: fx.Node) -> None:
+        if n.op == "placeholder":
+            self.env[n] = self.graph.placeholder(n.name, default_value=n.args[0] if n.args else fx.node.inspect.Parameter.empty)
+            self.env[n].meta = dict(n.meta)
+            return
+        if n.op == "output":
+            outs = fx.node.map_arg(n.args[0], lambda a: self.output_value(a))
+            self.graph.output(outs)
+            return
+        chain = self.chains.get(n)
+        if chain is not None:
+            if n is chain.anchor:
+                self.env[n] = self.emit_chain(chain)
+            return  # inner chain nodes have no other users
+        v = self.cap.views.get(n)
+        kind = v.kind if v is not None else "unknown"
+        if kind in ("conv2d", "conv_other"):
+            self.env[n] = self.emit_conv(n, v)
+        elif n in self.prop.linear_plans:
+            self.env[n] = self.emit_linear(n, v)
+        elif kind == "batch_norm" and n in self.prop.layout and self.prop._foldable_bn(v) and self.prop.enabled:
+            self.env[n] = self.emit_affine_bn(n, v)
+        elif kind == "add" and n in self.prop.layout and self.prop.enabled:
+            want = self.prop.layout[n]
+            self.env[n] = self.graph.call_function(
+                torch.add, (self.read(v.args["a"], want), self.read(v.args["b"], want)))
+        else:
+            self.env[n] = self.copy(n)
+        self.env[n].meta["example_value"] = n.meta.get("example_value")
+
+    def copy(self, n: fx.Node) -> fx.Node:
+        args = fx.node.map_arg(n.args, lambda a: self.read_for(a, n))
+        kwargs = fx.node.map_arg(n.kwargs, lambda a: self.read_for(a, n))
+        new = self.graph.create_node(n.op, n.target, args, kwargs, n.name)
+        new.meta = dict(n.meta)
+        return new
+
+    def output_value(self, a: fx.Node) -> fx.Node:
+        layout = self.prop.layout.get(a)
+        if self.inference and a.op != "placeholder" and param_only(a, self.cap):
+            # e.g. prune's `weight = weight_orig * mask`, written back to the module: the same
+            # tensor every call while its inputs are unchanged (the runtime guard checks them)
+            return self.const(evaluate(a, self.cap).detach(), "output")
+        if layout is not None and not layout.is_full:
+            return self.read(a, Layout.full(layout.channels))
+        return self.env[a]
+
+    # -- convs ------------------------------------------------------------------------
+    def emit_conv(self, n: fx.Node, v: OpView) -> fx.Node:
+        sp: ConvSparsity = self.sparsity[n]
+        plan = self.prop.conv_plans.get(n)
+        if plan is not None:
+            return self.emit_chain(Chain(n))
+        if not self.inference and sp.reason is None and sp.source == "mask" and v.conv.groups == 1 and (
+                bool(sp.zero_rows.any()) or bool(sp.zero_cols.any())):
+            return self.emit_training_conv(n, v, sp)
+        self.record_unchanged(n, sp)
+        return self.copy(n)
+
+    def emit_chain(self, chain: Chain) -> fx.Node:
+        n = chain.conv
+        plan: ConvPlan = self.prop.conv_plans[n]
+        conv = self.cap.views[n].conv
+        x_layout = plan.in_layout
+        x = self.read(conv.input, x_layout)
+        like = self._example(conv.input)
+        dtype, device = plan.weight.dtype, plan.weight.device
+        weight = plan.weight.to("cpu", CONST_DTYPE)
+        bias = plan.bias
+        bias_map = plan.bias_map
+        if chain.bn is not None:  # fold BatchNorm: w' = w * a, b' = b * a + s
+            a, s = self.prop.bn_affine(self.cap.views[chain.bn])
+            a_k, s_k = a[plan.out_layout.kept], s[plan.out_layout.kept]
+            weight = weight * a_k.reshape(-1, 1, 1, 1)
+            bias = (torch.zeros_like(a_k) if bias is None else bias) * a_k + s_k
+            bias_map = None if bias_map is None else bias_map * a_k.reshape(-1, 1, 1)
+        positions = x_layout.positions_of(plan.in_channels_used)
+        identity_in = len(positions) == len(x_layout.kept) and torch.equal(positions, torch.arange(len(positions)))
+        w_node = self.const(weight.to(device, dtype).contiguous(memory_format=torch.channels_last), "weight")
+        b_node = None if bias is None else self.const(bias.to(device, dtype), "bias")
+        m_node = None if bias_map is None else self.const(bias_map.to(device, torch.float32), "bias_map")
+        lowering = self.conv_backend if not plan.depthwise else "aten"
+        if lowering == "triton":
+            out = self.emit_fused_op(chain, plan, x, None if identity_in else positions, w_node, b_node, m_node, like)
+        else:
+            out = self.emit_aten_conv(plan, conv, x, None if identity_in else positions, w_node, b_node, m_node)
+        self.record_rewritten(chain, plan, lowering)
+        return out
+
+    def emit_fused_op(self, chain, plan, x, positions, w_node, b_node, m_node, like) -> fx.Node:
+        conv = self.cap.views[chain.conv].conv
+        pre = self.prop.layout[chain.pre_activation]
+        out_layout = self.prop.layout[chain.add] if chain.add is not None else pre
+        out_index = fill = residual = None
+        if not out_layout.same_storage(pre):
+            out_index = self.const(out_layout.positions_of(pre.kept).to(like.device), "out_index")
+            missing = out_layout.kept_mask() & ~pre.kept_mask()
+            fill_full = torch.where(missing, pre.const, torch.zeros_like(pre.const))
+            fill = self.const(fill_full[out_layout.kept].to(like.device, torch.float32), "fill")
+        if chain.add is not None:
+            residual = self.read(chain.residual, out_layout)
+        act = self.cap.views[chain.act].activation if chain.act is not None else "none"
+        in_index = None if positions is None else self.const(positions.to(like.device), "in_index")
+        return self.graph.call_function(torch.ops.fxsparse.conv2d.default, (
+            x, w_node, b_node, list(conv.stride), list(conv.padding), list(conv.dilation),
+            in_index, out_index, len(out_layout.kept), fill, None, None, m_node, residual,
+            act, chain.residual_after_activation))
+
+    def emit_aten_conv(self, plan, conv, x, positions, w_node, b_node, m_node) -> fx.Node:
+        if positions is not None:
+            x = self.graph.call_function(torch.index_select, (x, 1, self.const(positions.to(self._device(x)), "in_index")))
+        groups = len(plan.out_layout.kept) if plan.depthwise else 1
+        out = self.graph.call_function(torch.conv2d, (
+            x, w_node, b_node, conv.stride, conv.padding, conv.dilation, groups))
+        if m_node is not None:
+            out = self.graph.call_function(torch.add, (out, m_node))
+        return out
+
+    def _device(self, x: fx.Node):
+        val = x.meta.get("example_value")
+        return val.device if isinstance(val, torch.Tensor) else "cpu"
+
+    def emit_linear(self, n: fx.Node, v: OpView) -> fx.Node:
+        lin: Layout = self.prop.linear_plans[n]
+        w = evaluate(v.args["weight"], self.cap).detach()
+        b = v.args.get("bias")
+        b = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if b is None else evaluate(b, self.cap).detach()
+        dropped = ~lin.kept_mask()
+        folded = w.to(CONST_DTYPE)[:, dropped].cpu() @ lin.const[dropped]
+        w_k = w[:, lin.kept]
+        b_k = (b.to("cpu", CONST_DTYPE) + folded).to(b.device, b.dtype)
+        return self.graph.call_function(torch.nn.functional.linear, (
+            self.read(v.args["input"]), self.const(w_k.contiguous(), "linear_weight"), self.const(b_k, "linear_bias")))
+
+    def emit_affine_bn(self, n: fx.Node, v: OpView) -> fx.Node:
+        """A BatchNorm that follows no conv (e.g. after a concat), run on its kept channels."""
+        layout = self.prop.layout[n]
+        a, s = self.prop.bn_affine(v)
+        like = self._example(n)
+        shape = (1, -1, 1, 1)
+        a_n = self.const(a[layout.kept].reshape(shape).to(like.device, like.dtype), "bn_scale")
+        s_n = self.const(s[layout.kept].reshape(shape).to(like.device, like.dtype), "bn_shift")
+        x = self.read(v.args["input"])
+        return self.graph.call_function(torch.add, (self.graph.call_function(torch.mul, (x, a_n)), s_n))
+
+    def emit_training_conv(self, n: fx.Node, v: OpView, sp: ConvSparsity) -> fx.Node:
+        conv = v.conv
+        kept_out = (~sp.zero_rows).nonzero().flatten()
+        kept_in = (~sp.zero_cols).nonzero().flatten()
+        dev = self._device(conv.input)
+        w = self.env[conv.weight]
+        x = self.env[conv.input]
+        if len(kept_in) < len(sp.zero_cols):
+            ki = self.const(kept_in.to(dev), "in_index")
+            w = self.graph.call_function(torch.index_select, (w, 1, ki))
+            x = self.graph.call_function(torch.index_select, (x, 1, ki))
+        ko = self.const(kept_out.to(dev), "out_index")
+        w = self.graph.call_function(torch.index_select, (w, 0, ko))
+        bias = self.env[conv.bias] if conv.bias is not None else None
+        b = self.graph.call_function(torch.index_select, (bias, 0, ko)) if bias is not None else None
+        y = self.graph.call_function(torch.conv2d, (x, w, b, conv.stride, conv.padding, conv.dilation, 1))
+        out = self.graph.call_function(_scatter_channels, (y, ko, bias, sp.out_channels))
+        self.records[n] = self._record(sp, len(kept_in), len(kept_out), len(kept_in), len(kept_out), "aten", None)
+        return out
+
+    # -- records ----------------------------------------------------------------------
+    def _macs(self, sp: ConvSparsity, cin_per_group: int, cout: int) -> int:
+        """Multiply-accumulates per sample (0 where the output's spatial size is symbolic)."""
+        out = self._example(sp.view.node)
+        if not all(isinstance(s, int) for s in out.shape[2:]):
+            return 0
+        kh, kw = sp.kernel_size
+        return int(out.shape[2] * out.shape[3]) * cout * cin_per_group * kh * kw
+
+    def _record(self, sp, kin, kout, ideal_in, ideal_out, lowering, reason, fused=()) -> ConvRecord:
+        """kin / ideal_in: input channels each output channel reads (per group)."""
+        conv = sp.view.conv
+        groups = conv.groups if conv else 1
+        return ConvRecord(
+            sp.name, sp.in_channels, sp.out_channels,
+            sp.in_channels if lowering == "unchanged" else (kout if groups > 1 else kin), kout,
+            tuple(sp.kernel_size), tuple(conv.stride) if conv else (), groups, lowering, reason,
+            sp.kind, sp.source, self._macs(sp, sp.in_channels // max(groups, 1), sp.out_channels) if conv else 0,
+            self._macs(sp, kin, kout) if conv else 0, self._macs(sp, ideal_in, ideal_out) if conv else 0,
+            list(fused), list(sp.notes))
+
+    def record_unchanged(self, n, sp: ConvSparsity) -> None:
+        reason = sp.reason
+        if reason is None:
+            conv = sp.view.conv
+            if conv.groups != 1:
+                reason = f"grouped conv (groups={conv.groups}): left to aten"
+            elif not self.inference:
+                reason = "training: no mask removes a whole channel (values alone cannot be trusted while training)"
+            else:
+                reason = "no structured sparsity"
+        per_group = sp.in_channels // max(sp.view.conv.groups if sp.view.conv else 1, 1)
+        self.records[n] = self._record(sp, per_group, sp.out_channels, per_group, sp.out_channels,
+                                       "unchanged", reason)
+
+    def record_rewritten(self, chain: Chain, plan: ConvPlan, lowering: str) -> None:
+        sp = plan.sparsity
+        kout = len(plan.out_layout.kept)
+        if plan.depthwise:  # one input channel per output channel
+            kin = ideal_in = 1
+        else:
+            kin = len(plan.in_channels_used)
+            ideal_layout = self.prop.layout.get(self.cap.views[chain.conv].conv.input)
+            ideal_in = kin if ideal_layout is None else int((~sp.zero_cols & ideal_layout.kept_mask()).sum())
+        fused = [k for k, node in (("batch_norm", chain.bn), ("activation", chain.act), ("residual", chain.add)) if node is not None]
+        self.records[chain.conv] = self._record(sp, kin, kout, ideal_in, kout, lowering, None, fused)
+
+
+def _scatter_channels(y: torch.Tensor, kept: torch.Tensor, bias: Optional[torch.Tensor], channels: int) -> torch.Tensor:
+    """Full-width conv output from its kept channels; pruned channels hold their bias (or 0)."""
+    shape = (y.shape[0], channels, y.shape[2], y.shape[3])
+    base = (bias.reshape(1, -1, 1, 1).expand(shape) if bias is not None else y.new_zeros(()).expand(shape))
+    return base.index_copy(1, kept, y)
+
+
+def lower(prop: Propagation, sparsity: dict, conv_backend: str, inference: bool) -> tuple:
+    low = Lowering(prop, sparsity, conv_backend, inference)
+    gm = low.run()
+    return gm, low.records

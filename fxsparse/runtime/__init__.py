@@ -1,0 +1,4 @@
+"""What runs at call time: the guard that keeps folded values from going stale."""
+from .guards import GuardedGraph, ValueGuard
+
+__all__ = ["GuardedGraph", "ValueGuard"]

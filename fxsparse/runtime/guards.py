@@ -1,0 +1,57 @@
+"""Stale-weight protection.
+
+Dynamo guards check a parameter's shape, dtype and device, never its values,
+so a backend that folds values at compile time must check them itself. The
+compiled graph remembers, for every placeholder whose value a decision read
+(weights, masks, BatchNorm statistics, biases), the tensor's identity and its
+`_version` counter (bumped by every in-place write: an optimizer step,
+`load_state_dict`, `copy_`). Before each call one pass over those tensors
+compares both; on any change the graph is recompacted from the new values
+before it runs. A new Parameter bound in place of the old one fails the
+identity check.
+"""
+from __future__ import annotations
+
+import logging
+import operator
+from typing import Callable, Sequence
+
+import torch
+
+log = logging.getLogger("fxsparse")
+_version = operator.attrgetter("_version")
+
+
+class ValueGuard:
+    def __init__(self, positions: Sequence[int], args: Sequence, owned: Sequence[torch.Tensor] = ()):
+        self.positions = tuple(positions)
+        self._pick = operator.itemgetter(*self.positions) if len(self.positions) > 1 else (
+            (lambda a, i=self.positions[0]: (a[i],)) if self.positions else (lambda a: ()))
+        self.tensors = tuple(self._pick(args))
+        self.versions = list(map(_version, self.tensors))
+        # tensors the compiled graph hands out (e.g. a pruned module's `weight`): a caller
+        # writing into one must not change what the next call returns
+        self.owned = tuple(owned)
+        self.owned_versions = list(map(_version, self.owned))
+
+    def holds(self, args: Sequence) -> bool:
+        current = self._pick(args)
+        return (all(map(operator.is_, current, self.tensors))
+                and list(map(_version, current)) == self.versions
+                and list(map(_version, self.owned)) == self.owned_versions)
+
+
+class GuardedGraph:
+    """A compiled graph that recompacts itself when a value it folded changes."""
+
+    def __init__(self, build: Callable, example_inputs: Sequence):
+        self._build = build  # (inputs) -> (callable, ValueGuard)
+        self.fn, self.guard = build(example_inputs)
+        self.recompactions = 0
+
+    def __call__(self, *args):
+        if not self.guard.holds(args):
+            log.info("fxsparse: a folded weight, mask or statistic changed: recompacting")
+            self.fn, self.guard = self._build(args)
+            self.recompactions += 1
+        return self.fn(*args)

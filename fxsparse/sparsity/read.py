@@ -1,0 +1,209 @@
+"""Stage 2, sparsity reading: which channels of each conv's weight are zero.
+
+A conv's weight node is computed from placeholders only (a parameter, or
+`mask * weight_orig` from torch.nn.utils.prune, or a parametrization). Two
+readings:
+
+* structural zeros, valid whatever the trainable values become: the weight is
+  a product in which some factor depends on buffers only (a mask); a channel
+  whose mask slice is all zero is zero for any weight. Used in training.
+* value zeros, valid for the values seen at compile time: the weight is
+  evaluated and its exactly-zero rows and columns are read. Used in inference
+  (the runtime guard recompacts when a value changes).
+
+Row and column zeros are what compaction removes (whole output channels,
+filter groups, whole input channels). Zeros that form neither (element-wise
+masks, 2-D blocks of the (out, in) plane) are left as they are, with the reason.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from fxsparse.graph.capture import Capture, OpView, module_path, placeholder_source
+
+
+class SparsityError(ValueError):
+    """A mask the user gave cannot be a mask (wrong shape, NaN)."""
+
+
+@dataclass
+class ConvSparsity:
+    name: str
+    view: OpView
+    out_channels: int
+    in_channels: int
+    kernel_size: tuple
+    zero_rows: torch.Tensor  # bool [Cout]: output channel whose whole filter is zero
+    zero_cols: torch.Tensor  # bool [Cin / groups]: input channel unused by every filter
+    source: str  # "mask", "values" or "none"
+    weight: Optional[torch.Tensor] = None  # the evaluated weight (inference)
+    bias: Optional[torch.Tensor] = None  # the evaluated bias (inference)
+    reason: Optional[str] = None  # why the conv is left unchanged
+    notes: list = field(default_factory=list)  # zeros seen but not compacted, and why
+    depends_on: list = field(default_factory=list)  # placeholders whose values were read
+
+    @property
+    def kind(self) -> str:
+        parts = []
+        if bool(self.zero_rows.any()):
+            parts.append("output channels")
+        if bool(self.zero_cols.any()):
+            parts.append("input channels")
+        return " + ".join(parts) or "none"
+
+
+# -- evaluating the weight subgraph ------------------------------------------------------
+
+_PASSTHROUGH_METHODS = {"to", "contiguous", "clone", "detach", "type_as", "float", "half", "bfloat16"}
+
+
+def _placeholder_deps(node: fx.Node) -> list:
+    seen, stack, deps = set(), [node], []
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            deps.append(n)
+        stack.extend(n.all_input_nodes)
+    return deps
+
+
+def param_only(node: fx.Node, cap: Capture) -> bool:
+    """True when `node` depends on parameters and buffers only (not on the model's input)."""
+    return all(cap.is_param(p) for p in _placeholder_deps(node))
+
+
+def evaluate(node, cap: Capture, memo: Optional[dict] = None):
+    """Runs the (parameter-only) subgraph that produces `node` on the real tensors."""
+    memo = {} if memo is None else memo
+    if not isinstance(node, fx.Node):
+        return node
+    if node in memo:
+        return memo[node]
+    if node.op == "placeholder":
+        value = cap.value(node)
+    elif node.op in ("call_function", "call_method"):
+        args = fx.node.map_arg(node.args, lambda n: evaluate(n, cap, memo))
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: evaluate(n, cap, memo))
+        with torch.no_grad():
+            if node.op == "call_function":
+                value = node.target(*args, **kwargs)
+            else:
+                value = getattr(args[0], node.target)(*args[1:], **kwargs)
+    elif node.op == "get_attr":
+        value = getattr(cap.gm, node.target)
+    else:
+        raise ValueError(f"cannot evaluate {node.format_node()}")
+    memo[node] = value
+    return value
+
+
+def _structural_zero(node: fx.Node, cap: Capture, shape, name: str) -> Optional[torch.Tensor]:
+    """Element mask of zeros that hold whatever the trainable parameters are (None: none known)."""
+    if node.op == "call_method" and node.target in _PASSTHROUGH_METHODS:
+        return _structural_zero(node.args[0], cap, shape, name)
+    if node.op == "call_function" and node.target in (operator.mul, torch.mul):
+        zeros = None
+        for factor in node.args[:2]:
+            if not isinstance(factor, fx.Node):
+                if factor == 0:
+                    return torch.ones(shape, dtype=torch.bool)
+                continue
+            if param_only(factor, cap) and not _depends_on_trainable(factor, cap):
+                z = _mask_zeros(evaluate(factor, cap), shape, name)
+            else:
+                z = _structural_zero(factor, cap, shape, name)
+            if z is not None:
+                zeros = z if zeros is None else zeros | z
+        return zeros
+    return None
+
+
+def _depends_on_trainable(node: fx.Node, cap: Capture) -> bool:
+    return any(getattr(cap.values.get(p), "requires_grad", False)
+               for p in _placeholder_deps(node))
+
+
+def _mask_zeros(mask: torch.Tensor, shape, name: str) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor):
+        raise SparsityError(f"fxsparse: the mask of {name} is not a tensor")
+    if torch.isnan(mask).any():
+        raise SparsityError(f"fxsparse: the mask of {name} contains NaN")
+    try:
+        return torch.broadcast_to(mask == 0, shape).cpu()
+    except RuntimeError:
+        raise SparsityError(
+            f"fxsparse: the mask of {name} has shape {tuple(mask.shape)}, which does not fit its weight {tuple(shape)}"
+        ) from None
+
+
+def _rows_cols(zero: torch.Tensor) -> tuple:
+    rows = zero.flatten(1).all(1)
+    cols = zero.transpose(0, 1).flatten(1).all(1)
+    return rows, cols
+
+
+def _leftover_zeros(zero: torch.Tensor, rows, cols) -> float:
+    """Fraction of the weights still zero once zero rows and columns are removed."""
+    rest = zero[~rows][:, ~cols]
+    return float(rest.float().mean()) if rest.numel() else 0.0
+
+
+# -- reading one conv ------------------------------------------------------------------
+
+def read_conv(v: OpView, cap: Capture, inference: bool) -> ConvSparsity:
+    name = module_path(v.node)
+    conv = v.conv
+    wnode = conv.weight if v.kind == "conv2d" else None
+    wval = wnode.meta.get("example_value") if isinstance(wnode, fx.Node) else None
+    if v.kind != "conv2d" or wval is None:
+        reason = v.args.get("reason") if v.kind == "conv_other" else "the weight is not a tensor of the graph"
+        empty = torch.zeros(0, dtype=torch.bool)
+        return ConvSparsity(name, v, 0, 0, (), empty, empty, "none", reason=f"{reason}: not rewritten")
+    cout, cin_g, kh, kw = wval.shape
+    sp = ConvSparsity(name, v, cout, cin_g * conv.groups, (kh, kw),
+                      torch.zeros(cout, dtype=torch.bool), torch.zeros(cin_g, dtype=torch.bool), "none")
+    sp.reason = conv.unsupported and f"{conv.unsupported}: not rewritten"
+    if not wval.is_floating_point() or wval.is_complex():
+        sp.reason = f"{wval.dtype} weights: not rewritten"
+    if not param_only(wnode, cap) or (conv.bias is not None and not param_only(conv.bias, cap)):
+        sp.reason = sp.reason or "the weight is computed from the model's inputs (dynamic weight): not rewritten"
+    if sp.reason:
+        return sp
+    structural = _structural_zero(wnode, cap, tuple(wval.shape), name)
+    if inference:
+        weight = evaluate(wnode, cap)
+        sp.weight = weight
+        sp.bias = evaluate(conv.bias, cap) if conv.bias is not None else None
+        sp.depends_on = _placeholder_deps(wnode) + (_placeholder_deps(conv.bias) if conv.bias is not None else [])
+        zero = (weight == 0).cpu()
+        sp.source = "mask" if structural is not None and bool(structural.any()) else "values"
+    else:
+        if structural is None:
+            return sp
+        zero = structural
+        sp.source = "mask"
+        sp.depends_on = [p for p in _placeholder_deps(wnode) if not _depends_on_trainable(p, cap)]
+    rows, cols = _rows_cols(zero)
+    if conv.groups != 1:
+        cols = torch.zeros_like(cols)  # a grouped conv's columns are not whole input channels
+    sp.zero_rows, sp.zero_cols = rows, cols
+    if not bool(rows.any() or cols.any()):
+        sp.source = "none" if not bool(zero.any()) else sp.source
+    leftover = _leftover_zeros(zero, rows, cols)
+    if leftover > 0:
+        sp.notes.append(f"{leftover:.0%} of the remaining weights are zero but form no whole channel "
+                        "(element-wise or 2-D block sparsity): computed as dense")
+    return sp
+
+
+def read_all(cap: Capture, inference: bool) -> dict:
+    """Reads every conv of the graph: {conv node: ConvSparsity}."""
+    return {v.node: read_conv(v, cap, inference) for v in cap.convs()}
