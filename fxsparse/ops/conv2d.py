@@ -11,15 +11,17 @@ pre-activation constant that a pruned channel still carries. Then
     y += residual            (if residual_after_activation)
 The result is channels_last, in x's dtype; accumulation is fp32.
 
-Implementations: CPU -> aten (`reference.py`), or the Triton kernel when the
-Triton interpreter is on (TRITON_INTERPRET=1, for testing the kernel without a
-GPU); CUDA -> the Triton kernel (`fxsparse/kernels/conv2d.py`). The fake
+Implementations: CPU -> aten (`reference.py`), or the Triton kernel inside
+`triton_on_cpu()` (needs the Triton interpreter, TRITON_INTERPRET=1: how the
+kernel is tested without a GPU); CUDA -> the Triton kernel (`fxsparse/kernels/conv2d.py`). The fake
 implementation only computes the output's shape, so the op traces under
 torch.compile and make_fx. Backward differentiates the reference formula.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import weakref
 from typing import Optional, Sequence
 
@@ -39,9 +41,56 @@ def triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_cpu_kernel = threading.local()
+
+
+@contextlib.contextmanager
+def triton_on_cpu():
+    """Runs the op's Triton kernel on CPU tensors, through the Triton interpreter."""
+    if not triton_interpreter_on():
+        raise RuntimeError("fxsparse: triton_on_cpu() needs TRITON_INTERPRET=1 set before triton is imported")
+    previous = getattr(_cpu_kernel, "triton", False)
+    _cpu_kernel.triton = True
+    try:
+        yield
+    finally:
+        _cpu_kernel.triton = previous
+
+
+def _use_triton(x: Tensor) -> bool:
+    return x.is_cuda or (x.device.type == "cpu" and getattr(_cpu_kernel, "triton", False))
+
+
+class TensorCache:
+    """A cache entry per live tensor, keyed by identity, dropped when the tensor dies.
+
+    (weakref.WeakKeyDictionary compares colliding keys with ==, which on tensors is
+    elementwise and raises "Boolean value of Tensor ... is ambiguous".)
+    """
+
+    def __init__(self):
+        self._entries: dict = {}
+
+    def get(self, t: Tensor):
+        entry = self._entries.get(id(t))
+        if entry is None or entry[0]() is not t:
+            return None
+        return entry[1]
+
+    def put(self, t: Tensor, value) -> None:
+        key, entries = id(t), self._entries
+
+        def drop(ref, key=key, entries=entries):
+            entry = entries.get(key)
+            if entry is not None and entry[0] is ref:
+                del entries[key]
+
+        entries[key] = (weakref.ref(t, drop), value)
+
+
 # Index vectors the backend builds are constants: checking each once keeps the
 # range check (a device sync on CUDA) off the hot path.
-_checked_indices: "weakref.WeakKeyDictionary[Tensor, int]" = weakref.WeakKeyDictionary()
+_checked_indices = TensorCache()
 
 
 def _fail(problem: str) -> None:
@@ -74,7 +123,7 @@ def _check_index(name: str, idx: Optional[Tensor], length, bound, device) -> Non
         _fail(f"{name} has values in [{lo}, {hi}], outside [0, {bound})")
     if name == "out_index" and torch.unique(idx).numel() != idx.numel():
         _fail("out_index has repeated channels")
-    _checked_indices[idx] = idx._version
+    _checked_indices.put(idx, idx._version)
 
 
 def check_conv2d_args(
@@ -165,7 +214,7 @@ def conv2d(
     args = (x, weight, bias, stride, padding, dilation, in_index, out_index, out_channels,
             fill, scale, shift, bias_map, residual, activation, residual_after_activation)
     check_conv2d_args(*args[:-1])
-    if x.is_cuda or (x.device.type == "cpu" and triton_interpreter_on()):
+    if _use_triton(x):
         from fxsparse.kernels.conv2d import conv2d_triton
 
         return conv2d_triton(*args)

@@ -34,7 +34,14 @@ def conv2d_reference(
 ) -> torch.Tensor:
     acc_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     xs = x if in_index is None else x.index_select(1, in_index.long())
-    z = F.conv2d(xs.to(acc_dtype), weight.to(acc_dtype), None, tuple(stride), tuple(padding), tuple(dilation))
+    if weight.shape[0] == 0:
+        # Every output channel pruned: F.conv2d refuses an empty weight, and the result is all
+        # fill. A one-row zero conv sliced to zero rows gives the right (N, 0, Ho, Wo) shape.
+        z = F.conv2d(xs.to(acc_dtype), weight.new_zeros((1,) + tuple(weight.shape[1:])).to(acc_dtype),
+                     None, tuple(stride), tuple(padding), tuple(dilation))[:, :0]
+    else:
+        z = F.conv2d(xs.to(acc_dtype), weight.to(acc_dtype), None, tuple(stride), tuple(padding),
+                     tuple(dilation))
     if bias is not None:
         z = z + _per_channel(bias, acc_dtype)
     if bias_map is not None:

@@ -1,0 +1,317 @@
+"""The Triton conv kernel, run through the Triton interpreter on CPU tensors.
+
+The oracle is independent of `conv2d_reference`: F.conv2d in fp64 on the
+explicitly gathered input, an explicit scatter into the full output and
+activation formulas written out here. Every kernel output is allocated
+NaN-poisoned, so an element the kernel forgets to write fails the test.
+"""
+import math
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fxsparse.ops  # noqa: F401  (registers torch.ops.fxsparse)
+from fxsparse.ops import triton_interpreter_on, triton_on_cpu
+
+from conv_oracle import ORACLE_ACT, oracle
+
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available() or not triton_interpreter_on(),
+    reason="interpreter tests: CPU only, TRITON_INTERPRET=1",
+)
+
+K = pytest.importorskip("fxsparse.kernels.conv2d")
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    real = K._new_output
+
+    def nan_output(shape, x):
+        return real(shape, x).fill_(float("nan"))
+
+    monkeypatch.setattr(K, "_new_output", nan_output)
+
+
+def _gen(request):
+    g = torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    return g
+
+
+def rnd(g, *shape, dtype=torch.float16, scale=1.0):
+    return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+
+def run_op(x, w, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), in_index=None,
+           out_index=None, out_channels=None, fill=None, scale=None, shift=None, bias_map=None,
+           residual=None, activation="none", residual_after_activation=False):
+    if out_channels is None:
+        out_channels = w.shape[0]
+    with triton_on_cpu():
+        return torch.ops.fxsparse.conv2d(x, w, bias, list(stride), list(padding), list(dilation), in_index,
+                                         out_index, out_channels, fill, scale, shift, bias_map, residual,
+                                         activation, residual_after_activation)
+
+
+TOL = {torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
+       torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
+
+
+def check(y, ref, dtype, out_channels=None):
+    assert y.dtype == dtype
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert tuple(y.shape) == tuple(ref.shape)
+    torch.testing.assert_close(y.double(), ref, **TOL[dtype])
+
+
+def case(request, cin=5, cout=13, k=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), n=2, hw=(7, 7),
+         dtype=torch.float16, channels_last=True, **epi):
+    """Runs one conv through the op and checks it against the oracle; returns the output."""
+    g = _gen(request)
+    x = rnd(g, n, cin, *hw, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = rnd(g, cout, cin, *k, dtype=dtype, scale=1 / math.sqrt(cin * k[0] * k[1])).contiguous(
+        memory_format=torch.channels_last)
+    kw = dict(stride=stride, padding=padding, dilation=dilation)
+    kw.update(epi)
+    y = run_op(x, w, **kw)
+    check(y, oracle(x, w, **kw), dtype)
+    return y
+
+
+# ------------------------------------------------------------------ geometry
+
+GEOMETRIES = {
+    # name: cin, cout, kernel, stride, padding, dilation, batch, (H, W)
+    "1x1": (5, 13, (1, 1), (1, 1), (0, 0), (1, 1), 2, (7, 7)),
+    "1x1_stride2": (3, 17, (1, 1), (2, 2), (0, 0), (1, 1), 1, (9, 9)),
+    "1x1_padded": (5, 3, (1, 1), (1, 1), (1, 1), (1, 1), 1, (5, 6)),
+    "3x3_pad1": (13, 17, (3, 3), (1, 1), (1, 1), (1, 1), 2, (9, 9)),
+    "3x3_stride2": (17, 5, (3, 3), (2, 2), (1, 1), (1, 1), 1, (9, 8)),
+    "3x3_dilation2": (5, 13, (3, 3), (1, 1), (2, 2), (2, 2), 2, (9, 9)),
+    "3x3_valid": (20, 20, (3, 3), (1, 1), (0, 0), (1, 1), 1, (6, 7)),
+    "3x3_cin32": (32, 20, (3, 3), (1, 1), (1, 1), (1, 1), 1, (5, 5)),
+    "5x5": (3, 5, (5, 5), (1, 1), (2, 2), (1, 1), 2, (8, 9)),
+    "7x7_stride2": (3, 17, (7, 7), (2, 2), (3, 3), (1, 1), 1, (9, 9)),
+    "3x1_asym": (5, 13, (3, 1), (2, 1), (1, 0), (1, 2), 2, (7, 6)),
+}
+
+
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_geometry(request, name):
+    cin, cout, k, s, p, d, n, hw = GEOMETRIES[name]
+    case(request, cin, cout, k, s, p, d, n, hw)
+
+
+def test_batch1_single_pixel_output(request):
+    case(request, cin=5, cout=3, k=(3, 3), padding=(0, 0), n=1, hw=(3, 3))
+
+
+# ------------------------------------------------------------------ dtypes and layouts
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_dtypes(request, dtype):
+    case(request, cin=13, cout=17, dtype=dtype, bias=rnd(_gen(request), 17, dtype=dtype), activation="silu")
+
+
+def test_nchw_input(request):
+    case(request, cin=13, cout=5, channels_last=False)
+
+
+def test_strided_views_everywhere(request):
+    g = _gen(request)
+    base = rnd(g, 2, 9, 8, 10)
+    x = base[:, 1:8, :, 1:9]  # non-contiguous in every dim but N
+    w = rnd(g, 11, 7, 3, 3, scale=0.3)  # NCHW-contiguous weight: slow path, still correct
+    res = rnd(g, 2, 11, 8, 8)  # NCHW residual
+    bm = rnd(g, 8, 11, 8).transpose(0, 1)  # (C, Ho, Wo) view with odd strides
+    kw = dict(padding=(1, 1), bias=rnd(g, 11), bias_map=bm, residual=res, activation="relu")
+    y = run_op(x, w, **kw)
+    check(y, oracle(x, w, **kw), torch.float16)
+
+
+# ------------------------------------------------------------------ epilogue
+
+EPILOGUES = ["bias", "scale", "shift", "scale_shift", "bias_map", "residual_before", "residual_after", "all"]
+
+
+@pytest.mark.parametrize("feature", EPILOGUES)
+def test_epilogue_feature(request, feature):
+    g = _gen(request)
+    cout, n, hw = 13, 2, (7, 7)
+    parts = {
+        "bias": dict(bias=rnd(g, cout)),
+        "scale": dict(scale=rnd(g, cout)),
+        "shift": dict(shift=rnd(g, cout)),
+        "scale_shift": dict(scale=rnd(g, cout), shift=rnd(g, cout)),
+        "bias_map": dict(bias_map=rnd(g, cout, *hw)),
+        "residual_before": dict(residual=rnd(g, n, cout, *hw), activation="relu"),
+        "residual_after": dict(residual=rnd(g, n, cout, *hw), activation="relu", residual_after_activation=True),
+    }
+    if feature == "all":
+        epi = dict(bias=rnd(g, cout), bias_map=rnd(g, cout, *hw), scale=rnd(g, cout), shift=rnd(g, cout),
+                   residual=rnd(g, n, cout, *hw).contiguous(memory_format=torch.channels_last),
+                   activation="hardswish")
+    else:
+        epi = parts[feature]
+    case(request, cin=5, cout=cout, n=n, hw=hw, **epi)
+
+
+def test_epilogue_fp32_params_on_fp16_conv(request):
+    g = _gen(request)
+    case(request, cin=5, cout=13, bias=rnd(g, 13, dtype=torch.float32), scale=rnd(g, 13, dtype=torch.float32),
+         shift=rnd(g, 13, dtype=torch.float32), activation="gelu")
+
+
+@pytest.mark.parametrize("activation", list(ORACLE_ACT))
+def test_activation(request, activation):
+    g = _gen(request)
+    # scale 3 spreads z over the interesting ranges of relu6/hardswish/sigmoid/tanh
+    case(request, cin=5, cout=17, n=1, hw=(5, 5), activation=activation,
+         shift=rnd(g, 17, scale=3.0), residual=rnd(g, 1, 17, 5, 5))
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_activation_fp32(request, activation):
+    case(request, cin=5, cout=13, n=1, hw=(5, 5), dtype=torch.float32, activation=activation,
+         bias=rnd(_gen(request), 13, dtype=torch.float32, scale=3.0))
+
+
+# ------------------------------------------------------------------ compaction
+
+def _perm(g, total, keep):
+    return torch.randperm(total, generator=g)[:keep]
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_in_index(request, index_dtype):
+    g = _gen(request)
+    in_index = _perm(g, 20, 13).to(index_dtype)
+    x = rnd(g, 2, 20, 7, 7).contiguous(memory_format=torch.channels_last)
+    w = rnd(g, 17, 13, 3, 3, scale=0.1).contiguous(memory_format=torch.channels_last)
+    kw = dict(padding=(1, 1), in_index=in_index, bias=rnd(g, 17))
+    check(run_op(x, w, **kw), oracle(x, w, **kw), torch.float16)
+
+
+@pytest.mark.parametrize("with_fill", [False, True])
+def test_out_index(request, with_fill):
+    g = _gen(request)
+    out_index = _perm(g, 20, 5)
+    x = rnd(g, 2, 13, 7, 7).contiguous(memory_format=torch.channels_last)
+    w = rnd(g, 5, 13, 3, 3, scale=0.1).contiguous(memory_format=torch.channels_last)
+    kw = dict(padding=(1, 1), out_index=out_index, out_channels=20, bias=rnd(g, 5), activation="silu",
+              fill=rnd(g, 20) if with_fill else None)
+    check(run_op(x, w, **kw), oracle(x, w, **kw), torch.float16)
+
+
+@pytest.mark.parametrize("after", [False, True])
+def test_in_and_out_index_with_everything(request, after):
+    g = _gen(request)
+    in_index, out_index = _perm(g, 17, 5), _perm(g, 19, 13).to(torch.int32)
+    x = rnd(g, 2, 17, 6, 7).contiguous(memory_format=torch.channels_last)
+    w = rnd(g, 13, 5, 3, 3, scale=0.3).contiguous(memory_format=torch.channels_last)
+    kw = dict(stride=(2, 1), padding=(1, 1), in_index=in_index, out_index=out_index, out_channels=19,
+              fill=rnd(g, 19), bias=rnd(g, 13), scale=rnd(g, 13), shift=rnd(g, 13), bias_map=rnd(g, 13, 3, 7),
+              residual=rnd(g, 2, 19, 3, 7), activation="gelu_tanh", residual_after_activation=after)
+    check(run_op(x, w, **kw), oracle(x, w, **kw), torch.float16)
+
+
+def test_every_channel_pruned(request):
+    g = _gen(request)
+    x = rnd(g, 1, 5, 5, 5)
+    w = rnd(g, 0, 5, 3, 3)
+    kw = dict(padding=(1, 1), out_index=torch.zeros(0, dtype=torch.int64), out_channels=7, fill=rnd(g, 7),
+              residual=rnd(g, 1, 7, 5, 5), activation="relu")
+    check(run_op(x, w, **kw), oracle(x, w, **kw), torch.float16)
+
+
+def test_out_index_complement_cache_sees_index_change(request):
+    g = _gen(request)
+    x = rnd(g, 1, 5, 5, 5)
+    w = rnd(g, 3, 5, 1, 1)
+    out_index = torch.tensor([0, 2, 4])
+    kw = dict(out_index=out_index, out_channels=6, fill=rnd(g, 6))
+    check(run_op(x, w, **kw), oracle(x, w, **kw), torch.float16)
+    out_index.copy_(torch.tensor([5, 1, 3]))  # in place: the cached complement is stale
+    check(run_op(x, w, **kw), oracle(x, w, **kw), torch.float16)
+
+
+def test_empty_batch(request):
+    g = _gen(request)
+    x, w = rnd(g, 0, 5, 5, 5), rnd(g, 3, 5, 3, 3)
+    y = run_op(x, w, padding=(1, 1))
+    assert tuple(y.shape) == (0, 3, 5, 5)
+
+
+# ------------------------------------------------------------------ launcher knobs: tiles and split-K
+
+def _direct(request, config=None, split_k=None, cin=20, cout=33, k=3, dtype=torch.float16, **epi):
+    g = _gen(request)
+    x = rnd(g, 2, cin, 6, 5, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w = rnd(g, cout, cin, k, k, dtype=dtype, scale=0.2).contiguous(memory_format=torch.channels_last)
+    kw = dict(stride=(1, 1), padding=(k // 2, k // 2), dilation=(1, 1), in_index=None, out_index=None,
+              out_channels=cout, fill=None, scale=None, shift=None, bias_map=None, residual=None,
+              activation="none", residual_after_activation=False, bias=None)
+    kw.update(epi)
+    out = torch.full((2, kw["out_channels"], 6, 5), float("nan"), dtype=dtype).contiguous(
+        memory_format=torch.channels_last)
+    y = K.conv2d_triton(x, w, kw.pop("bias"), kw.pop("stride"), kw.pop("padding"), kw.pop("dilation"),
+                        kw.pop("in_index"), kw.pop("out_index"), kw.pop("out_channels"), kw.pop("fill"),
+                        kw.pop("scale"), kw.pop("shift"), kw.pop("bias_map"), kw.pop("residual"),
+                        kw.pop("activation"), kw.pop("residual_after_activation"),
+                        out=out, config=config, split_k=split_k)
+    assert y is out
+    return x, w, y
+
+
+@pytest.mark.parametrize("config", [
+    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1),
+    dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=1),
+    dict(BLOCK_M=32, BLOCK_N=64, GROUP_M=8, num_warps=4, num_stages=1),  # BLOCK_K from Cin
+])
+def test_tile_configs(request, config):
+    x, w, y = _direct(request, config=config)
+    check(y, oracle(x, w, padding=(1, 1)), torch.float16)
+
+
+@pytest.mark.parametrize("split_k", [2, 3, 7])
+def test_split_k(request, split_k):
+    g = _gen(request)
+    epi = dict(bias=rnd(g, 33), scale=rnd(g, 33), activation="relu6")
+    x, w, y = _direct(request, split_k=split_k, **epi)
+    epi.pop("split_k", None)
+    check(y, oracle(x, w, padding=(1, 1), **epi), torch.float16)
+
+
+def test_split_k_with_out_index(request):
+    g = _gen(request)
+    out_index = _perm(g, 40, 33)
+    epi = dict(out_index=out_index, out_channels=40, fill=rnd(g, 40), bias=rnd(g, 33), activation="sigmoid")
+    x, w, y = _direct(request, split_k=2, **epi)
+    check(y, oracle(x, w, padding=(1, 1), **epi), torch.float16)
+
+
+def test_split_k_env_through_op(request, monkeypatch):
+    monkeypatch.setenv("FXSPARSE_SPLIT_K", "2")
+    case(request, cin=20, cout=13, bias=rnd(_gen(request), 13), activation="relu")
+
+
+def test_out_argument_is_checked(request):
+    g = _gen(request)
+    x, w = rnd(g, 1, 5, 5, 5), rnd(g, 3, 5, 3, 3)
+    with pytest.raises(ValueError, match="out must be"):
+        K.conv2d_triton(x, w, None, [1, 1], [1, 1], [1, 1], None, None, 3, None, None, None, None, None,
+                        "none", False, out=torch.empty(1, 3, 4, 5, dtype=torch.float16))
+
+
+def test_prune_configs_fits_problem():
+    configs = [__import__("triton").Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w,
+                                           num_stages=s) for bm, bn, bk, w, s in K._CUDA_TILES]
+    kept = K._prune_configs(configs, dict(M=1568, NCH=24, CIN=3, POINTWISE=False))
+    assert kept
+    for c in kept:
+        assert c.kwargs["BLOCK_N"] <= 32 and c.kwargs["BLOCK_K"] == 16 and c.num_warps <= 4
+    kept = K._prune_configs(configs, dict(M=10**6, NCH=512, CIN=512, POINTWISE=True))
+    assert any(c.num_warps == 8 for c in kept)
