@@ -1,0 +1,22 @@
+"""Benchmark scripts in their `--quick` CPU form: they run, exit 0 and print a table."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(script, *args, timeout=180):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_conv_layers_quick(tmp_path):
+    out = tmp_path / "rows.json"
+    proc = _run("conv_layers.py", "--quick", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert any(line.startswith("| layer") for line in lines), proc.stdout[-3000:]
+    assert lines[-1].startswith("| min fx speedup"), "the table must be printed last"
+    assert out.exists() and '"rows"' in out.read_text()

@@ -1,0 +1,188 @@
+"""The Triton conv kernel at real sizes on a CUDA GPU, against cuDNN on the masked
+(compacted) problem. Every output is NaN-poisoned before the kernel runs.
+
+Run: PYTHONPATH=. python -m pytest -q tests/test_gpu_kernel.py
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fxsparse.ops  # noqa: F401
+
+from conv_oracle import ORACLE_ACT
+
+pytestmark = pytest.mark.gpu
+
+K = pytest.importorskip("fxsparse.kernels.conv2d")
+DEV = "cuda"
+REL_L2 = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    real = K._new_output
+
+    def nan_output(shape, x):
+        return real(shape, x).fill_(float("nan"))
+
+    monkeypatch.setattr(K, "_new_output", nan_output)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def exact_cudnn():
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def rel_l2(y, ref):
+    assert not torch.isnan(y).any(), "NaN in output: an element was not written"
+    y, ref = y.float(), ref.float()
+    return ((y - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def cudnn_oracle(x, w, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), in_index=None, out_index=None,
+                 out_channels=None, fill=None, scale=None, shift=None, bias_map=None, residual=None,
+                 activation="none", residual_after_activation=False):
+    """cuDNN in fp32 on the gathered input, explicit scatter, the same epilogue formulas."""
+    xs = x if in_index is None else x[:, in_index.long()]
+    z = F.conv2d(xs.float(), w.float(), None, tuple(stride), tuple(padding), tuple(dilation))
+    col = lambda v: v.float()[None, :, None, None]  # noqa: E731
+    if bias is not None:
+        z = z + col(bias)
+    if bias_map is not None:
+        z = z + bias_map.float()[None]
+    if scale is not None:
+        z = z * col(scale)
+    if shift is not None:
+        z = z + col(shift)
+    if out_index is not None:
+        n, _, ho, wo = z.shape
+        full = torch.zeros(n, out_channels, ho, wo, device=x.device)
+        if fill is not None:
+            full += col(fill)
+        full[:, out_index.long()] = z
+        z = full
+    if residual is not None and not residual_after_activation:
+        z = z + residual.float()
+    z = ORACLE_ACT[activation](z)
+    if residual is not None and residual_after_activation:
+        z = z + residual.float()
+    return z
+
+
+def run_op(x, w, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), in_index=None, out_index=None,
+           out_channels=None, fill=None, scale=None, shift=None, bias_map=None, residual=None, activation="none",
+           residual_after_activation=False):
+    return torch.ops.fxsparse.conv2d(x, w, bias, list(stride), list(padding), list(dilation), in_index, out_index,
+                                     out_channels if out_channels is not None else w.shape[0], fill, scale, shift,
+                                     bias_map, residual, activation, residual_after_activation)
+
+
+def make(n, cin, cout, k, hw, dtype, stride=1, cin_total=None, seed=0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    x = torch.randn(n, cin_total or cin, hw, hw, device=DEV, generator=g).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    w = (torch.randn(cout, cin, k, k, device=DEV, generator=g) / math.sqrt(cin * k * k)).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    return x, w, g
+
+
+# name: (batch, cin, cout, kernel, H=W, stride)
+LAYERS = {
+    "seed_b16": (16, 64, 128, 3, 56, 1),
+    "r50_64_3x3_56": (32, 64, 64, 3, 56, 1),
+    "r50_64_256_1x1_56": (32, 64, 256, 1, 56, 1),
+    "r50_128_3x3_28": (32, 128, 128, 3, 28, 1),
+    "r50_256_3x3_14": (32, 256, 256, 3, 14, 1),
+    "r50_512_3x3_7": (32, 512, 512, 3, 7, 1),
+    "r50_128_3x3_s2_56": (32, 128, 128, 3, 56, 2),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("keep", [1.0, 0.25])
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_benchmark_layers(layer, keep, dtype):
+    n, cin, cout, k, hw, s = LAYERS[layer]
+    x, w, _ = make(n, cin, max(1, int(cout * keep)), k, hw, dtype)
+    kw = dict(stride=(s, s), padding=(k // 2, k // 2))
+    y = run_op(x, w, **kw)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert rel_l2(y, cudnn_oracle(x, w, **kw)) < REL_L2[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_compaction_and_epilogue(dtype):
+    n, cin_total, cout_total, hw = 8, 96, 80, 28
+    g = torch.Generator(device=DEV).manual_seed(1)
+    in_index = torch.randperm(cin_total, device=DEV, generator=g)[:48]
+    out_index = torch.randperm(cout_total, device=DEV, generator=g)[:37].to(torch.int32)
+    x, w, _ = make(n, 48, 37, 3, hw, dtype, cin_total=cin_total)
+    r = lambda *s: torch.randn(*s, device=DEV, generator=g).to(dtype)  # noqa: E731
+    for after in (False, True):
+        kw = dict(padding=(1, 1), in_index=in_index, out_index=out_index, out_channels=cout_total,
+                  fill=r(cout_total), bias=r(37), scale=r(37), shift=r(37), bias_map=r(37, hw, hw),
+                  residual=r(n, cout_total, hw, hw).contiguous(memory_format=torch.channels_last),
+                  activation="hardswish", residual_after_activation=after)
+        assert rel_l2(run_op(x, w, **kw), cudnn_oracle(x, w, **kw)) < REL_L2[dtype]
+
+
+@pytest.mark.parametrize("activation", list(ORACLE_ACT))
+def test_activations(activation):
+    x, w, g = make(4, 64, 48, 3, 14, torch.float16)
+    kw = dict(padding=(1, 1), bias=torch.randn(48, device=DEV, generator=g).half(), activation=activation,
+              residual=torch.randn(4, 48, 14, 14, device=DEV, generator=g).half())
+    assert rel_l2(run_op(x, w, **kw), cudnn_oracle(x, w, **kw)) < 1e-3
+
+
+@pytest.mark.parametrize("geometry", [
+    (3, 64, 7, 2, 3, 1, 112),  # ResNet stem
+    (13, 17, 3, 1, 1, 1, 31),
+    (24, 40, 5, 1, 2, 1, 20),
+    (32, 32, 3, 1, 2, 2, 20),  # dilation
+    (64, 48, 1, 2, 0, 1, 28),  # strided 1x1 (downsample)
+])
+def test_geometries(geometry):
+    cin, cout, k, s, p, d, hw = geometry
+    x, w, _ = make(4, cin, cout, k, hw, torch.float16)
+    kw = dict(stride=(s, s), padding=(p, p), dilation=(d, d))
+    assert rel_l2(run_op(x, w, **kw), cudnn_oracle(x, w, **kw)) < 1e-3
+
+
+def test_nchw_input_and_weight():
+    x, w, _ = make(4, 64, 64, 3, 28, torch.float16)
+    x, w = x.contiguous(), w.contiguous()
+    kw = dict(padding=(1, 1))
+    assert rel_l2(run_op(x, w, **kw), cudnn_oracle(x, w, **kw)) < 1e-3
+
+
+@pytest.mark.parametrize("split_k", [1, 2, 4])
+def test_split_k_forced(split_k):
+    x, w, g = make(32, 256, 128, 3, 7, torch.float16)
+    bias = torch.randn(128, device=DEV, generator=g).half()
+    out = torch.full((32, 128, 7, 7), float("nan"), device=DEV, dtype=torch.float16).contiguous(
+        memory_format=torch.channels_last)
+    y = K.conv2d_triton(x, w, bias, [1, 1], [1, 1], [1, 1], None, None, 128, None, None, None, None, None,
+                        "relu", False, out=out, split_k=split_k)
+    assert rel_l2(y, cudnn_oracle(x, w, bias=bias, padding=(1, 1), activation="relu")) < 1e-3
+
+
+def test_cuda_graph_capture_and_replay():
+    x, w, g = make(8, 64, 32, 3, 28, torch.float16)
+    out_index = torch.arange(0, 64, 2, device=DEV)
+    fill = torch.randn(64, device=DEV, generator=g).half()
+    kw = dict(padding=(1, 1), out_index=out_index, out_channels=64, fill=fill, activation="relu")
+    run_op(x, w, **kw)  # autotune and index checks happen outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = run_op(x, w, **kw)
+    x.copy_(torch.randn(x.shape, device=DEV, generator=g).half())
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_l2(y, cudnn_oracle(x, w, **kw)) < 1e-3
