@@ -170,7 +170,7 @@ def main(argv=None):
     p.add_argument("--no-autotune-baseline", dest="autotune_baseline", action="store_false",
                    help="skip Inductor max-autotune (its compile time is large)")
     p.add_argument("--layers", default="", help="comma-separated substrings; run only layers whose name matches")
-    p.add_argument("--budget-s", type=float, default=420.0,
+    p.add_argument("--budget-s", type=float, default=360.0,
                    help="after this many seconds, skip the Inductor columns of the remaining rows")
     p.add_argument("--plot", metavar="PNG", help="bar chart of the times, if matplotlib is installed")
     args = p.parse_args(argv)

@@ -347,6 +347,26 @@ def _new_output(shape, x: Tensor) -> Tensor:
     return torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
 
 
+# Split-K only pays when its extra workspace pass costs less than the idle SMs it fills; the
+# heuristic proposes a factor and the first call of each shape times it against no split.
+_split_decisions: dict = {}
+
+
+def _measured_split_k(key, proposed: int, run) -> int:
+    hit = _split_decisions.get(key)
+    if hit is not None:
+        return hit
+    if torch.cuda.is_current_stream_capturing():
+        return proposed  # cannot time inside a graph capture; decide on a later eager call
+    times = {}
+    for s in (1, proposed):
+        run(s)  # autotunes this variant first, so the timing below is of the tuned kernel
+        times[s] = triton.testing.do_bench(lambda s=s: run(s), warmup=5, rep=25, return_mode="median")
+    best = min(times, key=times.get)
+    _split_decisions[key] = best
+    return best
+
+
 def conv2d_triton(
     x: Tensor,
     weight: Tensor,
@@ -418,6 +438,14 @@ def conv2d_triton(
     if nch > 0:
         if split_k is None:
             split_k = _heuristic_split_k(m, nch, kh * kw * cin, kh, kw, cin, x.device)
+            if split_k > 1 and config is None and not interpret and "FXSPARSE_SPLIT_K" not in os.environ:
+                split_k = _measured_split_k(
+                    (m, nch, cin, h, w, kh, kw, sh, sw, ph, pw, dh, dw, x.dtype, in_index is not None,
+                     x.stride(1), weight.stride(1)),
+                    split_k,
+                    lambda s: conv2d_triton(x, weight, bias, stride, padding, dilation, in_index, out_index,
+                                            out_channels, fill, scale, shift, bias_map, residual, activation,
+                                            residual_after_activation, out=out, split_k=s))
         ws = (torch.empty((split_k, m, nch), device=x.device, dtype=torch.float64 if acc_type == tl.float64
                           else torch.float32) if split_k > 1 else dummy)
         conv_args = dict(
