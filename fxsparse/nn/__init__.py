@@ -6,10 +6,10 @@
     compare_modules, benchmark_module, finetune                 the seed's helpers
     sparsify              L1 masks on every conv of a model (optionally coupled groups)
 """
-from .conv import (TritonConv2d, apply_mask, block_mask, channel_mask, input_channel_mask,
+from .conv import (TritonConv2d, apply_mask, copy_module, block_mask, channel_mask, input_channel_mask,
                    keep_count)
 from .eval import benchmark_module, compare_modules, finetune, masked_weights_zero
 from .sparsify import sparsify
 
-__all__ = ["TritonConv2d", "apply_mask", "block_mask", "channel_mask", "input_channel_mask",
+__all__ = ["TritonConv2d", "apply_mask", "copy_module", "block_mask", "channel_mask", "input_channel_mask",
            "keep_count", "benchmark_module", "compare_modules", "finetune", "masked_weights_zero", "sparsify"]

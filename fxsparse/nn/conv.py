@@ -130,6 +130,8 @@ def apply_mask(module: nn.Module, mask: Tensor, accumulate: bool = False, name: 
     mask = mask.to(device=getattr(module, name).device)
     if _prune_hook(module, name) is None:
         prune.custom_from_mask(module, name, mask)
+        with torch.no_grad():  # a leaf until the next forward (so the module deep-copies)
+            prune.BasePruningMethod.__call__(_prune_hook(module, name), module, None)
     else:
         buf = getattr(module, name + "_mask")
         with torch.no_grad():
@@ -140,6 +142,30 @@ def apply_mask(module: nn.Module, mask: Tensor, accumulate: bool = False, name: 
         prune.BasePruningMethod.__call__(hook, module, None)  # recompute module.<name> now
     if isinstance(module, TritonConv2d):
         module.invalidate_cache()
+
+
+def copy_module(module: nn.Module) -> nn.Module:
+    """copy.deepcopy that also works on pruned modules after a forward with autograd (their
+    derived `weight = weight_orig * mask` is then a non-leaf tensor, which deepcopy refuses): the
+    derived tensors are left out of the copy and recomputed there, without autograd history."""
+    import copy
+
+    derived = []
+    for m in module.modules():
+        for hook in m._forward_pre_hooks.values():
+            if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name in m.__dict__:
+                derived.append((m, hook._tensor_name, m.__dict__.pop(hook._tensor_name)))
+    try:
+        new = copy.deepcopy(module)
+    finally:
+        for m, name, value in derived:
+            m.__dict__[name] = value
+    with torch.no_grad():
+        for m in new.modules():
+            for hook in m._forward_pre_hooks.values():
+                if isinstance(hook, prune.BasePruningMethod):
+                    prune.BasePruningMethod.__call__(hook, m, None)
+    return new
 
 
 def _unmasked_weight(module: nn.Module) -> Tensor:

@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import copy
 import statistics
 import time
 from typing import Callable, Optional, Sequence
@@ -15,6 +14,8 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .conv import copy_module
 
 Tensor = torch.Tensor
 
@@ -137,7 +138,7 @@ def finetune(student: nn.Module, teacher: nn.Module, steps: int, lr: float = 1e-
     if low_precision:
         student.float()
     dtype = torch.float32 if low_precision else orig_dtype
-    teacher_copy = copy.deepcopy(teacher).to(device=device, dtype=dtype).eval()
+    teacher_copy = copy_module(teacher).to(device=device, dtype=dtype).eval()
     shape = tuple(batch_shape) if batch_shape is not None else (None if input_fn else _default_batch_shape(student))
     opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
     every = max(1, steps // 5)
