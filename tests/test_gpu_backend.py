@@ -1,0 +1,88 @@
+"""The backend on the GPU: Triton lowering, fused chains, CUDA graphs, guards (marked gpu)."""
+import copy
+
+import pytest
+import torch
+from torch.nn.utils import prune
+
+import fxsparse
+from fxsparse.demo import SmallResNet, randomize_batchnorm
+
+pytestmark = pytest.mark.gpu
+
+
+def _masked_model(width=32, keep=0.5, seed=0):
+    torch.manual_seed(seed)
+    m = SmallResNet(width)
+    randomize_batchnorm(m, seed)
+    convs = [c for c in m.modules() if isinstance(c, torch.nn.Conv2d)][1:]
+    for c in convs:
+        prune.ln_structured(c, "weight", 1 - keep, n=1, dim=0)
+    return m.eval().cuda().half().to(memory_format=torch.channels_last)
+
+
+def _x(batch=4, size=32):
+    return torch.randn(batch, 3, size, size, device="cuda", dtype=torch.half).to(memory_format=torch.channels_last)
+
+
+def _rel(y, ref):
+    return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+@pytest.mark.parametrize("cudagraphs", [False, True])
+def test_compiled_equals_eager(cudagraphs):
+    torch._dynamo.reset()
+    m = _masked_model()
+    c = torch.compile(m, backend="fxsparse", options={"cudagraphs": cudagraphs})
+    with torch.no_grad():
+        c(_x())
+        for _ in range(3):
+            x = _x()
+            assert _rel(c(x), m(x)) < 2e-3
+    assert fxsparse.report.current_report(None).graphs[-1].lowering == "triton"
+
+
+def test_weight_change_in_place_is_picked_up():
+    torch._dynamo.reset()
+    m = _masked_model()
+    c = torch.compile(m, backend="fxsparse", options={"cudagraphs": True})
+    x = _x()
+    with torch.no_grad():
+        c(x)
+        m.layers[1].conv1.weight_orig.mul_(-1.5)
+        m.layers[2].bn1.running_mean.add_(0.3)
+        assert _rel(c(x), m(x)) < 2e-3
+
+
+def test_new_batch_size_works():
+    torch._dynamo.reset()
+    m = _masked_model()
+    c = torch.compile(m, backend="fxsparse")
+    with torch.no_grad():
+        for batch in (4, 1, 7):
+            x = _x(batch)
+            assert _rel(c(x), m(x)) < 2e-3
+
+
+def test_outputs_of_one_call_survive_the_next_without_cudagraphs():
+    torch._dynamo.reset()
+    m = _masked_model()
+    c = torch.compile(m, backend="fxsparse", options={"cudagraphs": False})
+    with torch.no_grad():
+        x1, x2 = _x(), _x()
+        y1 = c(x1).clone()
+        y1_live = c(x1)
+        c(x2)
+        assert torch.equal(y1_live, y1)
+
+
+def test_unpruned_model_matches_eager():
+    torch._dynamo.reset()
+    torch.manual_seed(1)
+    m = SmallResNet(32)
+    randomize_batchnorm(m)
+    m = m.eval().cuda().half().to(memory_format=torch.channels_last)
+    c = torch.compile(copy.deepcopy(m), backend="fxsparse")
+    with torch.no_grad():
+        x = _x()
+        assert _rel(c(x), m(x)) < 2e-3
