@@ -75,11 +75,14 @@ class Layout:
 def channel_count(node) -> Optional[int]:
     """Channels of a 4-D activation (dim 1) or a 2-D feature matrix; None for anything else."""
     val = node.meta.get("example_value") if isinstance(node, fx.Node) else None
-    if not isinstance(val, torch.Tensor) or val.dim() not in (2, 4) or not isinstance(val.shape[1], int):
+    if not isinstance(val, torch.Tensor) or val.dim() not in (2, 4) or not val.is_floating_point():
         return None
-    if not val.is_floating_point():
-        return None
-    return int(val.shape[1])
+    c = val.shape[1]
+    if isinstance(c, torch.SymInt):
+        # dynamic=True makes an input's channel dim symbolic too, though the weights it meets
+        # specialise it: the shape env then knows its value
+        c = c.node.maybe_as_int()
+    return c if isinstance(c, int) else None
 
 
 @dataclass
@@ -210,11 +213,16 @@ class Propagation:
 
     def _layout_of(self, n: fx.Node, c: int) -> Layout:
         v = self.view(n)
-        if not self.enabled or v is None:
+        if v is None:
             return self._plan_unknown(n, c)
         kind = v.kind
-        if kind == "conv2d" and self.rewritable(n) and (v.conv.groups == 1 or self.is_depthwise(n)):
+        # disabled, a conv still compacts itself (inference: its weight was evaluated); every
+        # other op then reads its output restored to full width
+        if kind == "conv2d" and self.rewritable(n) and (v.conv.groups == 1 or self.is_depthwise(n)) and (
+                self.enabled or self.sparsity[n].weight is not None):
             return self._plan_conv(n, v)
+        if not self.enabled:
+            return self._plan_unknown(n, c)
         if kind == "batch_norm" and self._foldable_bn(v):
             lin = self.input_layout(v.args["input"])
             a, b = self.bn_affine(v)
@@ -274,7 +282,9 @@ class Propagation:
         var = self.value(a["running_var"]).detach().to("cpu", CONST_DTYPE)
         gamma = torch.ones_like(mean) if a["weight"] is None else self.value(a["weight"]).detach().to("cpu", CONST_DTYPE)
         beta = torch.zeros_like(mean) if a["bias"] is None else self.value(a["bias"]).detach().to("cpu", CONST_DTYPE)
-        scale = gamma / torch.sqrt(var + float(a["eps"]))
+        # with dynamic=True dynamo passes eps as a graph input (a wrapped 0-d tensor)
+        eps = float(self.value(a["eps"]))
+        scale = gamma / torch.sqrt(var + eps)
         return scale, beta - mean * scale
 
     @staticmethod

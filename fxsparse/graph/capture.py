@@ -318,6 +318,18 @@ def module_path(node: fx.Node) -> str:
 
 def placeholder_source(node: fx.Node) -> Optional[str]:
     """`conv1.weight_orig` for a lifted parameter or buffer placeholder; None for user inputs."""
+    # dynamo deletes meta["grapharg"] once the backend returns, but a recompaction at call
+    # time still needs to know which inputs are parameters: remember the answer on the node
+    if _SOURCE_KEY in node.meta:
+        return node.meta[_SOURCE_KEY]
+    node.meta[_SOURCE_KEY] = _source_path(node)
+    return node.meta[_SOURCE_KEY]
+
+
+_SOURCE_KEY = "_fxsparse_source"
+
+
+def _source_path(node: fx.Node) -> Optional[str]:
     arg = node.meta.get("grapharg")
     source = getattr(arg, "source", None)
     name = getattr(source, "name", None)
@@ -355,6 +367,8 @@ class Capture:
 
 def capture(gm: fx.GraphModule, example_inputs) -> Capture:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for p in placeholders:  # at compile time, while dynamo's grapharg metadata still exists
+        placeholder_source(p)
     values = dict(zip(placeholders, example_inputs))
     views = {n: view(n) for n in gm.graph.nodes if n.op in ("call_function", "call_method")}
     return Capture(gm, values, views)

@@ -64,6 +64,8 @@ def plan_chains(prop: Propagation, fuse_epilogue: bool) -> dict:
     output = next(n for n in graph.nodes if n.op == "output")
     output_nodes = set(output.all_input_nodes)
     chains = {}
+    if not prop.enabled:  # per-conv compaction: the BN and what follows read full-width tensors
+        return chains
     for conv, plan in prop.conv_plans.items():
         chain = Chain(conv)
         nxt = _only_user(conv, output_nodes)
@@ -71,6 +73,13 @@ def plan_chains(prop: Propagation, fuse_epilogue: bool) -> dict:
             chain.bn, nxt = nxt, _only_user(nxt, output_nodes)
         if fuse_epilogue and not plan.depthwise:
             _extend_epilogue(prop, chain, nxt, output_nodes)
+            if chain.add is not None and chain.add in chains:
+                # both operands of a residual add are conv chains (a downsample branch): one
+                # chain takes the add, the other ends before it, else neither node is emitted
+                chain.add = chain.residual = None
+                chain.act, chain.residual_after_activation = None, False
+                if nxt is not None and _activation(prop, nxt):
+                    chain.act = nxt
         for n in chain.nodes:
             chains[n] = chain
     return chains

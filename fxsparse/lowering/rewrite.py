@@ -91,7 +91,9 @@ class Lowering:
             return new
         src = have.kept_mask() & want.kept_mask()
         src_ids = src.nonzero().flatten()
-        fill = want.const.clone()
+        # a channel `have` does not store holds have's constant (want's constants describe
+        # the consumer's result, e.g. a residual sum, not this operand)
+        fill = have.const.clone()
         fill[src_ids] = 0
         dst_pos = want.positions_of(src_ids)
         like = self._example(old)
