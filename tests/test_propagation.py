@@ -1,0 +1,116 @@
+"""Channels carried across the graph: with Torch-Pruning-style consistent group masks the
+compacted graph does the ideal work, fuses the bottleneck's epilogues and reads only kept
+input channels, and still equals eager."""
+import re
+
+import pytest
+import torch
+
+import models as M
+from models import after_graph, assert_matches, compile_model, conv_rows, fresh_dynamo, report  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
+
+def grouped_resnet(zero_bn):
+    model, shape = M.build("resnet")
+    return M.group_prune(model, M.tiny_resnet_groups(model), zero_bn=zero_bn), shape
+
+
+@pytest.mark.parametrize("zero_bn", [True, False])
+@pytest.mark.parametrize("lowering", ["aten", "triton"])
+def test_group_masks_reach_ideal_macs(lowering, zero_bn, tmp_path):
+    """zero_bn=False: pruned channels carry non-zero BN constants through the residual adds,
+    which must be folded, not computed."""
+    model, shape = grouped_resnet(zero_bn)
+    c = compile_model(model, tmp_path, lowering=lowering)
+    with torch.no_grad():
+        c(torch.randn(shape))
+        assert_matches(c, model, shape)
+    (g,) = report(tmp_path)["graphs"]
+    assert g["propagate"] is True
+    assert g["macs_after"] == g["macs_ideal"] < g["macs_before"]
+    rows = conv_rows(tmp_path)
+    # every conv reads exactly the input channels its group left (e.g. layer1.0.conv1: 8 - 2 residual)
+    assert rows["layer1.0.conv1"]["kept_in_channels"] == 6 and rows["layer1.0.conv1"]["kept_out_channels"] == 6
+    assert rows["layer1.0.conv2"]["kept_in_channels"] == 6 and rows["layer1.0.conv2"]["kept_out_channels"] == 6
+    assert rows["layer2.0.conv1"]["kept_in_channels"] == 6 and rows["layer2.0.conv1"]["kept_out_channels"] == 13
+    assert rows["layer2.1.conv2"]["kept_in_channels"] == 13 and rows["layer2.1.conv2"]["kept_out_channels"] == 13
+    assert rows["layer2.0.downsample.0"]["kept_out_channels"] == 13
+
+
+@pytest.mark.parametrize("masks,carried", [("group", False), ("out_only", True)])
+def test_propagation_off_compacts_per_conv(masks, carried, tmp_path):
+    """propagate=False: each conv only drops its own zero rows/columns. With group masks (both
+    sides masked) that is already ideal; with output-channel masks only, the next conv's
+    inputs are removed only by propagation."""
+    if masks == "group":
+        model, shape = grouped_resnet(zero_bn=False)
+    else:
+        model, shape = M.build("resnet")
+        M.custom_out(model)
+    macs = {}
+    for prop in (False, True):
+        torch._dynamo.reset()
+        d = tmp_path / str(prop)
+        c = compile_model(model, d, lowering="aten", propagate=prop)
+        with torch.no_grad():
+            c(torch.randn(shape))
+            assert_matches(c, model, shape)
+        (g,) = report(d)["graphs"]
+        assert g["propagate"] is prop and g["macs_after"] < g["macs_before"]
+        macs[prop] = g["macs_after"]
+    assert (macs[True] < macs[False]) if carried else (macs[True] == macs[False])
+
+
+@pytest.mark.parametrize("downsample", [True, False])
+def test_bottleneck_fuses_into_fxsparse_convs(downsample, tmp_path):
+    torch.manual_seed(0)
+    model = M.randomize_bn(M.Bottleneck(16, 4, downsample=downsample)).eval()
+    M.group_prune(model, M.bottleneck_groups())
+    shape = (2, 16, 6, 6)
+    c = compile_model(model, tmp_path, lowering="triton")
+    with torch.no_grad():
+        c(torch.randn(shape))
+        assert_matches(c, model, shape)
+    after = after_graph(tmp_path)
+    calls = re.findall(r"torch\.ops\.fxsparse\.conv2d", after)
+    assert len(calls) == 3 + downsample, after
+    for op in ("batch_norm(", "functional.relu(", "torch.relu(", "torch.add(", "iadd(", "operator.add("):
+        assert op not in after, f"{op} left outside the fused convs:\n{after}"
+    rows = conv_rows(tmp_path)
+    assert rows["conv2"]["kept_in_channels"] == 3 and rows["conv2"]["kept_out_channels"] == 2
+    assert rows["conv3"]["kept_in_channels"] == 2
+    assert rows["conv1"]["fused"] == ["batch_norm", "activation"]
+    assert "residual" in rows["conv3"]["fused"] or (downsample and "residual" in rows["downsample.0"]["fused"])
+    g = report(tmp_path)["graphs"][0]
+    assert g["macs_after"] == g["macs_ideal"] < g["macs_before"]
+
+
+def test_compacted_conv_reads_only_kept_inputs(tmp_path):
+    """The after-graph's conv weights have the kept channel counts (not just the report)."""
+    model, shape = M.build("chain")
+    M.group_prune(model, [([0, 3, 4], ["0.0"], ["0.1"], ["1.0"]), ([1, 2, 8, 15], ["1.0"], ["1.1"], ["2.0"])])
+    c = compile_model(model, tmp_path, lowering="aten")
+    with torch.no_grad():
+        c(torch.randn(shape))
+        assert_matches(c, model, shape)
+    after = after_graph(tmp_path)
+    assert 'f32[5, 3, 3, 3]' in after and 'f32[12, 5, 3, 3]' in after and 'f32[16, 12, 3, 3]' in after
+    rows = conv_rows(tmp_path)
+    assert (rows["1.0"]["kept_in_channels"], rows["1.0"]["kept_out_channels"]) == (5, 12)
+    assert rows["2.0"]["kept_in_channels"] == 12
+
+
+def test_concat_offsets(tmp_path):
+    """Channels pruned on both sides of a concat map to the right offsets of the consumer."""
+    model, shape = M.build("dense")
+    M.group_prune(model, [([1, 4], ["a.0"], ["a.1"], []), ([0, 5], ["b.0"], ["b.1"], [])])
+    c = compile_model(model, tmp_path, lowering="aten")
+    with torch.no_grad():
+        c(torch.randn(shape))
+        assert_matches(c, model, shape)
+    rows = conv_rows(tmp_path)
+    # b reads x (6) and a's 4 kept channels; a's pruned ones are constants folded into b's bias map
+    assert rows["b.0"]["kept_in_channels"] == 10
+    assert rows["head"]["kept_in_channels"] == 18 - 4
