@@ -16,6 +16,7 @@ from . import nn  # TritonConv2d, masks, seed helpers
 from . import report
 from .backend import fxsparse_backend
 from .nn.sparsify import sparsify
+from .report.explain import explain
 
 __version__ = "0.1.0"
 

@@ -400,3 +400,27 @@ def test_mask_of_wrong_shape_is_an_error(tmp_path):
         conv.parametrizations.weight[0].mask = torch.ones(8, 3, 3, 2)
         with pytest.raises(Exception, match=r"size|shape"):
             c(torch.randn(shape))
+
+
+# -- the real Triton kernel, under the interpreter (slow) -------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,mask", [("bottleneck", "custom_out"), ("dense", "custom_in")])
+def test_compiled_model_runs_the_triton_kernel_on_cpu(name, mask, tmp_path, monkeypatch):
+    pytest.importorskip("fxsparse.kernels.conv2d", reason="the Triton conv kernel module is not written yet")
+    from fxsparse.ops import triton_interpreter_on, triton_on_cpu
+
+    if not triton_interpreter_on():
+        pytest.skip("needs TRITON_INTERPRET=1 before triton is imported (tests/conftest.py sets it without a GPU)")
+    import fxsparse.kernels.conv2d as K
+
+    calls = []
+    real = K.conv2d_triton
+    monkeypatch.setattr(K, "conv2d_triton", lambda *a: calls.append(1) or real(*a))
+    model, shape = M.build(name)
+    M.MASKS[mask](model)
+    c = compile_model(model, tmp_path, lowering="triton")
+    with torch.no_grad(), triton_on_cpu():
+        c(torch.randn(shape))
+        assert_matches(c, model, shape, seeds=(5,), rtol=1e-4, atol=1e-4)
+    assert calls, "the kernel did not run"

@@ -1,0 +1,149 @@
+"""The report: report.json's structure, graph dumps, FXSPARSE_DUMP_DIR, one log line per
+graph, and fxsparse.explain."""
+import json
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxsparse
+import models as M
+from fxsparse.report import Report, current_report
+from models import assert_matches, compile_model, fresh_dynamo, report  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
+CONV_KEYS = {"name", "in_channels", "out_channels", "kept_in_channels", "kept_out_channels", "kernel_size",
+             "stride", "lowering", "reason", "macs_before", "macs_after"}
+GRAPH_KEYS = {"index", "mode", "lowering", "convs", "macs_before", "macs_after", "macs_ideal"}
+
+
+class TwoGraphs(nn.Module):
+    """A graph break between two pruned conv stacks: two graphs, two reports."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = M.ConvBNReLU(3, 8)
+        self.b = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = self.a(x)
+        torch._dynamo.graph_break()
+        return self.b(x)
+
+
+def two_graphs():
+    torch.manual_seed(0)
+    model = M.randomize_bn(TwoGraphs()).eval()
+    return M.custom_out(model), (2, 3, 6, 6)
+
+
+def test_report_json_structure(tmp_path):
+    model, shape = M.build("resnet")
+    M.custom_out(model)
+    c = compile_model(model, tmp_path, lowering="triton")
+    with torch.no_grad():
+        c(torch.randn(shape))
+        assert_matches(c, model, shape)
+    r = report(tmp_path)
+    (g,) = r["graphs"]
+    assert GRAPH_KEYS <= set(g)
+    assert g["mode"] == "inference" and g["lowering"] == "triton"
+    assert g["macs_before"] == sum(c["macs_before"] for c in g["convs"])
+    assert g["macs_after"] == sum(c["macs_after"] for c in g["convs"]) < g["macs_before"]
+    assert [c["name"] for c in g["convs"]] == [
+        "conv1", "layer1.0.conv1", "layer1.0.conv2", "layer2.0.conv1", "layer2.0.conv2",
+        "layer2.0.downsample.0", "layer2.1.conv1", "layer2.1.conv2"]
+    for row in g["convs"]:
+        assert CONV_KEYS <= set(row)
+        assert row["lowering"] == "triton" and row["reason"] is None
+        assert row["kept_out_channels"] < row["out_channels"]
+        assert row["macs_after"] < row["macs_before"]
+    conv1 = g["convs"][0]
+    assert (conv1["in_channels"], conv1["out_channels"], conv1["kept_out_channels"]) == (3, 8, 5)
+    assert conv1["kernel_size"] == [3, 3] and conv1["stride"] == [1, 1]
+    assert conv1["macs_before"] == 8 * 8 * 8 * 3 * 9  # H * W * Cout * Cin * k^2
+    # the in-process report is the same content
+    assert json.loads(json.dumps(current_report(str(tmp_path)).to_dict(), default=str)) == r
+
+
+def test_unchanged_conv_has_a_reason_in_the_report(tmp_path):
+    model = nn.Sequential(nn.Conv3d(2, 4, 3), nn.ReLU()).eval()
+    c = compile_model(model, tmp_path)
+    with torch.no_grad():
+        c(torch.randn(1, 2, 4, 4, 4))
+    (row,) = report(tmp_path)["graphs"][0]["convs"]
+    assert row["lowering"] == "unchanged" and "conv3d" in row["reason"]
+
+
+def test_graph_dumps_written(tmp_path):
+    model, shape = two_graphs()
+    c = compile_model(model, tmp_path, lowering="triton", fullgraph=False)
+    with torch.no_grad():
+        c(torch.randn(shape))
+        assert_matches(c, model, shape)
+    graphs = report(tmp_path)["graphs"]
+    assert len(graphs) == 2
+    for g in graphs:
+        before = (tmp_path / f"graph_{g['index']}.before.py").read_text()
+        after = (tmp_path / f"graph_{g['index']}.after.py").read_text()
+        assert "conv2d" in before and "fxsparse.conv2d" not in before
+        assert "torch.ops.fxsparse.conv2d" in after
+
+
+def test_dump_dir_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("FXSPARSE_DUMP_DIR", str(tmp_path / "env"))
+    model, shape = M.build("chain")
+    M.custom_out(model)
+    c = torch.compile(model, backend="fxsparse", options={"inductor": False})
+    with torch.no_grad():
+        c(torch.randn(shape))
+    r = report(tmp_path / "env")
+    assert len(r["graphs"]) == 1 and r["graphs"][0]["macs_after"] < r["graphs"][0]["macs_before"]
+    assert list((tmp_path / "env").glob("graph_*.after.py"))
+
+
+def test_one_log_line_per_graph(tmp_path, caplog):
+    model, shape = two_graphs()
+    c = compile_model(model, tmp_path, fullgraph=False)
+    with caplog.at_level(logging.INFO, logger="fxsparse"), torch.no_grad():
+        c(torch.randn(shape))
+        c(torch.randn(shape))  # no new graph, no new line
+    lines = [r.getMessage() for r in caplog.records if r.name == "fxsparse" and "fxsparse graph" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert all("convs rewritten" in l and "MACs kept" in l for l in lines)
+    assert "1/1 convs rewritten" in lines[0]
+
+
+def test_explain_returns_and_prints_a_report(capsys):
+    model, shape = M.build("resnet")
+    M.custom_out(model)
+    x = torch.randn(shape)
+    want = model(x).detach()
+    r = fxsparse.explain(model, x)  # grad enabled here: explain runs under no_grad itself
+    assert isinstance(r, Report) and len(r.graphs) == 1
+    g = r.graphs[0]
+    assert g.mode == "inference" and len(g.convs) == 8
+    assert g.macs_after < g.macs_before
+    out = capsys.readouterr().out
+    assert "layer2.0.downsample.0" in out and "MACs kept" in out and out.strip() == str(r).strip()
+    torch.testing.assert_close(model(x), want)  # explaining does not touch the model
+
+
+def test_explain_graph_break_and_options():
+    model, shape = two_graphs()
+    r = fxsparse.explain(model, torch.randn(shape), options={"lowering": "triton"})
+    assert [g.index for g in r.graphs] == [0, 1]
+    assert [c.lowering for g in r.graphs for c in g.convs] == ["triton", "triton"]
+    with pytest.raises(ValueError, match="unknown option"):
+        fxsparse.explain(model, torch.randn(shape), options={"bogus": 1})
+
+
+def test_explain_reports_unstructured_sparsity():
+    model, shape = M.build("chain")
+    M.global_unstructured(model)
+    r = fxsparse.explain(model, torch.randn(shape))
+    rows = r.graphs[0].convs
+    assert all(c.kept_out_channels == c.out_channels for c in rows)
+    assert any("element-wise" in n for c in rows for n in c.notes)
