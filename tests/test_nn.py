@@ -431,3 +431,37 @@ def test_sparsify_with_triton_convs_compiles_and_matches():
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["channel", "block4", "input"])
+def test_triton_conv_cuda_fp16(kind):
+    base = nn.Conv2d(64, 128, 3, padding=1).cuda().half().to(memory_format=torch.channels_last)
+    tri = TritonConv2d.from_conv(base)
+    KINDS[kind](tri, 0.35)
+    ref = _pruned_reference(base, tri.weight_mask).float().eval()
+    tri.eval()
+    x = torch.randn(4, 64, 28, 28, device="cuda").half().contiguous(memory_format=torch.channels_last)
+    err = compare_modules(lambda v: ref(v.float()), tri, x)
+    assert err["rel_l2"] < 1e-3
+    assert benchmark_module(tri, x) > 0
+    tri.train()
+    xg = x.float().requires_grad_(True)
+    tri32 = TritonConv2d.from_conv(tri).float()
+    (tri32(xg) ** 2).mean().backward()
+    assert bool((tri32.weight_orig.grad[tri32.weight_mask == 0] == 0).all())
+
+
+@pytest.mark.parametrize("execution", ["fused", "unfused"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_execution_plans_agree(execution, bias):
+    base = _conv(bias=bias)
+    tri = TritonConv2d.from_conv(base).set_channel_sparsity(0.5).set_input_channel_sparsity(0.5, accumulate=True)
+    tri.execution = execution
+    ref = _pruned_reference(base, tri.weight_mask)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 10, 7, 9).contiguous(memory_format=fmt)
+        with torch.no_grad():
+            y = tri.eval()(x)
+            torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
+            assert y.is_contiguous(memory_format=fmt)

@@ -178,6 +178,29 @@ def _version_key(t: Optional[Tensor]):
     return (id(t), t._version, t.data_ptr(), t.dtype, t.device)
 
 
+_PLANS: dict = {}  # problem signature -> (gather, scatter), chosen by timing on CUDA
+
+
+def _time_plans(run, plans: list) -> tuple:
+    """The fastest of `plans` for `run(plan)`, by CUDA-event timing (first calls autotune)."""
+    if len(plans) == 1:
+        return plans[0]
+    best, best_ms = plans[0], float("inf")
+    for plan in plans:
+        for _ in range(3):
+            run(plan)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            run(plan)
+        end.record()
+        end.synchronize()
+        ms = start.elapsed_time(end) / 10
+        if ms < best_ms:
+            best, best_ms = plan, ms
+    return best
+
+
 class TritonConv2d(nn.Conv2d):
     """`nn.Conv2d` whose forward runs `torch.ops.fxsparse.conv2d` on the kept channels.
 
@@ -327,12 +350,78 @@ class TritonConv2d(nn.Conv2d):
         record_grad = torch.is_grad_enabled() and (
             weight.requires_grad or (bias is not None and bias.requires_grad))
         w, b, fill, out_idx, in_idx = self._compacted(weight, bias, dtype, record_grad)
-        out = torch.ops.fxsparse.conv2d(
-            x, w, b, list(self.stride), list(self.padding), list(self.dilation), in_idx, out_idx,
-            self.out_channels, fill, None, None, None, None, "none", False)
+        plan = self._plan(x, w, b, fill, out_idx, in_idx, record_grad)
+        out = self._run(x, w, b, fill, out_idx, in_idx, plan)
         if not x.is_contiguous(memory_format=torch.channels_last):
             out = out.contiguous()  # like nn.Conv2d: NCHW in, NCHW out
         return out
+
+    # How the kept channels are read and written. "fused": the op's in_index / out_index (the
+    # kernel gathers input channels and scatters output channels itself, one pass). "gather":
+    # the kept input channels are copied out first (index_select), "scatter": the conv writes a
+    # compact output that is then copied into the full one with the pruned channels' constants.
+    # `execution` = "auto" (default) times the candidates once per problem shape on CUDA and
+    # keeps the fastest (shared by all modules); on the CPU and in training: fused.
+    execution = "auto"
+
+    def _plan(self, x: Tensor, w: Tensor, b, fill, out_idx, in_idx, record_grad: bool) -> tuple:
+        if out_idx is None and in_idx is None:
+            return (False, False)
+        mode = self.execution
+        if mode == "fused" or (mode == "auto" and (record_grad or not x.is_cuda)):
+            return (False, False)
+        if mode == "unfused":
+            return (in_idx is not None, out_idx is not None)
+        if mode != "auto":
+            raise ValueError(f"TritonConv2d.execution must be auto, fused or unfused, got {mode!r}")
+        key = (tuple(x.shape), x.stride(), x.dtype, x.device, tuple(w.shape), tuple(self.stride),
+               tuple(self.padding), tuple(self.dilation), in_idx is not None, out_idx is not None)
+        plan = _PLANS.get(key)
+        if plan is None:
+            if torch.cuda.is_current_stream_capturing():
+                return (False, False)  # cannot time inside a CUDA graph capture
+            plan = _time_plans(lambda p: self._run(x, w, b, fill, out_idx, in_idx, p),
+                               [(g, s) for g in ((False, True) if in_idx is not None else (False,))
+                                for s in ((False, True) if out_idx is not None else (False,))])
+            _PLANS[key] = plan
+        return plan
+
+    def _run(self, x: Tensor, w: Tensor, b, fill, out_idx, in_idx, plan) -> Tensor:
+        gather, scatter = plan
+        if gather:
+            if x.is_contiguous(memory_format=torch.channels_last):
+                xs = torch.empty((x.shape[0], len(in_idx)) + tuple(x.shape[2:]), device=x.device, dtype=x.dtype,
+                                 memory_format=torch.channels_last)
+                torch.index_select(x, 1, in_idx, out=xs)
+            else:
+                xs = x.index_select(1, in_idx)
+            x, in_idx = xs, None
+        if not scatter:
+            return torch.ops.fxsparse.conv2d(
+                x, w, b, list(self.stride), list(self.padding), list(self.dilation), in_idx, out_idx,
+                self.out_channels, fill, None, None, None, None, "none", False)
+        y = torch.ops.fxsparse.conv2d(
+            x, w, b, list(self.stride), list(self.padding), list(self.dilation), in_idx, None,
+            w.shape[0], None, None, None, None, None, "none", False)
+        n, _, ho, wo = y.shape
+        full = torch.empty((n, self.out_channels, ho, wo), device=y.device, dtype=y.dtype,
+                           memory_format=torch.channels_last)
+        full.index_copy_(1, out_idx, y)
+        pruned = self._pruned_index(out_idx)
+        const = (fill.index_select(0, pruned) if fill is not None else
+                 torch.zeros(len(pruned), device=y.device)).to(y.dtype)
+        full.index_copy_(1, pruned, const.view(1, -1, 1, 1).expand(n, len(pruned), ho, wo))
+        return full
+
+    def _pruned_index(self, out_idx: Tensor) -> Tensor:
+        cache = getattr(self, "_pruned_cache", None)
+        if cache is not None and cache[0] is out_idx:
+            return cache[1]
+        keep = torch.zeros(self.out_channels, dtype=torch.bool, device=out_idx.device)
+        keep[out_idx] = True
+        pruned = (~keep).nonzero().flatten()
+        self._pruned_cache = (out_idx, pruned)
+        return pruned
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
