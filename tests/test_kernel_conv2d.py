@@ -306,12 +306,82 @@ def test_out_argument_is_checked(request):
                         "none", False, out=torch.empty(1, 3, 4, 5, dtype=torch.float16))
 
 
-def test_prune_configs_fits_problem():
-    configs = [__import__("triton").Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w,
-                                           num_stages=s) for bm, bn, bk, w, s in K._CUDA_TILES]
-    kept = K._prune_configs(configs, dict(M=1568, NCH=24, CIN=3, POINTWISE=False))
-    assert kept
-    for c in kept:
-        assert c.kwargs["BLOCK_N"] <= 32 and c.kwargs["BLOCK_K"] == 16 and c.num_warps <= 4
-    kept = K._prune_configs(configs, dict(M=10**6, NCH=512, CIN=512, POINTWISE=True))
-    assert any(c.num_warps == 8 for c in kept)
+def test_conv_candidates_fit_problem():
+    # small-M, compacted, tiny Cin: narrow tiles, BLOCK_K from Cin, split-K offered
+    cands = K.conv_candidates(1568, 24, 3, 9, False, 132)
+    assert cands
+    for cfg, s in cands:
+        assert cfg["BLOCK_N"] <= 32 and cfg["BLOCK_K"] == 16
+    # dense wide 1x1 GEMM: 8-warp and 256-wide tiles, no split (plenty of tiles)
+    cands = K.conv_candidates(10**6, 512, 512, 1, True, 132)
+    assert any(c["num_warps"] == 8 for c, _ in cands) and any(c["BLOCK_N"] == 256 for c, _ in cands)
+    assert all(s == 1 for _, s in cands)
+    # 512->512 3x3 at 7x7, B=32: too few tiles, long K -> split-K candidates
+    cands = K.conv_candidates(1568, 512, 512, 9, False, 132)
+    assert any(s > 1 for _, s in cands)
+    assert all(c["BLOCK_M"] < 256 for c, _ in cands)
+    # a forced factor is the only one offered
+    assert {s for _, s in K.conv_candidates(1568, 512, 512, 9, False, 132, split_k=3)} == {3}
+
+
+def test_conv_candidates_warp_cap(monkeypatch):
+    monkeypatch.setenv("FXSPARSE_CONV_MAX_WARPS", "4")
+    assert all(c["num_warps"] <= 4 for c, _ in K.conv_candidates(6272, 256, 256, 9, False, 132))
+    assert any(c["num_warps"] == 8 for c, _ in K.conv_candidates(6272, 256, 256, 1, True, 132))
+
+
+@pytest.mark.parametrize("nchw", [False, True])
+def test_in_index_gather_is_exact(request, nchw):
+    # in_index is gathered into a compact buffer before the dense kernel: bit-identical to
+    # running the kernel on x[:, in_index] by hand.
+    g = _gen(request)
+    in_index = torch.tensor([7, 2, 11, 3, 0, 15, 8])
+    x = rnd(g, 2, 16, 6, 5)
+    if not nchw:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = rnd(g, 9, 7, 3, 3, scale=0.2).contiguous(memory_format=torch.channels_last)
+    kw = dict(padding=(1, 1), bias=rnd(g, 9), activation="relu")
+    y = run_op(x, w, in_index=in_index, **kw)
+    y_hand = run_op(x[:, in_index].contiguous(memory_format=torch.channels_last), w, **kw)
+    assert torch.equal(y, y_hand)
+    check(y, oracle(x, w, in_index=in_index, **kw), torch.float16)
+
+
+def test_in_index_contiguous_range_is_a_view(request, monkeypatch):
+    g = _gen(request)
+    x = rnd(g, 2, 20, 6, 6).contiguous(memory_format=torch.channels_last)
+    w = rnd(g, 5, 8, 3, 3, scale=0.2).contiguous(memory_format=torch.channels_last)
+    in_index = torch.arange(4, 12)
+    monkeypatch.setattr(torch.Tensor, "index_select", lambda *a, **k: pytest.fail("copied a contiguous range"))
+    kw = dict(padding=(1, 1), in_index=in_index)
+    check(run_op(x, w, **kw), oracle(x, w, **kw), torch.float16)
+    assert K._in_plan(in_index) == ("range", 4)
+    in_index.copy_(torch.tensor([4, 5, 6, 7, 8, 9, 11, 10]))  # in place: no longer a run
+    assert K._in_plan(in_index) == ("gather", 0)
+
+
+@pytest.mark.parametrize("eight_warp_is_wrong", [False, True])
+def test_tune_checks_an_8_warp_winner(monkeypatch, eight_warp_is_wrong):
+    # The tuner's logic without a GPU: fake timings make the 8-warp tile win; its output is
+    # compared with the best 4-warp candidate's, and a mismatch falls back to 4 warps.
+    out = torch.zeros(2, 3)
+    last = {}
+
+    def run(cfg, split):
+        last["warps"] = cfg["num_warps"]
+        out.fill_(7.0 if cfg["num_warps"] == 8 and eight_warp_is_wrong else 1.0)
+
+    def fake_bench(fn, **kw):
+        fn()
+        return 1.0 if last["warps"] == 8 else 2.0
+
+    monkeypatch.setattr(K.triton.testing, "do_bench", fake_bench)
+    cands = [(K._config(128, 64, 64, 4, 4), 1), (K._config(128, 128, 64, 8, 3), 1)]
+    choice = K._tune("key", cands, run, out, pointwise=False)
+    assert len(choice.timings) == 2
+    if eight_warp_is_wrong:
+        assert choice.config["num_warps"] == 4 and "MISMATCH" in choice.note
+    else:
+        assert choice.config["num_warps"] == 8 and "checked" in choice.note
+    # a 1x1 (plain GEMM loop) 8-warp winner is trusted as is
+    assert K._tune("key", cands, run, out, pointwise=True).config["num_warps"] == 8

@@ -8,12 +8,25 @@ Decomposition (NHWC implicit GEMM, groups=1):
 
 A program owns a BLOCK_M x BLOCK_N output tile and walks ONE flattened loop
 over (tap, channel block) pairs, so Triton's software pipeliner (num_stages)
-sees a single loop whatever the kernel size. Input channels are innermost in
-K, so for a channels_last `x` each row of the A tile is one contiguous run of
-channels; padding is a masked load (zeros). `in_index` is applied as an
-indirect channel offset inside the load (no gathered copy of `x`). The weight
-is read through its strides; channels_last weights make each column of the B
-tile contiguous, which is how the backend pre-packs them.
+sees a single loop whatever the kernel size (a nested channel loop has one
+iteration per tap when Cin = BLOCK_K = 64: nothing to pipeline). Input channels
+are innermost in K, so for a channels_last `x` each row of the A tile is one
+contiguous run of channels; padding is a masked load (zeros). Row base pointers
+are built once before the loop; a tap adds a scalar offset. Kernel size,
+stride, padding and dilation are constexpr (folded offsets; few distinct
+values in real networks, so binaries are shared across layers); image sizes
+stay run-time values. The weight is read through its strides; channels_last
+weights make each column of the B tile contiguous, which is how the backend
+pre-packs them.
+
+`in_index` (read a subset of x's channels) is NOT gathered inside the K loop:
+an indirect channel offset per element turns every A-tile load into 2-byte
+scalar loads, which measured 4-8x slower on H100 than one memory-bound gather
+copy plus the dense conv (seed layer B=128 keeping half the inputs: 631 us in
+kernel vs cuDNN 74 us on the compacted input). So the launcher gathers the
+kept channels into a compact channels_last buffer (`index_select` on the
+NHWC view) and runs the dense path; a contiguous run of channels
+(in_index == arange(a, a+k)) is just a strided view of x, no copy.
 
 The epilogue runs on the fp32 accumulator:
     z = (acc + bias + bias_map) * scale + shift; [+ residual]; act(z); [+ residual]
@@ -24,19 +37,21 @@ of the same kernel with SOURCE=2: no K loop, its "channel list" is the
 complement of out_index, and its bias is `fill` indexed by output channel, so
 pruned channels go through the very same residual/activation code.
 
-Split-K (SOURCE=0 with SPLIT_K>1, then SOURCE=1): when the output has too few
-tiles to fill the GPU and K is long (e.g. 512->512 3x3 at 7x7), programs along
-grid axis 1 each reduce a slice of the K loop into an fp32 workspace
-[SPLIT_K, M, NCH]; a second launch sums the slices (deterministically) and
-runs the epilogue.
+Split-K (SOURCE=0 with SPLIT and K_SPLITS > 1, then SOURCE=1): when the output
+has too few tiles to fill the GPU and K is long (e.g. 512->512 3x3 at 7x7),
+programs along grid axis 1 each reduce a slice of the K loop into an fp32
+workspace [K_SPLITS, M, NCH]; a second launch sums the slices
+(deterministically) and runs the epilogue.
 
-On CUDA the conv launch is autotuned over a small pruned config set keyed on
-the problem shape; under the Triton interpreter (no driver, so no autotuner)
-one fixed small config is used.
+On CUDA, the first call of each shape times a pruned set of (tile config,
+split-K) candidates (`conv_candidates`, `_tune`) and remembers the fastest in
+`tuned`; later calls are one dict lookup. Under the Triton interpreter (no
+driver, nothing to time) one fixed small config is used.
 """
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import Optional
 
@@ -48,6 +63,7 @@ from fxsparse.ops.activations import ACTIVATION_CODES
 from fxsparse.ops.conv2d import TensorCache
 
 Tensor = torch.Tensor
+log = logging.getLogger(__name__)
 
 # The epilogue's `if ACTIVATION == k` chain below is written against these codes.
 _KERNEL_ACTIVATIONS = ("none", "relu", "relu6", "silu", "gelu", "gelu_tanh", "hardswish",
@@ -91,23 +107,26 @@ def _activation(z, ACTIVATION: tl.constexpr):
 def _conv2d_kernel(
     # pointers
     x_ptr, w_ptr, out_ptr, ws_ptr,
-    bias_ptr, scale_ptr, shift_ptr, bias_map_ptr, res_ptr, in_idx_ptr, chan_ptr,
+    bias_ptr, scale_ptr, shift_ptr, bias_map_ptr, res_ptr, chan_ptr,
     # sizes
-    M, NCH, CIN, H, W, HO, WO,
+    M, NCH, CIN, H, W, HO, WO, K_SPLITS,
     # strides
     sxn, sxc, sxh, sxw,
     swo, swc, swh, sww,
     son, soc, soh, sow,
     srn, src, srh, srw,
     sbc, sbh, sbw,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    # compile-time switches
+    # compile-time switches. The conv geometry is constexpr: the tap offsets and padding tests
+    # then fold to immediates, and the few (kernel, stride, padding) combinations of real
+    # networks share binaries across layers, whose sizes (H, W, CIN, M) stay run-time values.
     KH: tl.constexpr, KW: tl.constexpr,
+    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+    DIL_H: tl.constexpr, DIL_W: tl.constexpr,
     SOURCE: tl.constexpr,  # 0: conv K loop, 1: sum split-K workspace, 2: none (pruned channels)
-    SPLIT_K: tl.constexpr,
+    SPLIT: tl.constexpr,  # SOURCE 0: K_SPLITS > 1 slices write partial sums to the workspace
     POINTWISE: tl.constexpr,  # 1x1, stride 1, no padding: no spatial masks, no tap arithmetic
     EVEN_K: tl.constexpr,  # CIN % BLOCK_K == 0: no channel mask in the K loop
-    HAS_IN_INDEX: tl.constexpr, HAS_CHAN_INDEX: tl.constexpr,
+    HAS_CHAN_INDEX: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     HAS_BIAS_MAP: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RESIDUAL_AFTER: tl.constexpr,
     ACTIVATION: tl.constexpr, ACC_TYPE: tl.constexpr, IEEE: tl.constexpr,
@@ -139,18 +158,24 @@ def _conv2d_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_TYPE)
     if SOURCE == 0:
         offs_k = tl.arange(0, BLOCK_K)
-        # Image base offsets can pass 2**31 elements on big batches: int64.
-        x_rows = x_ptr + n_img.to(tl.int64) * sxn
-        w_cols = w_ptr + offs_n.to(tl.int64) * swo
+        # Per-row base pointers are built once, outside the K loop: inside it a tap only adds a
+        # scalar offset (kh*DIL_H*sxh + kw*DIL_W*sxw) and tests the padding, so the loop body is
+        # a few integer ops per row next to the loads and the dot. Image base offsets can pass
+        # 2**31 elements on big batches: int64.
         if POINTWISE:
-            x_rows = x_rows + (oh * sxh + ow * sxw)
+            x_rows = x_ptr + (n_img.to(tl.int64) * sxn + (oh * sxh + ow * sxw))
         else:
-            ih0 = oh * stride_h - pad_h
-            iw0 = ow * stride_w - pad_w
+            ih0 = oh * STRIDE_H - PAD_H
+            iw0 = ow * STRIDE_W - PAD_W
+            # Rows of padded pixels point before/after their image here; they are masked.
+            x_rows = x_ptr + (n_img.to(tl.int64) * sxn + (ih0 * sxh + iw0 * sxw))
+        w_cols = w_ptr + offs_n.to(tl.int64) * swo
+        # ONE flattened loop over (tap, channel block): with Cin = 64 and BLOCK_K = 64 a nested
+        # channel loop would have one iteration per tap, and Triton pipelines only innermost loops.
         ci_blocks = tl.cdiv(CIN, BLOCK_K)
         k_iters = KH * KW * ci_blocks
-        if SPLIT_K > 1:
-            per_split = tl.cdiv(k_iters, SPLIT_K)
+        if SPLIT:
+            per_split = tl.cdiv(k_iters, K_SPLITS)
             k_lo = pid_k * per_split
             k_hi = min(k_iters, k_lo + per_split)
         else:
@@ -161,18 +186,14 @@ def _conv2d_kernel(
             ci = (k - tap * ci_blocks) * BLOCK_K + offs_k
             kh = tap // KW
             kw = tap - kh * KW
-            if HAS_IN_INDEX:
-                cx = tl.load(in_idx_ptr + ci, mask=ci < CIN, other=0)
-            else:
-                cx = ci
             if POINTWISE:
-                a_ptrs = x_rows[:, None] + cx[None, :] * sxc
+                a_ptrs = x_rows[:, None] + ci[None, :] * sxc
                 a_mask = mask_m[:, None]
             else:
-                ih = ih0 + kh * dil_h
-                iw = iw0 + kw * dil_w
+                ih = ih0 + kh * DIL_H
+                iw = iw0 + kw * DIL_W
                 valid = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                a_ptrs = (x_rows + (ih * sxh + iw * sxw))[:, None] + cx[None, :] * sxc
+                a_ptrs = (x_rows + (kh * (DIL_H * sxh) + kw * (DIL_W * sxw)))[:, None] + ci[None, :] * sxc
                 a_mask = valid[:, None]
             b_ptrs = w_cols[None, :] + (ci[:, None] * swc + (kh * swh + kw * sww))
             if EVEN_K:
@@ -191,10 +212,10 @@ def _conv2d_kernel(
     elif SOURCE == 1:
         ws_tile = offs_m.to(tl.int64)[:, None] * NCH + offs_n[None, :]
         ws_mask = mask_m[:, None] & mask_n[None, :]
-        for s in range(SPLIT_K):
+        for s in range(K_SPLITS):
             acc += tl.load(ws_ptr + (s * M).to(tl.int64) * NCH + ws_tile, mask=ws_mask, other=0.0)
 
-    if SOURCE == 0 and SPLIT_K > 1:
+    if SOURCE == 0 and SPLIT:
         # Partial sums only; the SOURCE=1 launch reduces them and runs the epilogue.
         ws_ptrs = ws_ptr + (pid_k * M).to(tl.int64) * NCH + offs_m.to(tl.int64)[:, None] * NCH + offs_n[None, :]
         tl.store(ws_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
@@ -238,69 +259,168 @@ _INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, num_warp
 # Reduce/fill launches are memory-bound and tiny: one fixed config.
 _EPILOGUE_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=1)
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Small-N tiles serve compacted layers;
-# BLOCK_K is clipped to Cin by the pruner.
-_CUDA_TILES = [
-    (128, 128, 64, 4, 3),
-    (128, 128, 32, 4, 4),
-    (128, 256, 64, 8, 3),
-    (256, 128, 64, 8, 3),
-    (128, 128, 64, 8, 3),
-    (128, 64, 64, 4, 4),
-    (128, 64, 32, 4, 4),
-    (64, 128, 64, 4, 4),
-    (64, 64, 64, 4, 4),
-    (64, 64, 32, 4, 5),
-    (128, 32, 64, 4, 4),
-    (64, 32, 64, 4, 4),
-    (128, 16, 64, 4, 4),
-    (64, 16, 64, 4, 4),
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_K = min(64, Cin rounded up to a power of 2).
+# Taken from what wins on H100 in Inductor's conv/mm autotuning of our layer set (run1 log):
+# 128x128 with 8 warps and 3 stages wins every dense 3x3 at 56x56/28x28 (21 us vs 25 us for the
+# best 4-warp tile on the seed layer): 8 warps halve the fp32 accumulator per thread (64
+# registers for 128x128) so 3 stages of 64-deep K tiles fit. 64x128 / 128x64 with 4 warps and 4
+# stages are the runners-up and the small-M picks; narrow tiles serve compacted layers.
+_TILES = [
+    (128, 256, 8, 3),
+    (256, 128, 8, 3),
+    (128, 128, 8, 3),
+    (128, 128, 4, 3),
+    (64, 128, 4, 4),
+    (128, 64, 8, 3),
+    (128, 64, 4, 4),
+    (64, 64, 4, 4),
+    (128, 32, 8, 3),
+    (128, 32, 4, 4),
+    (64, 32, 4, 4),
+    (128, 16, 4, 4),
+    (64, 16, 4, 4),
 ]
+# A 1x1 conv with Cin <= 128 is a GEMM with one or two K steps: nothing to pipeline, the time
+# is loads + epilogue stores, so fewer stages (less shared memory, more programs per SM to
+# overlap one tile's stores with the next tile's loads) are offered too.
+_POINTWISE_SHORT_K_TILES = [
+    (128, 256, 8, 2),
+    (128, 128, 4, 2),
+    (128, 64, 4, 2),
+]
+_SAFE_TILE = (64, 64, 4, 3)  # the fallback when a tuned 8-warp tile fails its check
 
 
 def _pow2_at_least(v: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(int(v), 1)))
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
-    m, nch, cin = args["M"], args["NCH"], args["CIN"]
-    pointwise = args["POINTWISE"]
-    bk_cap = min(64, _pow2_at_least(cin))
-    bn_cap = _pow2_at_least(nch)
-    bm_cap = _pow2_at_least(m, 64)
-    seen, kept = set(), []
-    for c in configs:
-        kw = dict(c.kwargs)
-        bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
-        if bn > bn_cap or bm > bm_cap:
-            continue
-        # 8-warp programs miscompiled the flattened tap loop (triton issue 1254; Inductor
-        # caps non-1x1 convs at 4 warps): only the plain-GEMM path gets them.
-        if c.num_warps > 4 and not pointwise:
-            continue
-        kw["BLOCK_K"] = min(bk, bk_cap)
-        sig = (bm, bn, kw["BLOCK_K"], c.num_warps, c.num_stages)
-        if sig in seen:
-            continue
-        seen.add(sig)
-        kept.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
-    if not kept:  # tiny problems: the smallest tile always fits
-        kept.append(triton.Config(dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=bk_cap, GROUP_M=8),
-                                  num_warps=4, num_stages=3))
-    return kept
+def _config(bm, bn, bk, warps, stages) -> dict:
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
 
+
+def _max_warps() -> int:
+    # FXSPARSE_CONV_MAX_WARPS=4 keeps every tap-loop (non-1x1) kernel at 4 warps (see _tune).
+    return int(os.environ.get("FXSPARSE_CONV_MAX_WARPS", "8"))
+
+
+def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms: int,
+                    split_k: Optional[int] = None) -> list:
+    """(config, split_k) pairs worth timing for one conv shape, pruned by shape class.
+
+    - BLOCK_N: the power of two covering NCH (capped at 256) and half of it, so compacted
+      layers (NCH 16..64) get narrow tiles and dense wide layers 128/256-wide ones.
+    - BLOCK_M no larger than M needs; 256-row tiles only when there are tiles to spare.
+    - Small M, long K (e.g. 512->512 3x3 at 7x7: M = 1568, K = 4608): when a tile count
+      leaves SMs idle, split-K by 2/4/8 so the grid lands between 0.5x and 2x the SM count,
+      keeping >= 4 K steps per slice.
+    `split_k` given: only that factor.
+    """
+    bk = min(64, _pow2_at_least(cin))
+    k_iters = taps * triton.cdiv(cin, bk)
+    bn_cap = min(256, _pow2_at_least(nch))
+    widths = {bn_cap, max(16, bn_cap // 2)}
+    bm_cap = _pow2_at_least(m, 64)
+    tiles = list(_TILES)
+    if pointwise and k_iters <= 2:
+        tiles += _POINTWISE_SHORT_K_TILES
+    max_warps = 8 if pointwise else _max_warps()
+    out, seen = [], set()
+    for bm, bn, warps, stages in tiles:
+        if bn not in widths or bm > bm_cap or warps > max_warps:
+            continue
+        n_tiles = triton.cdiv(m, bm) * triton.cdiv(nch, bn)
+        if bm == 256 and n_tiles < 2 * sms:
+            continue
+        cfg = _config(bm, bn, bk, warps, stages)
+        if split_k is not None:
+            splits = [split_k]
+        else:
+            splits = [1]
+            if n_tiles < sms:
+                splits += [s for s in (2, 4, 8)
+                           if k_iters // s >= 4 and sms // 2 <= n_tiles * s <= 2 * sms]
+        for s in splits:
+            sig = (bm, bn, bk, warps, stages, s)
+            if sig not in seen:
+                seen.add(sig)
+                out.append((cfg, s))
+    if not out:  # tiny problems: the smallest tile always fits
+        out.append((_config(64, 16, bk, 4, 3), split_k or 1))
+    return out
+
+
+# --------------------------------------------------------------------------- tuning
 
 @functools.lru_cache(maxsize=None)
-def _autotuned_kernel():
-    configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
-               for bm, bn, bk, w, s in _CUDA_TILES]
-    return triton.autotune(
-        configs=configs,
-        key=["M", "NCH", "CIN", "H", "W", "HO", "WO", "KH", "KW", "SPLIT_K", "POINTWISE",
-             "HAS_IN_INDEX", "HAS_CHAN_INDEX", "sxc", "swc"],
-        prune_configs_by={"early_config_prune": _prune_configs},
-    )(_conv2d_kernel)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+class _Choice:
+    """The tuned launch of one conv shape: tile config and split-K factor, with its timings."""
+    __slots__ = ("config", "split_k", "timings", "note")
+
+    def __init__(self, config, split_k, timings, note=""):
+        self.config, self.split_k, self.timings, self.note = config, split_k, timings, note
+
+    def __repr__(self):
+        c = self.config
+        return (f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']} s{c['num_stages']}"
+                f" splitK {self.split_k}" + (f" ({self.note})" if self.note else ""))
+
+
+# shape key -> _Choice. Public for benchmarks (benchmarks/kernel_tune.py prints it).
+tuned: dict = {}
+
+
+def _same_output(a: Tensor, b: Tensor) -> bool:
+    a, b = a.float(), b.float()
+    scale = float(b.abs().nan_to_num(0.0, 0.0, 0.0).amax()) if b.numel() else 0.0
+    return bool(torch.allclose(a, b, rtol=1e-2, atol=1e-2 * max(scale, 1e-3), equal_nan=True))
+
+
+def _tune(key, candidates, run, out: Tensor, pointwise: bool) -> _Choice:
+    """Times every candidate launch (full launch sequence: conv + split-K reduce) and keeps the
+    fastest. Ours instead of @triton.autotune: split-K is chosen jointly with the tile (a
+    split only pays against the best unsplit tile, not against a fixed one), and the winner
+    can be checked before it is trusted.
+
+    The check: 8-warp programs miscompiled the flattened tap loop of Inductor's conv template
+    (triton issue 1254; pytorch issue 173068, PRs 177823/183989 cap non-1x1 convs at 4 warps).
+    Our loop differs, and 8 warps are the fastest 3x3 tile on H100, so an 8-warp winner for a
+    non-1x1 conv is compared once against the best 4-warp candidate on the real inputs; on a
+    mismatch the 4-warp one is used (and the note says so).
+    """
+    timings = []
+    for cfg, s in candidates:
+        try:
+            run(cfg, s)  # compile outside the timed region
+            ms = triton.testing.do_bench(lambda cfg=cfg, s=s: run(cfg, s), warmup=5, rep=20,
+                                         return_mode="median")
+        except Exception as e:  # noqa: BLE001 - e.g. out of shared memory / resources on a config
+            ms = float("inf")
+            log.debug("fxsparse conv2d: candidate %s split %d failed: %s", cfg, s, e)
+        timings.append((cfg, s, ms))
+    timings.sort(key=lambda t: t[2])
+    cfg, s, ms = timings[0]
+    if ms == float("inf"):
+        raise RuntimeError("fxsparse.conv2d: every tile config failed to run")
+    note = ""
+    if cfg["num_warps"] > 4 and not pointwise:
+        safe = next(((c, k) for c, k, t in timings if c["num_warps"] <= 4 and t < float("inf")), None)
+        if safe is None:
+            safe = (_config(*_SAFE_TILE[:2], cfg["BLOCK_K"], *_SAFE_TILE[2:]), 1)
+        run(*safe)
+        reference = out.clone()
+        run(cfg, s)
+        if _same_output(out, reference):
+            note = "8-warp output checked"
+        else:
+            log.warning("fxsparse conv2d: 8-warp tile %s gave wrong results for %s; using %s", cfg, key, safe)
+            cfg, s = safe
+            note = "8-warp MISMATCH, fell back to 4 warps"
+    return _Choice(cfg, s, [(c, k, t) for c, k, t in timings], note)
 
 
 # --------------------------------------------------------------------------- launcher
@@ -322,24 +442,42 @@ def _complement(out_index: Tensor, out_channels: int) -> Tensor:
     return comp
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+# in_index -> how to read those channels: ("range", start) for a contiguous run (a view of x,
+# no copy) or ("gather", index). Decided once per index tensor (one host sync), like the checks.
+_in_plans = TensorCache()
 
 
-def _heuristic_split_k(m: int, nch: int, k_total: int, kh: int, kw: int, cin: int, device) -> int:
-    forced = os.environ.get("FXSPARSE_SPLIT_K")
-    if forced:
-        return max(1, int(forced))
-    if device.type != "cuda":
-        return 1
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    tiles = triton.cdiv(m, 128) * triton.cdiv(nch, 128)
-    k_iters = kh * kw * triton.cdiv(cin, 64)
-    if tiles >= sms or k_total < 1024 or k_iters < 8:
-        return 1
-    split = max(1, min(sms // max(tiles, 1), k_iters // 4, 8))
-    return split
+def _in_plan(in_index: Tensor):
+    hit = _in_plans.get(in_index)
+    if hit is not None and hit[0] == in_index._version:
+        return hit[1]
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return ("gather", 0)  # no sync inside a capture; decide on a later eager call
+    k = in_index.numel()
+    start = int(in_index[0]) if k else 0
+    run = torch.arange(start, start + k, device=in_index.device, dtype=in_index.dtype)
+    # (The plan must not hold in_index itself: the cache entry would keep its key alive.)
+    plan = ("range", start) if bool(torch.equal(in_index, run)) else ("gather", 0)
+    _in_plans.put(in_index, (in_index._version, plan))
+    return plan
+
+
+def _select_channels(x: Tensor, in_index: Tensor) -> Tensor:
+    """x[:, in_index] as a dense input for the conv.
+
+    Gathering in the kernel's K loop (an indirect channel offset per element) made every A-tile
+    load a 2-byte scalar load: measured on H100, 4-8x slower than this one memory-bound copy
+    plus the dense conv (e.g. seed layer B=128, half the inputs: 631 us vs 74 us for cuDNN on
+    the compacted input). A contiguous channel run is a strided view: no copy at all.
+    """
+    kind, start = _in_plan(in_index)
+    if kind == "range":
+        return x.narrow(1, start, in_index.numel())
+    if x.stride(1) == 1:
+        # channels_last: gather along the innermost (channel) axis of the NHWC view, so the
+        # result is a compact channels_last tensor (each pixel's kept channels contiguous).
+        return x.permute(0, 2, 3, 1).index_select(3, in_index).permute(0, 3, 1, 2)
+    return x.index_select(1, in_index)
 
 
 def _new_output(shape, x: Tensor) -> Tensor:
@@ -347,24 +485,9 @@ def _new_output(shape, x: Tensor) -> Tensor:
     return torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
 
 
-# Split-K only pays when its extra workspace pass costs less than the idle SMs it fills; the
-# heuristic proposes a factor and the first call of each shape times it against no split.
-_split_decisions: dict = {}
-
-
-def _measured_split_k(key, proposed: int, run) -> int:
-    hit = _split_decisions.get(key)
-    if hit is not None:
-        return hit
-    if torch.cuda.is_current_stream_capturing():
-        return proposed  # cannot time inside a graph capture; decide on a later eager call
-    times = {}
-    for s in (1, proposed):
-        run(s)  # autotunes this variant first, so the timing below is of the tuned kernel
-        times[s] = triton.testing.do_bench(lambda s=s: run(s), warmup=5, rep=25, return_mode="median")
-    best = min(times, key=times.get)
-    _split_decisions[key] = best
-    return best
+def _forced_split() -> Optional[int]:
+    forced = os.environ.get("FXSPARSE_SPLIT_K")
+    return max(1, int(forced)) if forced else None
 
 
 def conv2d_triton(
@@ -392,9 +515,11 @@ def conv2d_triton(
     """Runs the fused conv. Arguments are as `torch.ops.fxsparse.conv2d` (already checked).
 
     `out` (tests): a preallocated output of the right shape, written in full.
-    `config` (tests/benchmarks): a fixed tile config, bypassing the autotuner.
-    `split_k`: force the split-K factor (default: a shape heuristic on CUDA, 1 elsewhere).
+    `config` (tests/benchmarks): a fixed tile config, bypassing the tuner.
+    `split_k`: force the split-K factor (default: FXSPARSE_SPLIT_K, else tuned on CUDA, 1 elsewhere).
     """
+    if in_index is not None:
+        x = _select_channels(x, in_index)
     n, _, h, w = x.shape
     nch, cin, kh, kw = weight.shape
     sh, sw = int(stride[0]), int(stride[1])
@@ -417,39 +542,25 @@ def conv2d_triton(
     res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
     bm_strides = bias_map.stride() if bias_map is not None else (0, 0, 0)
     common = dict(
+        x_ptr=x, w_ptr=weight, out_ptr=out, res_ptr=residual if residual is not None else dummy,
         M=m, H=h, W=w, HO=ho, WO=wo,
         sxn=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
         swo=weight.stride(0), swc=weight.stride(1), swh=weight.stride(2), sww=weight.stride(3),
         son=out.stride(0), soc=out.stride(1), soh=out.stride(2), sow=out.stride(3),
         srn=res_strides[0], src=res_strides[1], srh=res_strides[2], srw=res_strides[3],
         sbc=bm_strides[0], sbh=bm_strides[1], sbw=bm_strides[2],
-        stride_h=sh, stride_w=sw, pad_h=ph, pad_w=pw, dil_h=dh, dil_w=dw,
-        KH=kh, KW=kw, POINTWISE=pointwise,
-        HAS_IN_INDEX=in_index is not None,
+        KH=kh, KW=kw, STRIDE_H=sh, STRIDE_W=sw, PAD_H=ph, PAD_W=pw, DIL_H=dh, DIL_W=dw,
+        POINTWISE=pointwise,
         HAS_RESIDUAL=residual is not None, RESIDUAL_AFTER=bool(residual_after_activation),
         ACTIVATION=ACTIVATION_CODES[activation], ACC_TYPE=acc_type,
         IEEE=x.dtype in (torch.float32, torch.float64),
         DOT_UPCAST=interpret and x.dtype == torch.bfloat16,
     )
-    ptrs = dict(x_ptr=x, w_ptr=weight, out_ptr=out,
-                res_ptr=residual if residual is not None else dummy,
-                in_idx_ptr=in_index if in_index is not None else dummy)
+    ecfg = _INTERPRET_CONFIG if interpret else _EPILOGUE_CONFIG
 
     if nch > 0:
-        if split_k is None:
-            split_k = _heuristic_split_k(m, nch, kh * kw * cin, kh, kw, cin, x.device)
-            if split_k > 1 and config is None and not interpret and "FXSPARSE_SPLIT_K" not in os.environ:
-                split_k = _measured_split_k(
-                    (m, nch, cin, h, w, kh, kw, sh, sw, ph, pw, dh, dw, x.dtype, in_index is not None,
-                     x.stride(1), weight.stride(1)),
-                    split_k,
-                    lambda s: conv2d_triton(x, weight, bias, stride, padding, dilation, in_index, out_index,
-                                            out_channels, fill, scale, shift, bias_map, residual, activation,
-                                            residual_after_activation, out=out, split_k=s))
-        ws = (torch.empty((split_k, m, nch), device=x.device, dtype=torch.float64 if acc_type == tl.float64
-                          else torch.float32) if split_k > 1 else dummy)
         conv_args = dict(
-            common, **ptrs, ws_ptr=ws,
+            common,
             bias_ptr=bias if bias is not None else dummy,
             scale_ptr=scale if scale is not None else dummy,
             shift_ptr=shift if shift is not None else dummy,
@@ -459,36 +570,50 @@ def conv2d_triton(
             HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
             HAS_BIAS_MAP=bias_map is not None,
         )
+        ws_dtype = torch.float64 if acc_type == tl.float64 else torch.float32
 
-        def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(nch, meta["BLOCK_N"]), split_k)
+        def run(cfg: dict, splits: int) -> None:
+            bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+            grid = (triton.cdiv(m, bm) * triton.cdiv(nch, bn), splits)
+            ws = torch.empty((splits, m, nch), device=x.device, dtype=ws_dtype) if splits > 1 else dummy
+            _conv2d_kernel[grid](**conv_args, ws_ptr=ws, K_SPLITS=splits, SOURCE=_SRC_CONV, SPLIT=splits > 1,
+                                 EVEN_K=cin % bk == 0, **cfg)
+            if splits > 1:
+                egrid = (triton.cdiv(m, ecfg["BLOCK_M"]) * triton.cdiv(nch, ecfg["BLOCK_N"]), 1)
+                _conv2d_kernel[egrid](**conv_args, ws_ptr=ws, K_SPLITS=splits, SOURCE=_SRC_WORKSPACE, SPLIT=True,
+                                      EVEN_K=True, **ecfg)
 
-        cfg = config if config is not None else (_INTERPRET_CONFIG if interpret else None)
-        if cfg is not None:
-            cfg = dict(cfg)
+        if split_k is None:
+            split_k = _forced_split()
+        if config is not None or interpret:
+            cfg = dict(config if config is not None else _INTERPRET_CONFIG)
             cfg.setdefault("BLOCK_K", min(64, _pow2_at_least(cin)))
-            _conv2d_kernel[grid](**conv_args, SOURCE=_SRC_CONV, SPLIT_K=split_k,
-                                 EVEN_K=cin % cfg["BLOCK_K"] == 0, **cfg)
+            run(cfg, split_k or 1)
         else:
-            # EVEN_K must hold for every BLOCK_K the pruner can hand out (see _prune_configs).
-            bk_cap = min(64, _pow2_at_least(cin))
-            even_k = all(cin % min(bk, bk_cap) == 0 for bk in {t[2] for t in _CUDA_TILES})
-            _autotuned_kernel()[grid](**conv_args, SOURCE=_SRC_CONV, SPLIT_K=split_k, EVEN_K=even_k)
-        if split_k > 1:
-            ecfg = dict(_INTERPRET_CONFIG if interpret else _EPILOGUE_CONFIG)
-            _conv2d_kernel[grid(ecfg)](**conv_args, SOURCE=_SRC_WORKSPACE, SPLIT_K=split_k,
-                                       EVEN_K=True, **ecfg)
+            key = (m, nch, cin, h, w, kh, kw, sh, sw, ph, pw, dh, dw, x.dtype, x.stride(1), weight.stride(1),
+                   split_k)
+            choice = tuned.get(key)
+            if choice is None:
+                sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
+                candidates = conv_candidates(m, nch, cin, kh * kw, pointwise, sms, split_k)
+                if torch.cuda.is_current_stream_capturing():
+                    # Cannot time inside a graph capture: a safe 4-warp candidate, not remembered,
+                    # so the next eager call tunes this shape.
+                    cfg, s = next(((c, k) for c, k in candidates if c["num_warps"] <= 4), candidates[0])
+                    choice = _Choice(cfg, s, [], "untuned (captured)")
+                else:
+                    choice = tuned[key] = _tune(key, candidates, run, out, pointwise)
+            run(choice.config, choice.split_k)
 
     if out_index is not None and nch < out_channels:
         comp = _complement(out_index, out_channels)
         ncomp = out_channels - nch
-        ecfg = dict(_INTERPRET_CONFIG if interpret else _EPILOGUE_CONFIG)
         fill_grid = (triton.cdiv(m, ecfg["BLOCK_M"]) * triton.cdiv(ncomp, ecfg["BLOCK_N"]), 1)
         _conv2d_kernel[fill_grid](
-            **common, **ptrs, ws_ptr=dummy,
+            **common, ws_ptr=dummy,
             bias_ptr=fill if fill is not None else dummy,
             scale_ptr=dummy, shift_ptr=dummy, bias_map_ptr=dummy, chan_ptr=comp,
-            NCH=ncomp, CIN=0, HAS_CHAN_INDEX=True,
+            NCH=ncomp, CIN=0, K_SPLITS=1, HAS_CHAN_INDEX=True,
             HAS_BIAS=fill is not None, HAS_SCALE=False, HAS_SHIFT=False, HAS_BIAS_MAP=False,
-            SOURCE=_SRC_NONE, SPLIT_K=1, EVEN_K=True, **ecfg)
+            SOURCE=_SRC_NONE, SPLIT=False, EVEN_K=True, **ecfg)
     return out
