@@ -7,6 +7,8 @@ sparsity kind (output channels, filter blocks of 4, input channels) and keep rat
 
   fx us          TritonConv2d forward (eager, compacted fxsparse op), CUDA-graph replay median
                  per call (20 calls per graph; benchmarks/common.py, the method of anchors.md)
+  exec           how TritonConv2d ran the kept channels (fused in/out index in the kernel, or
+                 gather / scatter copies around a compact conv: the fastest, timed per shape)
   vs dense op    our dense op (TritonConv2d, no mask) time / fx time
   vs cuDNN       cuDNN dense (nn.Conv2d, channels_last) time / fx time
   vs Inductor    torch.compile (default) of the SAME masked nn.Conv2d / fx time
@@ -52,7 +54,7 @@ RECOVERY_RATIOS = (0.5, 0.25)
 KERNEL_REL_L2_LIMIT = 1e-3
 
 MAIN_COLUMNS = [
-    ("kind", "kind"), ("keep", "keep"), ("kept", "kept out/in"), ("fx_us", "fx us"),
+    ("kind", "kind"), ("keep", "keep"), ("kept", "kept out/in"), ("fx_us", "fx us"), ("exec", "exec"),
     ("vs_dense_op", "vs dense op"), ("vs_cudnn", "vs cuDNN"), ("inductor_us", "Inductor us"),
     ("vs_inductor", "vs Inductor"),
     ("kernel_mae", "kernel mae"), ("kernel_max", "kernel max"), ("kernel_rel_l2", "kernel rel_l2"),
@@ -165,6 +167,7 @@ def run(args) -> dict:
             row = dict(kind=label, keep=r, kept=f"{tri.kept_out_channels}/{tri.kept_in_channels}",
                        kept_out=tri.kept_out_channels, kept_in=tri.kept_in_channels)
             row["fx_us"] = timer.us(f"fx {label} {r}", tri, x)
+            row["exec"] = tri.last_execution
             if use_inductor:
                 row["inductor_us"] = timer.us(f"inductor {label} {r}", _inductor(masked), x)
             kerr = compare_modules(_Fp32(masked), tri, x)

@@ -28,6 +28,12 @@ clamped to [1, C]; C is the number of output channels, input channels or filter 
 in L1 norm keep the lower index. A `set_*` call replaces the module's mask (computed from the
 unmasked `weight_orig`) unless `accumulate=True`, which multiplies it into the current mask.
 
+Execution (eager): the kept channels are read and written by the op itself (`in_index`,
+`out_index` + `fill`: "fused"), or gathered into a compact input first ("gather") / written as a
+compact output then copied into the full one ("scatter"). `TritonConv2d.execution = "auto"`
+(default) times the variants once per problem shape on CUDA under no_grad and keeps the fastest;
+"fused" / "unfused" force one. `last_execution` says what ran.
+
 Unsupported by the op (the module then runs `F.conv2d` on the masked weight, the reason is in
 `fallback_reason`): groups != 1, padding_mode != "zeros", string padding ("same"/"valid"),
 unbatched (3-D) input.
@@ -351,6 +357,7 @@ class TritonConv2d(nn.Conv2d):
             weight.requires_grad or (bias is not None and bias.requires_grad))
         w, b, fill, out_idx, in_idx = self._compacted(weight, bias, dtype, record_grad)
         plan = self._plan(x, w, b, fill, out_idx, in_idx, record_grad)
+        self._last_plan = plan
         out = self._run(x, w, b, fill, out_idx, in_idx, plan)
         if not x.is_contiguous(memory_format=torch.channels_last):
             out = out.contiguous()  # like nn.Conv2d: NCHW in, NCHW out
@@ -412,6 +419,12 @@ class TritonConv2d(nn.Conv2d):
                  torch.zeros(len(pruned), device=y.device)).to(y.dtype)
         full.index_copy_(1, pruned, const.view(1, -1, 1, 1).expand(n, len(pruned), ho, wo))
         return full
+
+    @property
+    def last_execution(self) -> str:
+        """How the last eager forward ran: "fused", "gather", "scatter" or "gather+scatter"."""
+        gather, scatter = getattr(self, "_last_plan", (False, False))
+        return "+".join(n for n, on in (("gather", gather), ("scatter", scatter)) if on) or "fused"
 
     def _pruned_index(self, out_idx: Tensor) -> Tensor:
         cache = getattr(self, "_pruned_cache", None)
