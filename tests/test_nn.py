@@ -452,12 +452,13 @@ def test_triton_conv_cuda_fp16(kind):
     assert bool((tri32.weight_orig.grad[tri32.weight_mask == 0] == 0).all())
 
 
-@pytest.mark.parametrize("execution", ["fused", "unfused"])
+@pytest.mark.parametrize("execution", ["fused", "gather", "scatter", "gather+scatter", "dense"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_execution_plans_agree(execution, bias):
     base = _conv(bias=bias)
     tri = TritonConv2d.from_conv(base).set_channel_sparsity(0.5).set_input_channel_sparsity(0.5, accumulate=True)
     tri.execution = execution
+    tri.channel_align = 4  # 6 kept of 12 out, 5 of 10 in -> 8 and 8 computed (zero-weight extras)
     ref = _pruned_reference(base, tri.weight_mask)
     for fmt in (torch.contiguous_format, torch.channels_last):
         x = torch.randn(2, 10, 7, 9).contiguous(memory_format=fmt)
@@ -465,3 +466,7 @@ def test_execution_plans_agree(execution, bias):
             y = tri.eval()(x)
             torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
             assert y.is_contiguous(memory_format=fmt)
+            assert tri.last_execution == execution
+    assert tri.kept_out_channels == 6 and tri.kept_in_channels == 5
+    out_idx, in_idx, _, _ = tri._indices()
+    assert len(out_idx) == 8 and len(in_idx) == 8

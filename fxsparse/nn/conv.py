@@ -30,9 +30,11 @@ unmasked `weight_orig`) unless `accumulate=True`, which multiplies it into the c
 
 Execution (eager): the kept channels are read and written by the op itself (`in_index`,
 `out_index` + `fill`: "fused"), or gathered into a compact input first ("gather") / written as a
-compact output then copied into the full one ("scatter"). `TritonConv2d.execution = "auto"`
-(default) times the variants once per problem shape on CUDA under no_grad and keeps the fastest;
-"fused" / "unfused" force one. `last_execution` says what ran.
+compact output then copied into the full one ("scatter"), or the full masked weight is run
+("dense"). `TritonConv2d.execution = "auto"` (default) times the variants once per problem shape
+on CUDA under no_grad and keeps the fastest; naming one forces it. `last_execution` says what
+ran. Kept channel counts are padded to a multiple of `channel_align` (8) with zero-weight channels
+(exact), so channels_last rows stay 16-byte aligned for the kernel.
 
 Unsupported by the op (the module then runs `F.conv2d` on the masked weight, the reason is in
 `fallback_reason`): groups != 1, padding_mode != "zeros", string padding ("same"/"valid"),
@@ -184,7 +186,20 @@ def _version_key(t: Optional[Tensor]):
     return (id(t), t._version, t.data_ptr(), t.dtype, t.device)
 
 
-_PLANS: dict = {}  # problem signature -> (gather, scatter), chosen by timing on CUDA
+def _aligned(kept: Tensor, align: int) -> Tensor:
+    """`kept` with the first few unkept channels added so the count is a multiple of `align` (or
+    all). Exact: an added output channel has a zero filter (it computes its bias, the value a
+    pruned channel holds), an added input channel a zero column."""
+    k, total = int(kept.sum()), kept.numel()
+    target = min(total, -(-k // align) * align) if align > 1 else k
+    if target > k:
+        kept = kept.clone()
+        kept[(~kept).nonzero().flatten()[: target - k]] = True
+    return kept
+
+
+_PLANS: dict = {}  # problem signature -> execution plan, chosen by timing on CUDA
+_EXECUTIONS = ("fused", "gather", "scatter", "gather+scatter", "dense")
 
 
 def _time_plans(run, plans: list) -> tuple:
@@ -314,9 +329,11 @@ class TritonConv2d(nn.Conv2d):
             nz = mask.detach() != 0
             rows = nz.reshape(cout, -1).any(1)
             cols = nz.transpose(0, 1).reshape(cin, -1).any(1)
+            kept_rows, kept_cols = int(rows.sum()), int(cols.sum())
+            rows, cols = _aligned(rows, self.channel_align), _aligned(cols, self.channel_align)
             out_idx = None if bool(rows.all()) else rows.nonzero().flatten()
             in_idx = None if bool(cols.all()) else cols.nonzero().flatten()
-            result = (out_idx, in_idx, int(rows.sum()), int(cols.sum()))
+            result = (out_idx, in_idx, kept_rows, kept_cols)
         self._index_cache = (key, result)
         return result
 
@@ -363,39 +380,68 @@ class TritonConv2d(nn.Conv2d):
             out = out.contiguous()  # like nn.Conv2d: NCHW in, NCHW out
         return out
 
-    # How the kept channels are read and written. "fused": the op's in_index / out_index (the
-    # kernel gathers input channels and scatters output channels itself, one pass). "gather":
-    # the kept input channels are copied out first (index_select), "scatter": the conv writes a
-    # compact output that is then copied into the full one with the pruned channels' constants.
-    # `execution` = "auto" (default) times the candidates once per problem shape on CUDA and
-    # keeps the fastest (shared by all modules); on the CPU and in training: fused.
+    # How the kept channels are read and written (see the module docstring):
+    #   "fused"    the op's in_index / out_index + fill: the kernel gathers input channels and
+    #              scatters output channels itself (one pass)
+    #   "gather"   the kept input channels are copied out first (index_select), then the op
+    #   "scatter"  the op writes a compact output, copied into the full one with the constants
+    #   "dense"    the op on the full masked weight (computes the zeros; never much slower than dense)
+    # "auto" (default) times the candidates once per problem shape on CUDA (no_grad) and keeps
+    # the fastest, shared by all modules; on the CPU and when recording autograd: "fused".
     execution = "auto"
+    # kept channel counts are rounded up to a multiple of this with zero-weight channels (exact):
+    # channels_last rows of 8 fp16 values (16 bytes) keep the kernel's loads and stores aligned
+    channel_align = 8
 
-    def _plan(self, x: Tensor, w: Tensor, b, fill, out_idx, in_idx, record_grad: bool) -> tuple:
+    def _plan(self, x: Tensor, w: Tensor, b, fill, out_idx, in_idx, record_grad: bool) -> str:
         if out_idx is None and in_idx is None:
-            return (False, False)
+            return "fused"
         mode = self.execution
-        if mode == "fused" or (mode == "auto" and (record_grad or not x.is_cuda)):
-            return (False, False)
-        if mode == "unfused":
-            return (in_idx is not None, out_idx is not None)
+        if mode == "auto" and (record_grad or not x.is_cuda):
+            return "fused"
         if mode != "auto":
-            raise ValueError(f"TritonConv2d.execution must be auto, fused or unfused, got {mode!r}")
+            if mode not in _EXECUTIONS:
+                raise ValueError(f"TritonConv2d.execution must be auto or one of {_EXECUTIONS}, got {mode!r}")
+            return mode
         key = (tuple(x.shape), x.stride(), x.dtype, x.device, tuple(w.shape), tuple(self.stride),
-               tuple(self.padding), tuple(self.dilation), in_idx is not None, out_idx is not None)
+               tuple(self.padding), tuple(self.dilation), in_idx is not None, out_idx is not None,
+               self.out_channels, self.in_channels)
         plan = _PLANS.get(key)
         if plan is None:
             if torch.cuda.is_current_stream_capturing():
-                return (False, False)  # cannot time inside a CUDA graph capture
-            plan = _time_plans(lambda p: self._run(x, w, b, fill, out_idx, in_idx, p),
-                               [(g, s) for g in ((False, True) if in_idx is not None else (False,))
-                                for s in ((False, True) if out_idx is not None else (False,))])
+                return "fused"  # cannot time inside a CUDA graph capture
+            candidates = ["fused", "dense"]
+            if in_idx is not None:
+                candidates.append("gather")
+            if out_idx is not None:
+                candidates.append("scatter")
+            if in_idx is not None and out_idx is not None:
+                candidates.append("gather+scatter")
+            plan = _time_plans(lambda p: self._run(x, w, b, fill, out_idx, in_idx, p), candidates)
             _PLANS[key] = plan
         return plan
 
-    def _run(self, x: Tensor, w: Tensor, b, fill, out_idx, in_idx, plan) -> Tensor:
-        gather, scatter = plan
-        if gather:
+    def _dense_weight(self, dtype: torch.dtype) -> Tensor:
+        key = (_version_key(_unmasked_weight(self)), _version_key(self._mask()), dtype)
+        cache = getattr(self, "_dense_cache", None)
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        w = self.weight.detach().to(dtype)
+        if w.is_cuda:
+            w = w.contiguous(memory_format=torch.channels_last)
+        self._dense_cache = (key, w)
+        return w
+
+    def _op(self, x, w, b, in_idx, out_idx, out_channels, fill) -> Tensor:
+        return torch.ops.fxsparse.conv2d(
+            x, w, b, list(self.stride), list(self.padding), list(self.dilation), in_idx, out_idx,
+            out_channels, fill, None, None, None, None, "none", False)
+
+    def _run(self, x: Tensor, w: Tensor, b, fill, out_idx, in_idx, plan: str) -> Tensor:
+        if plan == "dense":
+            bias = None if self.bias is None else self.bias.detach()
+            return self._op(x, self._dense_weight(x.dtype), bias, None, None, self.out_channels, None)
+        if "gather" in plan and in_idx is not None:
             if x.is_contiguous(memory_format=torch.channels_last):
                 xs = torch.empty((x.shape[0], len(in_idx)) + tuple(x.shape[2:]), device=x.device, dtype=x.dtype,
                                  memory_format=torch.channels_last)
@@ -403,28 +449,23 @@ class TritonConv2d(nn.Conv2d):
             else:
                 xs = x.index_select(1, in_idx)
             x, in_idx = xs, None
-        if not scatter:
-            return torch.ops.fxsparse.conv2d(
-                x, w, b, list(self.stride), list(self.padding), list(self.dilation), in_idx, out_idx,
-                self.out_channels, fill, None, None, None, None, "none", False)
-        y = torch.ops.fxsparse.conv2d(
-            x, w, b, list(self.stride), list(self.padding), list(self.dilation), in_idx, None,
-            w.shape[0], None, None, None, None, None, "none", False)
+        if "scatter" not in plan or out_idx is None:
+            return self._op(x, w, b, in_idx, out_idx, self.out_channels, fill)
+        y = self._op(x, w, b, in_idx, None, w.shape[0], None)
         n, _, ho, wo = y.shape
         full = torch.empty((n, self.out_channels, ho, wo), device=y.device, dtype=y.dtype,
                            memory_format=torch.channels_last)
-        full.index_copy_(1, out_idx, y)
+        full[:, out_idx] = y
         pruned = self._pruned_index(out_idx)
         const = (fill.index_select(0, pruned) if fill is not None else
                  torch.zeros(len(pruned), device=y.device)).to(y.dtype)
-        full.index_copy_(1, pruned, const.view(1, -1, 1, 1).expand(n, len(pruned), ho, wo))
+        full[:, pruned] = const.view(1, -1, 1, 1)
         return full
 
     @property
     def last_execution(self) -> str:
-        """How the last eager forward ran: "fused", "gather", "scatter" or "gather+scatter"."""
-        gather, scatter = getattr(self, "_last_plan", (False, False))
-        return "+".join(n for n, on in (("gather", gather), ("scatter", scatter)) if on) or "fused"
+        """How the last eager forward ran: "fused", "gather", "scatter", "gather+scatter" or "dense"."""
+        return getattr(self, "_last_plan", "fused")
 
     def _pruned_index(self, out_idx: Tensor) -> Tensor:
         cache = getattr(self, "_pruned_cache", None)
