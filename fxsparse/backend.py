@@ -31,6 +31,7 @@ class Rewrite:
     gm: fx.GraphModule
     report: GraphReport
     depends_on: list  # positions of the inputs whose values the rewrite read
+    constant_outputs: dict  # output position -> tensor returned as it is (see with_constant_outputs)
 
 
 def is_inference(example_inputs: Sequence) -> bool:
@@ -56,7 +57,7 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence, opts: Options, index: 
     sparsity = read_all(cap, inference)
     enabled = inference and opts.propagate and not _mutates_shared_tensor(cap)
     prop = propagate(cap, sparsity, enabled=enabled)
-    new_gm, records = lower(prop, sparsity, lowering, inference)
+    new_gm, records, constant_outputs = lower(prop, sparsity, lowering, inference)
     report = GraphReport(index, "inference" if inference else "training", lowering, enabled,
                          [records[n] for n in sparsity if n in records])
     if inference and opts.propagate and not enabled:
@@ -64,7 +65,7 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence, opts: Options, index: 
                             "carried across layers (per-conv compaction only)")
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     depends_on = [i for i, p in enumerate(placeholders) if p in cap.read]
-    return Rewrite(new_gm, report, depends_on)
+    return Rewrite(new_gm, report, depends_on, constant_outputs)
 
 
 def _mutates_shared_tensor(cap) -> bool:
@@ -99,10 +100,31 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, opts: Options):
             write_dumps(opts.dump_dir, index, gm, rw.gm)
         _record(report, rw.report, opts)
         fn = _inductor(rw.gm, inputs, cudagraphs) if opts.inductor else rw.gm.forward
-        owned = [t for name, t in rw.gm.named_buffers() if name.startswith("_fxsparse_output")]
-        return fn, ValueGuard(rw.depends_on, inputs, owned)
+        fn = with_constant_outputs(fn, rw.constant_outputs)
+        return fn, ValueGuard(rw.depends_on, inputs, list(rw.constant_outputs.values()))
 
     return GuardedGraph(build, example_inputs)
+
+
+def with_constant_outputs(fn, constants: dict):
+    """Puts the graph's constant outputs back among what `fn` returns.
+
+    A pruned module's `weight` (mask * weight_orig) is a graph output that dynamo writes back
+    to the module on every call; its value only changes when its inputs do (then the guard
+    rebuilds), so the wrapper returns one tensor instead of the compiled graph producing it:
+    no kernel per pruned conv, and no per-output bookkeeping under CUDA graphs.
+    """
+    if not constants:
+        return fn
+    positions = sorted(constants.items())
+
+    def run(*args):
+        out = list(fn(*args))
+        for i, t in positions:
+            out.insert(i, t)
+        return out
+
+    return run
 
 
 def _record(report, graph_report: GraphReport, opts: Options) -> None:

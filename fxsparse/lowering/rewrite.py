@@ -70,6 +70,7 @@ class Lowering:
         self.env: dict = {}
         self.consts: dict = {}
         self.records: dict = {}
+        self.constant_outputs: dict = {}  # output position -> tensor the wrapper returns
         self.chains = plan_chains(prop, fuse_epilogue=conv_backend == "triton") if inference else {}
 
     # -- constants ----------------------------------------------------------------------
@@ -99,8 +100,8 @@ class Lowering:
         like = self._example(old)
         return self.graph.call_function(relayout, (
             new,
-            self.const(have.positions_of(src_ids), "src_pos"),
-            self.const(dst_pos, "dst_pos"),
+            self.const(have.positions_of(src_ids).to(like.device), "src_pos"),
+            self.const(dst_pos.to(like.device), "dst_pos"),
             self.const(fill[want.kept].to(like.dtype).to(like.device), "fill"),
         ))
 
@@ -125,9 +126,18 @@ class Lowering:
             if n.op == "get_attr" and not hasattr(root, n.target):
                 setattr(root, n.target, getattr(self.cap.gm, n.target))
         gm = fx.GraphModule(root, self.graph, class_name="FxsparseGraph")
+        self.drop_unused_weight_math(gm.graph)
         gm.graph.lint()
         gm.recompile()
         return gm
+
+    @staticmethod
+    def drop_unused_weight_math(graph: fx.Graph) -> None:
+        """Removes copied parameter-only nodes (`mask * weight_orig`) that nothing reads any more.
+        (Not a general DCE: an unused in-place op may still write a tensor others read.)"""
+        for node in reversed(list(graph.nodes)):
+            if node.meta.get("_fxsparse_param_only") and not node.users:
+                graph.erase_node(node)
 
     def emit(self, n: fx.Node) -> None:
         if n.op == "placeholder":
@@ -135,8 +145,7 @@ class Lowering:
             self.env[n].meta = dict(n.meta)
             return
         if n.op == "output":
-            outs = fx.node.map_arg(n.args[0], lambda a: self.output_value(a))
-            self.graph.output(outs)
+            self.emit_output(n)
             return
         chain = self.chains.get(n)
         if chain is not None:
@@ -164,14 +173,30 @@ class Lowering:
         kwargs = fx.node.map_arg(n.kwargs, lambda a: self.read_for(a, n))
         new = self.graph.create_node(n.op, n.target, args, kwargs, n.name)
         new.meta = dict(n.meta)
+        if n.op in ("call_function", "call_method") and param_only(n, self.cap):
+            new.meta["_fxsparse_param_only"] = True
         return new
 
-    def output_value(self, a: fx.Node) -> fx.Node:
+    def emit_output(self, n: fx.Node) -> None:
+        outs = n.args[0]
+        if not isinstance(outs, (tuple, list)):
+            self.graph.output(self.output_value(outs))
+            return
+        kept = []
+        for i, a in enumerate(outs):
+            if self.inference and isinstance(a, fx.Node) and a.op != "placeholder" and param_only(a, self.cap):
+                # e.g. prune's `weight = weight_orig * mask`, written back to the module: the same
+                # tensor every call while its inputs are unchanged (the runtime guard checks them),
+                # handed out by the wrapper rather than through the compiled graph
+                self.constant_outputs[i] = evaluate(a, self.cap).detach()
+            else:
+                kept.append(self.output_value(a))
+        self.graph.output(tuple(kept))
+
+    def output_value(self, a):
+        if not isinstance(a, fx.Node):
+            return a
         layout = self.prop.layout.get(a)
-        if self.inference and a.op != "placeholder" and param_only(a, self.cap):
-            # e.g. prune's `weight = weight_orig * mask`, written back to the module: the same
-            # tensor every call while its inputs are unchanged (the runtime guard checks them)
-            return self.const(evaluate(a, self.cap).detach(), "output")
         if layout is not None and not layout.is_full:
             return self.read(a, Layout.full(layout.channels))
         return self.env[a]
@@ -350,6 +375,7 @@ def _scatter_channels(y: torch.Tensor, kept: torch.Tensor, bias: Optional[torch.
 
 
 def lower(prop: Propagation, sparsity: dict, conv_backend: str, inference: bool) -> tuple:
+    """(compacted graph, {conv node: ConvRecord}, {output position: constant tensor})."""
     low = Lowering(prop, sparsity, conv_backend, inference)
     gm = low.run()
-    return gm, low.records
+    return gm, low.records, low.constant_outputs

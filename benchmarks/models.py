@@ -1,0 +1,314 @@
+"""Whole models: eager, Inductor and fxsparse on the same masked model, and the physically pruned model.
+
+    PYTHONPATH=. python benchmarks/models.py --models resnet50 --keep 1.0,0.5,0.25 --batch 64,1
+    PYTHONPATH=. python benchmarks/models.py --quick          # small ResNet on the CPU (CI)
+
+Masks: consistent channel groups (the whole coupled group pruned together, by L1 importance of
+the group, as Torch-Pruning's GroupMagnitudeImportance p=1 does, round_to 8, classifier kept).
+With torch-pruning installed its pruner picks the groups, and the same choice yields both
+the masks (prune.custom_from_mask on conv weights: the model a user hands to torch.compile) and
+the physically pruned model; without it, `fxsparse.sparsify` picks them (no physical column).
+
+Columns (ms): "graph" = CUDA-graph replay of the call (kernel time); "plain" = the compiled
+callable called in a loop (`triton.testing.do_bench`: host overhead, guards, launches
+included). Inductor: default, freezing=True, and freezing + mode="reduce-overhead" (CUDA
+graphs). fxsparse: cudagraphs off (graph and plain), default (CUDA graphs on, plain).
+Physically pruned: Inductor freezing (graph) and freezing + reduce-overhead (plain).
+Compile = seconds of the first call. err = max |out - eager masked| (fp16).
+On the CPU everything is wall-clock (plain) and the baseline is Inductor default.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import common  # noqa: E402
+
+import fxsparse  # noqa: E402
+from fxsparse.demo import SmallResNet, randomize_batchnorm  # noqa: E402
+
+GPU_COLUMNS = [
+    ("model", "model"), ("keep", "keep"), ("batch", "B"), ("macs_kept", "MACs kept"),
+    ("eager_plain", "eager"),
+    ("ind_graph", "Ind graph"), ("ind_plain", "Ind plain"),
+    ("frz_graph", "frz graph"), ("frz_plain", "frz plain"), ("frzcg_plain", "frz+cg plain"),
+    ("fx_graph", "fx graph"), ("fx_plain", "fx plain"), ("fxcg_plain", "fx+cg plain"),
+    ("tp_graph", "TP frz graph"), ("tpcg_plain", "TP frz+cg plain"),
+    ("speedup_graph", "fx/Ind best graph"), ("speedup_plain", "fx+cg/Ind best plain"),
+    ("ind_compile_s", "Ind compile s"), ("fx_compile_s", "fx compile s"), ("fx_err", "fx err"),
+    ("tp_err", "TP-vs-masked err"), ("fx_launches", "fx launches"), ("frz_launches", "frz launches"),
+    ("guard_us", "guard us"),
+]
+CPU_COLUMNS = [
+    ("model", "model"), ("keep", "keep"), ("batch", "B"), ("macs_kept", "MACs kept"),
+    ("eager_plain", "eager ms"), ("ind_plain", "Inductor ms"), ("fx_plain", "fxsparse ms"),
+    ("speedup_plain", "fx vs Inductor"), ("ind_compile_s", "Ind compile s"),
+    ("fx_compile_s", "fx compile s"), ("fx_err", "fx err"),
+]
+
+
+# --------------------------------------------------------------------------- models and masks
+
+def build(name: str) -> tuple:
+    """(model, input shape) with trained-looking BatchNorm statistics."""
+    if name == "small_resnet":
+        model, shape = SmallResNet(32), (3, 32, 32)
+    else:
+        import torchvision
+
+        model, shape = getattr(torchvision.models, name)(), (3, 224, 224)
+    randomize_batchnorm(model)
+    return model.eval(), shape
+
+
+def classifier(model: nn.Module) -> nn.Module:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1]
+
+
+def tp_masks(model: nn.Module, example: torch.Tensor, keep: float):
+    """Torch-Pruning's group choice: (masks {conv name: (out idxs, in idxs)}, physically pruned copy)."""
+    import torch_pruning as tp
+
+    pruned = copy.deepcopy(model)
+    names = {id(m): n for n, m in pruned.named_modules()}
+    imp = tp.importance.GroupMagnitudeImportance(p=1)
+    pruner = tp.pruner.MagnitudePruner(pruned, example, importance=imp, pruning_ratio=1.0 - keep,
+                                       ignored_layers=[classifier(pruned)], round_to=8)
+    removed: dict = {}
+    for group in pruner.step(interactive=True):
+        for dep, idxs in group:
+            module = dep.target.module
+            if not isinstance(module, nn.Conv2d):
+                continue
+            fn = dep.handler
+            kind = "out" if fn in (tp.prune_conv_out_channels, tp.prune_depthwise_conv_out_channels) else (
+                "in" if fn in (tp.prune_conv_in_channels, tp.prune_depthwise_conv_in_channels) else None)
+            if kind is None:
+                continue
+            entry = removed.setdefault(names[id(module)], {"out": set(), "in": set()})
+            entry[kind].update(int(i) for i in idxs)
+        group.prune()
+    return removed, pruned
+
+
+def apply_masks(model: nn.Module, removed: dict) -> None:
+    from torch.nn.utils import prune
+
+    modules = dict(model.named_modules())
+    for name, r in removed.items():
+        conv = modules[name]
+        mask = torch.ones_like(conv.weight)
+        if r["out"]:
+            mask[sorted(r["out"])] = 0
+        if r["in"] and conv.groups == 1:
+            mask[:, sorted(r["in"])] = 0
+        elif r["in"] and conv.groups == conv.in_channels:  # depthwise: in and out are one channel
+            mask[sorted(r["in"])] = 0
+        prune.custom_from_mask(conv, "weight", mask)
+
+
+def masked_models(name: str, keep: float, example: torch.Tensor) -> tuple:
+    """(masked model, physically pruned model or None, how the masks were chosen)."""
+    model, _ = build(name)
+    if keep >= 1.0:
+        return model, None, "none"
+    try:
+        removed, pruned = tp_masks(model, example, keep)
+        apply_masks(model, removed)
+        return model, pruned.eval(), "torch-pruning groups"
+    except ImportError:
+        fxsparse.sparsify(model, keep, kind="channel", example_inputs=(example,), skip_stem=False)
+        return model, None, "fxsparse.sparsify groups"
+
+
+# --------------------------------------------------------------------------- timing
+
+def first_call(fn, x) -> tuple:
+    t0 = time.perf_counter()
+    out = fn(x)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def compile_inductor(model, freezing: bool = False, cudagraphs: bool = False):
+    torch._dynamo.reset()
+    patch, _ = common.inductor_config_patch(freezing=freezing)
+    compiled = torch.compile(model, mode="reduce-overhead" if cudagraphs else None)
+
+    def run(x):
+        with patch:  # freezing is read when the graph compiles, on the first call
+            return compiled(x)
+
+    return run if freezing else compiled
+
+
+def measure(label: str, fn, x, ref, row: dict, graph: bool, plain: bool, errors: dict) -> None:
+    out, secs = first_call(fn, x)
+    row[f"{label}_compile_s"] = secs
+    if ref is not None:
+        row[f"{label}_err"] = common.max_abs_err(out, ref)
+    for _ in range(3):
+        fn(x)
+    if graph:
+        row[f"{label}_graph"], e = common.try_time(lambda: fn(x), "graph")
+        if e:
+            errors[f"{label}_graph"] = e
+    if plain:
+        row[f"{label}_plain"], e = common.try_time(lambda: fn(x), "plain")
+        if e:
+            errors[f"{label}_plain"] = e
+
+
+def count_launches(fn, x) -> int:
+    """GPU kernels one call launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn(x)
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def fxsparse_compiled(model, options: dict) -> tuple:
+    """torch.compile with backend="fxsparse", also handing back the compiled graph objects."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        g = fxsparse.fxsparse_backend(gm, example_inputs, options)
+        graphs.append((g, example_inputs))
+        return g
+
+    torch._dynamo.reset()
+    return torch.compile(model, backend=backend), graphs
+
+
+def guard_us(graphs) -> float:
+    """Microseconds per call of the stale-weight guard (all graphs of the model)."""
+    import timeit
+
+    total = 0.0
+    for g, inputs in graphs:
+        n = 2000
+        total += timeit.timeit(lambda: g.guard.holds(inputs), number=n) / n * 1e6
+    return total
+
+
+def gpu_row(name: str, keep: float, batch: int, full: bool) -> dict:
+    device, dtype = "cuda", torch.float16
+    _, shape = build(name)
+    example = torch.randn(1, *shape)
+    masked, pruned, how = masked_models(name, keep, example)
+    to_gpu = lambda m: m.to(device, dtype).to(memory_format=torch.channels_last)  # noqa: E731
+    masked = to_gpu(masked)
+    x = torch.randn(batch, *shape, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+    row = {"model": name, "keep": keep, "batch": batch, "masks": how}
+    errors: dict = {}
+    with torch.no_grad():
+        ref = masked(x)
+        measure("eager", masked, x, None, row, graph=False, plain=True, errors=errors)
+        if full:
+            measure("ind", compile_inductor(copy.deepcopy(masked)), x, ref, row, True, True, errors)
+        frz = compile_inductor(copy.deepcopy(masked), freezing=True)
+        measure("frz", frz, x, ref, row, True, full, errors)
+        row["frz_launches"] = count_launches(frz, x)
+        measure("frzcg", compile_inductor(copy.deepcopy(masked), freezing=True, cudagraphs=True), x, ref, row,
+                False, True, errors)
+        fx, graphs = fxsparse_compiled(copy.deepcopy(masked), {"cudagraphs": False})
+        measure("fx", fx, x, ref, row, True, True, errors)
+        row["fx_launches"] = count_launches(fx, x)
+        row["guard_us"] = guard_us(graphs)
+        report = fxsparse.report.current_report(None).graphs[-1]
+        row["macs_kept"] = report.macs_after / report.macs_before if report.macs_before else None
+        row["macs_ideal"] = report.macs_ideal / report.macs_before if report.macs_before else None
+        torch._dynamo.reset()
+        fxcg = torch.compile(copy.deepcopy(masked), backend="fxsparse")
+        measure("fxcg", fxcg, x, ref, row, False, True, errors)
+        if pruned is not None:
+            pruned = to_gpu(pruned)
+            measure("tp", compile_inductor(pruned, freezing=True), x, None, row, True, False, errors)
+            row["tp_err"] = common.max_abs_err(pruned(x), ref)
+            measure("tpcg", compile_inductor(copy.deepcopy(pruned), freezing=True, cudagraphs=True), x, None,
+                    row, False, True, errors)
+    best_graph = min(v for v in (row.get("ind_graph"), row.get("frz_graph")) if v is not None)
+    best_plain = min(v for v in (row.get("ind_plain"), row.get("frz_plain"), row.get("frzcg_plain")) if v)
+    row["speedup_graph"] = common.ratio(best_graph, row.get("fx_graph"))
+    row["speedup_plain"] = common.ratio(best_plain, row.get("fxcg_plain"))
+    row["errors"] = errors
+    return row
+
+
+def cpu_row(name: str, keep: float, batch: int) -> dict:
+    _, shape = build(name)
+    example = torch.randn(1, *shape)
+    masked, _, how = masked_models(name, keep, example)
+    x = torch.randn(batch, *shape)
+    row = {"model": name, "keep": keep, "batch": batch, "masks": how}
+    with torch.no_grad():
+        ref = masked(x)
+        row["eager_plain"] = common.time_cpu(lambda: masked(x))
+        torch._dynamo.reset()
+        ind = torch.compile(copy.deepcopy(masked))
+        _, row["ind_compile_s"] = first_call(ind, x)
+        row["ind_plain"] = common.time_cpu(lambda: ind(x), repeat=7)
+        torch._dynamo.reset()
+        fx = torch.compile(copy.deepcopy(masked), backend="fxsparse")
+        out, row["fx_compile_s"] = first_call(fx, x)
+        row["fx_err"] = common.max_abs_err(out, ref)
+        row["fx_plain"] = common.time_cpu(lambda: fx(x), repeat=7)
+        report = fxsparse.report.current_report(None).graphs[-1]
+        row["macs_kept"] = report.macs_after / report.macs_before if report.macs_before else None
+    row["speedup_plain"] = common.ratio(row["ind_plain"], row["fx_plain"])
+    return row
+
+
+def main(argv: Optional[list] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="resnet50,resnet18,mobilenet_v2")
+    p.add_argument("--keep", default="1.0,0.5,0.25", help="fractions of channels kept")
+    p.add_argument("--batch", default="64,1")
+    p.add_argument("--lean-batch1", action="store_true", default=True,
+                   help="at B=1 skip the graph columns and Inductor default (plain-call latency only)")
+    p.add_argument("--quick", action="store_true", help="small ResNet on the CPU, for CI")
+    p.add_argument("--json", metavar="PATH")
+    args = p.parse_args(argv)
+    common.raise_dynamo_recompile_limit()
+    torch.backends.cudnn.benchmark = True
+    on_gpu = torch.cuda.is_available() and not args.quick
+    models = ["small_resnet"] if args.quick else args.models.split(",")
+    keeps = [1.0, 0.5] if args.quick else [float(k) for k in args.keep.split(",")]
+    batches = [8] if args.quick else [int(b) for b in args.batch.split(",")]
+    rows = []
+    start = time.perf_counter()
+    for name in models:
+        for keep in keeps:
+            for batch in batches:
+                full = batch > 1 or not args.lean_batch1
+                row = gpu_row(name, keep, batch, full) if on_gpu else cpu_row(name, keep, batch)
+                rows.append(row)
+                print(f"[{time.perf_counter() - start:6.1f}s] " + ", ".join(
+                    f"{k}={common._fmt(v, '.3g')}" for k, v in row.items() if k != "errors"), flush=True)
+                if row.get("errors"):
+                    print("   errors:", row["errors"], flush=True)
+    env = common.environment()
+    if args.json:
+        common.write_json(args.json, rows, env)
+    print(f"\n{env['device']} | torch {env['torch']} | triton {env['triton']} | "
+          f"{'fp16 channels_last, ms' if on_gpu else 'fp32 CPU wall-clock, ms'}")
+    common.print_table(rows, GPU_COLUMNS if on_gpu else CPU_COLUMNS)
+
+
+if __name__ == "__main__":
+    main()
