@@ -11,6 +11,10 @@ sparsity kind (output channels, filter blocks of 4, input channels) and keep rat
                  gather / scatter copies around a compact conv: the fastest, timed per shape)
   vs dense op    our dense op (TritonConv2d, no mask) time / fx time
   vs cuDNN       cuDNN dense (nn.Conv2d, channels_last) time / fx time
+  compact us     the conv with only the kept channels physically present (anchors.md's
+                 "compacted": the op on the compacted weight, the input already compact, only
+                 the kept outputs written): what the backend runs when the neighbours consume
+                 compact channels; "compact vs cuDNN" = cuDNN dense / compact
   vs Inductor    torch.compile (default) of the SAME masked nn.Conv2d / fx time
   kernel err     fx output vs the masked conv computed in fp32 (eager F.conv2d): mae, max,
                  rel_l2 (must be fp16-small: rel_l2 < 1e-3; "ok" column)
@@ -55,7 +59,8 @@ KERNEL_REL_L2_LIMIT = 1e-3
 
 MAIN_COLUMNS = [
     ("kind", "kind"), ("keep", "keep"), ("kept", "kept out/in"), ("fx_us", "fx us"), ("exec", "exec"),
-    ("vs_dense_op", "vs dense op"), ("vs_cudnn", "vs cuDNN"), ("inductor_us", "Inductor us"),
+    ("vs_dense_op", "vs dense op"), ("vs_cudnn", "vs cuDNN"), ("compact_us", "compact us"),
+    ("vs_cudnn_compact", "compact vs cuDNN"), ("inductor_us", "Inductor us"),
     ("vs_inductor", "vs Inductor"),
     ("kernel_mae", "kernel mae"), ("kernel_max", "kernel max"), ("kernel_rel_l2", "kernel rel_l2"),
     ("kernel_ok", "ok"),
@@ -73,6 +78,30 @@ class _Fp32(nn.Module):
 
     def forward(self, x):
         return self.inner(x.float())
+
+
+class _Compacted(nn.Module):
+    """The conv with only its kept channels physically present (anchors.md's "compacted"): the
+    fxsparse op on the compacted weight and an input already holding only the kept channels,
+    writing only the kept output channels. What the fxsparse backend runs when the neighbouring
+    layers consume the compact channels; the drop-in module must also produce the full output."""
+
+    def __init__(self, tri: TritonConv2d, x: torch.Tensor):
+        super().__init__()
+        mask = tri.weight_mask.detach()
+        rows = mask.flatten(1).any(1).nonzero().flatten()
+        cols = mask.transpose(0, 1).flatten(1).any(1).nonzero().flatten()
+        fmt = torch.channels_last if x.is_cuda else torch.contiguous_format
+        self.w = tri.weight.detach()[rows][:, cols].contiguous(memory_format=fmt)
+        self.b = None if tri.bias is None else tri.bias.detach()[rows].contiguous()
+        self.cols, self.conv = cols, tri
+        self.xc = x[:, cols].contiguous(memory_format=fmt)  # gathered once, untimed
+
+    def forward(self, x):
+        c = self.conv
+        return torch.ops.fxsparse.conv2d(self.xc, self.w, self.b, list(c.stride), list(c.padding),
+                                         list(c.dilation), None, None, self.w.shape[0], None, None, None,
+                                         None, None, "none", False)
 
 
 def _kind_setter(kind: str, block_size: int):
@@ -168,6 +197,8 @@ def run(args) -> dict:
                        kept_out=tri.kept_out_channels, kept_in=tri.kept_in_channels)
             row["fx_us"] = timer.us(f"fx {label} {r}", tri, x)
             row["exec"] = tri.last_execution
+            row["compact_us"] = timer.us(f"compact {label} {r}", _Compacted(tri, x), x)
+            row["vs_cudnn_compact"] = common.ratio(baselines["cudnn_us"], row["compact_us"])
             if use_inductor:
                 row["inductor_us"] = timer.us(f"inductor {label} {r}", _inductor(masked), x)
             kerr = compare_modules(_Fp32(masked), tri, x)
