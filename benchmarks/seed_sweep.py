@@ -10,7 +10,8 @@ sparsity kind (output channels, filter blocks of 4, input channels) and keep rat
   exec           how TritonConv2d ran the kept channels (fused in/out index in the kernel, or
                  gather / scatter copies around a compact conv: the fastest, timed per shape)
   vs dense op    our dense op (TritonConv2d, no mask) time / fx time
-  vs cuDNN       cuDNN dense (nn.Conv2d, channels_last) time / fx time
+  vs cuDNN       cuDNN dense (the seed's nn.Conv2d, bias=True, channels_last) time / fx time
+                 (the bias is a separate pass for cuDNN: anchors.md's 22 us is without bias)
   compact us     the conv with only the kept channels physically present (anchors.md's
                  "compacted": the op on the compacted weight, the input already compact, only
                  the kept outputs written): what the backend runs when the neighbours consume
