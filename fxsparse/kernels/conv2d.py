@@ -425,21 +425,19 @@ def _tune(key, candidates, run, out: Tensor, pointwise: bool) -> _Choice:
 
 # --------------------------------------------------------------------------- launcher
 
-# Complement of an out_index (the pruned channels): built without a host sync, cached
-# per index tensor (the backend's index vectors are constants).
-_complements = TensorCache()
-
-
 def _complement(out_index: Tensor, out_channels: int) -> Tensor:
-    hit = _complements.get(out_index)
-    if hit is not None and hit[0] == out_index._version and hit[1] == out_channels:
-        return hit[2]
+    """The output channels out_index does not name, ascending, built without a host sync.
+
+    Built on every call, never cached: a tensor kept across calls that was allocated inside
+    Inductor's CUDA-graph memory pool (its warm-up runs allocate there too) is a live
+    allocation the pool does not track, which cudagraph trees reject ("tensors in the
+    cudagraph pool not tracked as outputs", seen on the H100). Three tiny kernels, and only
+    for convs whose output has pruned channels to fill.
+    """
     kept = torch.zeros(out_channels, dtype=torch.int32, device=out_index.device)
     kept.index_fill_(0, out_index.long(), 1)
     # Stable sort puts the unkept (0) channels first, in ascending order; no nonzero() sync.
-    comp = torch.sort(kept, stable=True).indices[: out_channels - out_index.numel()].to(torch.int32)
-    _complements.put(out_index, (out_index._version, out_channels, comp))
-    return comp
+    return torch.sort(kept, stable=True).indices[: out_channels - out_index.numel()].to(torch.int32)
 
 
 # in_index -> how to read those channels: ("range", start) for a contiguous run (a view of x,
