@@ -17,6 +17,7 @@ import torch.fx as fx
 
 from fxsparse.compaction.propagate import propagate
 from fxsparse.graph.capture import capture, placeholder_source
+from fxsparse.lowering import choose
 from fxsparse.lowering.rewrite import lower
 from fxsparse.options import Options
 from fxsparse.report import GraphReport, current_report, log_graph, write_dumps
@@ -46,6 +47,8 @@ def conv_lowering(opts: Options, example_inputs: Sequence, inference: bool) -> s
     tensors = [t for t in example_inputs if isinstance(t, torch.Tensor) and t.is_floating_point()]
     on_gpu = bool(tensors) and all(t.is_cuda for t in tensors)
     half = bool(tensors) and any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors)
+    if choose.current().enabled(on_gpu, half, inference):
+        return "auto"  # per chain: fused Triton op or cuDNN + Inductor epilogue, measured (choose.py)
     return "triton" if inference and on_gpu and half else "aten"
 
 
@@ -73,19 +76,22 @@ def _mutates_shared_tensor(cap) -> bool:
                and len(v.node.args[0].users) > 1 for v in cap.views.values())
 
 
-def _inductor(gm: fx.GraphModule, example_inputs: Sequence, cudagraphs: bool):
+def _inductor(gm: fx.GraphModule, example_inputs: Sequence, opts: Options, cudagraphs: bool):
     from torch._inductor.compile_fx import compile_fx
 
-    patches = {"triton.cudagraphs": True} if cudagraphs else {}
+    patches = {**opts.inductor_patches(), "triton.cudagraphs": cudagraphs}
     return compile_fx(gm, list(example_inputs), config_patches=patches)
 
 
 def _use_cudagraphs(opts: Options, example_inputs: Sequence, inference: bool) -> bool:
-    if opts.cudagraphs is not None:
-        return opts.cudagraphs and torch.cuda.is_available()
     tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
-    static = all(not isinstance(t, torch.SymInt) for t in example_inputs)
-    return inference and static and bool(tensors) and all(t.is_cuda for t in tensors)
+    if not tensors or not all(t.is_cuda for t in tensors):
+        return False
+    explicit = opts.cudagraphs if opts.cudagraphs is not None else opts.mode_wants_cudagraphs()
+    if explicit is not None:
+        return explicit
+    static = not any(isinstance(t, torch.SymInt) for t in example_inputs)
+    return inference and static
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, opts: Options):
@@ -99,7 +105,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, opts: Options):
         if opts.dump_dir:
             write_dumps(opts.dump_dir, index, gm, rw.gm)
         _record(report, rw.report, opts)
-        fn = _inductor(rw.gm, inputs, cudagraphs) if opts.inductor else rw.gm.forward
+        fn = _inductor(rw.gm, inputs, opts, cudagraphs) if opts.inductor else rw.gm.forward
         fn = with_constant_outputs(fn, rw.constant_outputs)
         return fn, ValueGuard(rw.depends_on, inputs, list(rw.constant_outputs.values()))
 
@@ -135,11 +141,11 @@ def _record(report, graph_report: GraphReport, opts: Options) -> None:
         report.write(opts.dump_dir)
 
 
-def fxsparse_backend(gm: fx.GraphModule, example_inputs: Sequence, options: Optional[dict] = None, **kwargs):
-    """torch.compile backend entry point (`backend="fxsparse"`)."""
-    if kwargs:
-        options = {**(options or {}), **kwargs}
-    opts = Options.parse(options)
+def fxsparse_backend(gm: fx.GraphModule, example_inputs: Sequence, options: Optional[dict] = None,
+                     mode: Optional[str] = None):
+    """torch.compile backend entry point (`backend="fxsparse"`; torch.compile passes `mode` and
+    `options` only when they are set)."""
+    opts = Options.parse(options, mode=mode)
     return compile_graph(gm, example_inputs, opts)
 
 

@@ -5,13 +5,16 @@ import os
 from dataclasses import dataclass, fields
 from typing import Optional
 
-_CHOICES = {"lowering": ("auto", "triton", "aten")}
+# torch.compile's modes; each maps to Inductor settings (torch._inductor.list_mode_options)
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_CHOICES = {"lowering": ("auto", "triton", "aten"), "mode": MODES}
 
 
 @dataclass(frozen=True)
 class Options:
     # which conv implementation the rewritten graph calls: our Triton op ("triton"), compacted
-    # aten convs ("aten"), or "auto": Triton for fp16/bf16 on CUDA, aten otherwise
+    # aten convs ("aten"), or "auto": for fp16/bf16 inference on CUDA, per conv chain the faster
+    # of the two, timed at compile time (lowering/choose.py); aten otherwise
     lowering: str = "auto"
     # carry removed channels across the graph (off: each conv compacts only itself)
     propagate: bool = True
@@ -21,10 +24,28 @@ class Options:
     cudagraphs: Optional[bool] = None
     # where graph dumps and report.json go (also env FXSPARSE_DUMP_DIR)
     dump_dir: Optional[str] = None
+    # torch.compile's `mode`, applied to the Inductor half; "reduce-overhead" and "max-autotune"
+    # turn CUDA graphs on unless `cudagraphs` says otherwise
+    mode: str = "default"
+
+    def inductor_patches(self) -> dict:
+        """Inductor config for the rest of the graph, from `mode` (without its cudagraphs key)."""
+        from torch._inductor import list_mode_options
+
+        patches = dict(list_mode_options(self.mode)) if self.mode != "default" else {}
+        patches.pop("triton.cudagraphs", None)
+        return patches
+
+    def mode_wants_cudagraphs(self) -> Optional[bool]:
+        from torch._inductor import list_mode_options
+
+        return list_mode_options(self.mode).get("triton.cudagraphs") if self.mode != "default" else None
 
     @staticmethod
-    def parse(options: Optional[dict]) -> "Options":
+    def parse(options: Optional[dict], mode: Optional[str] = None) -> "Options":
         options = dict(options or {})
+        if mode is not None:
+            options["mode"] = mode
         allowed = {f.name: f for f in fields(Options)}
         unknown = sorted(set(options) - set(allowed))
         if unknown:
