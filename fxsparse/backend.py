@@ -90,7 +90,7 @@ def _use_cudagraphs(opts: Options, example_inputs: Sequence, inference: bool) ->
     explicit = opts.cudagraphs if opts.cudagraphs is not None else opts.mode_wants_cudagraphs()
     if explicit is not None:
         return explicit
-    static = not any(isinstance(t, torch.SymInt) for t in example_inputs)
+    static = all(isinstance(t, torch.Tensor) for t in example_inputs)  # a size input marks dynamic shapes
     return inference and static
 
 
