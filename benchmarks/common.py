@@ -30,31 +30,11 @@ PEAK_BYTES_PER_S = 2.7e12
 
 def time_cuda_graph(fn: Callable[[], object], calls: int = 20, warmup_calls: int = 3, rep_ms: int = 100,
                     warmup_ms: int = 25) -> float:
-    """Median ms per call of `fn` replayed from a CUDA graph holding `calls` calls.
+    """Median ms per call of `fn` replayed from a CUDA graph holding `calls` calls
+    (fxsparse.nn.eval.cuda_graph_time_ms: the library's `benchmark_module` times the same way)."""
+    from fxsparse.nn.eval import cuda_graph_time_ms
 
-    `fn` is run `warmup_calls` times first on a side stream (autotuning, lazy init, cuDNN
-    benchmark mode must all finish outside capture).
-    """
-    import triton
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup_calls):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    torch.cuda.synchronize()
-    try:
-        ms = triton.testing.do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
-    finally:
-        torch.cuda.synchronize()
-        del graph
-    return ms / calls
+    return cuda_graph_time_ms(fn, calls, warmup_calls, warmup_ms, rep_ms)
 
 
 def time_plain(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -> float:

@@ -32,37 +32,37 @@ ORACLE_ACT = {
 
 def oracle(x, w, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), in_index=None,
            out_index=None, out_channels=None, fill=None, scale=None, shift=None, bias_map=None,
-           residual=None, activation="none", residual_after_activation=False):
-    xd = x.double() if x.dtype != torch.float64 else x
+           residual=None, activation="none", residual_after_activation=False, dtype=torch.float64):
+    """fp64 by default; the GPU tests use dtype=float32 (cuDNN) on real-size layers."""
+    xd = x.to(dtype)
     if in_index is not None:
         xd = xd[:, in_index.long()]
     if w.shape[0] == 0:  # F.conv2d refuses an empty weight
         n, _, h, wi = xd.shape
         ho = (h + 2 * padding[0] - dilation[0] * (w.shape[2] - 1) - 1) // stride[0] + 1
         wo = (wi + 2 * padding[1] - dilation[1] * (w.shape[3] - 1) - 1) // stride[1] + 1
-        z = torch.zeros(n, 0, ho, wo, dtype=torch.float64, device=xd.device)
+        z = torch.zeros(n, 0, ho, wo, dtype=dtype, device=xd.device)
     else:
-        z = F.conv2d(xd, w.double(), None, tuple(stride), tuple(padding), tuple(dilation))
-    col = lambda v: v.double()[None, :, None, None]  # noqa: E731
+        z = F.conv2d(xd, w.to(dtype), None, tuple(stride), tuple(padding), tuple(dilation))
+    col = lambda v: v.to(dtype)[None, :, None, None]  # noqa: E731
     if bias is not None:
         z = z + col(bias)
     if bias_map is not None:
-        z = z + bias_map.double()[None]
+        z = z + bias_map.to(dtype)[None]
     if scale is not None:
         z = z * col(scale)
     if shift is not None:
         z = z + col(shift)
     if out_index is not None:
         n, _, ho, wo = z.shape
-        full = torch.zeros(n, out_channels, ho, wo, dtype=torch.float64, device=xd.device)
+        full = torch.zeros(n, out_channels, ho, wo, dtype=dtype, device=xd.device)
         if fill is not None:
             full += col(fill)
-        for j, c in enumerate(out_index.tolist()):
-            full[:, c] = z[:, j]
+        full[:, out_index.long()] = z
         z = full
     if residual is not None and not residual_after_activation:
-        z = z + residual.double()
+        z = z + residual.to(dtype)
     z = ORACLE_ACT[activation](z)
     if residual is not None and residual_after_activation:
-        z = z + residual.double()
+        z = z + residual.to(dtype)
     return z

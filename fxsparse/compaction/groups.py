@@ -43,6 +43,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxsparse.graph.capture import placeholder_source, view
+from fxsparse.sparsity.read import placeholder_deps
 
 MEMBER_KINDS = ("conv_out", "conv_in", "bn", "linear_in")
 
@@ -235,19 +236,13 @@ class _Builder:
         in `attrs`), if exactly one module of `module_type` owns them."""
         if not isinstance(node, fx.Node):
             return None
-        owners, stack, seen = set(), [node], set()
-        while stack:
-            n = stack.pop()
-            if n in seen:
-                continue
-            seen.add(n)
-            if n.op == "placeholder":
-                name = self.names.get(id(values.get(n))) or placeholder_source(n)
-                if name:
-                    path, _, attr = name.rpartition(".")
-                    if attr in attrs:
-                        owners.add(path)
-            stack.extend(n.all_input_nodes)
+        owners = set()
+        for n in placeholder_deps(node):
+            name = self.names.get(id(values.get(n))) or placeholder_source(n)
+            if name:
+                path, _, attr = name.rpartition(".")
+                if attr in attrs:
+                    owners.add(path)
         if len(owners) != 1:
             return None
         path = owners.pop()

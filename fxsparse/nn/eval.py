@@ -36,13 +36,17 @@ def compare_modules(ref: Callable, other: Callable, x: Tensor) -> dict:
     }
 
 
-def _graph_time_ms(fn: Callable[[], object], calls: int, warmup_calls: int) -> float:
+def cuda_graph_time_ms(fn: Callable[[], object], calls: int = 20, warmup_calls: int = 3,
+                       warmup_ms: int = 25, rep_ms: int = 100) -> float:
+    """Median ms per call of `fn` replayed from one CUDA graph holding `calls` calls (kernel time,
+    launch gaps hidden). `fn` first runs `warmup_calls` times on a side stream: autotuning, lazy
+    initialisation and cuDNN's benchmark mode must finish outside the capture."""
     import triton
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(warmup_calls):  # autotuning and lazy init must happen outside capture
+        for _ in range(warmup_calls):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
@@ -52,7 +56,7 @@ def _graph_time_ms(fn: Callable[[], object], calls: int, warmup_calls: int) -> f
             fn()
     torch.cuda.synchronize()
     try:
-        ms = triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+        ms = triton.testing.do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
     finally:
         torch.cuda.synchronize()
         del graph
@@ -76,7 +80,7 @@ def benchmark_module(module: Callable, x: Tensor, iters: int = 50, warmup: int =
             fn = lambda: module(x)  # noqa: E731
             if x.is_cuda:
                 if cuda_graph:
-                    return _graph_time_ms(fn, calls_per_graph, warmup)
+                    return cuda_graph_time_ms(fn, calls_per_graph, warmup)
                 import triton
 
                 for _ in range(warmup):

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from fxsparse.graph.capture import Capture, OpView, module_path, placeholder_source
+from fxsparse.graph.capture import Capture, OpView, module_path
 
 
 class SparsityError(ValueError):
@@ -62,7 +62,7 @@ class ConvSparsity:
 _PASSTHROUGH_METHODS = {"to", "contiguous", "clone", "detach", "type_as", "float", "half", "bfloat16"}
 
 
-def _placeholder_deps(node: fx.Node) -> list:
+def placeholder_deps(node: fx.Node) -> list:
     seen, stack, deps = set(), [node], []
     while stack:
         n = stack.pop()
@@ -77,7 +77,7 @@ def _placeholder_deps(node: fx.Node) -> list:
 
 def param_only(node: fx.Node, cap: Capture) -> bool:
     """True when `node` depends on parameters and buffers only (not on the model's input)."""
-    return all(cap.is_param(p) for p in _placeholder_deps(node))
+    return all(cap.is_param(p) for p in placeholder_deps(node))
 
 
 def evaluate(node, cap: Capture, memo: Optional[dict] = None):
@@ -128,7 +128,7 @@ def _structural_zero(node: fx.Node, cap: Capture, shape, name: str) -> Optional[
 
 def _depends_on_trainable(node: fx.Node, cap: Capture) -> bool:
     return any(getattr(cap.values.get(p), "requires_grad", False)
-               for p in _placeholder_deps(node))
+               for p in placeholder_deps(node))
 
 
 def _mask_zeros(mask: torch.Tensor, shape, name: str) -> torch.Tensor:
@@ -182,7 +182,7 @@ def read_conv(v: OpView, cap: Capture, inference: bool) -> ConvSparsity:
         weight = evaluate(wnode, cap)
         sp.weight = weight
         sp.bias = evaluate(conv.bias, cap) if conv.bias is not None else None
-        sp.depends_on = _placeholder_deps(wnode) + (_placeholder_deps(conv.bias) if conv.bias is not None else [])
+        sp.depends_on = placeholder_deps(wnode) + (placeholder_deps(conv.bias) if conv.bias is not None else [])
         zero = (weight == 0).cpu()
         sp.source = "mask" if structural is not None and bool(structural.any()) else "values"
     else:
@@ -190,7 +190,7 @@ def read_conv(v: OpView, cap: Capture, inference: bool) -> ConvSparsity:
             return sp
         zero = structural
         sp.source = "mask"
-        sp.depends_on = [p for p in _placeholder_deps(wnode) if not _depends_on_trainable(p, cap)]
+        sp.depends_on = [p for p in placeholder_deps(wnode) if not _depends_on_trainable(p, cap)]
     rows, cols = _rows_cols(zero)
     if conv.groups != 1:
         cols = torch.zeros_like(cols)  # a grouped conv's columns are not whole input channels
