@@ -107,6 +107,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, opts: Options):
         _record(report, rw.report, opts)
         fn = _inductor(rw.gm, inputs, opts, cudagraphs) if opts.inductor else rw.gm.forward
         fn = with_constant_outputs(fn, rw.constant_outputs)
+        if not opts.guard_values:
+            return fn, ValueGuard((), inputs)
         return fn, ValueGuard(rw.depends_on, inputs, list(rw.constant_outputs.values()))
 
     return GuardedGraph(build, example_inputs)

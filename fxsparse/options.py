@@ -22,6 +22,10 @@ class Options:
     inductor: bool = True
     # run the compiled graph under CUDA graphs: None = on for CUDA inference with static shapes
     cudagraphs: Optional[bool] = None
+    # check before every call that no folded weight, mask or statistic changed (and recompact if
+    # one did); False promises, as Inductor's `freezing` does, that they never change after
+    # compiling, and saves the check (about 60 us a call for a ResNet-50 on the H100's host)
+    guard_values: bool = True
     # where graph dumps and report.json go (also env FXSPARSE_DUMP_DIR)
     dump_dir: Optional[str] = None
     # torch.compile's `mode`, applied to the Inductor half; "reduce-overhead" and "max-autotune"
@@ -61,7 +65,7 @@ def _check(name: str, value) -> None:
     if name in _CHOICES:
         if value not in _CHOICES[name]:
             raise ValueError(f"fxsparse: option {name}={value!r} is not one of {list(_CHOICES[name])}")
-    elif name in ("propagate", "inductor"):
+    elif name in ("propagate", "inductor", "guard_values"):
         if not isinstance(value, bool):
             raise ValueError(f"fxsparse: option {name} must be True or False, got {value!r}")
     elif name == "cudagraphs":

@@ -49,3 +49,23 @@ def test_cudagraphs_never_chosen_without_a_gpu_even_when_asked():
 def test_cudagraphs_explicit_false_beats_the_mode():
     opts = Options.parse({"cudagraphs": False, "mode": "reduce-overhead"})
     assert not _use_cudagraphs(opts, [torch.randn(1)], inference=True)
+
+
+def test_guard_values_false_skips_the_check_as_promised():
+    """The opt-out is a promise that folded values never change: the guard checks nothing."""
+    from torch.nn.utils import prune
+
+    torch._dynamo.reset()
+    m = _model()
+    prune.ln_structured(m[0], "weight", 0.5, n=1, dim=0)
+    x = torch.randn(2, 3, 8, 8)
+    guarded = torch.compile(m, backend="fxsparse")
+    frozen = torch.compile(m, backend="fxsparse", options={"guard_values": False})
+    with torch.no_grad():
+        guarded(x)
+        torch._dynamo.reset()
+        before = frozen(x).clone()
+        m[0].weight_orig.mul_(2.0)
+        assert torch.equal(frozen(x), before)  # not re-read: the documented contract
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(m, backend="fxsparse")(x), m(x), rtol=1e-5, atol=1e-5)
