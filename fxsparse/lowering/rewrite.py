@@ -4,7 +4,9 @@ Walks the captured graph once, in order, and emits a new one in which every
 channel-carrying tensor is stored in its `Layout` (only kept channels), convs
 run on compacted constant weights with their BatchNorm folded in, and fused
 chains (see fusion.py) become one `torch.ops.fxsparse.conv2d` call (lowering
-"triton") or a compacted aten conv (lowering "aten"). Everything fxsparse does
+"triton") or a compacted aten conv (lowering "aten") whose epilogue (activation,
+residual add) is emitted as plain ops for Inductor to fuse; lowering "auto" picks
+one of the two per chain by timing both (choose.py). Everything fxsparse does
 not rewrite is copied as it is, its channel inputs first restored to full width
 (`relayout`), and the result goes to Inductor.
 
@@ -23,6 +25,7 @@ import torch.fx as fx
 
 from fxsparse.compaction.propagate import CONST_DTYPE, ConvPlan, Layout, Propagation, channel_count
 from fxsparse.graph.capture import OpView
+from fxsparse.lowering import choose
 from fxsparse.lowering.fusion import Chain, plan_chains
 from fxsparse.sparsity.read import ConvSparsity, evaluate, param_only
 
@@ -57,6 +60,9 @@ class ConvRecord:
     macs_ideal: int
     fused: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    # why this lowering, where lowering "auto" measured it ("measured: triton 12.1 us vs
+    # aten+epilogue 15.3 us"); None where the option decided
+    choice: Optional[str] = None
 
 
 class Lowering:
@@ -64,14 +70,17 @@ class Lowering:
         self.prop = prop
         self.cap = prop.cap
         self.sparsity = sparsity
-        self.conv_backend = conv_backend  # "triton" | "aten"
+        self.conv_backend = conv_backend  # "triton" | "aten" | "auto" (measured per chain, choose.py)
         self.inference = inference
         self.graph = fx.Graph()
         self.env: dict = {}
         self.consts: dict = {}
         self.records: dict = {}
         self.constant_outputs: dict = {}  # output position -> tensor the wrapper returns
-        self.chains = plan_chains(prop, fuse_epilogue=conv_backend == "triton") if inference else {}
+        # forced aten: chains end at the folded BatchNorm and the rest is emitted node by node
+        fuse = conv_backend in ("triton", "auto")
+        self.chains = plan_chains(prop, fuse_epilogue=fuse) if inference else {}
+        self.chooser = choose.current() if conv_backend == "auto" else None
 
     # -- constants ----------------------------------------------------------------------
     def const(self, tensor: torch.Tensor, hint: str) -> fx.Node:
@@ -152,6 +161,10 @@ class Lowering:
             if n is chain.anchor:
                 self.env[n] = self.emit_chain(chain)
             return  # inner chain nodes have no other users
+        self.emit_node(n)
+
+    def emit_node(self, n: fx.Node) -> None:
+        """`n` by its own handler, outside any chain."""
         v = self.cap.views.get(n)
         kind = v.kind if v is not None else "unknown"
         if kind in ("conv2d", "conv_other"):
@@ -236,23 +249,63 @@ class Lowering:
         b_node = None if bias is None else self.const(bias.to(device, dtype), "bias")
         m_node = None if bias_map is None else self.const(bias_map.to(device, torch.float32), "bias_map")
         lowering = self.conv_backend if not plan.depthwise else "aten"
+        choice = None
+        if lowering == "auto":
+            decision = self.choose_lowering(chain, plan, x_layout, None if identity_in else positions,
+                                   w_node, b_node, m_node, like)
+            lowering, choice = decision.lowering, decision.reason
         if lowering == "triton":
             out = self.emit_fused_op(chain, plan, x, None if identity_in else positions, w_node, b_node, m_node, like)
         else:
             out = self.emit_aten_conv(plan, conv, x, None if identity_in else positions, w_node, b_node, m_node)
-        self.record_rewritten(chain, plan, lowering)
+            out = self.emit_aten_epilogue(chain, out)
+        self.record_rewritten(chain, plan, lowering, choice)
         return out
+
+    def epilogue_layout(self, chain: Chain, device) -> tuple:
+        """(layout of the chain's result, out_index, fill): where the fused op scatters kept
+        column j (None: in order) and the pre-activation constant of the channels it adds."""
+        pre = self.prop.layout[chain.pre_activation]
+        out_layout = self.prop.layout[chain.add] if chain.add is not None else pre
+        if out_layout.same_storage(pre):
+            return out_layout, None, None
+        out_index = out_layout.positions_of(pre.kept).to(device)
+        missing = out_layout.kept_mask() & ~pre.kept_mask()
+        fill_full = torch.where(missing, pre.const, torch.zeros_like(pre.const))
+        return out_layout, out_index, fill_full[out_layout.kept].to(device, torch.float32)
+
+    def choose_lowering(self, chain, plan, x_layout, positions, w_node, b_node, m_node, like) -> "choose.Decision":
+        """Lowering "auto": the chain's fused op against its aten conv + epilogue, timed (choose.py)."""
+        try:
+            conv = self.cap.views[chain.conv].conv
+            weight = self.consts[w_node.target]
+            _, out_index, fill = self.epilogue_layout(chain, weight.device)
+            out_layout = self.prop.layout[chain.add] if chain.add is not None else self.prop.layout[chain.pre_activation]
+            out_val = self._example(chain.conv)
+            c = choose.concrete
+            shape = choose.ChainShape(
+                c(like.shape[0]), len(x_layout.kept), c(like.shape[2]), c(like.shape[3]), weight.shape[0],
+                len(out_layout.kept), tuple(weight.shape[2:]), tuple(conv.stride), tuple(conv.padding),
+                tuple(conv.dilation), str(weight.dtype).replace("torch.", ""), weight.device.type,
+                self.cap.views[chain.act].activation if chain.act is not None else "none",
+                chain.add is not None, chain.residual_after_activation,
+                None if positions is None else len(positions), out_index is not None, m_node is not None)
+            problem = choose.ChainProblem(
+                shape, weight, None if b_node is None else self.consts[b_node.target],
+                None if m_node is None else self.consts[m_node.target],
+                None if positions is None else positions.to(weight.device), out_index, fill,
+                (c(out_val.shape[2]), c(out_val.shape[3])))
+        except Exception as e:  # noqa: BLE001 - e.g. a size with no concrete value
+            return choose.Decision("triton", f"not measured ({type(e).__name__}: {e}): triton")
+        return self.chooser.choose(problem)
 
     def emit_fused_op(self, chain, plan, x, positions, w_node, b_node, m_node, like) -> fx.Node:
         conv = self.cap.views[chain.conv].conv
-        pre = self.prop.layout[chain.pre_activation]
-        out_layout = self.prop.layout[chain.add] if chain.add is not None else pre
-        out_index = fill = residual = None
-        if not out_layout.same_storage(pre):
-            out_index = self.const(out_layout.positions_of(pre.kept).to(like.device), "out_index")
-            missing = out_layout.kept_mask() & ~pre.kept_mask()
-            fill_full = torch.where(missing, pre.const, torch.zeros_like(pre.const))
-            fill = self.const(fill_full[out_layout.kept].to(like.device, torch.float32), "fill")
+        out_layout, out_index, fill = self.epilogue_layout(chain, like.device)
+        residual = None
+        if out_index is not None:
+            out_index = self.const(out_index, "out_index")
+            fill = self.const(fill, "fill")
         if chain.add is not None:
             residual = self.read(chain.residual, out_layout)
         act = self.cap.views[chain.act].activation if chain.act is not None else "none"
@@ -271,6 +324,16 @@ class Lowering:
         if m_node is not None:
             out = self.graph.call_function(torch.add, (out, m_node))
         return out
+
+    def emit_aten_epilogue(self, chain: Chain, pre_activation: fx.Node) -> fx.Node:
+        """The chain's nodes after its (BN-folded) conv, emitted by their own handlers as plain
+        ops that Inductor fuses into one elementwise kernel: the one path for a chain lowered
+        to aten, whichever lowering chose it. Returns the chain's result."""
+        pre_activation.meta["example_value"] = chain.pre_activation.meta.get("example_value")
+        self.env[chain.pre_activation] = pre_activation
+        for n in sorted((n for n in (chain.act, chain.add) if n is not None), key=lambda n: n.meta["_fxsparse_pos"]):
+            self.emit_node(n)
+        return self.env[chain.anchor]
 
     def _device(self, x: fx.Node):
         val = x.meta.get("example_value")
@@ -354,7 +417,7 @@ class Lowering:
         self.records[n] = self._record(sp, per_group, sp.out_channels, per_group, sp.out_channels,
                                        "unchanged", reason)
 
-    def record_rewritten(self, chain: Chain, plan: ConvPlan, lowering: str) -> None:
+    def record_rewritten(self, chain: Chain, plan: ConvPlan, lowering: str, choice: Optional[str] = None) -> None:
         sp = plan.sparsity
         kout = len(plan.out_layout.kept)
         if plan.depthwise:  # one input channel per output channel
@@ -365,6 +428,7 @@ class Lowering:
             ideal_in = kin if ideal_layout is None else int((~sp.zero_cols & ideal_layout.kept_mask()).sum())
         fused = [k for k, node in (("batch_norm", chain.bn), ("activation", chain.act), ("residual", chain.add)) if node is not None]
         self.records[chain.conv] = self._record(sp, kin, kout, ideal_in, kout, lowering, None, fused)
+        self.records[chain.conv].choice = choice
 
 
 def _scatter_channels(y: torch.Tensor, kept: torch.Tensor, bias: Optional[torch.Tensor], channels: int) -> torch.Tensor:

@@ -88,7 +88,8 @@ def format_table(report: Report) -> str:
             rows.append([g.index, c.name, f"{c.in_channels}->{c.out_channels}",
                          f"{c.kept_in_channels}->{c.kept_out_channels}",
                          "x".join(map(str, c.kernel_size)), "x".join(map(str, c.stride)), c.lowering,
-                         "+".join(c.fused) or "-", _ratio(c.macs_after, c.macs_before), c.reason or ""])
+                         "+".join(c.fused) or "-", _ratio(c.macs_after, c.macs_before),
+                         c.reason or getattr(c, "choice", None) or ""])
     table = tabulate(rows, headers=["graph", "conv", "channels", "kept", "kernel", "stride", "lowering",
                                     "fused", "MACs kept", "reason"])
     totals = [f"graph {g.index} ({g.mode}): {g.rewritten}/{len(g.convs)} convs rewritten, MACs kept "

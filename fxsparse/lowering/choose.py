@@ -1,0 +1,207 @@
+"""Lowering "auto": per conv chain, our fused Triton op or a cuDNN conv + Inductor epilogue, by measurement.
+
+As Inductor's max-autotune chooses between an extern cuDNN conv and its Triton
+template, each fused chain (conv [+BN] [+act] [+residual add], fusion.py) is
+timed at compile time on its real shapes:
+
+    triton   `torch.ops.fxsparse.conv2d`: conv, BN, activation, residual and the
+             channel scatter in one kernel
+    aten     `torch.conv2d` on the compacted channels_last weight (cuDNN), plus one
+             elementwise pass standing in for the kernel Inductor fuses the
+             epilogue into (reads the conv output and the residual, writes the
+             output once; nothing when the chain ends at a folded BatchNorm)
+
+on random inputs of the chain's shape, dtype and layout and its real compacted
+weight and bias constants. The faster wins. Decisions are cached per shape
+signature (`ChainShape`) for the process, so identical layers are timed once.
+A failure while timing falls back to "triton" (what lowering "auto" did before)
+and says why.
+
+The timer is pluggable: `override(timer)` installs one (with a fresh cache) and
+also enables the choice where it is otherwise off (CPU, fp32), which is how the
+CPU tests drive a mixed graph. Without an override the choice runs only for
+fp16/bf16 inference on CUDA outside the Triton interpreter.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from fxsparse.ops.activations import apply_activation
+from fxsparse.ops.conv2d import triton_interpreter_on
+
+# (candidate name "triton" | "aten", the chain's shape, a callable running it once) -> microseconds
+Timer = Callable[[str, "ChainShape", Callable[[], object]], float]
+
+WARMUP_MS = 10
+REP_MS = 30
+
+
+@dataclass(frozen=True)
+class ChainShape:
+    """What decides a chain's speed: the cache key."""
+    batch: int
+    in_channels: int  # channels of x as stored (before any in_index gather)
+    height: int
+    width: int
+    out_channels: int  # kept output channels (rows of the compacted weight)
+    out_stored: int  # channels of the output as stored (> out_channels where out_index scatters)
+    kernel: tuple
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    dtype: str
+    device: str
+    activation: str
+    residual: bool
+    residual_after_activation: bool
+    in_index: Optional[int]  # channels gathered from x, None: x read as it is
+    out_index: bool
+    bias_map: bool
+
+    def describe(self) -> str:
+        k = "x".join(map(str, self.kernel))
+        return (f"N={self.batch} {self.in_channels}->{self.out_channels} {k} s{self.stride[0]} "
+                f"{self.height}x{self.width} {self.dtype}")
+
+
+@dataclass
+class ChainProblem:
+    """One chain as the lowering will emit it: constants real, activations to be made up."""
+    shape: ChainShape
+    weight: torch.Tensor  # [out_channels, used_in, kh, kw], channels_last, model dtype
+    bias: Optional[torch.Tensor]
+    bias_map: Optional[torch.Tensor]
+    in_index: Optional[torch.Tensor]
+    out_index: Optional[torch.Tensor]
+    fill: Optional[torch.Tensor]
+    out_hw: tuple
+
+    @property
+    def has_epilogue(self) -> bool:
+        s = self.shape
+        return s.residual or s.activation != "none" or s.out_index or s.bias_map
+
+    def candidates(self) -> dict:
+        """{"triton": fn, "aten": fn}, each running the chain once on random inputs."""
+        s, dev, dtype = self.shape, self.weight.device, self.weight.dtype
+        x = torch.randn(s.batch, s.in_channels, s.height, s.width, device=dev, dtype=dtype).to(
+            memory_format=torch.channels_last)
+        ho, wo = self.out_hw
+        residual = None
+        if s.residual:
+            residual = torch.randn(s.batch, s.out_stored, ho, wo, device=dev, dtype=dtype).to(
+                memory_format=torch.channels_last)
+        w, b, m = self.weight, self.bias, self.bias_map
+        stride, padding, dilation = list(s.stride), list(s.padding), list(s.dilation)
+
+        def triton():
+            return torch.ops.fxsparse.conv2d.default(
+                x, w, b, stride, padding, dilation, self.in_index, self.out_index, s.out_stored, self.fill,
+                None, None, m, residual, s.activation, s.residual_after_activation)
+
+        # the stand-in epilogue pass reads a residual as wide as the conv output
+        res_pre = None if residual is None else residual[:, :s.out_channels].contiguous(
+            memory_format=torch.channels_last)
+        has_epilogue = self.has_epilogue
+
+        def aten():
+            xi = x if self.in_index is None else torch.index_select(x, 1, self.in_index)
+            y = torch.conv2d(xi, w, b, s.stride, s.padding, s.dilation, 1)
+            if not has_epilogue:
+                return y
+            # one elementwise kernel, as Inductor fuses bias map, residual and activation into one
+            if res_pre is not None:
+                return torch.add(y, res_pre)
+            if m is not None:
+                return torch.add(y, m)
+            return apply_activation(s.activation if s.activation != "none" else "relu", y)
+
+        return {"triton": triton, "aten": aten}
+
+
+@dataclass
+class Decision:
+    lowering: str  # "triton" | "aten"
+    reason: str
+    triton_us: Optional[float] = None
+    aten_us: Optional[float] = None
+
+
+def cuda_timer(name: str, shape: ChainShape, fn: Callable[[], object]) -> float:
+    """Median microseconds of `fn` by CUDA events (triton.testing.do_bench), after a first call
+    that compiles and tunes (our kernel tunes its tile config on the first call of a shape)."""
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    return float(triton.testing.do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")) * 1e3
+
+
+class Chooser:
+    def __init__(self, timer: Timer, forced: bool = False):
+        self.timer = timer
+        self.forced = forced  # choose even where it is off by default (CPU tests)
+        self.cache: dict = {}  # ChainShape -> Decision
+        self.timed: list = []  # ChainShape of every chain actually timed, in order
+
+    def enabled(self, on_gpu: bool, half: bool, inference: bool) -> bool:
+        if not inference:
+            return False
+        return self.forced or (on_gpu and half and not triton_interpreter_on())
+
+    def choose(self, problem: ChainProblem) -> Decision:
+        hit = self.cache.get(problem.shape)
+        if hit is not None:
+            return hit
+        decision = self._measure(problem)
+        if decision.triton_us is not None:  # failures are not cached: the next compile tries again
+            self.cache[problem.shape] = decision
+        return decision
+
+    def _measure(self, problem: ChainProblem) -> Decision:
+        if problem.weight.is_cuda and torch.cuda.is_current_stream_capturing():
+            return Decision("triton", "not measured (a CUDA graph capture is in progress): triton")
+        try:
+            cands = problem.candidates()
+            self.timed.append(problem.shape)
+            t = self.timer("triton", problem.shape, cands["triton"])
+            a = self.timer("aten", problem.shape, cands["aten"])
+        except Exception as e:  # noqa: BLE001 - any failure keeps the fused op
+            return Decision("triton", f"timing failed ({type(e).__name__}: {e}): triton")
+        lowering = "aten" if a < t else "triton"
+        return Decision(lowering, f"measured: triton {t:.1f} us vs aten+epilogue {a:.1f} us", t, a)
+
+
+_current = Chooser(cuda_timer)
+
+
+def current() -> Chooser:
+    return _current
+
+
+@contextlib.contextmanager
+def override(timer: Timer, forced: bool = True):
+    """Installs `timer` with a fresh cache (and, forced, the choice on CPU / fp32 too); yields the Chooser."""
+    global _current
+    previous, _current = _current, Chooser(timer, forced)
+    try:
+        yield _current
+    finally:
+        _current = previous
+
+
+def concrete(v) -> int:
+    """An int for a size that may be symbolic (its hint); raises where there is none."""
+    if isinstance(v, int):
+        return v
+    if isinstance(v, torch.SymInt):
+        got = v.node.maybe_as_int()
+        if got is None:
+            got = getattr(v.node, "hint", None)
+        if isinstance(got, int):
+            return got
+    raise ValueError(f"size {v!r} has no concrete value")
