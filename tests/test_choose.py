@@ -239,3 +239,23 @@ def test_cuda_timer_measures_both_candidates():
             y, ref = c(x), m(x)
     assert ((y.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-3
     assert chooser.cache and all(d.triton_us > 0 and d.aten_us > 0 for d in chooser.cache.values())
+
+
+@pytest.mark.parametrize("prefer_aten", [True, False])
+def test_bfloat16_chains_keep_their_dtype(prefer_aten, tmp_path):
+    """A bias map (constant input channels meeting zero padding) in a bf16 model: the aten
+    path adds it in bf16, not fp32 (which would promote the rest of the graph)."""
+    model = _chain_model("basic")
+    M.MASKS["custom_out"](model)
+    model = model.to(torch.bfloat16)
+    shape = (2, 3, 8, 8)
+    with choose.override(rule_timer(lambda s: prefer_aten)) as chooser:
+        c = compile_model(model, tmp_path, lowering="auto")
+        with torch.no_grad():
+            c(torch.randn(shape, dtype=torch.bfloat16))
+            x = torch.randn(shape, dtype=torch.bfloat16)
+            y, want = c(x), model(x)
+    assert any(s.bias_map for s in chooser.timed)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), want.float(), rtol=0.05, atol=0.05 * float(want.abs().max()))
+    assert {r["lowering"] for r in report(tmp_path)["graphs"][0]["convs"]} == {"aten" if prefer_aten else "triton"}

@@ -74,7 +74,7 @@ class ChainProblem:
     shape: ChainShape
     weight: torch.Tensor  # [out_channels, used_in, kh, kw], channels_last, model dtype
     bias: Optional[torch.Tensor]
-    bias_map: Optional[torch.Tensor]
+    bias_map: Optional[torch.Tensor]  # fp32, as the fused op takes it
     in_index: Optional[torch.Tensor]
     out_index: Optional[torch.Tensor]
     fill: Optional[torch.Tensor]
@@ -107,6 +107,7 @@ class ChainProblem:
         res_pre = None if residual is None else residual[:, :s.out_channels].contiguous(
             memory_format=torch.channels_last)
         has_epilogue = self.has_epilogue
+        m_model = None if m is None else m.to(dtype)  # the aten path adds it in the model's dtype
 
         def aten():
             xi = x if self.in_index is None else torch.index_select(x, 1, self.in_index)
@@ -116,8 +117,8 @@ class ChainProblem:
             # one elementwise kernel, as Inductor fuses bias map, residual and activation into one
             if res_pre is not None:
                 return torch.add(y, res_pre)
-            if m is not None:
-                return torch.add(y, m)
+            if m_model is not None:
+                return torch.add(y, m_model)
             return apply_activation(s.activation if s.activation != "none" else "relu", y)
 
         return {"triton": triton, "aten": aten}

@@ -247,13 +247,17 @@ class Lowering:
         identity_in = len(positions) == len(x_layout.kept) and torch.equal(positions, torch.arange(len(positions)))
         w_node = self.const(weight.to(device, dtype).contiguous(memory_format=torch.channels_last), "weight")
         b_node = None if bias is None else self.const(bias.to(device, dtype), "bias")
-        m_node = None if bias_map is None else self.const(bias_map.to(device, torch.float32), "bias_map")
+        bias_map = None if bias_map is None else bias_map.to(device, torch.float32)
         lowering = self.conv_backend if not plan.depthwise else "aten"
         choice = None
         if lowering == "auto":
-            decision = self.choose_lowering(chain, plan, x_layout, None if identity_in else positions,
-                                   w_node, b_node, m_node, like)
+            decision = self.choose_lowering(chain, x_layout, None if identity_in else positions,
+                                            w_node, b_node, bias_map, like)
             lowering, choice = decision.lowering, decision.reason
+        # the fused op adds the bias map to its fp32 accumulator; aten adds it to the conv's
+        # output, in the model's dtype (an fp32 map would promote the rest of the graph)
+        m_node = None if bias_map is None else self.const(
+            bias_map if lowering == "triton" else bias_map.to(dtype), "bias_map")
         if lowering == "triton":
             out = self.emit_fused_op(chain, plan, x, None if identity_in else positions, w_node, b_node, m_node, like)
         else:
@@ -274,7 +278,7 @@ class Lowering:
         fill_full = torch.where(missing, pre.const, torch.zeros_like(pre.const))
         return out_layout, out_index, fill_full[out_layout.kept].to(device, torch.float32)
 
-    def choose_lowering(self, chain, plan, x_layout, positions, w_node, b_node, m_node, like) -> "choose.Decision":
+    def choose_lowering(self, chain, x_layout, positions, w_node, b_node, bias_map, like) -> "choose.Decision":
         """Lowering "auto": the chain's fused op against its aten conv + epilogue, timed (choose.py)."""
         try:
             conv = self.cap.views[chain.conv].conv
@@ -289,10 +293,10 @@ class Lowering:
                 tuple(conv.dilation), str(weight.dtype).replace("torch.", ""), weight.device.type,
                 self.cap.views[chain.act].activation if chain.act is not None else "none",
                 chain.add is not None, chain.residual_after_activation,
-                None if positions is None else len(positions), out_index is not None, m_node is not None)
+                None if positions is None else len(positions), out_index is not None, bias_map is not None)
             problem = choose.ChainProblem(
                 shape, weight, None if b_node is None else self.consts[b_node.target],
-                None if m_node is None else self.consts[m_node.target],
+                bias_map,
                 None if positions is None else positions.to(weight.device), out_index, fill,
                 (c(out_val.shape[2]), c(out_val.shape[3])))
         except Exception as e:  # noqa: BLE001 - e.g. a size with no concrete value
