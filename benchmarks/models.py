@@ -206,7 +206,7 @@ def guard_us(graphs) -> float:
     return total
 
 
-def gpu_row(name: str, keep: float, batch: int, full: bool) -> dict:
+def gpu_row(name: str, keep: float, batch: int, full: bool, lowering: str = "auto") -> dict:
     device, dtype = "cuda", torch.float16
     _, shape = build(name)
     example = torch.randn(1, *shape)
@@ -226,7 +226,7 @@ def gpu_row(name: str, keep: float, batch: int, full: bool) -> dict:
         row["frz_launches"] = count_launches(frz, x)
         measure("frzcg", compile_inductor(copy.deepcopy(masked), freezing=True, cudagraphs=True), x, ref, row,
                 False, True, errors)
-        fx, graphs = fxsparse_compiled(copy.deepcopy(masked), {"cudagraphs": False})
+        fx, graphs = fxsparse_compiled(copy.deepcopy(masked), {"cudagraphs": False, "lowering": lowering})
         measure("fx", fx, x, ref, row, True, True, errors)
         row["fx_launches"] = count_launches(fx, x)
         row["guard_us"] = guard_us(graphs)
@@ -234,7 +234,7 @@ def gpu_row(name: str, keep: float, batch: int, full: bool) -> dict:
         row["macs_kept"] = report.macs_after / report.macs_before if report.macs_before else None
         row["macs_ideal"] = report.macs_ideal / report.macs_before if report.macs_before else None
         torch._dynamo.reset()
-        fxcg = torch.compile(copy.deepcopy(masked), backend="fxsparse")
+        fxcg = torch.compile(copy.deepcopy(masked), backend="fxsparse", options={"lowering": lowering})
         measure("fxcg", fxcg, x, ref, row, False, True, errors)
         if pruned is not None:
             pruned = to_gpu(pruned)
@@ -282,6 +282,8 @@ def main(argv: Optional[list] = None) -> None:
     p.add_argument("--lean-batch1", action="store_true", default=True,
                    help="at B=1 skip the graph columns and Inductor default (plain-call latency only)")
     p.add_argument("--quick", action="store_true", help="small ResNet on the CPU, for CI")
+    p.add_argument("--lowering", default="auto", choices=("auto", "triton", "aten"),
+                   help="fxsparse's conv lowering on the GPU (auto: measured per conv chain)")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     common.raise_dynamo_recompile_limit()
@@ -296,7 +298,7 @@ def main(argv: Optional[list] = None) -> None:
         for keep in keeps:
             for batch in batches:
                 full = batch > 1 or not args.lean_batch1
-                row = gpu_row(name, keep, batch, full) if on_gpu else cpu_row(name, keep, batch)
+                row = gpu_row(name, keep, batch, full, args.lowering) if on_gpu else cpu_row(name, keep, batch)
                 rows.append(row)
                 print(f"[{time.perf_counter() - start:6.1f}s] " + ", ".join(
                     f"{k}={common._fmt(v, '.3g')}" for k, v in row.items() if k != "errors"), flush=True)
