@@ -34,7 +34,7 @@ import torch
 import torch.fx as fx
 
 from fxsparse.graph.capture import Capture, OpView
-from fxsparse.sparsity.read import ConvSparsity, evaluate
+from fxsparse.sparsity.read import ConvSparsity, evaluate, param_only
 
 CONST_DTYPE = torch.float64  # constants are folded in fp64, then cast to the model's dtype
 
@@ -99,7 +99,9 @@ class ConvPlan:
 
 
 class Propagation:
-    """Runs both passes; results are `layout[node]`, `conv_plans[node]`, `relayout[(node, user)]`."""
+    """Runs both passes. Results: `live[node]`, `layout[node]`, `conv_plans[conv node]`,
+    `linear_plans[linear node]` and `materialize[(node, user)]`: the layout `user` needs `node`
+    in where it cannot take constant channels."""
 
     def __init__(self, cap: Capture, sparsity: dict, enabled: bool = True):
         self.cap = cap
@@ -109,7 +111,7 @@ class Propagation:
         self.layout: dict = {}
         self.conv_plans: dict = {}
         self.linear_plans: dict = {}
-        self.materialize: dict = {}  # node -> Layout a consumer needs it in (full where unknown)
+        self.materialize: dict = {}  # (node, user) -> Layout the user needs (full where unknown)
         self._memo: dict = {}
 
     # -- helpers ------------------------------------------------------------------------
@@ -162,9 +164,9 @@ class Propagation:
         elif kind == "conv2d" and self.rewritable(n) and self.is_depthwise(n):
             self._need(v.conv.input, out_live & ~self.sparsity[n].zero_rows)
             self._need_rest(n, v.conv.input)
-        elif kind in ("batch_norm", "pointwise", "pool", "flatten") and self._channel_in(v) is not None:
-            self._need(self._channel_in(v), out_live)
-            self._need_rest(n, self._channel_in(v))
+        elif kind in ("batch_norm", "pointwise", "pool", "flatten") and v.channel_input is not None:
+            self._need(v.channel_input, out_live)
+            self._need_rest(n, v.channel_input)
         elif kind == "add":
             self._need(v.args["a"], out_live)
             self._need(v.args["b"], out_live)
@@ -187,17 +189,13 @@ class Propagation:
             if a is not channel_input:
                 self._need(a)
 
-    @staticmethod
-    def _channel_in(v: OpView):
-        return v.args.get("input", v.node.args[0] if v.node.args else None) if v.kind != "pointwise" else v.node.args[0]
-
     def _foldable_linear(self, v: OpView) -> bool:
-        return (self.cap.views is not None and isinstance(v.args.get("weight"), fx.Node)
+        return (isinstance(v.args.get("weight"), fx.Node)
                 and self.inference_value_ok(v.args["weight"])
                 and (v.args.get("bias") is None or self.inference_value_ok(v.args["bias"])))
 
     def inference_value_ok(self, node) -> bool:
-        from fxsparse.sparsity.read import param_only
+        """A value fxsparse may fold: inference, and computed from parameters and buffers only."""
         return self.enabled and param_only(node, self.cap)
 
     # -- pass 2: layouts ----------------------------------------------------------------

@@ -60,8 +60,13 @@ class OpView:
     inplace: bool = False
 
     @property
-    def tensor_inputs(self) -> list:
-        return [a for a in self.node.all_input_nodes]
+    def channel_input(self) -> Optional[fx.Node]:
+        """The operand whose channels this op maps to its output's (None where there is none)."""
+        if self.kind == "conv2d":
+            return self.conv.input
+        if self.kind == "pointwise":
+            return self.node.args[0] if self.node.args else None
+        return self.args.get("input")
 
 
 # -- signatures, bound once per target -------------------------------------------------------
