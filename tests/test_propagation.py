@@ -5,6 +5,7 @@ import re
 
 import pytest
 import torch
+import torch.nn as nn
 
 import models as M
 from models import after_graph, assert_matches, compile_model, conv_rows, fresh_dynamo, report  # noqa: F401
@@ -114,3 +115,32 @@ def test_concat_offsets(tmp_path):
     # b reads x (6) and a's 4 kept channels; a's pruned ones are constants folded into b's bias map
     assert rows["b.0"]["kept_in_channels"] == 10
     assert rows["head"]["kept_in_channels"] == 18 - 4
+
+
+class _StdMeanHead(nn.Module):
+    """A compacted activation read by an op with no channel result (a tuple): it must see
+    every channel, constants included."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        sd, mean = torch.std_mean(torch.relu(self.bn(self.conv(x))), dim=(2, 3))
+        return sd + mean
+
+
+def test_op_without_channel_result_reads_full_width():
+    from torch.nn.utils import prune
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = _StdMeanHead().eval()
+    m.bn.bias.data.uniform_(0.5, 1.0)  # pruned channels carry a non-zero constant
+    prune.ln_structured(m.conv, "weight", 0.5, n=1, dim=0)
+    compiled = torch.compile(m, backend="fxsparse")
+    with torch.no_grad():
+        compiled(torch.randn(2, 3, 6, 6))
+        x = torch.randn(2, 3, 6, 6)
+        torch.testing.assert_close(compiled(x), m(x), rtol=1e-5, atol=1e-5)

@@ -202,9 +202,11 @@ class Propagation:
     def run_layouts(self) -> None:
         for n in self.cap.gm.graph.nodes:
             c = channel_count(n)
-            if c is None:
-                continue
-            self.layout[n] = self._layout_of(n, c)
+            if c is not None:
+                self.layout[n] = self._layout_of(n, c)
+            elif n.op in ("call_function", "call_method"):
+                # no channel result (a size, a tuple, ...): it sees its inputs at full width
+                self._materialize_inputs(n)
 
     def input_layout(self, node) -> Layout:
         return self.layout.get(node) or Layout.full(channel_count(node))
@@ -261,10 +263,13 @@ class Propagation:
         return Layout(lin.channels, keep.nonzero().flatten(), lin.const.clone())
 
     def _plan_unknown(self, n: fx.Node, c: int) -> Layout:
+        self._materialize_inputs(n)
+        return Layout.full(c)
+
+    def _materialize_inputs(self, n: fx.Node) -> None:
         for a in n.all_input_nodes:
             if a in self.layout and not self.layout[a].is_full:
                 self.materialize[(a, n)] = Layout.full(self.layout[a].channels)
-        return Layout.full(c)
 
     def _foldable_bn(self, v: OpView) -> bool:
         a = v.args
