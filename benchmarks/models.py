@@ -118,11 +118,23 @@ def apply_masks(model: nn.Module, removed: dict) -> None:
         prune.custom_from_mask(conv, "weight", mask)
 
 
-def masked_models(name: str, keep: float, example: torch.Tensor) -> tuple:
-    """(masked model, physically pruned model or None, how the masks were chosen)."""
+def masked_models(name: str, keep: float, example: torch.Tensor, masks: str = "groups") -> tuple:
+    """(masked model, physically pruned model or None, how the masks were chosen).
+
+    masks "groups": consistent channel groups (above); "ln": `prune.ln_structured` (L1, output
+    channels) on every conv but the stem, each conv on its own (masks disagree across residual
+    adds; no physical counterpart).
+    """
     model, _ = build(name)
     if keep >= 1.0:
         return model, None, "none"
+    if masks == "ln":
+        from torch.nn.utils import prune
+
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        for conv in convs[1:]:
+            prune.ln_structured(conv, "weight", amount=1.0 - keep, n=1, dim=0)
+        return model, None, "ln_structured per conv"
     try:
         removed, pruned = tp_masks(model, example, keep)
         apply_masks(model, removed)
@@ -206,11 +218,11 @@ def guard_us(graphs) -> float:
     return total
 
 
-def gpu_row(name: str, keep: float, batch: int, full: bool, lowering: str = "auto") -> dict:
+def gpu_row(name: str, keep: float, batch: int, full: bool, lowering: str = "auto", masks: str = "groups") -> dict:
     device, dtype = "cuda", torch.float16
     _, shape = build(name)
     example = torch.randn(1, *shape)
-    masked, pruned, how = masked_models(name, keep, example)
+    masked, pruned, how = masked_models(name, keep, example, masks)
     to_gpu = lambda m: m.to(device, dtype).to(memory_format=torch.channels_last)  # noqa: E731
     masked = to_gpu(masked)
     x = torch.randn(batch, *shape, device=device, dtype=dtype).to(memory_format=torch.channels_last)
@@ -250,10 +262,10 @@ def gpu_row(name: str, keep: float, batch: int, full: bool, lowering: str = "aut
     return row
 
 
-def cpu_row(name: str, keep: float, batch: int) -> dict:
+def cpu_row(name: str, keep: float, batch: int, masks: str = "groups") -> dict:
     _, shape = build(name)
     example = torch.randn(1, *shape)
-    masked, _, how = masked_models(name, keep, example)
+    masked, _, how = masked_models(name, keep, example, masks)
     x = torch.randn(batch, *shape)
     row = {"model": name, "keep": keep, "batch": batch, "masks": how}
     with torch.no_grad():
@@ -282,6 +294,9 @@ def main(argv: Optional[list] = None) -> None:
     p.add_argument("--lean-batch1", action="store_true", default=True,
                    help="at B=1 skip the graph columns and Inductor default (plain-call latency only)")
     p.add_argument("--quick", action="store_true", help="small ResNet on the CPU, for CI")
+    p.add_argument("--masks", default="groups", choices=("groups", "ln"),
+                   help="consistent channel groups, or ln_structured on each conv on its own")
+    p.add_argument("--plot", metavar="PNG", help="time per model (bars), if matplotlib is installed")
     p.add_argument("--lowering", default="auto", choices=("auto", "triton", "aten"),
                    help="fxsparse's conv lowering on the GPU (auto: measured per conv chain)")
     p.add_argument("--json", metavar="PATH")
@@ -298,7 +313,8 @@ def main(argv: Optional[list] = None) -> None:
         for keep in keeps:
             for batch in batches:
                 full = batch > 1 or not args.lean_batch1
-                row = gpu_row(name, keep, batch, full, args.lowering) if on_gpu else cpu_row(name, keep, batch)
+                row = (gpu_row(name, keep, batch, full, args.lowering, args.masks) if on_gpu
+                       else cpu_row(name, keep, batch, args.masks))
                 rows.append(row)
                 print(f"[{time.perf_counter() - start:6.1f}s] " + ", ".join(
                     f"{k}={common._fmt(v, '.3g')}" for k, v in row.items() if k != "errors"), flush=True)
@@ -309,6 +325,12 @@ def main(argv: Optional[list] = None) -> None:
         common.write_json(args.json, rows, env)
     print(f"\n{env['device']} | torch {env['torch']} | triton {env['triton']} | "
           f"{'fp16 channels_last, ms' if on_gpu else 'fp32 CPU wall-clock, ms'}")
+    if args.plot:
+        for r in rows:
+            r["label"] = f"{r['model']} keep {r['keep']} B={r['batch']}"
+        ys = ["frz_graph", "fx_graph", "tp_graph", "frzcg_plain", "fxcg_plain"] if on_gpu else [
+            "eager_plain", "ind_plain", "fx_plain"]
+        common.maybe_plot(args.plot, rows, "label", ys, title="time per model (ms)", ylabel="ms")
     common.print_table(rows, GPU_COLUMNS if on_gpu else CPU_COLUMNS)
 
 

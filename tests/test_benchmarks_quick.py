@@ -20,3 +20,17 @@ def test_conv_layers_quick(tmp_path):
     assert any(line.startswith("| layer") for line in lines), proc.stdout[-3000:]
     assert lines[-1].startswith("| min fx speedup"), "the table must be printed last"
     assert out.exists() and '"rows"' in out.read_text()
+
+
+def test_models_quick(tmp_path):
+    out = tmp_path / "models.json"
+    proc = _run("models.py", "--quick", "--json", str(out), timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1].startswith("| small_resnet"), "the table must be printed last"
+    import json
+
+    rows = json.loads(out.read_text())["rows"]
+    pruned = [r for r in rows if r["keep"] < 1.0]
+    assert pruned and all(r["fx_err"] < 1e-4 for r in rows)
+    assert all(r["macs_kept"] < 0.5 for r in pruned)
