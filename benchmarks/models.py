@@ -59,14 +59,18 @@ CPU_COLUMNS = [
 
 # --------------------------------------------------------------------------- models and masks
 
+IMAGE_SIZE = {"small_resnet": 32}  # torchvision models: 224 unless --image-size
+
+
 def build(name: str) -> tuple:
     """(model, input shape) with trained-looking BatchNorm statistics."""
+    size = IMAGE_SIZE.get(name, IMAGE_SIZE.get("torchvision", 224))
     if name == "small_resnet":
-        model, shape = SmallResNet(32), (3, 32, 32)
+        model, shape = SmallResNet(32), (3, size, size)
     else:
         import torchvision
 
-        model, shape = getattr(torchvision.models, name)(), (3, 224, 224)
+        model, shape = getattr(torchvision.models, name)(), (3, size, size)
     randomize_batchnorm(model)
     return model.eval(), shape
 
@@ -294,6 +298,7 @@ def main(argv: Optional[list] = None) -> None:
     p.add_argument("--lean-batch1", action="store_true", default=True,
                    help="at B=1 skip the graph columns and Inductor default (plain-call latency only)")
     p.add_argument("--quick", action="store_true", help="small ResNet on the CPU, for CI")
+    p.add_argument("--image-size", type=int, default=224, help="input size of the torchvision models")
     p.add_argument("--masks", default="groups", choices=("groups", "ln"),
                    help="consistent channel groups, or ln_structured on each conv on its own")
     p.add_argument("--plot", metavar="PNG", help="time per model (bars), if matplotlib is installed")
@@ -301,6 +306,7 @@ def main(argv: Optional[list] = None) -> None:
                    help="fxsparse's conv lowering on the GPU (auto: measured per conv chain)")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
+    IMAGE_SIZE["torchvision"] = args.image_size
     common.raise_dynamo_recompile_limit()
     torch.backends.cudnn.benchmark = True
     on_gpu = torch.cuda.is_available() and not args.quick
