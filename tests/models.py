@@ -13,6 +13,8 @@ import torch.nn.functional as F
 import torch.nn.utils.parametrize as parametrize
 import torch.nn.utils.prune as prune
 
+from fxsparse.demo import BasicBlock  # noqa: F401  (torchvision's BasicBlock, shared with the demo)
+
 
 # -- models ---------------------------------------------------------------------------------
 
@@ -26,30 +28,6 @@ def chain(c=(3, 8, 16, 16)) -> nn.Sequential:
     """conv-BN-ReLU x3, then a 1x1 conv with bias (the output layer)."""
     layers = [ConvBNReLU(a, b) for a, b in zip(c[:-1], c[1:])]
     return nn.Sequential(*layers, nn.Conv2d(c[-1], 4, 1, bias=True))
-
-
-class BasicBlock(nn.Module):
-    """torchvision's BasicBlock: `out += identity` in place, ReLU(inplace=True)."""
-
-    def __init__(self, cin, cout, stride=1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
 
 
 class Bottleneck(nn.Module):
