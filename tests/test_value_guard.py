@@ -1,0 +1,68 @@
+"""The guard's check, compiled and in Python: the same answers."""
+import pytest
+import torch
+
+from fxsparse.runtime import guards
+from fxsparse.runtime.guards import ValueGuard
+
+
+@pytest.fixture(params=["compiled", "python"])
+def make_guard(request):
+    if request.param == "compiled" and guards.native_checker() is None:
+        pytest.skip("no C++ toolchain for torch.utils.cpp_extension here")
+
+    def make(positions, args, owned=()):
+        g = ValueGuard(positions, args, owned)
+        if request.param == "python":
+            g._native = None
+        else:
+            assert g._native is not None
+        return g
+
+    return make
+
+
+def _args(n=6):
+    return (torch.randn(2, 3),) + tuple(torch.nn.Parameter(torch.randn(4)) for _ in range(n))
+
+
+def test_unchanged_holds_for_tuple_and_list(make_guard):
+    args = _args()
+    g = make_guard([1, 3, 5], args)
+    assert g.holds(args) and g.holds(list(args))
+    assert g.holds((torch.randn(2, 3),) + args[1:])  # the model input is not guarded
+
+
+def test_in_place_write_fails(make_guard):
+    args = _args()
+    g = make_guard([1, 3, 5], args)
+    with torch.no_grad():
+        args[3].mul_(2)
+    assert not g.holds(args)
+
+
+def test_new_tensor_at_a_guarded_position_fails(make_guard):
+    args = _args()
+    g = make_guard([1, 3, 5], args)
+    rebound = list(args)
+    rebound[5] = torch.nn.Parameter(args[5].detach().clone())
+    assert not g.holds(rebound)
+
+
+def test_owned_output_written_by_the_caller_fails(make_guard):
+    args, owned = _args(), torch.randn(3)
+    g = make_guard([1], args, [owned])
+    assert g.holds(args)
+    owned.add_(1)
+    assert not g.holds(args)
+
+
+def test_too_few_arguments_fail(make_guard):
+    args = _args()
+    g = make_guard([1, 6], args)
+    assert not g.holds(args[:3])
+
+
+def test_nothing_guarded_always_holds(make_guard):
+    g = make_guard([], _args())
+    assert g.holds(()) and g.holds(_args())
