@@ -100,6 +100,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", default="", help="comma-separated substrings of layer names (or B128)")
     p.add_argument("--keeps", default="1,0.25", help="output-channel keeps to run")
+    p.add_argument("--json", metavar="PATH", help="write rows and environment as JSON")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
@@ -125,6 +126,8 @@ def main(argv=None):
     for keep in keeps:
         sp = [r["speedup"] for r in rows if r["keep"] == f"{keep:g}"]
         rows.append(dict(layer=f"geomean keep {keep:g}", speedup=common.geomean(sp)))
+    if args.json:
+        common.write_json(args.json, rows, env)
     common.print_table(rows, [("layer", "layer"), ("keep", "keep"), ("cudnn_us", "cuDNN CL us"),
                               ("fx_us", "fx us"), ("speedup", "speedup"), ("chosen", "chosen"),
                               ("best4", "best 4-warp (us)"), ("best8", "best 8-warp (us)"),
