@@ -60,7 +60,8 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence, opts: Options, index: 
     sparsity = read_all(cap, inference)
     enabled = inference and opts.propagate and not _mutates_shared_tensor(cap)
     prop = propagate(cap, sparsity, enabled=enabled)
-    new_gm, records, constant_outputs = lower(prop, sparsity, lowering, inference)
+    new_gm, records, constant_outputs = lower(prop, sparsity, lowering, inference,
+                                              _use_cudagraphs(opts, example_inputs, inference))
     report = GraphReport(index, "inference" if inference else "training", lowering, enabled,
                          [records[n] for n in sparsity if n in records])
     if inference and opts.propagate and not enabled:

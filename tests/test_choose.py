@@ -259,3 +259,17 @@ def test_bfloat16_chains_keep_their_dtype(prefer_aten, tmp_path):
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), want.float(), rtol=0.05, atol=0.05 * float(want.abs().max()))
     assert {r["lowering"] for r in report(tmp_path)["graphs"][0]["convs"]} == {"aten" if prefer_aten else "triton"}
+
+
+@pytest.mark.parametrize("graphed", [False, True])
+def test_timer_is_told_whether_the_graph_runs_under_cuda_graphs(graphed, tmp_path, monkeypatch):
+    """Under CUDA graphs kernel time decides, otherwise the plain call's (host cost included):
+    the chain's shape carries which, so the two are never mixed in the cache either."""
+    import fxsparse.backend as backend
+
+    monkeypatch.setattr(backend, "_use_cudagraphs", lambda opts, inputs, inference: graphed)
+    seen = []
+    model, shape = pruned("bottleneck")
+    with choose.override(rule_timer(residual_or_1x1, log=seen)):
+        compile_auto(model, shape, tmp_path, inductor=False)
+    assert seen and all(s.graphed is graphed for _, s in seen)

@@ -12,7 +12,9 @@ timed at compile time on its real shapes:
              output once; nothing when the chain ends at a folded BatchNorm)
 
 on random inputs of the chain's shape, dtype and layout and its real compacted
-weight and bias constants. The faster wins. Decisions are cached per shape
+weight and bias constants. The faster wins: by kernel time (CUDA-graph replay)
+where the compiled graph will run under CUDA graphs, by the plain call's time
+(host launch cost included) where it will not. Decisions are cached per shape
 signature (`ChainShape`) for the process, so identical layers are timed once.
 A failure while timing falls back to "triton" (what lowering "auto" did before)
 and says why.
@@ -61,6 +63,9 @@ class ChainShape:
     in_index: Optional[int]  # channels gathered from x, None: x read as it is
     out_index: bool
     bias_map: bool
+    # the compiled graph runs under CUDA graphs: kernel time decides (host launch cost is
+    # replayed away); otherwise the plain call's time, host overhead included
+    graphed: bool = False
 
     def describe(self) -> str:
         k = "x".join(map(str, self.kernel))
@@ -133,10 +138,16 @@ class Decision:
 
 
 def cuda_timer(name: str, shape: ChainShape, fn: Callable[[], object]) -> float:
-    """Median microseconds of `fn` by CUDA events (triton.testing.do_bench), after a first call
-    that compiles and tunes (our kernel tunes its tile config on the first call of a shape)."""
+    """Median microseconds of `fn`: CUDA-graph replay where the compiled graph will run under
+    CUDA graphs (kernel time), else `triton.testing.do_bench` on the plain call (host launch
+    cost included, which our op's Python launcher makes larger than cuDNN's). The first calls
+    compile and tune (our kernel tunes its tile config on the first call of a shape)."""
     import triton.testing
 
+    from fxsparse.nn.eval import cuda_graph_time_ms
+
+    if shape.graphed:
+        return cuda_graph_time_ms(fn, calls=10, warmup_calls=2, warmup_ms=WARMUP_MS, rep_ms=REP_MS) * 1e3
     fn()
     torch.cuda.synchronize()
     return float(triton.testing.do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")) * 1e3

@@ -66,7 +66,8 @@ class ConvRecord:
 
 
 class Lowering:
-    def __init__(self, prop: Propagation, sparsity: dict, conv_backend: str, inference: bool):
+    def __init__(self, prop: Propagation, sparsity: dict, conv_backend: str, inference: bool,
+                 cudagraphs: bool = False):
         self.prop = prop
         self.cap = prop.cap
         self.sparsity = sparsity
@@ -81,6 +82,7 @@ class Lowering:
         fuse = conv_backend in ("triton", "auto")
         self.chains = plan_chains(prop, fuse_epilogue=fuse) if inference else {}
         self.chooser = choose.current() if conv_backend == "auto" else None
+        self.cudagraphs = cudagraphs  # what the chooser times: kernel time under CUDA graphs
 
     # -- constants ----------------------------------------------------------------------
     def const(self, tensor: torch.Tensor, hint: str) -> fx.Node:
@@ -293,7 +295,8 @@ class Lowering:
                 tuple(conv.dilation), str(weight.dtype).replace("torch.", ""), weight.device.type,
                 self.cap.views[chain.act].activation if chain.act is not None else "none",
                 chain.add is not None, chain.residual_after_activation,
-                None if positions is None else len(positions), out_index is not None, bias_map is not None)
+                None if positions is None else len(positions), out_index is not None, bias_map is not None,
+                self.cudagraphs)
             problem = choose.ChainProblem(
                 shape, weight, None if b_node is None else self.consts[b_node.target],
                 bias_map,
@@ -442,8 +445,8 @@ def _scatter_channels(y: torch.Tensor, kept: torch.Tensor, bias: Optional[torch.
     return base.index_copy(1, kept, y)
 
 
-def lower(prop: Propagation, sparsity: dict, conv_backend: str, inference: bool) -> tuple:
+def lower(prop: Propagation, sparsity: dict, conv_backend: str, inference: bool, cudagraphs: bool = False) -> tuple:
     """(compacted graph, {conv node: ConvRecord}, {output position: constant tensor})."""
-    low = Lowering(prop, sparsity, conv_backend, inference)
+    low = Lowering(prop, sparsity, conv_backend, inference, cudagraphs)
     gm = low.run()
     return gm, low.records, low.constant_outputs
