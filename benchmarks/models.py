@@ -107,7 +107,8 @@ def tp_masks(model: nn.Module, example: torch.Tensor, keep: float):
 
 
 def apply_masks(model: nn.Module, removed: dict) -> None:
-    from torch.nn.utils import prune
+    """Prune masks (fxsparse.nn.apply_mask: custom_from_mask) zeroing the removed rows/columns."""
+    from fxsparse.nn.conv import apply_mask
 
     modules = dict(model.named_modules())
     for name, r in removed.items():
@@ -119,7 +120,7 @@ def apply_masks(model: nn.Module, removed: dict) -> None:
             mask[:, sorted(r["in"])] = 0
         elif r["in"] and conv.groups == conv.in_channels:  # depthwise: in and out are one channel
             mask[sorted(r["in"])] = 0
-        prune.custom_from_mask(conv, "weight", mask)
+        apply_mask(conv, mask)
 
 
 def masked_models(name: str, keep: float, example: torch.Tensor, masks: str = "groups") -> tuple:
