@@ -41,27 +41,35 @@ def is_inference(example_inputs: Sequence) -> bool:
     return not any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
 
 
+def _on_cuda(example_inputs: Sequence, floating_only: bool = False) -> bool:
+    """Every (floating-point) tensor input is on CUDA, and there is one."""
+    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)
+               and (t.is_floating_point() or not floating_only)]
+    return bool(tensors) and all(t.is_cuda for t in tensors)
+
+
 def conv_lowering(opts: Options, example_inputs: Sequence, inference: bool) -> str:
     if opts.lowering != "auto":
         return opts.lowering
-    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    on_gpu = bool(tensors) and all(t.is_cuda for t in tensors)
-    half = bool(tensors) and any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors)
+    on_gpu = _on_cuda(example_inputs, floating_only=True)
+    half = any(isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16) for t in example_inputs)
     if choose.current().enabled(on_gpu, half, inference):
         return "auto"  # per chain: fused Triton op or cuDNN + Inductor epilogue, measured (choose.py)
     return "triton" if inference and on_gpu and half else "aten"
 
 
-def rewrite(gm: fx.GraphModule, example_inputs: Sequence, opts: Options, index: int) -> Rewrite:
-    """Stages 1-4 on one graph: the compacted graph and its report (nothing compiled yet)."""
+def rewrite(gm: fx.GraphModule, example_inputs: Sequence, opts: Options, index: int,
+            cudagraphs: bool = False) -> Rewrite:
+    """Stages 1-4 on one graph: the compacted graph and its report (nothing compiled yet).
+    `cudagraphs`: whether the compiled graph will run under CUDA graphs (what lowering "auto"
+    times: kernel time there, the plain call otherwise)."""
     inference = is_inference(example_inputs)
     lowering = conv_lowering(opts, example_inputs, inference)
     cap = capture(gm, example_inputs)
     sparsity = read_all(cap, inference)
     enabled = inference and opts.propagate and not _mutates_shared_tensor(cap)
     prop = propagate(cap, sparsity, enabled=enabled)
-    new_gm, records, constant_outputs = lower(prop, sparsity, lowering, inference,
-                                              _use_cudagraphs(opts, example_inputs, inference))
+    new_gm, records, constant_outputs = lower(prop, sparsity, lowering, inference, cudagraphs)
     report = GraphReport(index, "inference" if inference else "training", lowering, enabled,
                          [records[n] for n in sparsity if n in records])
     if inference and opts.propagate and not enabled:
@@ -85,8 +93,7 @@ def _inductor(gm: fx.GraphModule, example_inputs: Sequence, opts: Options, cudag
 
 
 def _use_cudagraphs(opts: Options, example_inputs: Sequence, inference: bool) -> bool:
-    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
-    if not tensors or not all(t.is_cuda for t in tensors):
+    if not _on_cuda(example_inputs):
         return False
     explicit = opts.cudagraphs if opts.cudagraphs is not None else opts.mode_wants_cudagraphs()
     if explicit is not None:
@@ -102,7 +109,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, opts: Options):
     report = current_report(opts.dump_dir)
 
     def build(inputs: Sequence):
-        rw = rewrite(gm, inputs, opts, index)
+        rw = rewrite(gm, inputs, opts, index, cudagraphs)
         if opts.dump_dir:
             write_dumps(opts.dump_dir, index, gm, rw.gm)
         _record(report, rw.report, opts)
