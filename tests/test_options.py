@@ -59,11 +59,8 @@ def test_guard_values_false_skips_the_check_as_promised():
     m = _model()
     prune.ln_structured(m[0], "weight", 0.5, n=1, dim=0)
     x = torch.randn(2, 3, 8, 8)
-    guarded = torch.compile(m, backend="fxsparse")
     frozen = torch.compile(m, backend="fxsparse", options={"guard_values": False})
     with torch.no_grad():
-        guarded(x)
-        torch._dynamo.reset()
         before = frozen(x).clone()
         m[0].weight_orig.mul_(2.0)
         assert torch.equal(frozen(x), before)  # not re-read: the documented contract
