@@ -204,8 +204,8 @@ _EXECUTIONS = ("fused", "gather", "scatter", "gather+scatter", "dense")
 
 def _time_plans(run, plans: list) -> str:
     """The fastest of `plans` for `run(plan)` on CUDA, by GPU time: each plan is warmed up (the
-    kernel autotunes there), captured 5 times in a CUDA graph and the replays timed with events
-    (host launch overhead would otherwise dominate small convs). Without graphs: plain events."""
+    kernel autotunes there), captured 5 times in a CUDA graph and the replay timed (host launch
+    overhead would otherwise dominate small convs); without a capture, the plain call."""
     if len(plans) == 1:
         return plans[0]
     best, best_ms = plans[0], float("inf")
@@ -219,35 +219,18 @@ def _time_plans(run, plans: list) -> str:
     return best
 
 
-def _gpu_ms(fn, calls: int = 5, replays: int = 10) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+def _gpu_ms(fn) -> float:
+    """GPU ms per call of `fn`: CUDA-graph replay (fxsparse.nn.eval.cuda_graph_time_ms), or the
+    plain call where `fn` cannot be captured."""
+    import triton
+
+    from .eval import cuda_graph_time_ms  # eval imports this module
+
     try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(calls):
-                fn()
-        graph.replay()
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / (replays * calls)
-    except Exception:  # noqa: BLE001 - no graph capture here: plain events
+        return cuda_graph_time_ms(fn, calls=5, warmup_calls=3, warmup_ms=5, rep_ms=20)
+    except Exception:  # noqa: BLE001 - no graph capture here: the plain call
         torch.cuda.synchronize()
-        start.record()
-        for _ in range(replays * calls):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / (replays * calls)
+        return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
 
 
 class TritonConv2d(nn.Conv2d):
