@@ -73,10 +73,17 @@ LAYERS = {
 }
 
 
+TUNED_LAYERS = ("seed_b16", "r50_64_256_1x1_56", "r50_512_3x3_7")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("keep", [1.0, 0.25])
 @pytest.mark.parametrize("layer", list(LAYERS))
-def test_benchmark_layers(layer, keep, dtype):
+def test_benchmark_layers(layer, keep, dtype, monkeypatch):
+    """Dense fp16 through the tuner (whichever tile wins must compute the same conv; a 3x3, a
+    1x1 and a split-K shape: each candidate is a compile); the rest with one safe tile."""
+    if dtype == torch.float16 and keep == 1.0 and layer in TUNED_LAYERS:
+        monkeypatch.setenv("FXSPARSE_TUNE", "always")
     n, cin, cout, k, hw, s = LAYERS[layer]
     x, w, _ = make(n, cin, max(1, int(cout * keep)), k, hw, dtype)
     kw = dict(stride=(s, s), padding=(k // 2, k // 2))
@@ -155,3 +162,26 @@ def test_cuda_graph_capture_and_replay():
     graph.replay()
     torch.cuda.synchronize()
     assert rel_l2(y, cudnn_oracle(x, w, **kw)) < 1e-3
+
+
+def test_a_new_process_reads_the_tuned_launch_from_disk(tmp_path, monkeypatch):
+    """The winner is written to the tuning cache; with the in-process table emptied (a new
+    process), the same shape is launched from the file, untimed, with the same result."""
+    monkeypatch.setenv("FXSPARSE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("FXSPARSE_TUNE", "cache")
+    K._disk_cache.cache_clear()
+    monkeypatch.setattr(K, "tuned", {})
+    x, w, _ = make(4, 48, 40, 3, 14, torch.float16, seed=3)
+    kw = dict(padding=(1, 1))
+    first = run_op(x, w, **kw).clone()
+    (key, choice), = K.tuned.items()
+    assert choice.timings, "the first call times the candidates"
+    assert list(tmp_path.glob("conv2d-tuning-*.json"))
+    K._disk_cache.cache_clear()
+    monkeypatch.setattr(K, "tuned", {})
+    again = run_op(x, w, **kw)
+    cached = K.tuned[key]
+    assert cached.note == "from the tuning cache" and not cached.timings
+    assert (cached.config, cached.split_k) == (choice.config, choice.split_k)
+    assert torch.equal(again, first)
+    K._disk_cache.cache_clear()

@@ -59,6 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fxsparse.kernels import tuning_cache
 from fxsparse.ops.activations import ACTIVATION_CODES
 from fxsparse.ops.conv2d import TensorCache
 
@@ -423,6 +424,40 @@ def _tune(key, candidates, run, out: Tensor, pointwise: bool) -> _Choice:
     return _Choice(cfg, s, [(c, k, t) for c, k, t in timings], note)
 
 
+def _safe_candidate(candidates: list) -> tuple:
+    return next(((c, k) for c, k in candidates if c["num_warps"] <= 4), candidates[0])
+
+
+@functools.lru_cache(maxsize=None)
+def _disk_cache(device_index: int) -> tuning_cache.TuningCache:
+    name = torch.cuda.get_device_name(device_index)
+    return tuning_cache.TuningCache(tuning_cache.cache_path(name, triton.__version__))
+
+
+def _choose_launch(key, device, m, nch, cin, taps, pointwise, split_k, run, out) -> _Choice:
+    """The launch for a shape not yet seen by this process: from the disk cache, else timed."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    candidates = conv_candidates(m, nch, cin, taps, pointwise, _sm_count(index), split_k)
+    how = tuning_cache.mode()
+    if how == "off":
+        cfg, s = _safe_candidate(candidates)
+        choice = tuned[key] = _Choice(cfg, s, [], "untuned (FXSPARSE_TUNE=off)")
+        return choice
+    if torch.cuda.is_current_stream_capturing():
+        # Cannot time inside a graph capture: a safe 4-warp candidate, not remembered,
+        # so the next eager call tunes this shape.
+        cfg, s = _safe_candidate(candidates)
+        return _Choice(cfg, s, [], "untuned (captured)")
+    disk = _disk_cache(index)
+    cached = disk.get(key) if how == "cache" else None
+    if cached is not None:
+        tuned[key] = _Choice(cached[0], cached[1], [], "from the tuning cache")
+        return tuned[key]
+    choice = tuned[key] = _tune(key, candidates, run, out, pointwise)
+    disk.put(key, choice.config, choice.split_k)
+    return choice
+
+
 # --------------------------------------------------------------------------- launcher
 
 def _complement(out_index: Tensor, out_channels: int) -> Tensor:
@@ -592,15 +627,7 @@ def conv2d_triton(
                    split_k)
             choice = tuned.get(key)
             if choice is None:
-                sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
-                candidates = conv_candidates(m, nch, cin, kh * kw, pointwise, sms, split_k)
-                if torch.cuda.is_current_stream_capturing():
-                    # Cannot time inside a graph capture: a safe 4-warp candidate, not remembered,
-                    # so the next eager call tunes this shape.
-                    cfg, s = next(((c, k) for c, k in candidates if c["num_warps"] <= 4), candidates[0])
-                    choice = _Choice(cfg, s, [], "untuned (captured)")
-                else:
-                    choice = tuned[key] = _tune(key, candidates, run, out, pointwise)
+                choice = _choose_launch(key, x.device, m, nch, cin, kh * kw, pointwise, split_k, run, out)
             run(choice.config, choice.split_k)
 
     if out_index is not None and nch < out_channels:

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One device call: run the named stages in order, each under its own time limit, logs under $OUT.
+#   bash benchmarks/gpu_session.sh "tests:240" "r50:300"
+# Stages: see the case below.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl >/dev/null 2>&1
+fi
+export PYTHONPATH=.:/tmp/site
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+M="python3 benchmarks/models.py"
+for spec in "$@"; do
+  stage=${spec%%:*}; limit=${spec#*:}
+  case $stage in
+    tests) cmd="python3 -m pytest -v -rfE --tb=short -p no:cacheprovider -m gpu tests" ;;
+    r50) cmd="$M --models resnet50 --keep 0.5 --batch 64,1 --json $OUT/r50.json" ;;
+    r50b1) cmd="$M --models resnet50 --keep 0.5 --batch 1 --json $OUT/r50b1.json" ;;
+    zoo64) cmd="$M --models resnet18,mobilenet_v2 --keep 0.5 --batch 64 --json $OUT/zoo64.json" ;;
+    zoo1) cmd="$M --models resnet18,mobilenet_v2 --keep 0.5 --batch 1 --json $OUT/zoo1.json" ;;
+    r50triton) cmd="$M --models resnet50 --keep 0.5 --batch 64 --lowering triton --json $OUT/r50triton.json" ;;
+    r50ln) cmd="$M --models resnet50 --keep 0.5 --batch 64 --masks ln --json $OUT/r50ln.json" ;;
+    zoo) cmd="$M --models resnet18,mobilenet_v2 --keep 0.5 --batch 64,1 --json $OUT/zoo.json" ;;
+    zoo75) cmd="$M --models resnet50,resnet18,mobilenet_v2 --keep 0.25 --batch 64 --json $OUT/zoo75.json" ;;
+    dense) cmd="$M --models resnet50,resnet18 --keep 1.0 --batch 64 --json $OUT/dense.json" ;;
+    layers) cmd="python3 benchmarks/conv_layers.py --budget-s $((limit - 40)) --json $OUT/layers.json" ;;
+    tune) cmd="python3 benchmarks/kernel_tune.py --json $OUT/tune.json" ;;
+    *) echo "unknown stage $stage"; continue ;;
+  esac
+  echo "=== $stage ($limit s): $cmd"
+  t0=$(date +%s)
+  timeout "$limit" $cmd >"$OUT/$stage.txt" 2>&1; rc=$?
+  echo "=== $stage rc=$rc in $(( $(date +%s) - t0 )) s"
+  tail -n "${TAIL:-25}" "$OUT/$stage.txt" | cut -c1-400
+done
