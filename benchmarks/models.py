@@ -46,7 +46,8 @@ GPU_COLUMNS = [
     ("tp_graph", "TP frz graph"), ("tpcg_plain", "TP frz+cg plain"),
     ("speedup_graph", "fx/Ind best graph"), ("speedup_plain", "fx+cg/Ind best plain"),
     ("ind_compile_s", "Ind compile s"), ("fx_compile_s", "fx compile s"), ("fx_err", "fx err"),
-    ("tp_err", "TP-vs-masked err"), ("fx_launches", "fx launches"), ("frz_launches", "frz launches"),
+    ("tp_err", "TP-vs-masked err"), ("fx_launches", "fx launches"), ("fx_report_launches", "fx launches (report)"),
+    ("frz_launches", "frz launches"),
     ("guard_us", "guard us"),
 ]
 CPU_COLUMNS = [
@@ -260,6 +261,7 @@ def gpu_row(name: str, keep: float, batch: int, full: bool, lowering: str = "aut
         report = fxsparse.report.current_report(None).graphs[-1]
         row["macs_kept"] = report.macs_after / report.macs_before if report.macs_before else None
         row["macs_ideal"] = report.macs_ideal / report.macs_before if report.macs_before else None
+        row["fx_report_launches"] = report.launches
         torch._dynamo.reset()
         fxcg = torch.compile(copy.deepcopy(masked), backend="fxsparse", options={"lowering": lowering})
         measure("fxcg", fxcg, x, ref, row, False, True, errors)

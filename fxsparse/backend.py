@@ -21,6 +21,7 @@ from fxsparse.lowering import choose
 from fxsparse.lowering.rewrite import lower
 from fxsparse.options import Options
 from fxsparse.report import GraphReport, current_report, log_graph, write_dumps
+from fxsparse.report.launches import captured_inductor_code, fxsparse_extra_launches, launch_sites
 from fxsparse.runtime import GuardedGraph, ValueGuard
 from fxsparse.sparsity.read import read_all
 
@@ -86,10 +87,15 @@ def _mutates_shared_tensor(cap) -> bool:
 
 
 def _inductor(gm: fx.GraphModule, example_inputs: Sequence, opts: Options, cudagraphs: bool):
+    """Inductor's compiled graph, and its launches per call (None where no code was seen)."""
     from torch._inductor.compile_fx import compile_fx
 
     patches = {**opts.inductor_patches(), "triton.cudagraphs": cudagraphs}
-    return compile_fx(gm, list(example_inputs), config_patches=patches)
+    with captured_inductor_code([]) as codes:
+        fn = compile_fx(gm, list(example_inputs), config_patches=patches)
+    if not codes:
+        return fn, None
+    return fn, sum(launch_sites(codes[-1]).values()) + fxsparse_extra_launches(gm)
 
 
 def _use_cudagraphs(opts: Options, example_inputs: Sequence, inference: bool) -> bool:
@@ -112,8 +118,11 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, opts: Options):
         rw = rewrite(gm, inputs, opts, index, cudagraphs)
         if opts.dump_dir:
             write_dumps(opts.dump_dir, index, gm, rw.gm)
+        if opts.inductor:
+            fn, rw.report.launches = _inductor(rw.gm, inputs, opts, cudagraphs)
+        else:
+            fn = rw.gm.forward
         _record(report, rw.report, opts)
-        fn = _inductor(rw.gm, inputs, opts, cudagraphs) if opts.inductor else rw.gm.forward
         fn = with_constant_outputs(fn, rw.constant_outputs)
         if not opts.guard_values:
             return fn, ValueGuard((), inputs)

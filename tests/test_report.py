@@ -147,3 +147,59 @@ def test_explain_reports_unstructured_sparsity():
     rows = r.graphs[0].convs
     assert all(c.kept_out_channels == c.out_channels for c in rows)
     assert any("element-wise" in n for c in rows for n in c.notes)
+
+
+WRAPPER = '''
+triton_poi_fused_relu_0 = async_compile.triton('triton_poi_fused_relu_0', """
+def triton_poi_fused_relu_0(in_ptr0, xnumel):
+    tmp0.run(x)  # kernel source: not a launch
+""")
+class Runner:
+    def call(self, args):
+        arg0_1, arg1_1 = args
+        buf0 = empty_strided_cuda((2, 8), (8, 1), torch.float16)
+        # Topologically Sorted Source Nodes: [conv2d]
+        buf1 = extern_kernels.convolution(arg0_1, arg1_1, stride=(1, 1))
+        buf2 = torch.ops.fxsparse.conv2d.default(buf1, _frozen_param0, None, [1, 1])
+        stream0 = get_raw_stream(0)
+        triton_poi_fused_relu_0.run(buf2, 16, stream=stream0)
+        cpp_fused_add_1(buf2, buf0)
+        buf3 = torch.ops.aten.index_select.default(buf2, 1, _frozen_param1)
+        del buf1
+        return (buf3, )
+
+def partition_0(args):
+    triton_poi_fused_relu_0.run(args[0], 16, stream=stream0)
+
+def benchmark_compiled_module(times=10, repeat=10):
+    triton_poi_fused_relu_0.run(buf2, 16, stream=stream0)
+'''
+
+
+def test_launch_sites_counts_the_per_call_functions_only():
+    from fxsparse.report.launches import launch_sites
+
+    counts = launch_sites(WRAPPER)
+    assert counts == {"extern": 1, "fxsparse": 1, "inductor_triton": 2, "inductor_cpp": 1, "aten": 1}
+
+
+def test_report_counts_the_launches_of_the_compiled_code(tmp_path):
+    """Every fused chain is one op line in Inductor's code, and the report's launches are
+    the code's launch lines plus the op's own gathers and fills."""
+    from torch._inductor.utils import run_and_get_code
+
+    from fxsparse.report.launches import launch_sites
+
+    model, shape = M.build("bottleneck")
+    M.custom_out(model)
+    x = torch.randn(shape)
+    c = compile_model(model, tmp_path, lowering="triton", inductor=True)
+    with torch.no_grad():
+        _, codes = run_and_get_code(c, x)
+        assert_matches(c, model, shape)
+    (g,) = report(tmp_path)["graphs"]
+    sites = launch_sites(codes[-1])
+    triton_convs = sum(row["lowering"] == "triton" for row in g["convs"])
+    assert triton_convs == len(g["convs"]) >= 3 and sites["fxsparse"] == triton_convs
+    assert sites["extern"] == 0  # no conv left to aten
+    assert isinstance(g["launches"], int) and g["launches"] >= sum(sites.values())
