@@ -9,14 +9,14 @@ through the `torch_dynamo_backends` entry point; `Options` lists what it takes.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 import torch.fx as fx
 
 from fxsparse.compaction.propagate import propagate
-from fxsparse.graph.capture import capture, placeholder_source
+from fxsparse.graph.capture import capture, placeholder_source, running_stat_counter
 from fxsparse.lowering import choose
 from fxsparse.lowering.rewrite import lower
 from fxsparse.options import Options
@@ -34,6 +34,7 @@ class Rewrite:
     report: GraphReport
     depends_on: list  # positions of the inputs whose values the rewrite read
     constant_outputs: dict  # output position -> tensor returned as it is (see with_constant_outputs)
+    counters: list = field(default_factory=list)  # tensors watched in place of BatchNorm statistics
 
 
 def is_inference(example_inputs: Sequence) -> bool:
@@ -78,7 +79,26 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence, opts: Options, index: 
                             "carried across layers (per-conv compaction only)")
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     depends_on = [i for i, p in enumerate(placeholders) if p in cap.read]
-    return Rewrite(new_gm, report, depends_on, constant_outputs)
+    counters = batchnorm_counters([p for p in placeholders if p in cap.read], report)
+    return Rewrite(new_gm, report, depends_on, constant_outputs, counters)
+
+
+def batchnorm_counters(read: Sequence[fx.Node], report: GraphReport) -> list:
+    """The `num_batches_tracked` buffers standing in, for the guard, for the BatchNorm running
+    statistics the rewrite folded (a train-mode forward bumps them, not the statistics);
+    a report note names the statistics that have none."""
+    counters, blind = {}, []
+    for p in read:
+        is_stat, counter = running_stat_counter(p)
+        if counter is not None:
+            counters[id(counter)] = counter  # mean and var share their module's counter
+        elif is_stat:
+            blind.append(placeholder_source(p) or p.name)
+    if blind:
+        report.notes.append(
+            "BatchNorm statistics folded without a num_batches_tracked to watch: a train-mode forward "
+            "run outside the compiled model would not be seen (" + ", ".join(blind) + ")")
+    return list(counters.values())
 
 
 def _mutates_shared_tensor(cap) -> bool:
@@ -126,7 +146,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, opts: Options):
         fn = with_constant_outputs(fn, rw.constant_outputs)
         if not opts.guard_values:
             return fn, ValueGuard((), inputs)
-        return fn, ValueGuard(rw.depends_on, inputs, list(rw.constant_outputs.values()))
+        return fn, ValueGuard(rw.depends_on, inputs, list(rw.constant_outputs.values()) + rw.counters)
 
     return GuardedGraph(build, example_inputs)
 

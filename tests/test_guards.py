@@ -152,13 +152,9 @@ def test_batchnorm_running_stats_change():
     check_follows(model, c, shape, spy)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "aten's batch_norm updates running_mean/var in place without bumping their _version "
-    "(the schema does not mark them mutated), so ValueGuard's identity+_version check misses "
-    "it and the eval graph keeps the old folded statistics; needs e.g. guarding the module's "
-    "num_batches_tracked or a value check of BN statistics"))
 def test_bn_stats_updated_by_a_train_mode_forward():
-    """Eager train-mode forwards update running stats in place; the eval graph must see them."""
+    """Eager train-mode forwards update running stats in place without bumping their version;
+    the guard watches the module's num_batches_tracked instead, so the eval graph sees them."""
     model, c, shape, spy = setup()
     model.train()
     with torch.no_grad():
@@ -208,3 +204,20 @@ def test_training_graph_follows_weight_updates():
     out = c(x)
     torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
     assert spy.recompactions >= 1
+
+
+def test_bn_without_a_step_counter_is_named_in_the_report(tmp_path):
+    """A BatchNorm whose num_batches_tracked is None updates its statistics with no versioned
+    write at all: the guard cannot see a train-mode forward, and the report says which."""
+    model, shape = M.build("chain")
+    M.MASKS["custom_out"](model)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    bns[0].register_buffer("num_batches_tracked", None)
+    c = M.compile_model(model, tmp_path)
+    with torch.no_grad():
+        assert_matches(c, model, shape)
+    (g,) = M.report(tmp_path)["graphs"]
+    (note,) = [n for n in g["notes"] if "num_batches_tracked" in n]
+    names = [name for name, m in model.named_modules() if m is bns[0]]
+    assert f"{names[0]}.running_mean" in note and f"{names[0]}.running_var" in note
+    assert all(f"{name}.running" not in note for name, m in model.named_modules() if m in bns[1:])

@@ -11,8 +11,8 @@ def make_guard(request):
     if request.param == "compiled" and guards.native_checker() is None:
         pytest.skip("no C++ toolchain for torch.utils.cpp_extension here")
 
-    def make(positions, args, owned=()):
-        g = ValueGuard(positions, args, owned)
+    def make(positions, args, held=()):
+        g = ValueGuard(positions, args, held)
         if request.param == "python":
             g._native = None
         else:
@@ -49,11 +49,11 @@ def test_new_tensor_at_a_guarded_position_fails(make_guard):
     assert not g.holds(rebound)
 
 
-def test_owned_output_written_by_the_caller_fails(make_guard):
-    args, owned = _args(), torch.randn(3)
-    g = make_guard([1], args, [owned])
+def test_held_tensor_written_by_the_caller_fails(make_guard):
+    args, held = _args(), torch.randn(3)
+    g = make_guard([1], args, [held])
     assert g.holds(args)
-    owned.add_(1)
+    held.add_(1)
     assert not g.holds(args)
 
 

@@ -335,12 +335,8 @@ _SOURCE_KEY = "_fxsparse_source"
 
 
 def _source_path(node: fx.Node) -> Optional[str]:
-    arg = node.meta.get("grapharg")
-    source = getattr(arg, "source", None)
-    name = getattr(source, "name", None)
-    if callable(name):  # older torch: a method
-        name = name()
-    if not isinstance(name, str):
+    name = _source_name(node)
+    if name is None:
         return None
     if "_parameters[" not in name and "_buffers[" not in name and "." not in _SOURCE_PREFIX.sub("", name):
         return None
@@ -348,6 +344,50 @@ def _source_path(node: fx.Node) -> Optional[str]:
     path = re.sub(r"_(modules|parameters|buffers)\['([^']+)'\]", r"\2", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     return path.strip(".") or None
+
+
+# -- BatchNorm statistics that change without a version bump ----------------------------
+
+# aten's batch_norm updates running_mean / running_var in place without bumping their
+# `_version` (its schema does not mark them mutated), so a train-mode forward run eagerly
+# is invisible to a version check of the statistics themselves. The same forward increments
+# the module's `num_batches_tracked` with `add_`, which is a versioned write: that counter
+# is what the guard watches in their place.
+_RUNNING_STAT = re.compile(r"^(?P<buffers>.+\._buffers)\['running_(?:mean|var)'\]$")
+_COUNTER_KEY = "_fxsparse_bn_counter"
+
+
+def running_stat_counter(node: fx.Node) -> tuple:
+    """(whether placeholder `node` holds a BatchNorm running mean or variance, the
+    `num_batches_tracked` buffer beside it or None). The buffer is looked up in the frame
+    dynamo is compiling, so only while it compiles; the answer is kept on the node for
+    recompactions at call time."""
+    if _COUNTER_KEY not in node.meta:
+        name = _source_name(node)
+        match = _RUNNING_STAT.match(name) if name else None
+        node.meta[_COUNTER_KEY] = (match is not None, _find_counter(match["buffers"]) if match else None)
+    return node.meta[_COUNTER_KEY]
+
+
+def _source_name(node: fx.Node) -> Optional[str]:
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    name = getattr(source, "name", None)
+    if callable(name):  # older torch: a method
+        name = name()
+    return name if isinstance(name, str) else None
+
+
+def _find_counter(buffers_source: str) -> Optional[torch.Tensor]:
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        # the source is dynamo's own guard expression over the frame's locals (L) and globals (G)
+        buffers = eval(buffers_source, {"__builtins__": {}}, {"L": tx.f_locals, "G": tx.f_globals})
+        counter = buffers.get("num_batches_tracked")
+    except Exception:  # noqa: BLE001 - no frame being compiled, or a source we cannot evaluate
+        return None
+    return counter if isinstance(counter, torch.Tensor) else None
 
 
 @dataclass

@@ -47,18 +47,20 @@ def native_checker():
 
 
 class ValueGuard:
-    def __init__(self, positions: Sequence[int], args: Sequence, owned: Sequence[torch.Tensor] = ()):
+    def __init__(self, positions: Sequence[int], args: Sequence, held: Sequence[torch.Tensor] = ()):
         self.positions = tuple(positions)
         self._pick = operator.itemgetter(*self.positions) if len(self.positions) > 1 else (
             (lambda a, i=self.positions[0]: (a[i],)) if self.positions else (lambda a: ()))
         self.tensors = tuple(self._pick(args))
         self.versions = list(map(_version, self.tensors))
-        # tensors the compiled graph hands out (e.g. a pruned module's `weight`): a caller
-        # writing into one must not change what the next call returns
-        self.owned = tuple(owned)
-        self.owned_versions = list(map(_version, self.owned))
+        # tensors checked by version alone, held here rather than passed in: those the
+        # compiled graph hands out (a pruned module's `weight`: a caller writing into one must
+        # not change what the next call returns) and BatchNorm step counters (see
+        # graph/capture.py: running_stat_counter)
+        self.held = tuple(held)
+        self.held_versions = list(map(_version, self.held))
         native = native_checker()
-        self._native = native.VersionGuard(list(self.positions), self.tensors + self.owned) if native else None
+        self._native = native.VersionGuard(list(self.positions), self.tensors + self.held) if native else None
 
     def holds(self, args: Sequence) -> bool:
         if self._native is not None:
@@ -69,7 +71,7 @@ class ValueGuard:
             return False
         return (all(map(operator.is_, current, self.tensors))
                 and list(map(_version, current)) == self.versions
-                and list(map(_version, self.owned)) == self.owned_versions)
+                and list(map(_version, self.held)) == self.held_versions)
 
 
 class GuardedGraph:
