@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: run the named stages in order, each under its own time limit, logs under $OUT.
-#   bash benchmarks/gpu_session.sh "tests:240" "r50:300"
+#   bash benchmarks/gpu_session.sh "tests:240" "r50:300"      (device call: carry [".whl", ".devcache"])
 # Stages: see the case below.
 set -u
 cd "$(dirname "$0")/.."
@@ -9,6 +9,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl >/dev/null 2>&1
 fi
 export PYTHONPATH=.:/tmp/site
+# The conv tuner's disk cache travels between calls: `.devcache/` (git-ignored; name it in the
+# device call's carry) holds what earlier calls tuned, and this call's file comes back in $OUT.
+# Figures of fxsparse compile time taken with a warm cache say so in docs/benchmarks.md.
+export FXSPARSE_CACHE_DIR=$PWD/.devcache; mkdir -p "$FXSPARSE_CACHE_DIR"
+echo "tuning cache: $(ls "$FXSPARSE_CACHE_DIR" | wc -l) file(s) carried in"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 M="python3 benchmarks/models.py"
 for spec in "$@"; do
@@ -35,3 +40,4 @@ for spec in "$@"; do
   echo "=== $stage rc=$rc in $(( $(date +%s) - t0 )) s"
   tail -n "${TAIL:-25}" "$OUT/$stage.txt" | cut -c1-400
 done
+cp "$FXSPARSE_CACHE_DIR"/conv2d-tuning-*.json "$OUT"/ 2>/dev/null || true

@@ -15,7 +15,7 @@ if not _HAS_CUDA:
 # Every candidate tile is a Triton compile: the GPU tests check results with one safe tile per
 # shape (FXSPARSE_TUNE=off) unless a test asks for the tuner, and never read a user's tuning cache.
 os.environ.setdefault("FXSPARSE_TUNE", "off")
-os.environ.setdefault("FXSPARSE_CACHE_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fxsparse-test-{os.getpid()}"))
+os.environ["FXSPARSE_CACHE_DIR"] = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fxsparse-test-{os.getpid()}")
 
 
 def pytest_collection_modifyitems(config, items):
