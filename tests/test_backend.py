@@ -54,6 +54,29 @@ def test_end_to_end_with_inductor(lowering, tmp_path):
     assert report(tmp_path)["graphs"][0]["macs_after"] < report(tmp_path)["graphs"][0]["macs_before"]
 
 
+def test_inductor_sees_parameters_and_constants_as_static(tmp_path, monkeypatch):
+    """AOTAutograd takes static inputs (never copied into CUDA-graph memory) from dynamo's
+    metadata: the rewritten graph must carry it, so that every parameter, buffer and folded
+    constant is static and only the model's input is not."""
+    aot = pytest.importorskip("torch._functorch.aot_autograd")
+    real = getattr(aot, "_try_get_metadata_from_dynamo", None)
+    if real is None:
+        pytest.skip("this torch reads static inputs elsewhere")
+    seen = []
+
+    def spy(mod, param_keys, full_args_num, *rest):
+        out = real(mod, param_keys, full_args_num, *rest)
+        seen.append((full_args_num, sorted(out[1])))
+        return out
+
+    monkeypatch.setattr(aot, "_try_get_metadata_from_dynamo", spy)
+    model, c, shape = compiled_eval("resnet", "ln0", tmp_path, lowering="aten", inductor=True)
+    with torch.no_grad():
+        assert_matches(c, model, shape)
+    (n_args, static), = seen
+    assert n_args > 20 and len(static) == n_args - 1  # all but the image
+
+
 def test_mask_kinds_reach_the_report(tmp_path):
     """dim-0 masks remove output channels, dim-1 masks input channels; the source is the mask."""
     model, c, shape = compiled_eval("chain", "ln0", tmp_path / "out", lowering="aten", propagate=False)

@@ -137,6 +137,7 @@ class Lowering:
             if n.op == "get_attr" and not hasattr(root, n.target):
                 setattr(root, n.target, getattr(self.cap.gm, n.target))
         gm = fx.GraphModule(root, self.graph, class_name="FxsparseGraph")
+        keep_dynamo_metadata(self.cap.gm, gm)
         self.drop_unused_weight_math(gm.graph)
         gm.graph.lint()
         gm.recompile()
@@ -154,6 +155,8 @@ class Lowering:
         if n.op == "placeholder":
             self.env[n] = self.graph.placeholder(n.name, default_value=n.args[0] if n.args else fx.node.inspect.Parameter.empty)
             self.env[n].meta = dict(n.meta)
+            if hasattr(n, "_dynamo_source"):  # see keep_dynamo_metadata
+                self.env[n]._dynamo_source = n._dynamo_source
             return
         if n.op == "output":
             self.emit_output(n)
@@ -443,6 +446,33 @@ def _scatter_channels(y: torch.Tensor, kept: torch.Tensor, bias: Optional[torch.
     shape = (y.shape[0], channels, y.shape[2], y.shape[3])
     base = (bias.reshape(1, -1, 1, 1).expand(shape) if bias is not None else y.new_zeros(()).expand(shape))
     return base.index_copy(1, kept, y)
+
+
+def keep_dynamo_metadata(dynamo_gm: fx.GraphModule, gm: fx.GraphModule) -> None:
+    """Lets AOTAutograd see `gm` as the dynamo graph it replaces.
+
+    AOTAutograd reads which inputs are static (parameters and buffers, whose addresses never
+    change) from dynamo's metadata: `dynamo_compile_id` in the module's meta, each
+    placeholder's `_dynamo_source` and its `tensor_dict` meta, and a source per lifted
+    attribute. A graph without it has no static inputs, and under CUDA graphs Inductor then
+    copies every parameter and buffer into the graph's memory on every call (for a pruned
+    ResNet-50: ~320 tensors, the full-size `weight_orig`s among them; the likely cause of the
+    90-140 us between its plain call and its kernel time on the H100, docs/benchmarks.md).
+    DDPOptimizer's split graphs carry the metadata over the same way. Our folded constants
+    are attributes of `gm` that never change: each gets a constant source. Where dynamo's
+    metadata is not all there, nothing is attached (the graph runs as any non-dynamo graph)."""
+    if "dynamo_compile_id" not in dynamo_gm.meta:
+        return
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    if not all(hasattr(p, "_dynamo_source") for p in placeholders):
+        return
+    from torch._dynamo.source import ConstantSource
+
+    known = dict(getattr(dynamo_gm, "_param_name_to_source", None) or {})
+    names = [n for n, _ in gm.named_parameters(remove_duplicate=False)] + [
+        n for n, _ in gm.named_buffers(remove_duplicate=False)]
+    gm._param_name_to_source = {n: known.get(n) or ConstantSource(f"fxsparse_constant_{n}") for n in names}
+    gm.meta.update(dynamo_gm.meta)
 
 
 def lower(prop: Propagation, sparsity: dict, conv_backend: str, inference: bool, cudagraphs: bool = False) -> tuple:
