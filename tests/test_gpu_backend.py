@@ -57,6 +57,28 @@ def test_weight_change_in_place_is_picked_up():
         assert _rel(c(x), m(x)) < 2e-3
 
 
+@pytest.mark.parametrize("rebind", ["folded conv weight", "head weight"])
+def test_a_parameter_rebound_under_cuda_graphs_is_picked_up(rebind):
+    """Parameters are static inputs of the CUDA graph (never copied, read at their address). A
+    new Parameter object in place of one (here a folded conv weight, which the value guard
+    watches, and the classifier's weight, which the graph reads as it is) must be used by
+    the next call, as under Inductor's reduce-overhead."""
+    torch._dynamo.reset()
+    m = _masked_model()
+    c = torch.compile(m, backend="fxsparse", options={"cudagraphs": True})
+    x = _x()
+    with torch.no_grad():
+        for _ in range(3):
+            c(x)
+        if rebind == "folded conv weight":
+            conv = m.layers[1].conv1
+            conv.weight_orig = torch.nn.Parameter(-2.0 * conv.weight_orig)
+        else:
+            m.fc.weight = torch.nn.Parameter(3.0 * m.fc.weight)
+        for _ in range(2):
+            assert _rel(c(x), m(x)) < 2e-3
+
+
 def test_new_batch_size_works():
     torch._dynamo.reset()
     m = _masked_model()
