@@ -292,6 +292,12 @@ _POINTWISE_SHORT_K_TILES = [
 _SAFE_TILE = (64, 64, 4, 3)  # the fallback when a tuned 8-warp tile fails its check
 
 
+def _cdiv(a: int, b: int) -> int:
+    # triton.cdiv is a jit function: called from Python it costs ~4 us (constexpr unwrapping),
+    # three of them per launch were the largest host cost of the launcher
+    return -(-a // b)
+
+
 def _pow2_at_least(v: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(int(v), 1)))
 
@@ -318,7 +324,7 @@ def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms:
     `split_k` given: only that factor.
     """
     bk = min(64, _pow2_at_least(cin))
-    k_iters = taps * triton.cdiv(cin, bk)
+    k_iters = taps * _cdiv(cin, bk)
     bn_cap = min(256, _pow2_at_least(nch))
     widths = {bn_cap, max(16, bn_cap // 2)}
     bm_cap = _pow2_at_least(m, 64)
@@ -330,7 +336,7 @@ def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms:
     for bm, bn, warps, stages in tiles:
         if bn not in widths or bm > bm_cap or warps > max_warps:
             continue
-        n_tiles = triton.cdiv(m, bm) * triton.cdiv(nch, bn)
+        n_tiles = _cdiv(m, bm) * _cdiv(nch, bn)
         if bm == 256 and n_tiles < 2 * sms:
             continue
         cfg = _config(bm, bn, bk, warps, stages)
@@ -607,12 +613,12 @@ def conv2d_triton(
 
         def run(cfg: dict, splits: int) -> None:
             bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-            grid = (triton.cdiv(m, bm) * triton.cdiv(nch, bn), splits)
+            grid = (_cdiv(m, bm) * _cdiv(nch, bn), splits)
             ws = torch.empty((splits, m, nch), device=x.device, dtype=ws_dtype) if splits > 1 else dummy
             _conv2d_kernel[grid](**conv_args, ws_ptr=ws, K_SPLITS=splits, SOURCE=_SRC_CONV, SPLIT=splits > 1,
                                  EVEN_K=cin % bk == 0, **cfg)
             if splits > 1:
-                egrid = (triton.cdiv(m, ecfg["BLOCK_M"]) * triton.cdiv(nch, ecfg["BLOCK_N"]), 1)
+                egrid = (_cdiv(m, ecfg["BLOCK_M"]) * _cdiv(nch, ecfg["BLOCK_N"]), 1)
                 _conv2d_kernel[egrid](**conv_args, ws_ptr=ws, K_SPLITS=splits, SOURCE=_SRC_WORKSPACE, SPLIT=True,
                                       EVEN_K=True, **ecfg)
 
@@ -633,7 +639,7 @@ def conv2d_triton(
     if out_index is not None and nch < out_channels:
         comp = _complement(out_index, out_channels)
         ncomp = out_channels - nch
-        fill_grid = (triton.cdiv(m, ecfg["BLOCK_M"]) * triton.cdiv(ncomp, ecfg["BLOCK_N"]), 1)
+        fill_grid = (_cdiv(m, ecfg["BLOCK_M"]) * _cdiv(ncomp, ecfg["BLOCK_N"]), 1)
         _conv2d_kernel[fill_grid](
             **common, ws_ptr=dummy,
             bias_ptr=fill if fill is not None else dummy,
