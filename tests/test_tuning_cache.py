@@ -53,3 +53,14 @@ def test_bad_mode_names_the_choices(monkeypatch):
     monkeypatch.setenv("FXSPARSE_TUNE", "fast")
     with pytest.raises(ValueError, match="FXSPARSE_TUNE='fast'.*cache, always, off"):
         tuning_cache.mode()
+
+
+def test_two_processes_writing_keep_each_others_shapes(tmp_path):
+    path = str(tmp_path / "tune.json")
+    first, second = TuningCache(path), TuningCache(path)
+    assert first.get(KEY) is None and second.get(KEY) is None  # both loaded the empty file
+    key2 = (2,) + KEY[1:]
+    first.put(KEY, CONFIG, 1)
+    second.put(key2, CONFIG, 2)  # must not drop what `first` wrote meanwhile
+    cache = TuningCache(path)
+    assert cache.get(KEY) == (CONFIG, 1) and cache.get(key2) == (CONFIG, 2)

@@ -44,16 +44,20 @@ class TuningCache:
         self.path = path
         self._entries: Optional[dict] = None
 
+    def _read(self) -> dict:
+        try:
+            with open(self.path) as f:
+                entries = json.load(f)
+            return entries if isinstance(entries, dict) else {}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:  # a damaged file costs a re-tune, never a wrong launch
+            log.warning("fxsparse: ignoring unreadable tuning cache %s (%s)", self.path, e)
+            return {}
+
     def _load(self) -> dict:
         if self._entries is None:
-            try:
-                with open(self.path) as f:
-                    self._entries = json.load(f)
-            except FileNotFoundError:
-                self._entries = {}
-            except (OSError, ValueError) as e:  # a damaged file costs a re-tune, never a wrong launch
-                log.warning("fxsparse: ignoring unreadable tuning cache %s (%s)", self.path, e)
-                self._entries = {}
+            self._entries = self._read()
         return self._entries
 
     def get(self, key: tuple) -> Optional[tuple]:
@@ -63,8 +67,8 @@ class TuningCache:
         return dict(entry["config"]), int(entry["split_k"])
 
     def put(self, key: tuple, config: dict, split_k: int) -> None:
-        entries = self._load()
-        entries[repr(key)] = {"config": config, "split_k": split_k}
+        # merged with the file as it is now: another process may have added shapes since
+        entries = self._entries = {**self._read(), **self._load(), repr(key): {"config": config, "split_k": split_k}}
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             # Write then rename: a process reading at the same time sees the old file or the new one.
