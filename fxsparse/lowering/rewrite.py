@@ -86,8 +86,12 @@ class Lowering:
 
     # -- constants ----------------------------------------------------------------------
     def const(self, tensor: torch.Tensor, hint: str) -> fx.Node:
-        name = f"_fxsparse_{hint}_{len(self.consts)}".replace(".", "_")
-        self.consts[name] = tensor
+        # one attribute per tensor: AOTAutograd would otherwise see a duplicated input, whose
+        # guard needs a source dynamo can evaluate (ours are constants, keep_dynamo_metadata)
+        name = next((n for n, t in self.consts.items() if t is tensor), None)
+        if name is None:
+            name = f"_fxsparse_{hint}_{len(self.consts)}".replace(".", "_")
+            self.consts[name] = tensor
         node = self.graph.get_attr(name)
         node.meta["example_value"] = tensor
         return node
