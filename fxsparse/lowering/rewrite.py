@@ -31,12 +31,16 @@ from fxsparse.sparsity.read import ConvSparsity, evaluate, param_only
 
 
 def relayout(x: torch.Tensor, src_pos: torch.Tensor, dst_pos: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
-    """A tensor whose channel dst_pos[i] is x's channel src_pos[i]; other channels hold fill."""
-    shape = list(x.shape)
-    shape[1] = fill.shape[0]
+    """A tensor whose channel dst_pos[i] is x's channel src_pos[i]; other channels hold fill.
+
+    The base is materialised (a broadcast add), never an expanded view: Inductor (seen on
+    torch 2.13, CPU) miscompiles index_copy into a base expanded from a 0-d tensor, and a
+    training graph built on a gather with repeated indices or on cat + gather got wrong
+    gradients (or heap corruption) from it; this form matches eager, forward and backward."""
+    shape = [x.shape[0], fill.shape[0], *x.shape[2:]]
     view = [1] * x.dim()
     view[1] = -1
-    base = fill.to(x.dtype).reshape(view).expand(shape)
+    base = fill.to(x.dtype).reshape(view) + x.new_zeros(shape)
     return base.index_copy(1, dst_pos, x.index_select(1, src_pos))
 
 
@@ -105,19 +109,15 @@ class Lowering:
         have = self.prop.layout.get(old)
         if want is None or have is None or have.same_storage(want):
             return new
-        src = have.kept_mask() & want.kept_mask()
-        src_ids = src.nonzero().flatten()
+        src_ids = (have.kept_mask() & want.kept_mask()).nonzero().flatten()
         # a channel `have` does not store holds have's constant (want's constants describe
         # the consumer's result, e.g. a residual sum, not this operand)
-        fill = have.const.clone()
-        fill[src_ids] = 0
-        dst_pos = want.positions_of(src_ids)
         like = self._example(old)
         return self.graph.call_function(relayout, (
             new,
             self.const(have.positions_of(src_ids).to(like.device), "src_pos"),
-            self.const(dst_pos.to(like.device), "dst_pos"),
-            self.const(fill[want.kept].to(like.dtype).to(like.device), "fill"),
+            self.const(want.positions_of(src_ids).to(like.device), "dst_pos"),
+            self.const(have.const[want.kept].to(like.dtype).to(like.device), "fill"),
         ))
 
     def read_for(self, old, user) -> fx.Node:
@@ -392,7 +392,10 @@ class Lowering:
         bias = self.env[conv.bias] if conv.bias is not None else None
         b = self.graph.call_function(torch.index_select, (bias, 0, ko)) if bias is not None else None
         y = self.graph.call_function(torch.conv2d, (x, w, b, conv.stride, conv.padding, conv.dilation, 1))
-        out = self.graph.call_function(_scatter_channels, (y, ko, bias, sp.out_channels))
+        # full width again: pruned channels hold their bias (a trainable value) or zero
+        fill = bias if bias is not None else self.const(torch.zeros(sp.out_channels, device=dev), "zeros")
+        out = self.graph.call_function(relayout, (
+            y, self.const(torch.arange(len(kept_out), device=dev), "src_pos"), ko, fill))
         self.records[n] = self._record(sp, len(kept_in), len(kept_out), len(kept_in), len(kept_out), "aten", None)
         return out
 
@@ -443,13 +446,6 @@ class Lowering:
         fused = [k for k, node in (("batch_norm", chain.bn), ("activation", chain.act), ("residual", chain.add)) if node is not None]
         self.records[chain.conv] = self._record(sp, kin, kout, ideal_in, kout, lowering, None, fused)
         self.records[chain.conv].choice = choice
-
-
-def _scatter_channels(y: torch.Tensor, kept: torch.Tensor, bias: Optional[torch.Tensor], channels: int) -> torch.Tensor:
-    """Full-width conv output from its kept channels; pruned channels hold their bias (or 0)."""
-    shape = (y.shape[0], channels, y.shape[2], y.shape[3])
-    base = (bias.reshape(1, -1, 1, 1).expand(shape) if bias is not None else y.new_zeros(()).expand(shape))
-    return base.index_copy(1, kept, y)
 
 
 def keep_dynamo_metadata(dynamo_gm: fx.GraphModule, gm: fx.GraphModule) -> None:
