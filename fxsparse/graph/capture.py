@@ -170,7 +170,8 @@ def _view_function(node: fx.Node) -> OpView:
         return _view_activation(node, _ACTIVATION_FUNCTIONS[t])
     if t in (F.hardtanh, torch._C._nn.hardtanh):
         args = node.args[1:3] + tuple(node.kwargs.get(k) for k in ("min_val", "max_val") if k in node.kwargs)
-        if tuple(float(a) for a in args[:2]) == (0.0, 6.0):
+        # under dynamic=True dynamo may pass the bounds as symbolic inputs (graph nodes)
+        if all(isinstance(a, (int, float)) for a in args[:2]) and tuple(map(float, args[:2])) == (0.0, 6.0):
             return _view_activation(node, "relu6")
         return OpView("unknown", node)
     if t in (F.leaky_relu, F.elu, F.mish, F.softplus):
