@@ -221,3 +221,21 @@ def test_bn_without_a_step_counter_is_named_in_the_report(tmp_path):
     names = [name for name, m in model.named_modules() if m is bns[0]]
     assert f"{names[0]}.running_mean" in note and f"{names[0]}.running_var" in note
     assert all(f"{name}.running" not in note for name, m in model.named_modules() if m in bns[1:])
+
+
+@pytest.mark.parametrize("rebind", ["folded conv weight", "head weight"])
+def test_rebound_parameter_through_inductor(rebind, tmp_path):
+    """Parameters are static inputs of Inductor's graph (keep_dynamo_metadata): a new Parameter
+    object in place of a folded weight (the guard recompacts) or of one the graph reads as
+    it is (Inductor reads the new tensor) is used by the next call."""
+    model, shape = M.build("resnet")
+    M.MASKS["custom_out"](model)
+    c = M.compile_model(model, tmp_path, inductor=True)
+    with torch.no_grad():
+        assert_matches(c, model, shape)
+        if rebind == "folded conv weight":
+            conv = model.layer1[0].conv1
+            conv.weight_orig = nn.Parameter(-2.0 * conv.weight_orig)
+        else:
+            model.fc.weight = nn.Parameter(3.0 * model.fc.weight)
+        assert_matches(c, model, shape, seeds=(31, 32))
