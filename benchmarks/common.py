@@ -57,6 +57,20 @@ def time_cpu(fn: Callable[[], object], repeat: int = 5, warmup: int = 1, min_tim
     return statistics.median(samples)
 
 
+def time_host_us(fn: Callable[[], object], calls: int = 300, warmup: int = 20) -> float:
+    """Microseconds per call on the host clock over `calls` back-to-back calls, synchronized
+    once at the end: the host-side cost of a call wherever the device keeps up."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
 def time_fn(fn: Callable[[], object], method: str = "graph", **kwargs) -> float:
     """Dispatches to time_cuda_graph / time_plain / time_cpu by name."""
     return {"graph": time_cuda_graph, "plain": time_plain, "cpu": time_cpu}[method](fn, **kwargs)

@@ -15,7 +15,6 @@ import argparse
 import copy
 import os
 import sys
-import time
 
 import torch
 
@@ -26,17 +25,6 @@ import common  # noqa: E402
 import models  # noqa: E402
 
 import fxsparse  # noqa: E402,F401  (registers the backend when not installed)
-
-
-def host_us(fn, calls: int = 300) -> float:
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / calls * 1e6
 
 
 def cpu_ops(fn, top: int) -> str:
@@ -101,7 +89,7 @@ def main() -> None:
             call = lambda: compiled(x)  # noqa: E731
             for _ in range(3):
                 call()
-            row = {"variant": name, "host_us": host_us(call), "plain_ms": common.time_plain(call)}
+            row = {"variant": name, "host_us": common.time_host_us(call), "plain_ms": common.time_plain(call)}
             if not graphed:
                 row["graph_ms"] = common.time_cuda_graph(call)
             else:
@@ -110,10 +98,10 @@ def main() -> None:
             if graphed and name.startswith("fxsparse"):
                 # the layers of one call: dynamo + guard + wrapper + Inductor's cudagraph tree
                 graph, graph_args = captured_graph_call(compiled, x)
-                rows.append({"variant": "  GuardedGraph call", "host_us": host_us(lambda: graph(*graph_args))})
-                rows.append({"variant": "  value guard", "host_us": host_us(lambda: graph.guard.holds(graph_args))})
-                rows.append({"variant": "  compiled graph (Inductor + CUDA graphs)",
-                             "host_us": host_us(lambda: graph.fn(*graph_args))})
+                for label, part in (("  GuardedGraph call", lambda: graph(*graph_args)),
+                                    ("  value guard", lambda: graph.guard.holds(graph_args)),
+                                    ("  compiled graph (Inductor + CUDA graphs)", lambda: graph.fn(*graph_args))):
+                    rows.append({"variant": label, "host_us": common.time_host_us(part)})
     for t in tables:
         print(t)
     env = common.environment()

@@ -225,13 +225,8 @@ def fxsparse_compiled(model, options: dict) -> tuple:
 
 def guard_us(graphs) -> float:
     """Microseconds per call of the stale-weight guard (all graphs of the model)."""
-    import timeit
-
-    total = 0.0
-    for g, inputs in graphs:
-        n = 2000
-        total += timeit.timeit(lambda: g.guard.holds(inputs), number=n) / n * 1e6
-    return total
+    return sum(common.time_host_us(lambda g=g, inputs=inputs: g.guard.holds(inputs), calls=2000)
+               for g, inputs in graphs)
 
 
 def gpu_row(name: str, keep: float, batch: int, full: bool, lowering: str = "auto", masks: str = "groups") -> dict:

@@ -79,7 +79,7 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence, opts: Options, index: 
                             "carried across layers (per-conv compaction only)")
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     depends_on = [i for i, p in enumerate(placeholders) if p in cap.read]
-    counters = batchnorm_counters([p for p in placeholders if p in cap.read], report)
+    counters = batchnorm_counters([placeholders[i] for i in depends_on], report)
     return Rewrite(new_gm, report, depends_on, constant_outputs, counters)
 
 
