@@ -15,7 +15,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import time
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -39,22 +38,16 @@ def time_cuda_graph(fn: Callable[[], object], calls: int = 20, warmup_calls: int
 
 def time_plain(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -> float:
     """Median ms per plain call (host overhead, guards and launches included)."""
-    import triton
+    from fxsparse.nn.eval import plain_time_ms
 
-    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    return plain_time_ms(fn, warmup_ms, rep_ms)
 
 
 def time_cpu(fn: Callable[[], object], repeat: int = 5, warmup: int = 1, min_time_s: float = 0.0) -> float:
     """Median wall-clock ms of `repeat` runs (at least `min_time_s` of runs in all)."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    start = time.perf_counter()
-    while len(samples) < repeat or time.perf_counter() - start < min_time_s:
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
+    from fxsparse.nn.eval import wall_time_ms
+
+    return wall_time_ms(fn, repeat, warmup, min_time_s)
 
 
 def time_host_us(fn: Callable[[], object], calls: int = 300, warmup: int = 20) -> float:

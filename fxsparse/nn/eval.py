@@ -63,6 +63,27 @@ def cuda_graph_time_ms(fn: Callable[[], object], calls: int = 20, warmup_calls: 
     return ms / calls
 
 
+def plain_time_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -> float:
+    """Median ms per plain call of `fn` on CUDA (`triton.testing.do_bench`: host overhead,
+    guards and launches included)."""
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+
+def wall_time_ms(fn: Callable[[], object], repeat: int = 5, warmup: int = 1, min_time_s: float = 0.0) -> float:
+    """Median wall-clock ms of `repeat` calls of `fn` (at least `min_time_s` of calls in all)."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    start = time.perf_counter()
+    while len(samples) < repeat or time.perf_counter() - start < min_time_s:
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
 def benchmark_module(module: Callable, x: Tensor, iters: int = 50, warmup: int = 5,
                      calls_per_graph: int = 20, cuda_graph: bool = True) -> float:
     """Milliseconds per inference call of `module(x)` (eval mode, no_grad; the mode is restored).
@@ -81,19 +102,10 @@ def benchmark_module(module: Callable, x: Tensor, iters: int = 50, warmup: int =
             if x.is_cuda:
                 if cuda_graph:
                     return cuda_graph_time_ms(fn, calls_per_graph, warmup)
-                import triton
-
                 for _ in range(warmup):
                     fn()
-                return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-            for _ in range(warmup):
-                fn()
-            samples = []
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                fn()
-                samples.append((time.perf_counter() - t0) * 1e3)
-            return statistics.median(samples)
+                return plain_time_ms(fn)
+            return wall_time_ms(fn, repeat=iters, warmup=warmup)
     finally:
         if isinstance(module, nn.Module) and was_training:
             module.train()
