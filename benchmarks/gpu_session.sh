@@ -5,7 +5,7 @@
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
+if ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/torch_pruning ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl >/dev/null 2>&1
 fi
 export PYTHONPATH=.:/tmp/site
@@ -24,6 +24,7 @@ for spec in "$@"; do
     r50b1) cmd="$M --models resnet50 --keep 0.5 --batch 1 --json $OUT/r50b1.json" ;;
     zoo64) cmd="$M --models resnet18,mobilenet_v2 --keep 0.5 --batch 64 --json $OUT/zoo64.json" ;;
     zoo1) cmd="$M --models resnet18,mobilenet_v2 --keep 0.5 --batch 1 --json $OUT/zoo1.json" ;;
+    mb1) cmd="$M --models mobilenet_v2 --keep 0.5 --batch 1 --json $OUT/mb1.json" ;;
     r50triton) cmd="$M --models resnet50 --keep 0.5 --batch 64 --lowering triton --json $OUT/r50triton.json" ;;
     r50ln) cmd="$M --models resnet50 --keep 0.5 --batch 64 --masks ln --json $OUT/r50ln.json" ;;
     zoo) cmd="$M --models resnet18,mobilenet_v2 --keep 0.5 --batch 64,1 --json $OUT/zoo.json" ;;

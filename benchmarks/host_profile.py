@@ -8,6 +8,11 @@ synchronize: the host-side cost when the GPU keeps up), the same with do_bench (
 events), the CUDA-graph replay (kernel time) where the variant does not run under CUDA graphs
 itself, and for the CUDA-graph variants the profiler's CPU-side ops of 5 calls sorted by self
 time. fxsparse's call is also split into its layers (GuardedGraph, value guard, compiled graph).
+
+Host-bound timings drift between processes and over a run (clocks, allocator, GC), so the
+variants are compared in `--rounds` interleaved rounds (every variant once per round, all
+compiled and alive together) and the table shows each column's median over rounds with its
+spread. The GPU kernels of one call of each CUDA-graph variant are listed by name and count.
 """
 from __future__ import annotations
 
@@ -59,12 +64,35 @@ def captured_graph_call(compiled, x):
     return seen[-1]
 
 
+def kernel_counts(fn) -> str:
+    """The GPU kernels of one call, by name and count (what a CUDA graph replays)."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = Counter(e.name[:90] for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    lines = [f"{n:4d}  {name}" for name, n in names.most_common()]
+    return f"{sum(names.values())} kernels\n" + "\n".join(lines)
+
+
+def spread(samples: list) -> str:
+    import statistics
+
+    return f"{statistics.median(samples):.4g} [{min(samples):.4g}-{max(samples):.4g}]"
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="resnet50")
     p.add_argument("--keep", type=float, default=0.5)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--top", type=int, default=18)
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     args = p.parse_args()
     common.raise_dynamo_recompile_limit()
     torch.backends.cudnn.benchmark = True
@@ -77,23 +105,27 @@ def main() -> None:
     variants = [
         ("fxsparse", lambda m: torch.compile(m, backend="fxsparse", options={"cudagraphs": False}), False),
         ("fxsparse default (CUDA graphs)", lambda m: torch.compile(m, backend="fxsparse"), True),
-        ("Inductor freezing", lambda m: models.compile_inductor(m, freezing=True), False),
-        ("Inductor freezing+reduce-overhead", lambda m: models.compile_inductor(m, freezing=True, cudagraphs=True),
-         True),
+        ("Inductor freezing", lambda m: models.compile_inductor(m, freezing=True, reset=False), False),
+        ("Inductor freezing+reduce-overhead",
+         lambda m: models.compile_inductor(m, freezing=True, cudagraphs=True, reset=False), True),
     ]
-    rows, tables = [], []
+    calls, rows, tables = {}, [], []
     with torch.no_grad():
+        ref = masked(x)
+        # No dynamo reset between variants: it would make every variant compiled before it
+        # recompile on its next call, and the rounds below call them all again.
+        torch._dynamo.reset()
         for name, make, graphed in variants:
-            torch._dynamo.reset()
             compiled = make(copy.deepcopy(masked))
-            call = lambda: compiled(x)  # noqa: E731
+            call = calls[name] = (lambda c=compiled: c(x))
             for _ in range(3):
                 call()
-            row = {"variant": name, "host_us": common.time_host_us(call), "plain_ms": common.time_plain(call)}
+            row = {"variant": name, "err": common.max_abs_err(call(), ref)}
             if not graphed:
                 row["graph_ms"] = common.time_cuda_graph(call)
             else:
                 tables.append(f"--- {name}: CPU-side ops of 5 calls\n{cpu_ops(call, args.top)}")
+                tables.append(f"--- {name}: GPU kernels of one call\n{kernel_counts(call)}")
             rows.append(row)
             if graphed and name.startswith("fxsparse"):
                 # the layers of one call: dynamo + guard + wrapper + Inductor's cudagraph tree
@@ -101,14 +133,28 @@ def main() -> None:
                 for label, part in (("  GuardedGraph call", lambda: graph(*graph_args)),
                                     ("  value guard", lambda: graph.guard.holds(graph_args)),
                                     ("  compiled graph (Inductor + CUDA graphs)", lambda: graph.fn(*graph_args))):
-                    rows.append({"variant": label, "host_us": common.time_host_us(part)})
+                    calls[label] = part
+        samples = {name: {"host_us": [], "plain_ms": []} for name in calls}
+        for _ in range(args.rounds):
+            for name, call in calls.items():
+                samples[name]["host_us"].append(common.time_host_us(call))
+                if not name.startswith("  "):
+                    samples[name]["plain_ms"].append(common.time_plain(call))
+    by_name = {r["variant"]: r for r in rows}
+    table = []
+    for name in calls:
+        row = by_name.get(name, {"variant": name})
+        row["host_us"] = spread(samples[name]["host_us"])
+        if samples[name]["plain_ms"]:
+            row["plain_ms"] = spread(samples[name]["plain_ms"])
+        table.append(row)
     for t in tables:
         print(t)
     env = common.environment()
     print(f"{args.model} keep {args.keep} B={args.batch} ({how}) | {env['device']} | torch {env['torch']} | "
-          f"triton {env['triton']}")
-    common.print_table(rows, [("variant", "variant"), ("host_us", "host us/call"), ("plain_ms", "plain ms"),
-                              ("graph_ms", "graph ms")])
+          f"triton {env['triton']} | median [min-max] of {args.rounds} interleaved rounds")
+    common.print_table(table, [("variant", "variant"), ("host_us", "host us/call"), ("plain_ms", "plain ms"),
+                               ("graph_ms", "graph ms"), ("err", "err")])
 
 
 if __name__ == "__main__":

@@ -160,8 +160,11 @@ def first_call(fn, x) -> tuple:
     return out, time.perf_counter() - t0
 
 
-def compile_inductor(model, freezing: bool = False, cudagraphs: bool = False):
-    torch._dynamo.reset()
+def compile_inductor(model, freezing: bool = False, cudagraphs: bool = False, reset: bool = True):
+    """torch.compile with Inductor (`reset`: clear dynamo's caches first, which also makes every
+    model compiled before recompile on its next call)."""
+    if reset:
+        torch._dynamo.reset()
     patch, _ = common.inductor_config_patch(freezing=freezing)
     compiled = torch.compile(model, mode="reduce-overhead" if cudagraphs else None)
 

@@ -60,6 +60,7 @@ import triton
 import triton.language as tl
 
 from fxsparse.kernels import tuning_cache
+from fxsparse.kernels.layout import select_channels
 from fxsparse.ops.activations import ACTIVATION_CODES
 from fxsparse.ops.conv2d import TensorCache
 
@@ -512,11 +513,7 @@ def _select_channels(x: Tensor, in_index: Tensor) -> Tensor:
     kind, start = _in_plan(in_index)
     if kind == "range":
         return x.narrow(1, start, in_index.numel())
-    if x.stride(1) == 1:
-        # channels_last: gather along the innermost (channel) axis of the NHWC view, so the
-        # result is a compact channels_last tensor (each pixel's kept channels contiguous).
-        return x.permute(0, 2, 3, 1).index_select(3, in_index).permute(0, 3, 1, 2)
-    return x.index_select(1, in_index)
+    return select_channels(x, in_index)
 
 
 def _new_output(shape, x: Tensor) -> Tensor:

@@ -32,6 +32,7 @@ from typing import Callable, Optional
 
 import torch
 
+from fxsparse.kernels.layout import select_channels
 from fxsparse.ops.activations import apply_activation
 from fxsparse.ops.conv2d import triton_interpreter_on
 
@@ -115,7 +116,7 @@ class ChainProblem:
         m_model = None if m is None else m.to(dtype)  # the aten path adds it in the model's dtype
 
         def aten():
-            xi = x if self.in_index is None else torch.index_select(x, 1, self.in_index)
+            xi = x if self.in_index is None else select_channels(x, self.in_index)
             y = torch.conv2d(xi, w, b, s.stride, s.padding, s.dilation, 1)
             if not has_epilogue:
                 return y

@@ -25,6 +25,7 @@ import torch.fx as fx
 
 from fxsparse.compaction.propagate import CONST_DTYPE, ConvPlan, Layout, Propagation, channel_count
 from fxsparse.graph.capture import OpView
+from fxsparse.kernels.layout import is_channels_last, select_channels
 from fxsparse.lowering import choose
 from fxsparse.lowering.fusion import Chain, plan_chains
 from fxsparse.sparsity.read import ConvSparsity, evaluate, param_only
@@ -32,11 +33,16 @@ from fxsparse.sparsity.read import ConvSparsity, evaluate, param_only
 
 def relayout(x: torch.Tensor, src_pos: torch.Tensor, dst_pos: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
     """A tensor whose channel dst_pos[i] is x's channel src_pos[i]; other channels hold fill.
+    It has x's memory format (channels_last in, channels_last out; see select_channels).
 
     The base is materialised (a broadcast add), never an expanded view: Inductor (seen on
     torch 2.13, CPU) miscompiles index_copy into a base expanded from a 0-d tensor, and a
     training graph built on a gather with repeated indices or on cat + gather got wrong
     gradients (or heap corruption) from it; this form matches eager, forward and backward."""
+    if is_channels_last(x):
+        nhwc = x.permute(0, 2, 3, 1)
+        base = fill.to(x.dtype).reshape(1, 1, 1, -1) + nhwc.new_zeros((*nhwc.shape[:3], fill.shape[0]))
+        return base.index_copy(3, dst_pos, nhwc.index_select(3, src_pos)).permute(0, 3, 1, 2)
     shape = [x.shape[0], fill.shape[0], *x.shape[2:]]
     view = [1] * x.dim()
     view[1] = -1
@@ -331,7 +337,7 @@ class Lowering:
 
     def emit_aten_conv(self, plan, conv, x, positions, w_node, b_node, m_node) -> fx.Node:
         if positions is not None:
-            x = self.graph.call_function(torch.index_select, (x, 1, self.const(positions.to(self._device(x)), "in_index")))
+            x = self.graph.call_function(select_channels, (x, self.const(positions.to(self._device(x)), "in_index")))
         groups = len(plan.out_layout.kept) if plan.depthwise else 1
         out = self.graph.call_function(torch.conv2d, (
             x, w_node, b_node, conv.stride, conv.padding, conv.dilation, groups))
@@ -386,7 +392,7 @@ class Lowering:
         if len(kept_in) < len(sp.zero_cols):
             ki = self.const(kept_in.to(dev), "in_index")
             w = self.graph.call_function(torch.index_select, (w, 1, ki))
-            x = self.graph.call_function(torch.index_select, (x, 1, ki))
+            x = self.graph.call_function(select_channels, (x, ki))
         ko = self.const(kept_out.to(dev), "out_index")
         w = self.graph.call_function(torch.index_select, (w, 0, ko))
         bias = self.env[conv.bias] if conv.bias is not None else None
