@@ -75,9 +75,13 @@ def kernel_counts(fn) -> str:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    names = Counter(e.name[:90] for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-    lines = [f"{n:4d}  {name}" for name, n in names.most_common()]
-    return f"{sum(names.values())} kernels\n" + "\n".join(lines)
+    names, us = Counter(), Counter()
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            names[e.name[:90]] += 1
+            us[e.name[:90]] += e.time_range.elapsed_us()
+    lines = [f"{n:4d}  {us[name]:9.1f} us  {name}" for name, n in sorted(names.items(), key=lambda kv: -us[kv[0]])]
+    return f"{sum(names.values())} kernels, {sum(us.values()):.1f} us\n" + "\n".join(lines)
 
 
 def spread(samples: list) -> str:
@@ -93,11 +97,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--top", type=int, default=18)
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    p.add_argument("--masks", default="groups", choices=("groups", "ln"))
     args = p.parse_args()
     common.raise_dynamo_recompile_limit()
     torch.backends.cudnn.benchmark = True
     model, shape = models.build(args.model)
-    masked, _, how = models.masked_models(args.model, args.keep, torch.randn(1, *shape), "groups")
+    masked, _, how = models.masked_models(args.model, args.keep, torch.randn(1, *shape), args.masks)
     masked = masked.cuda().half().to(memory_format=torch.channels_last)
     x = torch.randn(args.batch, *shape, device="cuda", dtype=torch.half).to(memory_format=torch.channels_last)
     # (name, compile, CUDA graphs inside): a variant that runs under CUDA graphs itself cannot be
@@ -127,6 +132,9 @@ def main() -> None:
                 tables.append(f"--- {name}: CPU-side ops of 5 calls\n{cpu_ops(call, args.top)}")
                 tables.append(f"--- {name}: GPU kernels of one call\n{kernel_counts(call)}")
             rows.append(row)
+            if name.startswith("fxsparse"):
+                # what the backend did: graphs (a graph break makes several), per conv lowering
+                tables.append(f"--- {name}: fxsparse report\n{fxsparse.report.current_report(None)}")
             if graphed and name.startswith("fxsparse"):
                 # the layers of one call: dynamo + guard + wrapper + Inductor's cudagraph tree
                 graph, graph_args = captured_graph_call(compiled, x)
