@@ -27,6 +27,7 @@ for spec in "$@"; do
     mb1) cmd="$M --models mobilenet_v2 --keep 0.5 --batch 1 --json $OUT/mb1.json" ;;
     r50triton) cmd="$M --models resnet50 --keep 0.5 --batch 64 --lowering triton --json $OUT/r50triton.json" ;;
     r50ln) cmd="$M --models resnet50 --keep 0.5 --batch 64 --masks ln --json $OUT/r50ln.json" ;;
+    r50lnlean) cmd="$M --models resnet50 --keep 0.5 --batch 64 --masks ln --variants frz,frzcg,fx,fxcg --json $OUT/r50lnlean.json" ;;
     zoo) cmd="$M --models resnet18,mobilenet_v2 --keep 0.5 --batch 64,1 --json $OUT/zoo.json" ;;
     zoo75) cmd="$M --models resnet50,resnet18,mobilenet_v2 --keep 0.25 --batch 64 --json $OUT/zoo75.json" ;;
     dense) cmd="$M --models resnet50,resnet18 --keep 1.0 --batch 64 --json $OUT/dense.json" ;;

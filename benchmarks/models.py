@@ -232,7 +232,11 @@ def guard_us(graphs) -> float:
                for g, inputs in graphs)
 
 
-def gpu_row(name: str, keep: float, batch: int, full: bool, lowering: str = "auto", masks: str = "groups") -> dict:
+VARIANTS = ("ind", "frz", "frzcg", "fx", "fxcg", "tp")
+
+
+def gpu_row(name: str, keep: float, batch: int, full: bool, lowering: str = "auto", masks: str = "groups",
+            variants: tuple = VARIANTS) -> dict:
     device, dtype = "cuda", torch.float16
     _, shape = build(name)
     example = torch.randn(1, *shape)
@@ -244,33 +248,39 @@ def gpu_row(name: str, keep: float, batch: int, full: bool, lowering: str = "aut
     errors: dict = {}
     with torch.no_grad():
         ref = masked(x)
-        measure("eager", masked, x, None, row, graph=False, plain=True, errors=errors)
-        if full:
+        if "eager" in variants or "ind" in variants:
+            measure("eager", masked, x, None, row, graph=False, plain=True, errors=errors)
+        if full and "ind" in variants:
             measure("ind", compile_inductor(copy.deepcopy(masked)), x, ref, row, True, True, errors)
-        frz = compile_inductor(copy.deepcopy(masked), freezing=True)
-        measure("frz", frz, x, ref, row, True, full, errors)
-        row["frz_launches"] = count_launches(frz, x)
-        measure("frzcg", compile_inductor(copy.deepcopy(masked), freezing=True, cudagraphs=True), x, ref, row,
-                False, True, errors)
-        fx, graphs = fxsparse_compiled(copy.deepcopy(masked), {"cudagraphs": False, "lowering": lowering})
-        measure("fx", fx, x, ref, row, True, True, errors)
-        row["fx_launches"] = count_launches(fx, x)
-        row["guard_us"] = guard_us(graphs)
-        report = fxsparse.report.current_report(None).graphs[-1]
-        row["macs_kept"] = report.macs_after / report.macs_before if report.macs_before else None
-        row["macs_ideal"] = report.macs_ideal / report.macs_before if report.macs_before else None
-        row["fx_report_launches"] = report.launches
-        torch._dynamo.reset()
-        fxcg = torch.compile(copy.deepcopy(masked), backend="fxsparse", options={"lowering": lowering})
-        measure("fxcg", fxcg, x, ref, row, False, True, errors)
-        if pruned is not None:
+        if "frz" in variants:
+            frz = compile_inductor(copy.deepcopy(masked), freezing=True)
+            measure("frz", frz, x, ref, row, True, full, errors)
+            row["frz_launches"] = count_launches(frz, x)
+        if "frzcg" in variants:
+            measure("frzcg", compile_inductor(copy.deepcopy(masked), freezing=True, cudagraphs=True), x, ref, row,
+                    False, True, errors)
+        if "fx" in variants:
+            fx, graphs = fxsparse_compiled(copy.deepcopy(masked), {"cudagraphs": False, "lowering": lowering})
+            measure("fx", fx, x, ref, row, True, True, errors)
+            row["fx_launches"] = count_launches(fx, x)
+            row["guard_us"] = guard_us(graphs)
+            report = fxsparse.report.current_report(None).graphs[-1]
+            row["macs_kept"] = report.macs_after / report.macs_before if report.macs_before else None
+            row["macs_ideal"] = report.macs_ideal / report.macs_before if report.macs_before else None
+            row["fx_report_launches"] = report.launches
+        if "fxcg" in variants:
+            torch._dynamo.reset()
+            fxcg = torch.compile(copy.deepcopy(masked), backend="fxsparse", options={"lowering": lowering})
+            measure("fxcg", fxcg, x, ref, row, False, True, errors)
+        if pruned is not None and "tp" in variants:
             pruned = to_gpu(pruned)
             measure("tp", compile_inductor(pruned, freezing=True), x, None, row, True, False, errors)
             row["tp_err"] = common.max_abs_err(pruned(x), ref)
             measure("tpcg", compile_inductor(copy.deepcopy(pruned), freezing=True, cudagraphs=True), x, None,
                     row, False, True, errors)
-    best_graph = min(v for v in (row.get("ind_graph"), row.get("frz_graph")) if v is not None)
-    best_plain = min(v for v in (row.get("ind_plain"), row.get("frz_plain"), row.get("frzcg_plain")) if v)
+    best_graph = min((v for v in (row.get("ind_graph"), row.get("frz_graph")) if v is not None), default=None)
+    best_plain = min((v for v in (row.get("ind_plain"), row.get("frz_plain"), row.get("frzcg_plain")) if v),
+                     default=None)
     row["speedup_graph"] = common.ratio(best_graph, row.get("fx_graph"))
     row["speedup_plain"] = common.ratio(best_plain, row.get("fxcg_plain"))
     row["errors"] = errors
@@ -315,6 +325,8 @@ def main(argv: Optional[list] = None) -> None:
     p.add_argument("--plot", metavar="PNG", help="time per model (bars), if matplotlib is installed")
     p.add_argument("--lowering", default="auto", choices=("auto", "triton", "aten"),
                    help="fxsparse's conv lowering on the GPU (auto: measured per conv chain)")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"columns to compile and time on the GPU (of {','.join(VARIANTS)}; eager comes with ind)")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     IMAGE_SIZE["torchvision"] = args.image_size
@@ -330,7 +342,8 @@ def main(argv: Optional[list] = None) -> None:
         for keep in keeps:
             for batch in batches:
                 full = batch > 1 or not args.lean_batch1
-                row = (gpu_row(name, keep, batch, full, args.lowering, args.masks) if on_gpu
+                row = (gpu_row(name, keep, batch, full, args.lowering, args.masks, tuple(args.variants.split(",")))
+                       if on_gpu
                        else cpu_row(name, keep, batch, args.masks))
                 rows.append(row)
                 print(f"[{time.perf_counter() - start:6.1f}s] " + ", ".join(

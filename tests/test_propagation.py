@@ -192,3 +192,39 @@ def test_channels_last_stays_channels_last(name, lowering, fresh_dynamo):
             if t.shape[1] > 1 and t.shape[2] * t.shape[3] > 1
             and not t.is_contiguous(memory_format=torch.channels_last)}
     assert not nchw, f"activations not channels_last: {nchw}"
+
+
+class _Stage(nn.Module):
+    """A ResNet stage: a downsampling Bottleneck, then two that add their input (the stream)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(M.Bottleneck(16, 4), M.Bottleneck(16, 4, downsample=False),
+                                    M.Bottleneck(16, 4, downsample=False))
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+@pytest.mark.parametrize("lowering", ["aten", "triton"])
+def test_residual_stream_keeps_one_layout(lowering, tmp_path, fresh_dynamo):
+    """Per-conv masks that disagree: each add keeps the union of its operands, so the stream
+    would grow from block to block and each block would copy its identity into the next,
+    wider layout. The stream takes the width of its last add instead, and each conv3 writes
+    that layout itself (fused op: scatter; aten: zero filter rows): the only relayout left is
+    the downsample branch's, once per stage."""
+    torch.manual_seed(3)
+    model = M.randomize_bn(_Stage()).eval()
+    M.ln_structured(model, amount=0.5, dim=0)
+    c = compile_model(model, tmp_path, lowering=lowering)
+    shape = (2, 16, 6, 6)
+    with torch.no_grad():
+        c(torch.randn(shape))
+        assert_matches(c, model, shape)
+    after = after_graph(tmp_path)
+    made = re.findall(r"(relayout(?:_\d+)?) = \S*relayout\(", after)
+    returned = re.search(r"return \((.*)\)", after).group(1)
+    inside = [r for r in made if not re.search(rf"\b{r}\b", returned)]  # the output is full width
+    assert len(inside) == 1, after
+    widths = {r["name"]: r["kept_out_channels"] for r in report(tmp_path)["graphs"][-1]["convs"]}
+    assert all(widths[f"blocks.{i}.conv3"] < 16 for i in range(3)), widths  # still compacted convs

@@ -24,6 +24,15 @@ graph of the unmodified model. Two passes over the graph:
 Where a constant cannot be folded (a conv of symbolic spatial size with
 padding, a pooling that is not uniform at the borders, an unknown op), the
 consumer gets the channels it needs materialised (`Relayout`).
+
+A residual stream stores one layout from block to block. An add keeps the union
+of its operands' channels, so where masks disagree (each conv pruned on its
+own) the union grows from block to block, and every block would copy its
+identity into the next, wider layout: a full pass over the activation per
+block (measured on ResNet-50 with per-conv masks: most of its time). Pass 2
+therefore runs to a fixpoint in which an add that feeds a later add (directly
+or through activations) stores that add's channels too (`widen`). With
+Torch-Pruning-style masks the coupled channels agree and nothing widens.
 """
 from __future__ import annotations
 
@@ -200,6 +209,51 @@ class Propagation:
 
     # -- pass 2: layouts ----------------------------------------------------------------
     def run_layouts(self) -> None:
+        self.widen: dict = {}  # add node -> channels it must store for a later add
+        adds = [n for n in self.cap.gm.graph.nodes if (v := self.view(n)) is not None and v.kind == "add"]
+        for _ in range(len(adds) + 2):  # each round carries a stream's width back by at least one add
+            self._run_layouts_once()
+            if not self.enabled or not self._widen_residual_streams(adds):
+                return
+        raise AssertionError("fxsparse: residual stream widths did not settle")  # widen only grows
+
+    def _widen_residual_streams(self, adds: list) -> bool:
+        """Marks each add whose result reaches a later add's operand (through activations only)
+        to store that add's channels; True where that changed anything."""
+        changed = False
+        for n in reversed(adds):
+            want = self.layout[n].kept_mask()
+            if n in self.widen:
+                want = want | self.widen[n]
+            v = self.view(n)
+            for operand in (v.args["a"], v.args["b"]):
+                src = self._stream_source(operand)
+                if src is None:
+                    continue
+                if not bool((want & ~self.layout[src].kept_mask()).any()):
+                    continue  # it already stores them
+                before = self.widen.get(src)
+                grown = want if before is None else before | want
+                if before is None or not torch.equal(grown, before):
+                    self.widen[src] = grown
+                    changed = True
+        return changed
+
+    def _stream_source(self, node) -> Optional[fx.Node]:
+        """The add `node` is (or is an activation chain of), else None."""
+        while isinstance(node, fx.Node) and node in self.layout:
+            v = self.view(node)
+            if v is None:
+                return None
+            if v.kind == "add":
+                return node
+            if v.kind != "pointwise":
+                return None
+            node = v.node.args[0]
+        return None
+
+    def _run_layouts_once(self) -> None:
+        self.layout, self.conv_plans, self.linear_plans, self.materialize = {}, {}, {}, {}
         for n in self.cap.gm.graph.nodes:
             c = channel_count(n)
             if c is not None:
@@ -233,8 +287,10 @@ class Propagation:
             return Layout(c, lin.kept, const)
         if kind == "add":
             la, lb = self.input_layout(v.args["a"]), self.input_layout(v.args["b"])
-            kept = torch.unique(torch.cat([la.kept, lb.kept]))
-            return Layout(c, kept, la.const + lb.const)
+            kept = la.kept_mask() | lb.kept_mask()
+            if n in self.widen:
+                kept = kept | self.widen[n]
+            return Layout(c, kept.nonzero().flatten(), la.const + lb.const)
         if kind == "cat":
             kept, const, start = [], [], 0
             for t in v.args["tensors"]:

@@ -32,7 +32,7 @@ from typing import Callable, Optional
 
 import torch
 
-from fxsparse.kernels.layout import select_channels
+from fxsparse.kernels.layout import relayout, select_channels
 from fxsparse.ops.activations import apply_activation
 from fxsparse.ops.conv2d import triton_interpreter_on
 
@@ -109,20 +109,37 @@ class ChainProblem:
                 x, w, b, stride, padding, dilation, self.in_index, self.out_index, s.out_stored, self.fill,
                 None, None, m, residual, s.activation, s.residual_after_activation)
 
-        # the stand-in epilogue pass reads a residual as wide as the conv output
-        res_pre = None if residual is None else residual[:, :s.out_channels].contiguous(
-            memory_format=torch.channels_last)
+        # The aten candidate is what the lowering emits for it (rewrite.emit_chain): where the
+        # residual add stores more channels than the conv computes, the conv writes the add's
+        # layout itself from zero filter rows (dense_out) when the add comes before the
+        # activation, else its compact output is scattered there (relayout); then one
+        # elementwise pass, as Inductor fuses bias map, residual and activation into one.
+        dense_out = self.out_index is not None and s.residual and not s.residual_after_activation
+        if dense_out:
+            rows = self.out_index.long()
+            w_a = w.new_zeros((s.out_stored, *w.shape[1:])).contiguous(memory_format=torch.channels_last)
+            w_a[rows] = w
+            b_a = self.fill.to(dtype).clone()
+            if b is not None:
+                b_a[rows] = b
+            m_a = None if m is None else m.new_zeros((s.out_stored, *m.shape[1:])).index_copy(0, rows, m)
+        else:
+            w_a, b_a, m_a = w, b, m
+        scatter = self.out_index is not None and not dense_out
+        src_pos = None if not scatter else torch.arange(len(self.out_index), device=dev)
         has_epilogue = self.has_epilogue
-        m_model = None if m is None else m.to(dtype)  # the aten path adds it in the model's dtype
+        m_model = None if m_a is None else m_a.to(dtype)  # the aten path adds it in the model's dtype
 
         def aten():
             xi = x if self.in_index is None else select_channels(x, self.in_index)
-            y = torch.conv2d(xi, w, b, s.stride, s.padding, s.dilation, 1)
+            y = torch.conv2d(xi, w_a, b_a, s.stride, s.padding, s.dilation, 1)
+            if scatter:
+                y = relayout(y, src_pos, self.out_index, self.fill)
             if not has_epilogue:
                 return y
-            # one elementwise kernel, as Inductor fuses bias map, residual and activation into one
-            if res_pre is not None:
-                return torch.add(y, res_pre)
+            # one elementwise pass stands in for the one kernel Inductor fuses the epilogue into
+            if residual is not None:
+                return torch.add(y, residual)
             if m_model is not None:
                 return torch.add(y, m_model)
             return apply_activation(s.activation if s.activation != "none" else "relu", y)

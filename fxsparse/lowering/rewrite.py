@@ -25,29 +25,10 @@ import torch.fx as fx
 
 from fxsparse.compaction.propagate import CONST_DTYPE, ConvPlan, Layout, Propagation, channel_count
 from fxsparse.graph.capture import OpView
-from fxsparse.kernels.layout import is_channels_last, select_channels
+from fxsparse.kernels.layout import relayout, select_channels
 from fxsparse.lowering import choose
 from fxsparse.lowering.fusion import Chain, plan_chains
 from fxsparse.sparsity.read import ConvSparsity, evaluate, param_only
-
-
-def relayout(x: torch.Tensor, src_pos: torch.Tensor, dst_pos: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
-    """A tensor whose channel dst_pos[i] is x's channel src_pos[i]; other channels hold fill.
-    It has x's memory format (channels_last in, channels_last out; see select_channels).
-
-    The base is materialised (a broadcast add), never an expanded view: Inductor (seen on
-    torch 2.13, CPU) miscompiles index_copy into a base expanded from a 0-d tensor, and a
-    training graph built on a gather with repeated indices or on cat + gather got wrong
-    gradients (or heap corruption) from it; this form matches eager, forward and backward."""
-    if is_channels_last(x):
-        nhwc = x.permute(0, 2, 3, 1)
-        base = fill.to(x.dtype).reshape(1, 1, 1, -1) + nhwc.new_zeros((*nhwc.shape[:3], fill.shape[0]))
-        return base.index_copy(3, dst_pos, nhwc.index_select(3, src_pos)).permute(0, 3, 1, 2)
-    shape = [x.shape[0], fill.shape[0], *x.shape[2:]]
-    view = [1] * x.dim()
-    view[1] = -1
-    base = fill.to(x.dtype).reshape(view) + x.new_zeros(shape)
-    return base.index_copy(1, dst_pos, x.index_select(1, src_pos))
 
 
 @dataclass
@@ -85,12 +66,15 @@ class Lowering:
         self.inference = inference
         self.graph = fx.Graph()
         self.env: dict = {}
+        # node -> Layout its emitted value is stored in, where that is not the propagation's
+        # (an aten conv writing its residual add's layout directly: dense_out)
+        self.stored_as: dict = {}
         self.consts: dict = {}
         self.records: dict = {}
         self.constant_outputs: dict = {}  # output position -> tensor the wrapper returns
-        # forced aten: chains end at the folded BatchNorm and the rest is emitted node by node
-        fuse = conv_backend in ("triton", "auto")
-        self.chains = plan_chains(prop, fuse_epilogue=fuse) if inference else {}
+        # an aten chain's epilogue is emitted node by node (Inductor fuses it); it is a chain
+        # all the same, so that its conv can write the residual add's layout (dense_out)
+        self.chains = plan_chains(prop, fuse_epilogue=True) if inference else {}
         self.chooser = choose.current() if conv_backend == "auto" else None
         self.cudagraphs = cudagraphs  # what the chooser times: kernel time under CUDA graphs
 
@@ -112,7 +96,7 @@ class Lowering:
         if not isinstance(old, fx.Node):
             return old
         new = self.env[old]
-        have = self.prop.layout.get(old)
+        have = self.stored_as.get(old) or self.prop.layout.get(old)
         if want is None or have is None or have.same_storage(want):
             return new
         src_ids = (have.kept_mask() & want.kept_mask()).nonzero().flatten()
@@ -276,10 +260,42 @@ class Lowering:
         if lowering == "triton":
             out = self.emit_fused_op(chain, plan, x, None if identity_in else positions, w_node, b_node, m_node, like)
         else:
+            wide = self.dense_out(chain, weight, bias, bias_map, device, dtype)
+            if wide is not None:
+                w_node, b_node, m_node = wide
             out = self.emit_aten_conv(plan, conv, x, None if identity_in else positions, w_node, b_node, m_node)
             out = self.emit_aten_epilogue(chain, out)
         self.record_rewritten(chain, plan, lowering, choice)
         return out
+
+    def dense_out(self, chain: Chain, weight, bias, bias_map, device, dtype) -> Optional[tuple]:
+        """For an aten chain whose residual add stores more channels than the conv computes:
+        (weight, bias, bias map) nodes of a conv that writes the add's layout directly, the
+        added channels from zero filter rows whose bias is their constant. Without it the
+        compact conv output is scattered into the add's layout by a relayout, one more pass
+        over the widest activation of the block; the zero rows cost only where the conv is
+        compute-bound, which a conv this narrow rarely is. None where it does not apply (no
+        add, or the add after the activation: the activation's constants are not the conv's)."""
+        if chain.add is None or chain.residual_after_activation:
+            return None
+        out_layout, out_index, fill = self.epilogue_layout(chain, "cpu")
+        if out_index is None:
+            return None
+        rows = len(out_layout.kept)
+        w = torch.zeros((rows, *weight.shape[1:]), dtype=weight.dtype)
+        w[out_index] = weight
+        b = fill.to(CONST_DTYPE).clone()
+        if bias is not None:
+            b[out_index] = bias.to(CONST_DTYPE)
+        m = None
+        if bias_map is not None:
+            m = bias_map.new_zeros((rows, *bias_map.shape[1:]))
+            m[out_index.to(bias_map.device)] = bias_map
+            m = self.const(m.to(device, dtype), "bias_map")
+        pre = self.prop.layout[chain.pre_activation]
+        self.stored_as[chain.pre_activation] = Layout(pre.channels, out_layout.kept, pre.const)
+        return (self.const(w.to(device, dtype).contiguous(memory_format=torch.channels_last), "weight"),
+                self.const(b.to(device, dtype), "bias"), m)
 
     def epilogue_layout(self, chain: Chain, device) -> tuple:
         """(layout of the chain's result, out_index, fill): where the fused op scatters kept
@@ -450,8 +466,14 @@ class Lowering:
             ideal_layout = self.prop.layout.get(self.cap.views[chain.conv].conv.input)
             ideal_in = kin if ideal_layout is None else int((~sp.zero_cols & ideal_layout.kept_mask()).sum())
         fused = [k for k, node in (("batch_norm", chain.bn), ("activation", chain.act), ("residual", chain.add)) if node is not None]
-        self.records[chain.conv] = self._record(sp, kin, kout, ideal_in, kout, lowering, None, fused)
-        self.records[chain.conv].choice = choice
+        wide = self.stored_as.get(chain.pre_activation)
+        computed = kout if wide is None else len(wide.kept)  # dense_out computes its zero rows too
+        record = self.records[chain.conv] = self._record(sp, kin, computed, ideal_in, kout, lowering, None, fused)
+        record.kept_out_channels = kout
+        record.choice = choice
+        if wide is not None:
+            record.notes.append(f"the aten conv also computes {computed - kout} zero filter rows: it writes "
+                                f"the residual add's {computed}-channel layout directly (no scatter pass)")
 
 
 def keep_dynamo_metadata(dynamo_gm: fx.GraphModule, gm: fx.GraphModule) -> None:
