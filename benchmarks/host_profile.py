@@ -1,5 +1,6 @@
 """Where a plain call's time goes: host vs device, fxsparse (CUDA graphs) vs Inductor
-freezing + reduce-overhead, on the same masked model.
+freezing + reduce-overhead, on the same masked model (on a machine without a GPU: the host
+cost per call alone, fp32, without the CUDA-graph variants).
 
     PYTHONPATH=. python benchmarks/host_profile.py --model resnet50 --keep 0.5 --batch 1
 
@@ -90,6 +91,24 @@ def spread(samples: list) -> str:
     return f"{statistics.median(samples):.4g} [{min(samples):.4g}-{max(samples):.4g}]"
 
 
+def variants(on_gpu: bool) -> list:
+    """(name, compile, runs under CUDA graphs itself). A variant under CUDA graphs cannot be
+    captured again, so its kernel time is read off its twin compiled without them. "+ freezing":
+    `torch._inductor.config.freezing` on while the model is traced, under which dynamo hands
+    the backend parameters and buffers as graph attributes instead of ~300 inputs to gather on
+    every call (fxsparse's guard then watches them as attributes)."""
+    out = [("fxsparse", lambda m: torch.compile(m, backend="fxsparse", options={"cudagraphs": False}), False)]
+    if on_gpu:
+        out.append(("fxsparse default (CUDA graphs)", lambda m: torch.compile(m, backend="fxsparse"), True))
+    out.append(("fxsparse default + freezing", lambda m: models.with_freezing(torch.compile(m, backend="fxsparse")),
+                on_gpu))
+    out.append(("Inductor freezing", lambda m: models.compile_inductor(m, freezing=True, reset=False), False))
+    if on_gpu:
+        out.append(("Inductor freezing+reduce-overhead",
+                    lambda m: models.compile_inductor(m, freezing=True, cudagraphs=True, reset=False), True))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="resnet50")
@@ -98,55 +117,51 @@ def main() -> None:
     p.add_argument("--top", type=int, default=18)
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     p.add_argument("--masks", default="groups", choices=("groups", "ln"))
+    p.add_argument("--image-size", type=int, help="input size (default: the model's own; small: host cost alone)")
     args = p.parse_args()
+    if args.image_size:
+        models.IMAGE_SIZE[args.model if args.model in models.IMAGE_SIZE else "torchvision"] = args.image_size
     common.raise_dynamo_recompile_limit()
+    on_gpu = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.half) if on_gpu else ("cpu", torch.float32)
     torch.backends.cudnn.benchmark = True
     model, shape = models.build(args.model)
     masked, _, how = models.masked_models(args.model, args.keep, torch.randn(1, *shape), args.masks)
-    masked = masked.cuda().half().to(memory_format=torch.channels_last)
-    x = torch.randn(args.batch, *shape, device="cuda", dtype=torch.half).to(memory_format=torch.channels_last)
-    # (name, compile, CUDA graphs inside): a variant that runs under CUDA graphs itself cannot be
-    # captured again, so its kernel time is read off its twin compiled without them.
-    variants = [
-        ("fxsparse", lambda m: torch.compile(m, backend="fxsparse", options={"cudagraphs": False}), False),
-        ("fxsparse default (CUDA graphs)", lambda m: torch.compile(m, backend="fxsparse"), True),
-        ("Inductor freezing", lambda m: models.compile_inductor(m, freezing=True, reset=False), False),
-        ("Inductor freezing+reduce-overhead",
-         lambda m: models.compile_inductor(m, freezing=True, cudagraphs=True, reset=False), True),
-    ]
+    masked = masked.to(device, dtype).to(memory_format=torch.channels_last)
+    x = torch.randn(args.batch, *shape, device=device, dtype=dtype).to(memory_format=torch.channels_last)
     calls, rows, tables = {}, [], []
     with torch.no_grad():
         ref = masked(x)
         # No dynamo reset between variants: it would make every variant compiled before it
         # recompile on its next call, and the rounds below call them all again.
         torch._dynamo.reset()
-        for name, make, graphed in variants:
+        for name, make, graphed in variants(on_gpu):
             compiled = make(copy.deepcopy(masked))
             call = calls[name] = (lambda c=compiled: c(x))
             for _ in range(3):
                 call()
             row = {"variant": name, "err": common.max_abs_err(call(), ref)}
-            if not graphed:
+            if on_gpu and not graphed:
                 row["graph_ms"] = common.time_cuda_graph(call)
-            else:
+            elif graphed:
                 tables.append(f"--- {name}: CPU-side ops of 5 calls\n{cpu_ops(call, args.top)}")
                 tables.append(f"--- {name}: GPU kernels of one call\n{kernel_counts(call)}")
             rows.append(row)
-            if name.startswith("fxsparse"):
+            if name.startswith("fxsparse") and not name.endswith("freezing"):
                 # what the backend did: graphs (a graph break makes several), per conv lowering
                 tables.append(f"--- {name}: fxsparse report\n{fxsparse.report.current_report(None)}")
-            if graphed and name.startswith("fxsparse"):
-                # the layers of one call: dynamo + guard + wrapper + Inductor's cudagraph tree
+            if name.startswith("fxsparse") and graphed == on_gpu and not name.endswith("freezing"):
+                # the layers of one call: dynamo + guard + wrapper + Inductor's graph
                 graph, graph_args = captured_graph_call(compiled, x)
                 for label, part in (("  GuardedGraph call", lambda: graph(*graph_args)),
                                     ("  value guard", lambda: graph.guard.holds(graph_args)),
-                                    ("  compiled graph (Inductor + CUDA graphs)", lambda: graph.fn(*graph_args))):
+                                    ("  compiled graph (Inductor)", lambda: graph.fn(*graph_args))):
                     calls[label] = part
         samples = {name: {"host_us": [], "plain_ms": []} for name in calls}
         for _ in range(args.rounds):
             for name, call in calls.items():
                 samples[name]["host_us"].append(common.time_host_us(call))
-                if not name.startswith("  "):
+                if on_gpu and not name.startswith("  "):
                     samples[name]["plain_ms"].append(common.time_plain(call))
     by_name = {r["variant"]: r for r in rows}
     table = []

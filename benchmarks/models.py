@@ -165,16 +165,18 @@ def compile_inductor(model, freezing: bool = False, cudagraphs: bool = False, re
     model compiled before recompile on its next call)."""
     if reset:
         torch._dynamo.reset()
-    patch, _ = common.inductor_config_patch(freezing=freezing)
     compiled = torch.compile(model, mode="reduce-overhead" if cudagraphs else None)
+    return with_freezing(compiled) if freezing else compiled
 
-    if not freezing:
-        return compiled
+
+def with_freezing(compiled):
+    """`compiled` with `torch._inductor.config.freezing` on for its first (tracing, compiling)
+    call, which is when dynamo and Inductor read it; later calls skip the patch, so that the
+    plain call carries no host cost of ours."""
+    patch, _ = common.inductor_config_patch(freezing=True)
     first = True
 
     def run(x):
-        # freezing is read when the graph compiles, on the first call; later calls skip the
-        # patch so that the baseline's plain call carries no host cost of ours
         nonlocal first
         if first:
             first = False

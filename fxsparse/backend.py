@@ -35,6 +35,7 @@ class Rewrite:
     depends_on: list  # positions of the inputs whose values the rewrite read
     constant_outputs: dict  # output position -> tensor returned as it is (see with_constant_outputs)
     counters: list = field(default_factory=list)  # tensors watched in place of BatchNorm statistics
+    frozen: list = field(default_factory=list)  # tensors the graph holds as attributes (see frozen_tensors)
 
 
 def is_inference(example_inputs: Sequence) -> bool:
@@ -80,7 +81,25 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence, opts: Options, index: 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     depends_on = [i for i, p in enumerate(placeholders) if p in cap.read]
     counters = batchnorm_counters([placeholders[i] for i in depends_on], report)
-    return Rewrite(new_gm, report, depends_on, constant_outputs, counters)
+    return Rewrite(new_gm, report, depends_on, constant_outputs, counters, frozen_tensors(gm))
+
+
+def frozen_tensors(gm: fx.GraphModule) -> list:
+    """Tensors the dynamo graph reads as attributes rather than inputs. Under
+    `torch._inductor.config.freezing` (with grad off) dynamo hands parameters and buffers over
+    this way: no per-call marshalling of ~300 inputs, but then no input carries them either.
+    The rewrite folds their values and Inductor freezes them all, so the guard watches every
+    one of them: an in-place change recompacts and recompiles instead of going stale (Inductor
+    alone, frozen, keeps returning the old weights)."""
+    out, seen = [], set()
+    for node in gm.graph.find_nodes(op="get_attr"):
+        t = gm
+        for part in node.target.split("."):
+            t = getattr(t, part, None)
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
 
 
 def batchnorm_counters(read: Sequence[fx.Node], report: GraphReport) -> list:
@@ -146,7 +165,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, opts: Options):
         fn = with_constant_outputs(fn, rw.constant_outputs)
         if not opts.guard_values:
             return fn, ValueGuard((), inputs)
-        return fn, ValueGuard(rw.depends_on, inputs, list(rw.constant_outputs.values()) + rw.counters)
+        return fn, ValueGuard(rw.depends_on, inputs, list(rw.constant_outputs.values()) + rw.counters + rw.frozen)
 
     return GuardedGraph(build, example_inputs)
 

@@ -239,3 +239,41 @@ def test_rebound_parameter_through_inductor(rebind, tmp_path):
         else:
             model.fc.weight = nn.Parameter(3.0 * model.fc.weight)
         assert_matches(c, model, shape, seeds=(31, 32))
+
+
+# -- under Inductor's freezing: parameters reach the backend as graph attributes, not inputs --
+
+def _change(kind, model):
+    with torch.no_grad():
+        if kind == "weight_orig":
+            model.layer1[0].conv1.weight_orig.mul_(2.0)
+        elif kind == "mask":
+            model.layer2[0].conv1.weight_mask[3].zero_()
+        elif kind == "bn_stats":
+            model.layer2[1].bn1.running_mean.add_(0.5)
+        elif kind == "linear":  # the head's bias: a plain parameter, frozen by Inductor
+            model.fc.bias.add_(1.0)
+        elif kind == "rebind":
+            conv = model.layer2[1].conv2
+            conv.weight_orig = nn.Parameter(torch.randn_like(conv.weight_orig))
+
+
+@pytest.mark.parametrize("kind", ["weight_orig", "mask", "bn_stats", "linear", "rebind"])
+def test_freezing_follows_every_frozen_tensor(kind):
+    """With `torch._inductor.config.freezing` and grad off, dynamo hands the backend its
+    parameters and buffers as graph attributes (no per-call input marshalling: what latency
+    serving wants) and Inductor bakes them into the compiled code. Inductor alone then keeps
+    returning the old weights after an in-place change; fxsparse's guard watches every
+    attribute tensor and recompiles, so the result follows eager whatever changed."""
+    model, shape = M.build("resnet")
+    M.group_prune(model, M.tiny_resnet_groups(model))
+    spy = Spy(inductor=True)
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        c = torch.compile(model, backend=spy, fullgraph=True)
+        c(torch.randn(shape))
+        (g,) = spy.graphs
+        assert len(g.guard.held) > 20, "parameters should arrive as attributes under freezing"
+        assert_matches(c, model, shape)
+        _change(kind, model)
+        assert_matches(c, model, shape, seeds=(41, 42))
+    assert spy.recompactions + len(spy.graphs) - 1 >= 1
