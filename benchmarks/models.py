@@ -43,7 +43,8 @@ GPU_COLUMNS = [
     ("ind_graph", "Ind graph"), ("ind_plain", "Ind plain"),
     ("frz_graph", "frz graph"), ("frz_plain", "frz plain"), ("frzcg_plain", "frz+cg plain"),
     ("fx_graph", "fx graph"), ("fx_plain", "fx plain"), ("fxcg_plain", "fx+cg plain"),
-    ("tp_graph", "TP frz graph"), ("tpcg_plain", "TP frz+cg plain"),
+    ("tpind_graph", "TP Ind graph"), ("tpind_plain", "TP Ind plain"),
+    ("tp_graph", "TP frz graph"), ("tp_plain", "TP frz plain"), ("tpcg_plain", "TP frz+cg plain"),
     ("speedup_graph", "fx/Ind best graph"), ("speedup_plain", "fx+cg/Ind best plain"),
     ("ind_compile_s", "Ind compile s"), ("fx_compile_s", "fx compile s"), ("fx_err", "fx err"),
     ("tp_err", "TP-vs-masked err"), ("fx_launches", "fx launches"), ("fx_report_launches", "fx launches (report)"),
@@ -276,7 +277,9 @@ def gpu_row(name: str, keep: float, batch: int, full: bool, lowering: str = "aut
             measure("fxcg", fxcg, x, ref, row, False, True, errors)
         if pruned is not None and "tp" in variants:
             pruned = to_gpu(pruned)
-            measure("tp", compile_inductor(pruned, freezing=True), x, None, row, True, False, errors)
+            if full:  # the physically pruned model under the same three Inductor settings
+                measure("tpind", compile_inductor(copy.deepcopy(pruned)), x, None, row, True, True, errors)
+            measure("tp", compile_inductor(pruned, freezing=True), x, None, row, True, full, errors)
             row["tp_err"] = common.max_abs_err(pruned(x), ref)
             measure("tpcg", compile_inductor(copy.deepcopy(pruned), freezing=True, cudagraphs=True), x, None,
                     row, False, True, errors)
@@ -318,8 +321,8 @@ def main(argv: Optional[list] = None) -> None:
     p.add_argument("--models", default="resnet50,resnet18,mobilenet_v2")
     p.add_argument("--keep", default="1.0,0.5,0.25", help="fractions of channels kept")
     p.add_argument("--batch", default="64,1")
-    p.add_argument("--lean-batch1", action="store_true", default=True,
-                   help="at B=1 skip the graph columns and Inductor default (plain-call latency only)")
+    p.add_argument("--lean-batch1", action=argparse.BooleanOptionalAction, default=False,
+                   help="at B=1 skip Inductor default (masked and pruned) and the frz plain columns")
     p.add_argument("--quick", action="store_true", help="small ResNet on the CPU, for CI")
     p.add_argument("--image-size", type=int, default=224, help="input size of the torchvision models")
     p.add_argument("--masks", default="groups", choices=("groups", "ln"),

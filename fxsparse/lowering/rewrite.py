@@ -6,9 +6,12 @@ run on compacted constant weights with their BatchNorm folded in, and fused
 chains (see fusion.py) become one `torch.ops.fxsparse.conv2d` call (lowering
 "triton") or a compacted aten conv (lowering "aten") whose epilogue (activation,
 residual add) is emitted as plain ops for Inductor to fuse; lowering "auto" picks
-one of the two per chain by timing both (choose.py). Everything fxsparse does
-not rewrite is copied as it is, its channel inputs first restored to full width
-(`relayout`), and the result goes to Inductor.
+one of the two per chain by timing both (choose.py). Where a chain's residual
+add stores more channels than its conv computes, the fused op scatters into the
+add's layout and an aten conv writes it directly from zero filter rows
+(`dense_out`). Everything fxsparse does not rewrite is copied as it is, its
+channel inputs first restored to full width (`relayout`, kernels/layout.py, in
+the input's memory format), and the result goes to Inductor.
 
 In training, values change every step, so nothing is folded: a conv whose mask
 removes channels gathers its kept weights from `mask * weight_orig` inside the
