@@ -109,12 +109,14 @@ class ChainProblem:
                 x, w, b, stride, padding, dilation, self.in_index, self.out_index, s.out_stored, self.fill,
                 None, None, m, residual, s.activation, s.residual_after_activation)
 
-        # The aten candidate is what the lowering emits for it (rewrite.emit_chain): where the
-        # residual add stores more channels than the conv computes, the conv writes the add's
-        # layout itself from zero filter rows (dense_out) when the add comes before the
-        # activation, else its compact output is scattered there (relayout); then one
-        # elementwise pass, as Inductor fuses bias map, residual and activation into one.
-        dense_out = self.out_index is not None and s.residual and not s.residual_after_activation
+        # The aten candidate is what the lowering emits for it (rewrite.emit_chain and
+        # dense_out): where the chain's result layout stores more channels than the conv
+        # computes, a 1x1 conv writes that layout itself from zero filter rows, unless a
+        # residual add comes after the activation; otherwise its compact output is scattered
+        # there (relayout). Then one elementwise pass, as Inductor fuses bias map, residual
+        # and activation into one.
+        dense_out = (self.out_index is not None and s.kernel == (1, 1)
+                     and not (s.residual and s.residual_after_activation))
         if dense_out:
             rows = self.out_index.long()
             w_a = w.new_zeros((s.out_stored, *w.shape[1:])).contiguous(memory_format=torch.channels_last)

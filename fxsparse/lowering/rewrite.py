@@ -72,6 +72,7 @@ class Lowering:
         # node -> Layout its emitted value is stored in, where that is not the propagation's
         # (an aten conv writing its residual add's layout directly: dense_out)
         self.stored_as: dict = {}
+        self.zero_rows: dict = {}  # conv node -> zero filter rows its dense_out conv computes
         self.consts: dict = {}
         self.records: dict = {}
         self.constant_outputs: dict = {}  # output position -> tensor the wrapper returns
@@ -272,14 +273,19 @@ class Lowering:
         return out
 
     def dense_out(self, chain: Chain, weight, bias, bias_map, device, dtype) -> Optional[tuple]:
-        """For an aten chain whose residual add stores more channels than the conv computes:
-        (weight, bias, bias map) nodes of a conv that writes the add's layout directly, the
-        added channels from zero filter rows whose bias is their constant. Without it the
-        compact conv output is scattered into the add's layout by a relayout, one more pass
-        over the widest activation of the block; the zero rows cost only where the conv is
-        compute-bound, which a conv this narrow rarely is. None where it does not apply (no
-        add, or the add after the activation: the activation's constants are not the conv's)."""
-        if chain.add is None or chain.residual_after_activation:
+        """For an aten chain whose result layout (result_layout) stores more channels than the
+        conv computes: (weight, bias, bias map) nodes of a conv that writes that layout
+        directly, the added channels from zero filter rows whose bias is their constant.
+        Without it the compact conv output is scattered into the add's layout by a relayout,
+        one more pass over the widest activation of the block; the zero rows cost only where
+        the conv is compute-bound, which a conv this narrow rarely is. None where it does not
+        apply: the add after the activation (the sum is not what the conv's rows compute); a
+        conv with more than one tap (zero rows there cost kh*kw times more MACs than a 1x1's);
+        a lowering that was not measured (on the CPU Inductor fuses the scatter into the add's
+        own pass, so it costs nothing to keep; "auto" timed this form against the fused op)."""
+        if self.conv_backend != "auto" or tuple(weight.shape[2:]) != (1, 1):
+            return None
+        if chain.add is not None and chain.residual_after_activation:
             return None
         out_layout, out_index, fill = self.epilogue_layout(chain, "cpu")
         if out_index is None:
@@ -295,16 +301,43 @@ class Lowering:
             m = bias_map.new_zeros((rows, *bias_map.shape[1:]))
             m[out_index.to(bias_map.device)] = bias_map
             m = self.const(m.to(device, dtype), "bias_map")
-        pre = self.prop.layout[chain.pre_activation]
-        self.stored_as[chain.pre_activation] = Layout(pre.channels, out_layout.kept, pre.const)
+        self.mark_widened(chain, out_layout, (chain.pre_activation, chain.act))
+        self.zero_rows[chain.conv] = rows - len(out_index)
         return (self.const(w.to(device, dtype).contiguous(memory_format=torch.channels_last), "weight"),
                 self.const(b.to(device, dtype), "bias"), m)
+
+    def mark_widened(self, chain: Chain, out_layout: Layout, nodes) -> None:
+        """Records that the chain's `nodes` are emitted in `out_layout` (each with its own
+        constants in the channels it does not compute) where the propagation stored them
+        narrower; `read` then serves them without a relayout."""
+        for node in nodes:
+            if node is None or node is chain.add:
+                continue
+            own = self.prop.layout[node]
+            if not own.same_storage(out_layout):
+                self.stored_as[node] = Layout(own.channels, out_layout.kept, own.const)
+
+    def result_layout(self, chain: Chain) -> Layout:
+        """The layout a chain writes its result in: its residual add's; for a chain without one
+        whose only reader is an add storing more channels (a downsample branch), that add's,
+        which it then reads without a relayout; else the chain's own."""
+        if chain.add is not None:
+            return self.prop.layout[chain.add]
+        own = self.prop.layout[chain.anchor]
+        if self.prop.conv_plans[chain.conv].depthwise or len(chain.anchor.users) != 1:
+            return own  # (a depthwise conv's filters are its channels: no rows to add)
+        (user,) = chain.anchor.users
+        v = self.cap.views.get(user)
+        if v is None or v.kind != "add" or user not in self.prop.layout or not self.prop.enabled:
+            return own
+        want = self.prop.layout[user]
+        return want if want.channels == own.channels and not want.same_storage(own) else own
 
     def epilogue_layout(self, chain: Chain, device) -> tuple:
         """(layout of the chain's result, out_index, fill): where the fused op scatters kept
         column j (None: in order) and the pre-activation constant of the channels it adds."""
         pre = self.prop.layout[chain.pre_activation]
-        out_layout = self.prop.layout[chain.add] if chain.add is not None else pre
+        out_layout = self.result_layout(chain)
         if out_layout.same_storage(pre):
             return out_layout, None, None
         out_index = out_layout.positions_of(pre.kept).to(device)
@@ -318,7 +351,7 @@ class Lowering:
             conv = self.cap.views[chain.conv].conv
             weight = self.consts[w_node.target]
             _, out_index, fill = self.epilogue_layout(chain, weight.device)
-            out_layout = self.prop.layout[chain.add] if chain.add is not None else self.prop.layout[chain.pre_activation]
+            out_layout = self.result_layout(chain)
             out_val = self._example(chain.conv)
             c = choose.concrete
             shape = choose.ChainShape(
@@ -347,6 +380,8 @@ class Lowering:
             fill = self.const(fill, "fill")
         if chain.add is not None:
             residual = self.read(chain.residual, out_layout)
+        else:  # a downsample branch written in its add's layout (result_layout)
+            self.mark_widened(chain, out_layout, (chain.anchor,))
         act = self.cap.views[chain.act].activation if chain.act is not None else "none"
         in_index = None if positions is None else self.const(positions.to(like.device), "in_index")
         return self.graph.call_function(torch.ops.fxsparse.conv2d.default, (
@@ -469,14 +504,13 @@ class Lowering:
             ideal_layout = self.prop.layout.get(self.cap.views[chain.conv].conv.input)
             ideal_in = kin if ideal_layout is None else int((~sp.zero_cols & ideal_layout.kept_mask()).sum())
         fused = [k for k, node in (("batch_norm", chain.bn), ("activation", chain.act), ("residual", chain.add)) if node is not None]
-        wide = self.stored_as.get(chain.pre_activation)
-        computed = kout if wide is None else len(wide.kept)  # dense_out computes its zero rows too
-        record = self.records[chain.conv] = self._record(sp, kin, computed, ideal_in, kout, lowering, None, fused)
+        zero = self.zero_rows.get(chain.conv, 0)  # dense_out computes its zero rows too
+        record = self.records[chain.conv] = self._record(sp, kin, kout + zero, ideal_in, kout, lowering, None, fused)
         record.kept_out_channels = kout
         record.choice = choice
-        if wide is not None:
-            record.notes.append(f"the aten conv also computes {computed - kout} zero filter rows: it writes "
-                                f"the residual add's {computed}-channel layout directly (no scatter pass)")
+        if zero:
+            record.notes.append(f"the aten conv also computes {zero} zero filter rows: it writes the residual "
+                                f"add's {kout + zero}-channel layout directly (no scatter pass)")
 
 
 def keep_dynamo_metadata(dynamo_gm: fx.GraphModule, gm: fx.GraphModule) -> None:
