@@ -80,7 +80,8 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence, opts: Options, index: 
                             "carried across layers (per-conv compaction only)")
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     depends_on = [i for i, p in enumerate(placeholders) if p in cap.read]
-    counters = batchnorm_counters([placeholders[i] for i in depends_on], report)
+    # (attributes: under freezing every statistic is one, and the guard watches them all)
+    counters = batchnorm_counters([placeholders[i] for i in depends_on] + gm.graph.find_nodes(op="get_attr"), report)
     return Rewrite(new_gm, report, depends_on, constant_outputs, counters, frozen_tensors(gm))
 
 

@@ -2,6 +2,8 @@
 injected fake timer: mixed graphs equal eager, the report says what was chosen and why,
 identical shapes are timed once, and a chain lowered to aten (conv + its epilogue as plain
 ops) equals eager for every chain form."""
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -273,3 +275,26 @@ def test_timer_is_told_whether_the_graph_runs_under_cuda_graphs(graphed, tmp_pat
     with choose.override(rule_timer(residual_or_1x1, log=seen)):
         compile_auto(model, shape, tmp_path, inductor=False)
     assert seen and all(s.graphed is graphed for _, s in seen)
+
+
+@pytest.mark.parametrize("mask", ["ln0", "custom_out", "filter_groups"])  # masks that disagree across adds
+@pytest.mark.parametrize("name", list(M.ZOO))
+def test_aten_everywhere_writes_add_layouts_exactly(name, mask, tmp_path):
+    """Lowering "auto" with aten winning every chain: each 1x1 conv feeding a residual add (or
+    a downsample branch feeding one) computes the add's wider layout from zero filter rows
+    whose bias is the channel's constant (dense_out). Equal to eager on every zoo model."""
+    model, shape = M.build(name)
+    M.MASKS[mask](model)
+    with choose.override(rule_timer(lambda s: True)):
+        _, g = compile_auto(model, shape, tmp_path)
+    rows = [r for r in g["convs"] if r["lowering"] != "unchanged"]
+    assert rows and all(r["lowering"] == "aten" for r in rows), rows
+    widened = [r for r in rows if any("zero filter rows" in n for n in r["notes"])]
+    for r in widened:  # zero rows are computed work, and the report counts them
+        zero = int(re.search(r"computes (\d+) zero filter rows", " ".join(r["notes"])).group(1))
+        kin = r["kept_in_channels"]
+        taps = r["kernel_size"][0] * r["kernel_size"][1]
+        assert zero > 0 and taps == 1
+        assert r["macs_after"] % ((r["kept_out_channels"] + zero) * kin * taps) == 0, r
+    if name in ("bottleneck", "mobilenet") and mask == "ln0":  # 1x1 convs feeding adds: rows added
+        assert widened, rows

@@ -133,3 +133,19 @@ def test_training_step_on_cuda_matches_eager():
     expected.square().sum().backward()
     for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         assert _rel(p.grad, q.grad) < 2e-2, n
+
+
+def test_freezing_under_cuda_graphs_follows_in_place_changes():
+    """Under Inductor's freezing dynamo hands parameters over as graph attributes (the
+    latency-serving setup): still equal to eager, and an in-place change of a folded weight
+    and of a BatchNorm statistic, both frozen constants, is picked up."""
+    torch._dynamo.reset()
+    m = _masked_model()
+    x = _x(batch=1)
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        c = torch.compile(m, backend="fxsparse")
+        c(x)
+        assert _rel(c(x), m(x)) < 2e-3
+        m.layers[1].conv1.weight_orig.mul_(-1.5)
+        m.layers[2].bn1.running_mean.add_(0.3)
+        assert _rel(c(x), m(x)) < 2e-3

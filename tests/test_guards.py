@@ -253,12 +253,16 @@ def _change(kind, model):
             model.layer2[1].bn1.running_mean.add_(0.5)
         elif kind == "linear":  # the head's bias: a plain parameter, frozen by Inductor
             model.fc.bias.add_(1.0)
+        elif kind == "bn_train_forward":  # updates running stats without a version bump
+            model.train()
+            model(torch.randn(4, 3, 8, 8))
+            model.eval()
         elif kind == "rebind":
             conv = model.layer2[1].conv2
             conv.weight_orig = nn.Parameter(torch.randn_like(conv.weight_orig))
 
 
-@pytest.mark.parametrize("kind", ["weight_orig", "mask", "bn_stats", "linear", "rebind"])
+@pytest.mark.parametrize("kind", ["weight_orig", "mask", "bn_stats", "bn_train_forward", "linear", "rebind"])
 def test_freezing_follows_every_frozen_tensor(kind):
     """With `torch._inductor.config.freezing` and grad off, dynamo hands the backend its
     parameters and buffers as graph attributes (no per-call input marshalling: what latency

@@ -359,7 +359,7 @@ _COUNTER_KEY = "_fxsparse_bn_counter"
 
 
 def running_stat_counter(node: fx.Node) -> tuple:
-    """(whether placeholder `node` holds a BatchNorm running mean or variance, the
+    """(whether placeholder or attribute `node` holds a BatchNorm running mean or variance, the
     `num_batches_tracked` buffer beside it or None). The buffer is looked up in the frame
     dynamo is compiling, so only while it compiles; the answer is kept on the node for
     recompactions at call time."""
@@ -371,7 +371,13 @@ def running_stat_counter(node: fx.Node) -> tuple:
 
 
 def _source_name(node: fx.Node) -> Optional[str]:
-    source = getattr(node.meta.get("grapharg"), "source", None)
+    """Dynamo's source expression for a placeholder, or for an attribute it installed (under
+    Inductor's freezing, parameters and buffers arrive as attributes)."""
+    if node.op == "get_attr":
+        sources = getattr(node.graph.owning_module, "_param_name_to_source", None) or {}
+        source = sources.get(node.target)
+    else:
+        source = getattr(node.meta.get("grapharg"), "source", None)
     name = getattr(source, "name", None)
     if callable(name):  # older torch: a method
         name = name()
