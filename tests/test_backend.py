@@ -33,7 +33,10 @@ def test_zoo_matches_eager_and_compacts(name, mask, lowering, tmp_path):
         assert_matches(c, model, shape)
     (g,) = report(tmp_path)["graphs"]
     assert g["mode"] == "inference" and g["lowering"] == lowering
-    assert g["macs_after"] < g["macs_before"], "structured masks must remove work"
+    # Structured masks remove work, unless a 1x1 conv writing its residual add's wider layout
+    # computes zero rows instead of scattering (dense_out), which the report says per conv.
+    traded = any("zero filter rows" in n for r in g["convs"] for n in r["notes"])
+    assert g["macs_after"] < g["macs_before"] or traded, "structured masks must remove work"
     rewritten = [r for r in g["convs"] if r["lowering"] != "unchanged"]
     assert rewritten
     for r in rewritten:

@@ -59,7 +59,9 @@ def test_report_json_structure(tmp_path):
         assert CONV_KEYS <= set(row)
         assert row["lowering"] == "triton" and row["reason"] is None
         assert row["kept_out_channels"] < row["out_channels"]
-        assert row["macs_after"] < row["macs_before"]
+        # a 1x1 conv writing its residual add's wider layout computes zero rows (dense_out)
+        widened = any("zero filter rows" in n for n in row["notes"])
+        assert row["macs_after"] < row["macs_before"] or (widened and row["macs_after"] == row["macs_before"])
     conv1 = g["convs"][0]
     assert (conv1["in_channels"], conv1["out_channels"], conv1["kept_out_channels"]) == (3, 8, 5)
     assert conv1["kernel_size"] == [3, 3] and conv1["stride"] == [1, 1]

@@ -91,6 +91,19 @@ class ChainProblem:
         s = self.shape
         return s.residual or s.activation != "none" or s.out_index or s.bias_map
 
+    def widened(self) -> tuple:
+        """(weight, bias, bias map) with one row per stored output channel: the computed rows
+        at out_index, zero rows elsewhere whose bias is the channel's constant (dense_out)."""
+        s, w, b, m = self.shape, self.weight, self.bias, self.bias_map
+        rows = self.out_index.long()
+        w_w = w.new_zeros((s.out_stored, *w.shape[1:])).contiguous(memory_format=torch.channels_last)
+        w_w[rows] = w
+        b_w = self.fill.to(w.dtype).clone()
+        if b is not None:
+            b_w[rows] = b
+        m_w = None if m is None else m.new_zeros((s.out_stored, *m.shape[1:])).index_copy(0, rows, m)
+        return w_w, b_w, m_w
+
     def candidates(self) -> dict:
         """{"triton": fn, "aten": fn}, each running the chain once on random inputs."""
         s, dev, dtype = self.shape, self.weight.device, self.weight.dtype
@@ -104,33 +117,26 @@ class ChainProblem:
         w, b, m = self.weight, self.bias, self.bias_map
         stride, padding, dilation = list(s.stride), list(s.padding), list(s.dilation)
 
-        def triton():
-            return torch.ops.fxsparse.conv2d.default(
-                x, w, b, stride, padding, dilation, self.in_index, self.out_index, s.out_stored, self.fill,
-                None, None, m, residual, s.activation, s.residual_after_activation)
-
-        # The aten candidate is what the lowering emits for it (rewrite.emit_chain and
-        # dense_out): where the chain's result layout stores more channels than the conv
-        # computes, a 1x1 conv writes that layout itself from zero filter rows, unless a
-        # residual add comes after the activation; otherwise its compact output is scattered
-        # there (relayout). Then one elementwise pass, as Inductor fuses bias map, residual
-        # and activation into one.
-        dense_out = (self.out_index is not None and s.kernel == (1, 1)
-                     and not (s.residual and s.residual_after_activation))
-        if dense_out:
-            rows = self.out_index.long()
-            w_a = w.new_zeros((s.out_stored, *w.shape[1:])).contiguous(memory_format=torch.channels_last)
-            w_a[rows] = w
-            b_a = self.fill.to(dtype).clone()
-            if b is not None:
-                b_a[rows] = b
-            m_a = None if m is None else m.new_zeros((s.out_stored, *m.shape[1:])).index_copy(0, rows, m)
-        else:
-            w_a, b_a, m_a = w, b, m
-        scatter = self.out_index is not None and not dense_out
+        # Each candidate is what the lowering emits for it (rewrite.emit_chain, dense_out):
+        # where the chain's result layout stores more channels than the conv computes, a 1x1
+        # conv writes that layout itself from zero filter rows (aten: unless a residual add
+        # comes after the activation); otherwise the fused op scatters into it and aten's
+        # compact output is scattered there by a relayout. Aten then runs one elementwise
+        # pass, as Inductor fuses bias map, residual and activation into one.
+        wide = self.widened() if self.out_index is not None and s.kernel == (1, 1) else None
+        dense_aten = wide is not None and not (s.residual and s.residual_after_activation)
+        w_t, b_t, m_t = wide if wide is not None else (w, b, m)
+        out_index_t, fill_t = (None, None) if wide is not None else (self.out_index, self.fill)
+        w_a, b_a, m_a = wide if dense_aten else (w, b, m)
+        scatter = self.out_index is not None and not dense_aten
         src_pos = None if not scatter else torch.arange(len(self.out_index), device=dev)
         has_epilogue = self.has_epilogue
         m_model = None if m_a is None else m_a.to(dtype)  # the aten path adds it in the model's dtype
+
+        def triton():
+            return torch.ops.fxsparse.conv2d.default(
+                x, w_t, b_t, stride, padding, dilation, self.in_index, out_index_t, s.out_stored, fill_t,
+                None, None, m_t, residual, s.activation, s.residual_after_activation)
 
         def aten():
             xi = x if self.in_index is None else select_channels(x, self.in_index)

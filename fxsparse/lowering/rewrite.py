@@ -261,31 +261,34 @@ class Lowering:
         # output, in the model's dtype (an fp32 map would promote the rest of the graph)
         m_node = None if bias_map is None else self.const(
             bias_map if lowering == "triton" else bias_map.to(dtype), "bias_map")
+        wide = self.dense_out(chain, weight, bias, bias_map, device, dtype, fused=lowering == "triton")
+        if wide is not None:
+            w_node, b_node, m_node = wide
         if lowering == "triton":
-            out = self.emit_fused_op(chain, plan, x, None if identity_in else positions, w_node, b_node, m_node, like)
+            out = self.emit_fused_op(chain, plan, x, None if identity_in else positions, w_node, b_node, m_node, like,
+                                     scatter=wide is None)
         else:
-            wide = self.dense_out(chain, weight, bias, bias_map, device, dtype)
-            if wide is not None:
-                w_node, b_node, m_node = wide
             out = self.emit_aten_conv(plan, conv, x, None if identity_in else positions, w_node, b_node, m_node)
             out = self.emit_aten_epilogue(chain, out)
         self.record_rewritten(chain, plan, lowering, choice)
         return out
 
-    def dense_out(self, chain: Chain, weight, bias, bias_map, device, dtype) -> Optional[tuple]:
-        """For an aten chain whose result layout (result_layout) stores more channels than the
+    def dense_out(self, chain: Chain, weight, bias, bias_map, device, dtype, fused: bool) -> Optional[tuple]:
+        """For a 1x1 chain whose result layout (result_layout) stores more channels than the
         conv computes: (weight, bias, bias map) nodes of a conv that writes that layout
-        directly, the added channels from zero filter rows whose bias is their constant.
-        Without it the compact conv output is scattered into the add's layout by a relayout,
-        one more pass over the widest activation of the block; the zero rows cost only where
-        the conv is compute-bound, which a conv this narrow rarely is. None where it does not
-        apply: the add after the activation (the sum is not what the conv's rows compute); a
-        conv with more than one tap (zero rows there cost kh*kw times more MACs than a 1x1's);
-        a lowering that was not measured (on the CPU Inductor fuses the scatter into the add's
-        own pass, so it costs nothing to keep; "auto" timed this form against the fused op)."""
-        if self.conv_backend != "auto" or tuple(weight.shape[2:]) != (1, 1):
+        directly, the added channels from zero filter rows whose bias is their constant (their
+        activation and residual then follow as for any row). Zero rows in a 1x1 conv cost
+        little (its K is short; it is bound by the output it writes), while the alternatives
+        cost a pass or worse: the fused op's scatter stores are 2-byte scalar stores (offline
+        PTX for sm90: 64 `st.global.b16` per thread where the dense tile issues 8
+        `st.global.v4`; measured 0.5-1 ms on ResNet-50's conv3 chains), an aten conv's
+        compact output needs a relayout into the add's layout. None where it does not apply:
+        more than one tap (zero rows cost kh*kw times more); for aten, a lowering that was
+        not measured (on the CPU Inductor fuses the scatter into the add's own pass) or an add
+        after the activation (emitted node by node, the sum is not what the rows compute)."""
+        if tuple(weight.shape[2:]) != (1, 1):
             return None
-        if chain.add is not None and chain.residual_after_activation:
+        if not fused and (self.conv_backend != "auto" or (chain.add is not None and chain.residual_after_activation)):
             return None
         out_layout, out_index, fill = self.epilogue_layout(chain, "cpu")
         if out_index is None:
@@ -297,11 +300,11 @@ class Lowering:
         if bias is not None:
             b[out_index] = bias.to(CONST_DTYPE)
         m = None
-        if bias_map is not None:
+        if bias_map is not None:  # the fused op adds it in fp32, aten in the model's dtype
             m = bias_map.new_zeros((rows, *bias_map.shape[1:]))
             m[out_index.to(bias_map.device)] = bias_map
-            m = self.const(m.to(device, dtype), "bias_map")
-        self.mark_widened(chain, out_layout, (chain.pre_activation, chain.act))
+            m = self.const(m.to(device, torch.float32 if fused else dtype), "bias_map")
+        self.mark_widened(chain, out_layout, (chain.anchor,) if fused else (chain.pre_activation, chain.act))
         self.zero_rows[chain.conv] = rows - len(out_index)
         return (self.const(w.to(device, dtype).contiguous(memory_format=torch.channels_last), "weight"),
                 self.const(b.to(device, dtype), "bias"), m)
@@ -371,9 +374,14 @@ class Lowering:
             return choose.Decision("triton", f"not measured ({type(e).__name__}: {e}): triton")
         return self.chooser.choose(problem)
 
-    def emit_fused_op(self, chain, plan, x, positions, w_node, b_node, m_node, like) -> fx.Node:
+    def emit_fused_op(self, chain, plan, x, positions, w_node, b_node, m_node, like, scatter: bool) -> fx.Node:
+        """`scatter`: the weight holds the computed rows only, and the op writes them into the
+        chain's result layout at out_index, filling the others; else the weight already has
+        one row per stored channel (dense_out)."""
         conv = self.cap.views[chain.conv].conv
         out_layout, out_index, fill = self.epilogue_layout(chain, like.device)
+        if not scatter:
+            out_index = fill = None
         residual = None
         if out_index is not None:
             out_index = self.const(out_index, "out_index")
@@ -509,8 +517,8 @@ class Lowering:
         record.kept_out_channels = kout
         record.choice = choice
         if zero:
-            record.notes.append(f"the aten conv also computes {zero} zero filter rows: it writes the residual "
-                                f"add's {kout + zero}-channel layout directly (no scatter pass)")
+            record.notes.append(f"the conv also computes {zero} zero filter rows: it writes the residual "
+                                f"add's {kout + zero}-channel layout directly (no scatter)")
 
 
 def keep_dynamo_metadata(dynamo_gm: fx.GraphModule, gm: fx.GraphModule) -> None:
