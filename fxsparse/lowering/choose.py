@@ -74,6 +74,28 @@ class ChainShape:
                 f"{self.height}x{self.width} {self.dtype}")
 
 
+def writes_with_zero_rows(kernel, fused: bool, residual: bool, residual_after_activation: bool) -> bool:
+    """Whether a chain whose result layout stores more channels than its conv computes writes
+    that layout from zero filter rows (rewrite.dense_out) rather than scattering into it: 1x1
+    convs only, and for aten not where a residual add follows the activation."""
+    return tuple(kernel) == (1, 1) and (fused or not (residual and residual_after_activation))
+
+
+def zero_row_weights(weight, bias, bias_map, index, fill, rows: int) -> tuple:
+    """(weight, bias, bias map) with `rows` output rows: the given ones at `index`, zero rows
+    elsewhere whose bias is `fill` (the channel's constant), in the given dtypes and devices."""
+    index = index.long()
+    w = weight.new_zeros((rows, *weight.shape[1:]))
+    w[index.to(w.device)] = weight
+    b = fill.to(w.device, weight.dtype if bias is None else bias.dtype).clone()
+    if bias is not None:
+        b[index.to(b.device)] = bias
+    m = None
+    if bias_map is not None:
+        m = bias_map.new_zeros((rows, *bias_map.shape[1:])).index_copy(0, index.to(bias_map.device), bias_map)
+    return w, b, m
+
+
 @dataclass
 class ChainProblem:
     """One chain as the lowering will emit it: constants real, activations to be made up."""
@@ -90,19 +112,6 @@ class ChainProblem:
     def has_epilogue(self) -> bool:
         s = self.shape
         return s.residual or s.activation != "none" or s.out_index or s.bias_map
-
-    def widened(self) -> tuple:
-        """(weight, bias, bias map) with one row per stored output channel: the computed rows
-        at out_index, zero rows elsewhere whose bias is the channel's constant (dense_out)."""
-        s, w, b, m = self.shape, self.weight, self.bias, self.bias_map
-        rows = self.out_index.long()
-        w_w = w.new_zeros((s.out_stored, *w.shape[1:])).contiguous(memory_format=torch.channels_last)
-        w_w[rows] = w
-        b_w = self.fill.to(w.dtype).clone()
-        if b is not None:
-            b_w[rows] = b
-        m_w = None if m is None else m.new_zeros((s.out_stored, *m.shape[1:])).index_copy(0, rows, m)
-        return w_w, b_w, m_w
 
     def candidates(self) -> dict:
         """{"triton": fn, "aten": fn}, each running the chain once on random inputs."""
@@ -123,8 +132,12 @@ class ChainProblem:
         # comes after the activation); otherwise the fused op scatters into it and aten's
         # compact output is scattered there by a relayout. Aten then runs one elementwise
         # pass, as Inductor fuses bias map, residual and activation into one.
-        wide = self.widened() if self.out_index is not None and s.kernel == (1, 1) else None
-        dense_aten = wide is not None and not (s.residual and s.residual_after_activation)
+        wide = None
+        if self.out_index is not None and writes_with_zero_rows(s.kernel, True, s.residual, s.residual_after_activation):
+            wide = zero_row_weights(w, b, m, self.out_index, self.fill, s.out_stored)
+            wide = (wide[0].contiguous(memory_format=torch.channels_last), *wide[1:])
+        dense_aten = wide is not None and writes_with_zero_rows(s.kernel, False, s.residual,
+                                                               s.residual_after_activation)
         w_t, b_t, m_t = wide if wide is not None else (w, b, m)
         out_index_t, fill_t = (None, None) if wide is not None else (self.out_index, self.fill)
         w_a, b_a, m_a = wide if dense_aten else (w, b, m)

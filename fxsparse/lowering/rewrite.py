@@ -248,23 +248,24 @@ class Lowering:
             bias_map = None if bias_map is None else bias_map * a_k.reshape(-1, 1, 1)
         positions = x_layout.positions_of(plan.in_channels_used)
         identity_in = len(positions) == len(x_layout.kept) and torch.equal(positions, torch.arange(len(positions)))
-        w_node = self.const(weight.to(device, dtype).contiguous(memory_format=torch.channels_last), "weight")
-        b_node = None if bias is None else self.const(bias.to(device, dtype), "bias")
-        bias_map = None if bias_map is None else bias_map.to(device, torch.float32)
+        w_t = weight.to(device, dtype).contiguous(memory_format=torch.channels_last)
+        b_t = None if bias is None else bias.to(device, dtype)
+        m_t = None if bias_map is None else bias_map.to(device, torch.float32)
         lowering = self.conv_backend if not plan.depthwise else "aten"
         choice = None
         if lowering == "auto":
-            decision = self.choose_lowering(chain, x_layout, None if identity_in else positions,
-                                            w_node, b_node, bias_map, like)
+            decision = self.choose_lowering(chain, x_layout, None if identity_in else positions, w_t, b_t, m_t, like)
             lowering, choice = decision.lowering, decision.reason
+        fused = lowering == "triton"
+        wide = self.dense_out(chain, w_t, b_t, m_t, fused)
+        if wide is not None:
+            w_t, b_t, m_t = wide
         # the fused op adds the bias map to its fp32 accumulator; aten adds it to the conv's
         # output, in the model's dtype (an fp32 map would promote the rest of the graph)
-        m_node = None if bias_map is None else self.const(
-            bias_map if lowering == "triton" else bias_map.to(dtype), "bias_map")
-        wide = self.dense_out(chain, weight, bias, bias_map, device, dtype, fused=lowering == "triton")
-        if wide is not None:
-            w_node, b_node, m_node = wide
-        if lowering == "triton":
+        w_node = self.const(w_t.contiguous(memory_format=torch.channels_last), "weight")
+        b_node = None if b_t is None else self.const(b_t, "bias")
+        m_node = None if m_t is None else self.const(m_t if fused else m_t.to(dtype), "bias_map")
+        if fused:
             out = self.emit_fused_op(chain, plan, x, None if identity_in else positions, w_node, b_node, m_node, like,
                                      scatter=wide is None)
         else:
@@ -273,9 +274,9 @@ class Lowering:
         self.record_rewritten(chain, plan, lowering, choice)
         return out
 
-    def dense_out(self, chain: Chain, weight, bias, bias_map, device, dtype, fused: bool) -> Optional[tuple]:
+    def dense_out(self, chain: Chain, weight, bias, bias_map, fused: bool) -> Optional[tuple]:
         """For a 1x1 chain whose result layout (result_layout) stores more channels than the
-        conv computes: (weight, bias, bias map) nodes of a conv that writes that layout
+        conv computes: the (weight, bias, bias map) of a conv that writes that layout
         directly, the added channels from zero filter rows whose bias is their constant (their
         activation and residual then follow as for any row). Zero rows in a 1x1 conv cost
         little (its K is short; it is bound by the output it writes), while the alternatives
@@ -286,28 +287,18 @@ class Lowering:
         more than one tap (zero rows cost kh*kw times more); for aten, a lowering that was
         not measured (on the CPU Inductor fuses the scatter into the add's own pass) or an add
         after the activation (emitted node by node, the sum is not what the rows compute)."""
-        if tuple(weight.shape[2:]) != (1, 1):
+        if not choose.writes_with_zero_rows(tuple(weight.shape[2:]), fused, chain.add is not None,
+                                            chain.residual_after_activation):
             return None
-        if not fused and (self.conv_backend != "auto" or (chain.add is not None and chain.residual_after_activation)):
+        if not fused and self.conv_backend != "auto":
             return None
-        out_layout, out_index, fill = self.epilogue_layout(chain, "cpu")
+        out_layout, out_index, fill = self.epilogue_layout(chain, weight.device)
         if out_index is None:
             return None
-        rows = len(out_layout.kept)
-        w = torch.zeros((rows, *weight.shape[1:]), dtype=weight.dtype)
-        w[out_index] = weight
-        b = fill.to(CONST_DTYPE).clone()
-        if bias is not None:
-            b[out_index] = bias.to(CONST_DTYPE)
-        m = None
-        if bias_map is not None:  # the fused op adds it in fp32, aten in the model's dtype
-            m = bias_map.new_zeros((rows, *bias_map.shape[1:]))
-            m[out_index.to(bias_map.device)] = bias_map
-            m = self.const(m.to(device, torch.float32 if fused else dtype), "bias_map")
-        self.mark_widened(chain, out_layout, (chain.anchor,) if fused else (chain.pre_activation, chain.act))
-        self.zero_rows[chain.conv] = rows - len(out_index)
-        return (self.const(w.to(device, dtype).contiguous(memory_format=torch.channels_last), "weight"),
-                self.const(b.to(device, dtype), "bias"), m)
+        if not fused:  # emitted node by node: the nodes before the add are read wide
+            self.mark_widened(chain, out_layout, (chain.pre_activation, chain.act))
+        self.zero_rows[chain.conv] = len(out_layout.kept) - len(out_index)
+        return choose.zero_row_weights(weight, bias, bias_map, out_index, fill, len(out_layout.kept))
 
     def mark_widened(self, chain: Chain, out_layout: Layout, nodes) -> None:
         """Records that the chain's `nodes` are emitted in `out_layout` (each with its own
@@ -348,13 +339,11 @@ class Lowering:
         fill_full = torch.where(missing, pre.const, torch.zeros_like(pre.const))
         return out_layout, out_index, fill_full[out_layout.kept].to(device, torch.float32)
 
-    def choose_lowering(self, chain, x_layout, positions, w_node, b_node, bias_map, like) -> "choose.Decision":
+    def choose_lowering(self, chain, x_layout, positions, weight, bias, bias_map, like) -> "choose.Decision":
         """Lowering "auto": the chain's fused op against its aten conv + epilogue, timed (choose.py)."""
         try:
             conv = self.cap.views[chain.conv].conv
-            weight = self.consts[w_node.target]
-            _, out_index, fill = self.epilogue_layout(chain, weight.device)
-            out_layout = self.result_layout(chain)
+            out_layout, out_index, fill = self.epilogue_layout(chain, weight.device)
             out_val = self._example(chain.conv)
             c = choose.concrete
             shape = choose.ChainShape(
@@ -366,8 +355,7 @@ class Lowering:
                 None if positions is None else len(positions), out_index is not None, bias_map is not None,
                 self.cudagraphs)
             problem = choose.ChainProblem(
-                shape, weight, None if b_node is None else self.consts[b_node.target],
-                bias_map,
+                shape, weight, bias, bias_map,
                 None if positions is None else positions.to(weight.device), out_index, fill,
                 (c(out_val.shape[2]), c(out_val.shape[3])))
         except Exception as e:  # noqa: BLE001 - e.g. a size with no concrete value

@@ -55,8 +55,9 @@ class ValueGuard:
         self.versions = list(map(_version, self.tensors))
         # tensors checked by version alone, held here rather than passed in: those the
         # compiled graph hands out (a pruned module's `weight`: a caller writing into one must
-        # not change what the next call returns) and BatchNorm step counters (see
-        # graph/capture.py: running_stat_counter)
+        # not change what the next call returns), BatchNorm step counters (see
+        # graph/capture.py: running_stat_counter) and, under Inductor's freezing, every
+        # tensor the graph holds as an attribute (backend.frozen_tensors)
         self.held = tuple(held)
         self.held_versions = list(map(_version, self.held))
         native = native_checker()
