@@ -33,7 +33,7 @@ for spec in "$@"; do
     dense) cmd="$M --models resnet50,resnet18,mobilenet_v2 --keep 1.0 --batch 64 --json $OUT/dense.json" ;;
     layers) cmd="python3 benchmarks/conv_layers.py --budget-s $((limit - 40)) --json $OUT/layers.json" ;;
     profile) cmd="python3 benchmarks/host_profile.py --model resnet50 --keep 0.5 --batch 1" ;;
-    profmb1) cmd="python3 benchmarks/host_profile.py --model mobilenet_v2 --keep 0.5 --batch 1 --rounds 2" ;;
+    profmb1) cmd="python3 benchmarks/host_profile.py --model mobilenet_v2 --keep 0.5 --batch 1 --rounds 2 --cprofile 200" ;;
     profln) cmd="python3 benchmarks/host_profile.py --model resnet50 --keep 0.5 --batch 64 --masks ln --rounds 1" ;;
     tune) cmd="python3 benchmarks/kernel_tune.py --json $OUT/tune.json" ;;
     *) echo "unknown stage $stage"; continue ;;

@@ -45,6 +45,28 @@ def cpu_ops(fn, top: int) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=70)
 
 
+def python_profile(fn, calls: int, top: int) -> str:
+    """cProfile over `calls` plain calls, top functions by own time: which Python layer of the
+    call (dynamo's wrappers, Inductor's CUDA-graph tree, ours) costs what. cProfile inflates
+    every Python call, so read it for shares, not absolute times."""
+    import cProfile
+    import io
+    import pstats
+
+    fn()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    text = out.getvalue()
+    return text[text.find("   ncalls"):] if "   ncalls" in text else text
+
+
 def captured_graph_call(compiled, x):
     """The GuardedGraph fxsparse returned for the model's one graph and the arguments dynamo
     hands it, caught on one call."""
@@ -118,6 +140,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     p.add_argument("--masks", default="groups", choices=("groups", "ln"))
     p.add_argument("--image-size", type=int, help="input size (default: the model's own; small: host cost alone)")
+    p.add_argument("--cprofile", type=int, default=0, metavar="CALLS",
+                   help="also profile the Python side of CALLS plain calls of each CUDA-graph variant")
     args = p.parse_args()
     if args.image_size:
         models.IMAGE_SIZE[args.model if args.model in models.IMAGE_SIZE else "torchvision"] = args.image_size
@@ -146,6 +170,9 @@ def main() -> None:
             elif graphed:
                 tables.append(f"--- {name}: CPU-side ops of 5 calls\n{cpu_ops(call, args.top)}")
                 tables.append(f"--- {name}: GPU kernels of one call\n{kernel_counts(call)}")
+                if args.cprofile:
+                    tables.append(f"--- {name}: Python functions over {args.cprofile} calls (cProfile, own time)\n"
+                                  f"{python_profile(call, args.cprofile, args.top)}")
             rows.append(row)
             if name.startswith("fxsparse") and not name.endswith("freezing"):
                 # what the backend did: graphs (a graph break makes several), per conv lowering

@@ -64,6 +64,14 @@ def run_shape(spec, keep, rows):
     new = [key for key in K.tuned if key not in before]
     choice = K.tuned[new[0]] if new else None
     fx_us = common.time_cuda_graph(lambda: _op(x, w, stride, padding)) * 1e3
+    # the same tuned launch addressing rows through (n, h, w) divisions, as before FLAT_*_ROWS
+    flat_rows = K._evenly_strided_rows
+    K._evenly_strided_rows = lambda t: False
+    try:
+        _op(x, w, stride, padding)
+        div_us = common.time_cuda_graph(lambda: _op(x, w, stride, padding)) * 1e3
+    finally:
+        K._evenly_strided_rows = flat_rows
     ref = F.conv2d(x.float(), w.float(), None, stride, padding)
     err = common.rel_l2(y, ref)
 
@@ -79,7 +87,7 @@ def run_shape(spec, keep, rows):
 
     print(f"\n== {name} B={batch} keep {keep:g}: M={y.shape[0] * y.shape[2] * y.shape[3]} N={cout_k} "
           f"K={cin * k * k}  cuDNN {cudnn_us:.1f} us | fxsparse {fx_us:.1f} us (x{cudnn_us / fx_us:.2f}) | "
-          f"rel_l2 {err:.1e} | first call {tune_s:.1f} s" + (f" | cuBLAS mm {mm_us:.1f} us" if mm_us else "")
+          f"rows by division {div_us:.1f} us | rel_l2 {err:.1e} | first call {tune_s:.1f} s" + (f" | cuBLAS mm {mm_us:.1f} us" if mm_us else "")
           + f" | gather Cin/2 {gather_us:.1f} us", flush=True)
     best4 = best8 = None
     if choice is not None:
@@ -94,7 +102,7 @@ def run_shape(spec, keep, rows):
     fmt = lambda b: "-" if b is None else f"{_cfg(b[0], b[1])} {b[2] * 1e3:.1f}"  # noqa: E731
     rows.append(dict(
         layer=f"{name} B{batch}", keep=f"{keep:g}", cudnn_us=cudnn_us, fx_us=fx_us,
-        speedup=cudnn_us / fx_us, chosen=(_cfg(choice.config, choice.split_k) + (" !" if "MISMATCH" in choice.note else ""))
+        speedup=cudnn_us / fx_us, div_us=div_us, chosen=(_cfg(choice.config, choice.split_k) + (" !" if "MISMATCH" in choice.note else ""))
         if choice else "(cached)", best4=fmt(best4), best8=fmt(best8), mm_us=mm_us, gather_us=gather_us,
         rel_l2=err))
 
@@ -126,13 +134,13 @@ def main(argv=None):
     print(f"\n{env['device']} | torch {env['torch']} | triton {env['triton']} | "
           f"{time.time() - started:.0f} s | candidate times: do_bench median, L2 flushed; "
           f"cuDNN/fx/mm/gather: CUDA-graph replay median per call")
-    for keep in keeps:
-        sp = [r["speedup"] for r in rows if r["keep"] == f"{keep:g}"]
-        rows.append(dict(layer=f"geomean keep {keep:g}", speedup=common.geomean(sp)))
+    rows += [dict(layer=f"geomean keep {keep:g}",
+                  speedup=common.geomean([r["speedup"] for r in rows if r.get("keep") == f"{keep:g}"]))
+             for keep in keeps]
     if args.json:
         common.write_json(args.json, rows, env)
     common.print_table(rows, [("layer", "layer"), ("keep", "keep"), ("cudnn_us", "cuDNN CL us"),
-                              ("fx_us", "fx us"), ("speedup", "speedup"), ("chosen", "chosen"),
+                              ("fx_us", "fx us"), ("div_us", "fx rows by division us"), ("speedup", "speedup"), ("chosen", "chosen"),
                               ("best4", "best 4-warp (us)"), ("best8", "best 8-warp (us)"),
                               ("mm_us", "cuBLAS mm us"), ("gather_us", "gather us"), ("rel_l2", "rel l2")])
     return 0

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 import torch.fx as fx
 
-from fxsparse.compaction.propagate import propagate
+from fxsparse.compaction.propagate import Storage, propagate
 from fxsparse.graph.capture import capture, placeholder_source, running_stat_counter
 from fxsparse.lowering import choose
 from fxsparse.lowering.rewrite import lower
@@ -61,6 +61,15 @@ def conv_lowering(opts: Options, example_inputs: Sequence, inference: bool) -> s
     return "triton" if inference and on_gpu and half else "aten"
 
 
+def channel_storage(opts: Options, example_inputs: Sequence) -> Storage:
+    """Exact compaction on the CPU; on CUDA, stored channel counts in multiples of 8 (16-byte
+    rows of fp16) and near-full layouts stored full (propagate.Storage says why)."""
+    multiple = opts.align_channels
+    if multiple is None:
+        multiple = 8 if _on_cuda(example_inputs, floating_only=True) else 1
+    return Storage.aligned(multiple)
+
+
 def rewrite(gm: fx.GraphModule, example_inputs: Sequence, opts: Options, index: int,
             cudagraphs: bool = False) -> Rewrite:
     """Stages 1-4 on one graph: the compacted graph and its report (nothing compiled yet).
@@ -71,7 +80,7 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence, opts: Options, index: 
     cap = capture(gm, example_inputs)
     sparsity = read_all(cap, inference)
     enabled = inference and opts.propagate and not _mutates_shared_tensor(cap)
-    prop = propagate(cap, sparsity, enabled=enabled)
+    prop = propagate(cap, sparsity, enabled=enabled, storage=channel_storage(opts, example_inputs))
     new_gm, records, constant_outputs = lower(prop, sparsity, lowering, inference, cudagraphs)
     report = GraphReport(index, "inference" if inference else "training", lowering, enabled,
                          [records[n] for n in sparsity if n in records])

@@ -18,6 +18,10 @@ class Options:
     lowering: str = "auto"
     # carry removed channels across the graph (off: each conv compacts only itself)
     propagate: bool = True
+    # stored activations keep a multiple of this many channels, and near-full ones (more than
+    # 7/8 kept) all of them: aligned rows for the GPU's vector loads. None: 8 on CUDA, 1
+    # (exact compaction) elsewhere
+    align_channels: Optional[int] = None
     # hand the rewritten graph to Inductor (off: run it as an FX module, for debugging)
     inductor: bool = True
     # run the compiled graph under CUDA graphs: None = on for CUDA inference with static shapes
@@ -71,6 +75,9 @@ def _check(name: str, value) -> None:
     elif name == "cudagraphs":
         if value is not None and not isinstance(value, bool):
             raise ValueError(f"fxsparse: option cudagraphs must be True, False or None (auto), got {value!r}")
+    elif name == "align_channels":
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"fxsparse: option align_channels must be a positive int or None (auto), got {value!r}")
     elif name == "dump_dir":
         if value is not None and not isinstance(value, (str, os.PathLike)):
             raise ValueError(f"fxsparse: option dump_dir must be a path, got {value!r}")

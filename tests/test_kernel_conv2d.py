@@ -127,6 +127,40 @@ def test_strided_views_everywhere(request):
     check(y, oracle(x, w, **kw), torch.float16)
 
 
+@pytest.mark.parametrize("layout", ["flat", "channel_slice", "nchw_x", "nchw_residual", "nchw_out", "w1"])
+def test_pointwise_row_addressing(request, layout):
+    """1x1 convs address evenly strided rows as a plain GEMM (no division by the image sizes)
+    and every other layout through (n, h, w): both give the oracle's answer."""
+    g = _gen(request)
+    hw = (5, 1) if layout == "w1" else (5, 6)
+    base = rnd(g, 3, 21, *hw).contiguous(memory_format=torch.channels_last)
+    x = base[:, 4:17] if layout == "channel_slice" else base[:, :13]
+    if layout != "channel_slice":
+        x = x.contiguous() if layout == "nchw_x" else x.contiguous(memory_format=torch.channels_last)
+    w = rnd(g, 9, 13, 1, 1, scale=0.3).contiguous(memory_format=torch.channels_last)
+    res = rnd(g, 3, 9, *hw)
+    res = res if layout == "nchw_residual" else res.contiguous(memory_format=torch.channels_last)
+    kw = dict(bias=rnd(g, 9), residual=res, activation="relu")
+    ref = oracle(x, w, **kw)
+    if layout == "nchw_out":
+        out = torch.full((3, 9, *hw), float("nan"), dtype=torch.float16)  # NCHW: rows not flat
+        y = K.conv2d_triton(x, w, kw["bias"], (1, 1), (0, 0), (1, 1), None, None, 9, None, None, None, None, res,
+                            "relu", False, out=out, config=K._INTERPRET_CONFIG)
+        assert y is out
+        torch.testing.assert_close(y.double(), ref, **TOL[torch.float16])
+        return
+    check(run_op(x, w, **kw), ref, torch.float16)
+
+
+def test_row_flatness_detection():
+    cl = torch.empty(2, 8, 3, 4).contiguous(memory_format=torch.channels_last)
+    assert K._evenly_strided_rows(cl)
+    assert K._evenly_strided_rows(cl[:, 2:5])  # a channel slice keeps the row stride
+    assert not K._evenly_strided_rows(torch.empty(2, 8, 3, 4))  # NCHW
+    assert not K._evenly_strided_rows(cl[:, :, :, :3])  # a cropped width breaks the rows
+    assert K._evenly_strided_rows(torch.empty(1, 8, 1, 1))
+
+
 # ------------------------------------------------------------------ epilogue
 
 EPILOGUES = ["bias", "scale", "shift", "scale_shift", "bias_map", "residual_before", "residual_after", "all"]
