@@ -30,6 +30,7 @@ for spec in "$@"; do
     r50lnlean) cmd="$M --models resnet50 --keep 0.5 --batch 64 --masks ln --variants frz,frzcg,fx,fxcg --json $OUT/r50lnlean.json" ;;
     zoo) cmd="$M --models resnet18,mobilenet_v2 --keep 0.5 --batch 64,1 --json $OUT/zoo.json" ;;
     zoo75) cmd="$M --models resnet50,resnet18,mobilenet_v2 --keep 0.25 --batch 64 --json $OUT/zoo75.json" ;;
+    mbdense) cmd="$M --models mobilenet_v2 --keep 1.0 --batch 64 --json $OUT/mbdense.json" ;;
     dense) cmd="$M --models resnet50,resnet18,mobilenet_v2 --keep 1.0 --batch 64 --json $OUT/dense.json" ;;
     layers) cmd="python3 benchmarks/conv_layers.py --budget-s $((limit - 40)) --json $OUT/layers.json" ;;
     profile) cmd="python3 benchmarks/host_profile.py --model resnet50 --keep 0.5 --batch 1" ;;

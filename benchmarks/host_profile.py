@@ -87,6 +87,27 @@ def captured_graph_call(compiled, x):
     return seen[-1]
 
 
+def captured_inductor_call(compiled, x):
+    """Inductor's compiled graph (CompiledFxGraph, CUDA-graph tree included) of the model's
+    graph, caught on one call, as a callable of no arguments: what a call costs below dynamo."""
+    from torch._inductor.output_code import CompiledFxGraph
+
+    seen = []
+    real = CompiledFxGraph.__call__
+
+    def spy(self, inputs):
+        seen.append((self, list(inputs)))
+        return real(self, inputs)
+
+    CompiledFxGraph.__call__ = spy
+    try:
+        compiled(x)
+    finally:
+        CompiledFxGraph.__call__ = real
+    graph, inputs = seen[-1]
+    return lambda: graph(list(inputs))  # boxed: the callee clears the list it is given
+
+
 def kernel_counts(fn) -> str:
     """The GPU kernels of one call, by name and count (what a CUDA graph replays)."""
     from collections import Counter
@@ -182,8 +203,11 @@ def main() -> None:
                 graph, graph_args = captured_graph_call(compiled, x)
                 for label, part in (("  GuardedGraph call", lambda: graph(*graph_args)),
                                     ("  value guard", lambda: graph.guard.holds(graph_args)),
-                                    ("  compiled graph (Inductor)", lambda: graph.fn(*graph_args))):
+                                    ("  compiled graph (Inductor)", lambda: graph.fn(*graph_args)),
+                                    ("  CompiledFxGraph", captured_inductor_call(compiled, x))):
                     calls[label] = part
+            if name.startswith("Inductor") and graphed:
+                calls[f"  CompiledFxGraph ({name})"] = captured_inductor_call(compiled, x)
         samples = {name: {"host_us": [], "plain_ms": []} for name in calls}
         for _ in range(args.rounds):
             for name, call in calls.items():

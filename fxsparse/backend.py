@@ -168,7 +168,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, opts: Options):
         if opts.dump_dir:
             write_dumps(opts.dump_dir, index, gm, rw.gm)
         if opts.inductor:
-            fn, rw.report.launches = _inductor(rw.gm, inputs, opts, cudagraphs)
+            used = drop_unused_inputs(rw.gm)
+            fn, rw.report.launches = _inductor(rw.gm, [inputs[i] for i in used], opts, cudagraphs)
+            fn = with_inputs_at(fn, used, len(inputs))
         else:
             fn = rw.gm.forward
         _record(report, rw.report, opts)
@@ -178,6 +180,34 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, opts: Options):
         return fn, ValueGuard(rw.depends_on, inputs, list(rw.constant_outputs.values()) + rw.counters + rw.frozen)
 
     return GuardedGraph(build, example_inputs)
+
+
+def drop_unused_inputs(gm: fx.GraphModule) -> list:
+    """Removes the placeholders nothing reads any more and returns the positions of the rest.
+
+    Dynamo hands every parameter and buffer over as an input (~300 for a ResNet-50); the
+    rewrite folds most of them into constants, and an input the compiled graph still took
+    would cost on every call (Inductor's wrappers and CUDA-graph tree walk the argument list).
+    """
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    used = [i for i, p in enumerate(placeholders) if p.users]
+    if len(used) < len(placeholders):
+        for p in placeholders:
+            if not p.users:
+                gm.graph.erase_node(p)
+        gm.recompile()
+    return used
+
+
+def with_inputs_at(fn, positions: list, count: int):
+    """`fn` of the inputs at `positions`, called with all `count` of them."""
+    if positions == list(range(count)):
+        return fn
+
+    def run(*args):
+        return fn(*[args[i] for i in positions])
+
+    return run
 
 
 def with_constant_outputs(fn, constants: dict):

@@ -414,3 +414,10 @@ def test_tune_checks_an_8_warp_winner(monkeypatch, eight_warp_is_wrong):
         assert choice.config["num_warps"] == 8 and "checked" in choice.note
     # a 1x1 (plain GEMM loop) 8-warp winner is trusted as is
     assert K._tune("key", cands, run, out, pointwise=True).config["num_warps"] == 8
+
+
+def test_single_k_step_pointwise_offers_single_stage_tiles():
+    one_step = K.conv_candidates(100352, 256, 64, 1, True, 132)
+    assert any(c["num_stages"] == 1 for c, _ in one_step)
+    for cands in (K.conv_candidates(100352, 256, 256, 1, True, 132), K.conv_candidates(100352, 256, 64, 9, False, 132)):
+        assert all(c["num_stages"] > 1 for c, _ in cands)

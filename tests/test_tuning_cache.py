@@ -64,3 +64,19 @@ def test_two_processes_writing_keep_each_others_shapes(tmp_path):
     second.put(key2, CONFIG, 2)  # must not drop what `first` wrote meanwhile
     cache = TuningCache(path)
     assert cache.get(KEY) == (CONFIG, 1) and cache.get(key2) == (CONFIG, 2)
+
+
+def test_a_winner_counts_only_for_the_candidates_it_beat(tmp_path):
+    from fxsparse.kernels.conv2d import conv_candidates
+
+    old = conv_candidates(100352, 256, 256, 1, True, 132)
+    new = conv_candidates(100352, 256, 64, 1, True, 132)  # other shape class: other tiles offered
+    assert tuning_cache.signature(old) != tuning_cache.signature(new)
+    assert tuning_cache.signature(old) == tuning_cache.signature(list(old))
+    path = str(tmp_path / "tune.json")
+    TuningCache(path).put(KEY, CONFIG, 1, tuning_cache.signature(old))
+    cache = TuningCache(path)
+    assert cache.get(KEY, tuning_cache.signature(old)) == (CONFIG, 1)
+    assert cache.get(KEY, tuning_cache.signature(new)) is None  # new candidates: timed again
+    TuningCache(path).put(KEY, CONFIG, 1)  # an entry from before signatures
+    assert TuningCache(path).get(KEY, tuning_cache.signature(old)) is None

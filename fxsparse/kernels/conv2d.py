@@ -303,6 +303,14 @@ _POINTWISE_SHORT_K_TILES = [
     (128, 128, 4, 2),
     (128, 64, 4, 2),
 ]
+# One K step (Cin <= 64): a second stage buffer is never filled, only halves the programs an
+# SM holds (256x128 at 3 stages takes 144 KB of shared memory: one program per SM).
+_POINTWISE_ONE_K_TILES = [
+    (256, 128, 8, 1),
+    (128, 256, 8, 1),
+    (128, 128, 4, 1),
+    (128, 64, 4, 1),
+]
 _SAFE_TILE = (64, 64, 4, 3)  # the fallback when a tuned 8-warp tile fails its check
 
 
@@ -345,6 +353,8 @@ def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms:
     tiles = list(_TILES)
     if pointwise and k_iters <= 2:
         tiles += _POINTWISE_SHORT_K_TILES
+    if pointwise and k_iters == 1:
+        tiles += _POINTWISE_ONE_K_TILES
     max_warps = 8 if pointwise else _max_warps()
     out, seen = [], set()
     for bm, bn, warps, stages in tiles:
@@ -469,12 +479,13 @@ def _choose_launch(key, device, m, nch, cin, taps, pointwise, split_k, run, out)
         cfg, s = _safe_candidate(candidates)
         return _Choice(cfg, s, [], "untuned (captured)")
     disk = _disk_cache(index)
-    cached = disk.get(key) if how == "cache" else None
+    offered = tuning_cache.signature(candidates)
+    cached = disk.get(key, offered) if how == "cache" else None
     if cached is not None:
         tuned[key] = _Choice(cached[0], cached[1], [], "from the tuning cache")
         return tuned[key]
     choice = tuned[key] = _tune(key, candidates, run, out, pointwise)
-    disk.put(key, choice.config, choice.split_k)
+    disk.put(key, choice.config, choice.split_k, offered)
     return choice
 
 

@@ -5,6 +5,9 @@ spends most of its first `torch.compile` there. Like Inductor's autotune cache, 
 is stored per device and Triton version (a tile that wins on one chip or compiler need not
 win on another) in `$FXSPARSE_CACHE_DIR` (default `~/.cache/fxsparse`).
 
+An entry also records which candidates it was chosen from (`signature`): when fxsparse offers
+a shape new candidates, its old winner no longer counts and the shape is timed again.
+
 `FXSPARSE_TUNE` says how launches are chosen:
   cache  (default) the disk cache first, timing on a miss, the winner written back;
   always time every shape again (benchmarks of the tuner itself), still writing back;
@@ -12,6 +15,7 @@ win on another) in `$FXSPARSE_CACHE_DIR` (default `~/.cache/fxsparse`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -37,6 +41,12 @@ def cache_path(device_name: str, triton_version: str) -> str:
     return os.path.join(root, f"conv2d-tuning-{slug}.json")
 
 
+def signature(candidates: list) -> str:
+    """A short digest of a shape's (config, split_k) candidates."""
+    text = json.dumps([[sorted(c.items()), s] for c, s in candidates])
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
 class TuningCache:
     """{shape key: (config, split_k)} in one JSON file; keys are the tuner's tuples, as text."""
 
@@ -60,15 +70,18 @@ class TuningCache:
             self._entries = self._read()
         return self._entries
 
-    def get(self, key: tuple) -> Optional[tuple]:
+    def get(self, key: tuple, candidates: Optional[str] = None) -> Optional[tuple]:
+        """The (config, split_k) stored for `key`, if it was chosen from `candidates` (a
+        `signature`; None: whatever it was chosen from)."""
         entry = self._load().get(repr(key))
-        if entry is None:
+        if entry is None or candidates is not None and entry.get("candidates") != candidates:
             return None
         return dict(entry["config"]), int(entry["split_k"])
 
-    def put(self, key: tuple, config: dict, split_k: int) -> None:
+    def put(self, key: tuple, config: dict, split_k: int, candidates: Optional[str] = None) -> None:
         # merged with the file as it is now: another process may have added shapes since
-        entries = self._entries = {**self._read(), **self._load(), repr(key): {"config": config, "split_k": split_k}}
+        entry = {"config": config, "split_k": split_k, "candidates": candidates}
+        entries = self._entries = {**self._read(), **self._load(), repr(key): entry}
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             # Write then rename: a process reading at the same time sees the old file or the new one.
