@@ -36,6 +36,7 @@ for spec in "$@"; do
     profile) cmd="python3 benchmarks/host_profile.py --model resnet50 --keep 0.5 --batch 1" ;;
     profmb1) cmd="python3 benchmarks/host_profile.py --model mobilenet_v2 --keep 0.5 --batch 1 --rounds 2 --cprofile 200" ;;
     profln) cmd="python3 benchmarks/host_profile.py --model resnet50 --keep 0.5 --batch 64 --masks ln --rounds 1" ;;
+    split) cmd="python3 benchmarks/host_split.py --model mobilenet_v2 --batch 1" ;;
     tune) cmd="python3 benchmarks/kernel_tune.py --json $OUT/tune.json" ;;
     *) echo "unknown stage $stage"; continue ;;
   esac
