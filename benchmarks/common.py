@@ -106,6 +106,13 @@ def rel_l2(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
+def model_run_title(model: str, keep: float, batch: int, how: str, method: str) -> str:
+    """The line above a model run's table: what ran, where, and how it was timed."""
+    env = environment()
+    return (f"{model} keep {keep} B={batch} ({how}) | {env['device']} | torch {env['torch']} | "
+            f"triton {env['triton']} | {method}")
+
+
 def max_abs_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return (y.double() - ref.double()).abs().max().item()
 

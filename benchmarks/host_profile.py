@@ -224,9 +224,8 @@ def main() -> None:
         table.append(row)
     for t in tables:
         print(t)
-    env = common.environment()
-    print(f"{args.model} keep {args.keep} B={args.batch} ({how}) | {env['device']} | torch {env['torch']} | "
-          f"triton {env['triton']} | median [min-max] of {args.rounds} interleaved rounds")
+    print(common.model_run_title(args.model, args.keep, args.batch, how,
+                                 f"median [min-max] of {args.rounds} interleaved rounds"))
     common.print_table(table, [("variant", "variant"), ("host_us", "host us/call"), ("plain_ms", "plain ms"),
                                ("graph_ms", "graph ms"), ("err", "err")])
 

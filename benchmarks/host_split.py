@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
 import sys
 import time
 
@@ -107,11 +108,10 @@ def main() -> None:
                 samples["inside"].append(timed.inside / args.calls * 1e6)
     rows = []
     for name, (_, _, err, s) in runs.items():
-        total, inside = sorted(s["total"])[len(s["total"]) // 2], sorted(s["inside"])[len(s["inside"]) // 2]
+        total, inside = statistics.median(s["total"]), statistics.median(s["inside"])
         rows.append(dict(variant=name, total=total, inside=inside, dynamo=total - inside, err=err))
-    env = common.environment()
-    print(f"{args.model} keep {args.keep} B={args.batch} ({how}) | {env['device']} | torch {env['torch']} | "
-          f"triton {env['triton']} | host us per call, median of {args.rounds} rounds of {args.calls} calls")
+    print(common.model_run_title(args.model, args.keep, args.batch, how,
+                                 f"host us per call, median of {args.rounds} rounds of {args.calls} calls"))
     common.print_table(rows, [("variant", "variant"), ("total", "host us/call"), ("inside", "inside backend us"),
                               ("dynamo", "dynamo side us"), ("err", "err")])
 
