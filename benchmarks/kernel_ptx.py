@@ -31,7 +31,8 @@ class OfflineCompileUnavailable(RuntimeError):
 
 
 def memory_instructions(pointwise: bool = True, out_index: bool = False, residual: bool = True,
-                        block=(128, 128, 64), num_warps: int = 8, num_stages: int = 3) -> Counter:
+                        block=(128, 128, 64), num_warps: int = 8, num_stages: int = 3,
+                        persistent: bool = False) -> Counter:
     """Counts of PATTERNS in the sm90 PTX of one fp16 conv launch: 64 -> 256 channels at 56x56
     (channels_last, every stride a multiple of 16, as Triton specializes real launches), 1x1
     (`pointwise`) or 3x3, writing through an output-channel index or not."""
@@ -57,7 +58,8 @@ def memory_instructions(pointwise: bool = True, out_index: bool = False, residua
                       SOURCE=0, SPLIT=False, POINTWISE=pointwise, FLAT_X_ROWS=pointwise, FLAT_OUT_ROWS=True, EVEN_K=True, HAS_CHAN_INDEX=out_index,
                       HAS_BIAS=True, HAS_SCALE=False, HAS_SHIFT=False, HAS_BIAS_MAP=False,
                       HAS_RESIDUAL=residual, RESIDUAL_AFTER=False, ACTIVATION=1, ACC_TYPE=tl.float32, IEEE=False,
-                      DOT_UPCAST=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
+                      DOT_UPCAST=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+                      PERSISTENT=persistent)
     signature, consts, attrs = {}, {}, {}
     for i, name in enumerate(inspect.signature(_conv2d_kernel.fn).parameters):
         if name in _POINTERS:
@@ -95,6 +97,10 @@ def main() -> None:
             c = memory_instructions(pointwise=pointwise, out_index=out_index)
             cases[f"{'1x1' if pointwise else '3x3'}{' out_index' if out_index else ''}"] = dict(c)
             rows.append(["1x1" if pointwise else "3x3", "yes" if out_index else "no", *(c[p] for p in PATTERNS)])
+    # the persistent launch (tile loop flattened with the K loop), as the tuner offers it
+    c = memory_instructions(pointwise=True, block=(128, 128, 64), num_warps=4, num_stages=3, persistent=True)
+    cases["1x1 persistent"] = dict(c)
+    rows.append(["1x1 persistent (4 warps)", "no", *(c[p] for p in PATTERNS)])
     if args.json:
         print(json.dumps(cases))
         return

@@ -421,3 +421,43 @@ def test_single_k_step_pointwise_offers_single_stage_tiles():
     assert any(c["num_stages"] == 1 for c, _ in one_step)
     for cands in (K.conv_candidates(100352, 256, 256, 1, True, 132), K.conv_candidates(100352, 256, 64, 9, False, 132)):
         assert all(c["num_stages"] > 1 for c, _ in cands)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_persistent_launch_walks_every_tile(request, k):
+    """A persistent launch (fewer programs than tiles, each looping over tiles) writes every
+    output element once, with the epilogue, like the one-tile-per-program launch."""
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1, PERSISTENT=True)
+    tiles = K._cdiv(2 * 6 * 5, 16) * K._cdiv(33, 16)
+    assert K._persistent_programs(cfg, tiles, 2) < tiles  # some programs take several tiles
+    g = _gen(request)
+    bias = rnd(g, 33)
+    x, w, y = _direct(request, config=cfg, k=k, bias=bias, activation="relu")
+    check(y, oracle(x, w, padding=(k // 2, k // 2), bias=bias, activation="relu"), torch.float16)
+
+
+def test_persistent_candidates_only_for_short_k_pointwise():
+    def persistent(*shape):
+        return [c for c, _ in K.conv_candidates(*shape, 132) if c["PERSISTENT"]]
+
+    assert persistent(100352, 256, 64, 1, True)  # 1x1, one K step, many tiles
+    assert not persistent(100352, 256, 64, 9, False)  # 3x3
+    assert not persistent(100352, 256, 512, 1, True)  # eight K steps
+    assert not persistent(1568, 64, 64, 1, True)  # too few tiles to walk
+    assert all(s == 1 for c, s in K.conv_candidates(100352, 256, 64, 1, True, 132) if c["PERSISTENT"])
+
+
+def test_tuner_checks_a_persistent_winner(monkeypatch):
+    """A persistent winner is compared with a safe launch on the real inputs; a mismatch falls
+    back to the safe one."""
+    persistent = K._config(128, 128, 64, 4, 3, persistent=True)
+    safe = K._config(128, 64, 64, 4, 2)
+    out = torch.zeros(4)
+
+    def run(cfg, s):
+        out.fill_(1.0 if cfg["PERSISTENT"] else 2.0)  # the persistent launch computes garbage
+
+    monkeypatch.setattr(K.triton.testing, "do_bench",
+                        lambda fn, **kw: (fn(), 1.0 if out[0] == 1.0 else 2.0)[1])
+    choice = K._tune("key", [(persistent, 1), (safe, 1)], run, out, pointwise=True)
+    assert choice.config == safe and "MISMATCH" in choice.note

@@ -37,3 +37,11 @@ def test_dense_tile_moves_16_bytes_per_access(ptx_counts):
         assert dense["wgmma"] > 0 and dense["cp.async"] > 0, (case, dense)
         scattered = ptx_counts[case + " out_index"]
         assert scattered["st.global.b16"] > 0 and scattered["st.global.v4"] == 0, (case, scattered)
+
+
+def test_persistent_launch_compiles_for_hopper_and_stays_vectorized(ptx_counts):
+    """The tile loop flattened with the K loop (tl.range flatten) builds for sm90, still on
+    wgmma, async copies and 16-byte stores."""
+    p = ptx_counts["1x1 persistent"]
+    assert p["wgmma"] > 0 and p["cp.async"] > 0, p
+    assert p["st.global.v4"] > 0 and p["st.global.b16"] == 0, p

@@ -43,6 +43,15 @@ programs along grid axis 1 each reduce a slice of the K loop into an fp32
 workspace [K_SPLITS, M, NCH]; a second launch sums the slices
 (deterministically) and runs the epilogue.
 
+Persistent launches (PERSISTENT, offered for 1x1 convs with one or two K
+steps): a grid of a few programs per SM, each walking tiles in a loop that
+Triton's loop fusion flattens with the K loop (`tl.range(..., flatten=True)`),
+so the software pipeliner loads the next tile's operands while the current
+tile's epilogue runs; a one-tile-per-program launch of such a GEMM has only
+other resident programs to hide its loads behind. `_conv_tile` is one tile's
+work; `_conv2d_kernel` calls it once per program, or once per tile of its
+loop.
+
 On CUDA, the first call of each shape times a pruned set of (tile config,
 split-K) candidates (`conv_candidates`, `_tune`) and remembers the fastest in
 `tuned`; later calls are one dict lookup. Under the Triton interpreter (no
@@ -106,7 +115,8 @@ def _activation(z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _conv2d_kernel(
+def _conv_tile(
+    pid, pid_k,  # this program's output tile and split-K slice
     # pointers
     x_ptr, w_ptr, out_ptr, ws_ptr,
     bias_ptr, scale_ptr, shift_ptr, bias_map_ptr, res_ptr, chan_ptr,
@@ -140,8 +150,6 @@ def _conv2d_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row-tiles share each weight column-tile while it is in L2.
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(NCH, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
@@ -268,11 +276,83 @@ def _conv2d_kernel(
         tl.store(o_ptrs, z.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
+
+@triton.jit
+def _conv2d_kernel(
+    # pointers
+    x_ptr, w_ptr, out_ptr, ws_ptr,
+    bias_ptr, scale_ptr, shift_ptr, bias_map_ptr, res_ptr, chan_ptr,
+    # sizes
+    M, NCH, CIN, H, W, HO, WO, K_SPLITS,
+    # strides
+    sxn, sxc, sxh, sxw,
+    swo, swc, swh, sww,
+    son, soc, soh, sow,
+    srn, src, srh, srw,
+    sbc, sbh, sbw,
+    # compile-time switches. The conv geometry is constexpr: the tap offsets and padding tests
+    # then fold to immediates, and the few (kernel, stride, padding) combinations of real
+    # networks share binaries across layers, whose sizes (H, W, CIN, M) stay run-time values.
+    KH: tl.constexpr, KW: tl.constexpr,
+    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+    DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    SOURCE: tl.constexpr,  # 0: conv K loop, 1: sum split-K workspace, 2: none (pruned channels)
+    SPLIT: tl.constexpr,  # SOURCE 0: K_SPLITS > 1 slices write partial sums to the workspace
+    POINTWISE: tl.constexpr,  # 1x1, stride 1, no padding: no spatial masks, no tap arithmetic
+    # Rows evenly strided (pixel m at m * stride(3): dense channels_last): addressed without
+    # dividing m by the image sizes, which costs ~50 integer divisions per thread and tile.
+    FLAT_X_ROWS: tl.constexpr,  # POINTWISE and x's rows are
+    FLAT_OUT_ROWS: tl.constexpr,  # out's rows are, and the residual's
+    EVEN_K: tl.constexpr,  # CIN % BLOCK_K == 0: no channel mask in the K loop
+    HAS_CHAN_INDEX: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    HAS_BIAS_MAP: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RESIDUAL_AFTER: tl.constexpr,
+    ACTIVATION: tl.constexpr, ACC_TYPE: tl.constexpr, IEEE: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,  # the interpreter's tl.dot mishandles bf16 (reads raw bits): upcast there
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PERSISTENT: tl.constexpr,  # a grid of a few programs per SM, each walking many tiles
+):
+    if PERSISTENT:
+        # Flattened with the K loop, the tile loop lets the software pipeliner load the next
+        # tile's operands while this tile's epilogue runs: a 1x1 conv with one or two K steps
+        # has nothing else to overlap with (no split-K here: SOURCE 0 without SPLIT).
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(NCH, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
+            _conv_tile(tile, 0,
+                x_ptr=x_ptr, w_ptr=w_ptr, out_ptr=out_ptr, ws_ptr=ws_ptr, bias_ptr=bias_ptr,
+                scale_ptr=scale_ptr, shift_ptr=shift_ptr, bias_map_ptr=bias_map_ptr, res_ptr=res_ptr,
+                chan_ptr=chan_ptr, M=M, NCH=NCH, CIN=CIN, H=H, W=W, HO=HO, WO=WO, K_SPLITS=K_SPLITS,
+                sxn=sxn, sxc=sxc, sxh=sxh, sxw=sxw, swo=swo, swc=swc, swh=swh, sww=sww, son=son,
+                soc=soc, soh=soh, sow=sow, srn=srn, src=src, srh=srh, srw=srw, sbc=sbc, sbh=sbh,
+                sbw=sbw, KH=KH, KW=KW, STRIDE_H=STRIDE_H, STRIDE_W=STRIDE_W, PAD_H=PAD_H, PAD_W=PAD_W,
+                DIL_H=DIL_H, DIL_W=DIL_W, SOURCE=SOURCE, SPLIT=SPLIT, POINTWISE=POINTWISE,
+                FLAT_X_ROWS=FLAT_X_ROWS, FLAT_OUT_ROWS=FLAT_OUT_ROWS, EVEN_K=EVEN_K,
+                HAS_CHAN_INDEX=HAS_CHAN_INDEX, HAS_BIAS=HAS_BIAS, HAS_SCALE=HAS_SCALE,
+                HAS_SHIFT=HAS_SHIFT, HAS_BIAS_MAP=HAS_BIAS_MAP, HAS_RESIDUAL=HAS_RESIDUAL,
+                RESIDUAL_AFTER=RESIDUAL_AFTER, ACTIVATION=ACTIVATION, ACC_TYPE=ACC_TYPE, IEEE=IEEE,
+                DOT_UPCAST=DOT_UPCAST, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                GROUP_M=GROUP_M)
+    else:
+        _conv_tile(tl.program_id(0), tl.program_id(1),
+            x_ptr=x_ptr, w_ptr=w_ptr, out_ptr=out_ptr, ws_ptr=ws_ptr, bias_ptr=bias_ptr,
+            scale_ptr=scale_ptr, shift_ptr=shift_ptr, bias_map_ptr=bias_map_ptr, res_ptr=res_ptr,
+            chan_ptr=chan_ptr, M=M, NCH=NCH, CIN=CIN, H=H, W=W, HO=HO, WO=WO, K_SPLITS=K_SPLITS,
+            sxn=sxn, sxc=sxc, sxh=sxh, sxw=sxw, swo=swo, swc=swc, swh=swh, sww=sww, son=son, soc=soc,
+            soh=soh, sow=sow, srn=srn, src=src, srh=srh, srw=srw, sbc=sbc, sbh=sbh, sbw=sbw, KH=KH,
+            KW=KW, STRIDE_H=STRIDE_H, STRIDE_W=STRIDE_W, PAD_H=PAD_H, PAD_W=PAD_W, DIL_H=DIL_H,
+            DIL_W=DIL_W, SOURCE=SOURCE, SPLIT=SPLIT, POINTWISE=POINTWISE, FLAT_X_ROWS=FLAT_X_ROWS,
+            FLAT_OUT_ROWS=FLAT_OUT_ROWS, EVEN_K=EVEN_K, HAS_CHAN_INDEX=HAS_CHAN_INDEX,
+            HAS_BIAS=HAS_BIAS, HAS_SCALE=HAS_SCALE, HAS_SHIFT=HAS_SHIFT, HAS_BIAS_MAP=HAS_BIAS_MAP,
+            HAS_RESIDUAL=HAS_RESIDUAL, RESIDUAL_AFTER=RESIDUAL_AFTER, ACTIVATION=ACTIVATION,
+            ACC_TYPE=ACC_TYPE, IEEE=IEEE, DOT_UPCAST=DOT_UPCAST, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            BLOCK_K=BLOCK_K, GROUP_M=GROUP_M)
+
+
 # --------------------------------------------------------------------------- configs
 
-_INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=1)
+_INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=1, PERSISTENT=False)
 # Reduce/fill launches are memory-bound and tiny: one fixed config.
-_EPILOGUE_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=1)
+_EPILOGUE_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=1, PERSISTENT=False)
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_K = min(64, Cin rounded up to a power of 2).
 # Taken from what wins on H100 in Inductor's conv/mm autotuning of our layer set (run1 log):
@@ -311,6 +391,14 @@ _POINTWISE_ONE_K_TILES = [
     (128, 128, 4, 1),
     (128, 64, 4, 1),
 ]
+# The same short-K GEMMs as persistent launches (a few programs per SM walking the tiles, the
+# next tile's loads overlapping this tile's epilogue); offered beside the one-tile-per-program
+# launches, never instead: the tuner keeps whichever is faster, after checking its output.
+_POINTWISE_PERSISTENT_TILES = [
+    (128, 128, 4, 3),
+    (128, 256, 8, 3),
+    (128, 64, 4, 3),
+]
 _SAFE_TILE = (64, 64, 4, 3)  # the fallback when a tuned 8-warp tile fails its check
 
 
@@ -324,8 +412,17 @@ def _pow2_at_least(v: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(int(v), 1)))
 
 
-def _config(bm, bn, bk, warps, stages) -> dict:
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+def _config(bm, bn, bk, warps, stages, persistent=False) -> dict:
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages,
+                PERSISTENT=persistent)
+
+
+def _persistent_programs(cfg: dict, tiles: int, sms: int) -> int:
+    """Grid of a persistent launch: as many programs as fit on the SMs at once (by the shared
+    memory of their operand stages), never more than there are tiles."""
+    stage_bytes = (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * 2
+    per_sm = max(1, min(4, (227 * 1024) // (stage_bytes * max(1, cfg["num_stages"]))))
+    return max(1, min(tiles, per_sm * sms))
 
 
 def _max_warps() -> int:
@@ -376,6 +473,10 @@ def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms:
             if sig not in seen:
                 seen.add(sig)
                 out.append((cfg, s))
+    if pointwise and k_iters <= 2 and split_k in (None, 1):
+        for bm, bn, warps, stages in _POINTWISE_PERSISTENT_TILES:
+            if bn in widths and bm <= bm_cap and _cdiv(m, bm) * _cdiv(nch, bn) > 2 * sms:
+                out.append((_config(bm, bn, bk, warps, stages, persistent=True), 1))
     if not out:  # tiny problems: the smallest tile always fits
         out.append((_config(64, 16, bk, 4, 3), split_k or 1))
     return out
@@ -398,7 +499,8 @@ class _Choice:
     def __repr__(self):
         c = self.config
         return (f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']} s{c['num_stages']}"
-                f" splitK {self.split_k}" + (f" ({self.note})" if self.note else ""))
+                + (" persistent" if c.get("PERSISTENT") else "")
+                + f" splitK {self.split_k}" + (f" ({self.note})" if self.note else ""))
 
 
 # shape key -> _Choice. Public for benchmarks (benchmarks/kernel_tune.py prints it).
@@ -421,7 +523,8 @@ def _tune(key, candidates, run, out: Tensor, pointwise: bool) -> _Choice:
     (triton issue 1254; pytorch issue 173068, PRs 177823/183989 cap non-1x1 convs at 4 warps).
     Our loop differs, and 8 warps are the fastest 3x3 tile on H100, so an 8-warp winner for a
     non-1x1 conv is compared once against the best 4-warp candidate on the real inputs; on a
-    mismatch the 4-warp one is used (and the note says so).
+    mismatch the 4-warp one is used (and the note says so). A persistent winner (its tile loop
+    flattened with the K loop by Triton's loop fusion) is checked the same way.
     """
     timings = []
     for cfg, s in candidates:
@@ -438,24 +541,30 @@ def _tune(key, candidates, run, out: Tensor, pointwise: bool) -> _Choice:
     if ms == float("inf"):
         raise RuntimeError("fxsparse.conv2d: every tile config failed to run")
     note = ""
-    if cfg["num_warps"] > 4 and not pointwise:
-        safe = next(((c, k) for c, k, t in timings if c["num_warps"] <= 4 and t < float("inf")), None)
+    kind = "persistent" if cfg.get("PERSISTENT") else "8-warp" if cfg["num_warps"] > 4 and not pointwise else None
+    if kind is not None:
+        safe = next(((c, k) for c, k, t in timings if _is_safe(c) and t < float("inf")), None)
         if safe is None:
             safe = (_config(*_SAFE_TILE[:2], cfg["BLOCK_K"], *_SAFE_TILE[2:]), 1)
         run(*safe)
         reference = out.clone()
         run(cfg, s)
         if _same_output(out, reference):
-            note = "8-warp output checked"
+            note = f"{kind} output checked"
         else:
-            log.warning("fxsparse conv2d: 8-warp tile %s gave wrong results for %s; using %s", cfg, key, safe)
+            log.warning("fxsparse conv2d: %s tile %s gave wrong results for %s; using %s", kind, cfg, key, safe)
             cfg, s = safe
-            note = "8-warp MISMATCH, fell back to 4 warps"
+            note = f"{kind} MISMATCH, fell back to a 4-warp tile"
     return _Choice(cfg, s, [(c, k, t) for c, k, t in timings], note)
 
 
+def _is_safe(cfg: dict) -> bool:
+    """One tile per program, 4 warps: the launch every other is checked against."""
+    return cfg["num_warps"] <= 4 and not cfg.get("PERSISTENT")
+
+
 def _safe_candidate(candidates: list) -> tuple:
-    return next(((c, k) for c, k in candidates if c["num_warps"] <= 4), candidates[0])
+    return next(((c, k) for c, k in candidates if _is_safe(c)), candidates[0])
 
 
 @functools.lru_cache(maxsize=None)
@@ -464,9 +573,13 @@ def _disk_cache(device_index: int) -> tuning_cache.TuningCache:
     return tuning_cache.TuningCache(tuning_cache.cache_path(name, triton.__version__))
 
 
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _choose_launch(key, device, m, nch, cin, taps, pointwise, split_k, run, out) -> _Choice:
     """The launch for a shape not yet seen by this process: from the disk cache, else timed."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _device_index(device)
     candidates = conv_candidates(m, nch, cin, taps, pointwise, _sm_count(index), split_k)
     how = tuning_cache.mode()
     if how == "off":
@@ -643,8 +756,15 @@ def conv2d_triton(
         ws_dtype = torch.float64 if acc_type == tl.float64 else torch.float32
 
         def run(cfg: dict, splits: int) -> None:
+            cfg = {"PERSISTENT": False, **cfg}  # (tuning-cache entries from before persistent launches)
             bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-            grid = (_cdiv(m, bm) * _cdiv(nch, bn), splits)
+            tiles = _cdiv(m, bm) * _cdiv(nch, bn)
+            if cfg["PERSISTENT"]:
+                if splits > 1:
+                    raise ValueError("fxsparse conv2d: a persistent launch does not split K")
+                grid = (_persistent_programs(cfg, tiles, 2 if interpret else _sm_count(_device_index(x.device))), 1)
+            else:
+                grid = (tiles, splits)
             ws = torch.empty((splits, m, nch), device=x.device, dtype=ws_dtype) if splits > 1 else dummy
             _conv2d_kernel[grid](**conv_args, ws_ptr=ws, K_SPLITS=splits, SOURCE=_SRC_CONV, SPLIT=splits > 1,
                                  EVEN_K=cin % bk == 0, **cfg)

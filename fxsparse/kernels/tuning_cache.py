@@ -42,8 +42,9 @@ def cache_path(device_name: str, triton_version: str) -> str:
 
 
 def signature(candidates: list) -> str:
-    """A short digest of a shape's (config, split_k) candidates."""
-    text = json.dumps([[sorted(c.items()), s] for c, s in candidates])
+    """A short digest of a shape's (config, split_k) candidates. A switch that is off does not
+    count (configs from before it existed are the same launch)."""
+    text = json.dumps([[sorted((k, v) for k, v in c.items() if v is not False), s] for c, s in candidates])
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
