@@ -220,13 +220,18 @@ def with_constant_outputs(fn, constants: dict):
     """
     if not constants:
         return fn
-    positions = sorted(constants.items())
+    layout = {}  # the output list with the constants in place, and the free slots: built once
 
     def run(*args):
-        out = list(fn(*args))
-        for i, t in positions:
-            out.insert(i, t)
-        return out
+        out = fn(*args)
+        if not layout:
+            total = len(out) + len(constants)
+            layout["template"] = [constants.get(i) for i in range(total)]
+            layout["free"] = [i for i in range(total) if i not in constants]
+        result = layout["template"].copy()
+        for slot, value in zip(layout["free"], out):
+            result[slot] = value
+        return result
 
     return run
 
