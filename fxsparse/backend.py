@@ -103,9 +103,7 @@ def frozen_tensors(gm: fx.GraphModule) -> list:
     alone, frozen, keeps returning the old weights)."""
     out, seen = [], set()
     for node in gm.graph.find_nodes(op="get_attr"):
-        t = gm
-        for part in node.target.split("."):
-            t = getattr(t, part, None)
+        t = getattr(gm, node.target, None)  # (dynamo's attribute names are flat, as evaluate() reads them)
         if isinstance(t, torch.Tensor) and id(t) not in seen:
             seen.add(id(t))
             out.append(t)
@@ -174,7 +172,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, opts: Options):
         else:
             fn = rw.gm.forward
         _record(report, rw.report, opts)
-        fn = with_constant_outputs(fn, rw.constant_outputs)
+        fn = with_constant_outputs(fn, rw.constant_outputs, graph_output_count(gm))
         if not opts.guard_values:
             return fn, ValueGuard((), inputs)
         return fn, ValueGuard(rw.depends_on, inputs, list(rw.constant_outputs.values()) + rw.counters + rw.frozen)
@@ -210,7 +208,14 @@ def with_inputs_at(fn, positions: list, count: int):
     return run
 
 
-def with_constant_outputs(fn, constants: dict):
+def graph_output_count(gm: fx.GraphModule) -> int:
+    """How many values the graph returns (1 for a single, unpacked result)."""
+    (output,) = gm.graph.find_nodes(op="output")
+    result = output.args[0]
+    return len(result) if isinstance(result, (tuple, list)) else 1
+
+
+def with_constant_outputs(fn, constants: dict, total: int):
     """Puts the graph's constant outputs back among what `fn` returns.
 
     A pruned module's `weight` (mask * weight_orig) is a graph output that dynamo writes back
@@ -220,16 +225,12 @@ def with_constant_outputs(fn, constants: dict):
     """
     if not constants:
         return fn
-    layout = {}  # the output list with the constants in place, and the free slots: built once
+    template = [constants.get(i) for i in range(total)]  # `total` outputs, constants in place
+    free = [i for i in range(total) if i not in constants]
 
     def run(*args):
-        out = fn(*args)
-        if not layout:
-            total = len(out) + len(constants)
-            layout["template"] = [constants.get(i) for i in range(total)]
-            layout["free"] = [i for i in range(total) if i not in constants]
-        result = layout["template"].copy()
-        for slot, value in zip(layout["free"], out):
+        result = template.copy()
+        for slot, value in zip(free, fn(*args)):
             result[slot] = value
         return result
 

@@ -494,8 +494,8 @@ def test_constant_outputs_go_back_in_their_places():
     from fxsparse.backend import with_constant_outputs
 
     a, b, c = torch.ones(1), torch.zeros(1), torch.full((1,), 2.0)
-    run = with_constant_outputs(lambda x: (x, x + 1, x + 2), {0: a, 2: b, 5: c})
-    for _ in range(2):  # the second call reuses the layout built by the first
+    run = with_constant_outputs(lambda x: (x, x + 1, x + 2), {0: a, 2: b, 5: c}, 6)
+    for _ in range(2):
         out = run(torch.tensor([10.0]))
         assert [float(t) for t in out] == [1.0, 10.0, 0.0, 11.0, 12.0, 2.0]
         assert out[0] is a and out[2] is b and out[5] is c

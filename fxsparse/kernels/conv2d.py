@@ -310,7 +310,7 @@ def _conv2d_kernel(
     ACTIVATION: tl.constexpr, ACC_TYPE: tl.constexpr, IEEE: tl.constexpr,
     DOT_UPCAST: tl.constexpr,  # the interpreter's tl.dot mishandles bf16 (reads raw bits): upcast there
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PERSISTENT: tl.constexpr,  # a grid of a few programs per SM, each walking many tiles
+    PERSISTENT: tl.constexpr = False,  # a grid of a few programs per SM, each walking many tiles
 ):
     # Two calls of the tile rather than one loop serving both launches: a one-trip loop around
     # the tile hoists its invariants and reorders a quarter of the default launch's PTX (seen
@@ -353,9 +353,9 @@ def _conv2d_kernel(
 
 # --------------------------------------------------------------------------- configs
 
-_INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=1, PERSISTENT=False)
+_INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=1)
 # Reduce/fill launches are memory-bound and tiny: one fixed config.
-_EPILOGUE_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=1, PERSISTENT=False)
+_EPILOGUE_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=1)
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_K = min(64, Cin rounded up to a power of 2).
 # Taken from what wins on H100 in Inductor's conv/mm autotuning of our layer set (run1 log):
@@ -759,10 +759,9 @@ def conv2d_triton(
         ws_dtype = torch.float64 if acc_type == tl.float64 else torch.float32
 
         def run(cfg: dict, splits: int) -> None:
-            cfg = {"PERSISTENT": False, **cfg}  # (tuning-cache entries from before persistent launches)
             bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
             tiles = _cdiv(m, bm) * _cdiv(nch, bn)
-            if cfg["PERSISTENT"]:
+            if cfg.get("PERSISTENT"):  # (absent from configs that predate persistent launches)
                 if splits > 1:
                     raise ValueError("fxsparse conv2d: a persistent launch does not split K")
                 grid = (_persistent_programs(cfg, tiles, 2 if interpret else _sm_count(_device_index(x.device))), 1)

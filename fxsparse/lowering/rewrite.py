@@ -464,8 +464,10 @@ class Lowering:
         kh, kw = sp.kernel_size
         return int(out.shape[2] * out.shape[3]) * cout * cin_per_group * kh * kw
 
-    def _record(self, sp, kin, kout, ideal_in, ideal_out, lowering, reason, fused=()) -> ConvRecord:
-        """kin / ideal_in: input channels each output channel reads (per group)."""
+    def _record(self, sp, kin, kout, ideal_in, ideal_out, lowering, reason, fused=(),
+                computed_out: Optional[int] = None) -> ConvRecord:
+        """kin / ideal_in: input channels each output channel reads (per group). computed_out:
+        the output rows the conv computes, where more than the kept ones (zero rows)."""
         conv = sp.view.conv
         groups = conv.groups if conv else 1
         return ConvRecord(
@@ -473,7 +475,7 @@ class Lowering:
             sp.in_channels if lowering == "unchanged" else (kout if groups > 1 else kin), kout,
             tuple(sp.kernel_size), tuple(conv.stride) if conv else (), groups, lowering, reason,
             sp.kind, sp.source, self._macs(sp, sp.in_channels // max(groups, 1), sp.out_channels) if conv else 0,
-            self._macs(sp, kin, kout) if conv else 0, self._macs(sp, ideal_in, ideal_out) if conv else 0,
+            self._macs(sp, kin, computed_out or kout) if conv else 0, self._macs(sp, ideal_in, ideal_out) if conv else 0,
             list(fused), list(sp.notes))
 
     def record_unchanged(self, n, sp: ConvSparsity) -> None:
@@ -501,8 +503,8 @@ class Lowering:
             ideal_in = kin if ideal_layout is None else int((~sp.zero_cols & ideal_layout.kept_mask()).sum())
         fused = [k for k, node in (("batch_norm", chain.bn), ("activation", chain.act), ("residual", chain.add)) if node is not None]
         zero = self.zero_rows.get(chain.conv, 0)  # dense_out computes its zero rows too
-        record = self.records[chain.conv] = self._record(sp, kin, kout + zero, ideal_in, kout, lowering, None, fused)
-        record.kept_out_channels = kout
+        record = self.records[chain.conv] = self._record(sp, kin, kout, ideal_in, kout, lowering, None, fused,
+                                                         computed_out=kout + zero)
         record.choice = choice
         if zero:
             record.notes.append(f"the conv also computes {zero} zero filter rows: it writes the residual "
