@@ -32,11 +32,14 @@ for spec in "$@"; do
     zoo75) cmd="$M --models resnet50,resnet18,mobilenet_v2 --keep 0.25 --batch 64 --json $OUT/zoo75.json" ;;
     mbdense) cmd="$M --models mobilenet_v2 --keep 1.0 --batch 64 --json $OUT/mbdense.json" ;;
     dense) cmd="$M --models resnet50,resnet18,mobilenet_v2 --keep 1.0 --batch 64 --json $OUT/dense.json" ;;
+    dense2) cmd="$M --models resnet18,mobilenet_v2 --keep 1.0 --batch 64 --json $OUT/dense2.json" ;;
     layers) cmd="python3 benchmarks/conv_layers.py --budget-s $((limit - 40)) --json $OUT/layers.json" ;;
     profile) cmd="python3 benchmarks/host_profile.py --model resnet50 --keep 0.5 --batch 1" ;;
     profmb1) cmd="python3 benchmarks/host_profile.py --model mobilenet_v2 --keep 0.5 --batch 1 --rounds 2 --cprofile 200" ;;
     profln) cmd="python3 benchmarks/host_profile.py --model resnet50 --keep 0.5 --batch 64 --masks ln --rounds 1" ;;
-    split) cmd="python3 benchmarks/host_split.py --model mobilenet_v2 --batch 1" ;;
+    split) cmd="python3 benchmarks/host_split.py --model mobilenet_v2 --batch 1 --rounds 5" ;;
+    splitr50) cmd="python3 benchmarks/host_split.py --model resnet50 --batch 1 --rounds 5" ;;
+    profdense) cmd="python3 benchmarks/host_profile.py --model resnet50 --keep 1.0 --batch 64 --rounds 2" ;;
     tune) cmd="python3 benchmarks/kernel_tune.py --json $OUT/tune.json" ;;
     *) echo "unknown stage $stage"; continue ;;
   esac

@@ -3,7 +3,8 @@
 Each variant's backend is wrapped so that the callable it returns records the time spent
 inside it during ordinary calls of the compiled model. Per call, that gives:
 - "inside": the backend's compiled graph (for fxsparse: value guard, wrappers, Inductor's
-  CUDA-graph tree; for Inductor: its CUDA-graph tree);
+  CUDA-graph tree; for Inductor: its CUDA-graph tree), and for fxsparse the part of it spent
+  in the Inductor graph it wraps ("of which Inductor") and in the value guard;
 - "dynamo side": the rest of the call (dynamo's guards, gathering the graph's inputs, writing
   back graph outputs such as pruned modules' `weight`).
 No profiler runs, so nothing inflates Python calls; the variants alternate in rounds.
@@ -28,22 +29,52 @@ import common  # noqa: E402
 import models  # noqa: E402
 
 
-class Timed:
-    """A backend whose compiled callables add their own run time to `inside`."""
+class Clock:
+    """Seconds spent inside the callables it wraps."""
 
-    def __init__(self, backend):
-        self.backend, self.inside = backend, 0.0
+    def __init__(self):
+        self.seconds = 0.0
 
-    def __call__(self, gm, example_inputs):
-        fn = self.backend(gm, example_inputs)
-
+    def wrap(self, fn):
         def run(*args):
             t = time.perf_counter()
             out = fn(*args)
-            self.inside += time.perf_counter() - t
+            self.seconds += time.perf_counter() - t
             return out
 
         return run
+
+
+class Timed:
+    """A backend whose compiled callables time themselves (`inside`); for fxsparse also the
+    Inductor graph it wraps (`inductor`) and its value guard (`guard`)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.inside, self.inductor, self.guard = Clock(), Clock(), Clock()
+
+    def __call__(self, gm, example_inputs):
+        import fxsparse.backend as fb
+
+        real = fb._inductor
+
+        def timed_inductor(*a, **k):
+            fn, launches = real(*a, **k)
+            return self.inductor.wrap(fn), launches
+
+        fb._inductor = timed_inductor
+        try:
+            fn = self.backend(gm, example_inputs)
+        finally:
+            fb._inductor = real
+        guard = getattr(fn, "guard", None)
+        if guard is not None:
+            guard.holds = self.guard.wrap(guard.holds)
+        return self.inside.wrap(fn)
+
+    def reset(self):
+        for c in (self.inside, self.inductor, self.guard):
+            c.seconds = 0.0
 
 
 def inductor_cudagraphs(gm, example_inputs):
@@ -60,7 +91,8 @@ def fxsparse_default(gm, example_inputs):
 
 def variants():
     """(name, backend, trace with freezing)."""
-    return [("Inductor freezing + CUDA graphs", inductor_cudagraphs, True),
+    return [("Inductor + CUDA graphs", inductor_cudagraphs, False),
+            ("Inductor freezing + CUDA graphs", inductor_cudagraphs, True),
             ("fxsparse default", fxsparse_default, False),
             ("fxsparse default + freezing", fxsparse_default, True)]
 
@@ -94,26 +126,33 @@ def main() -> None:
             err = common.max_abs_err(out, ref)
             for _ in range(20):
                 compiled(x)
-            runs[name] = (compiled, timed, err, {"total": [], "inside": []})
+            runs[name] = (compiled, timed, err, {k: [] for k in ("total", "inside", "inductor", "guard")})
         for _ in range(args.rounds):
             for name, (compiled, timed, _, samples) in runs.items():
                 torch.cuda.synchronize()
-                timed.inside = 0.0
+                timed.reset()
                 t = time.perf_counter()
                 for _ in range(args.calls):
                     compiled(x)
                 total = time.perf_counter() - t
                 torch.cuda.synchronize()
                 samples["total"].append(total / args.calls * 1e6)
-                samples["inside"].append(timed.inside / args.calls * 1e6)
+                for k in ("inside", "inductor", "guard"):
+                    samples[k].append(getattr(timed, k).seconds / args.calls * 1e6)
     rows = []
     for name, (_, _, err, s) in runs.items():
-        total, inside = statistics.median(s["total"]), statistics.median(s["inside"])
-        rows.append(dict(variant=name, total=total, inside=inside, dynamo=total - inside, err=err))
+        m = {k: statistics.median(v) for k, v in s.items()}
+        fx = name.startswith("fxsparse")
+        rows.append(dict(variant=name, total=m["total"], inside=m["inside"], dynamo=m["total"] - m["inside"],
+                         inductor=m["inductor"] if fx else None, guard=m["guard"] if fx else None,
+                         wrappers=m["inside"] - m["inductor"] - m["guard"] if fx else None,
+                         err=err))
     print(common.model_run_title(args.model, args.keep, args.batch, how,
                                  f"host us per call, median of {args.rounds} rounds of {args.calls} calls"))
     common.print_table(rows, [("variant", "variant"), ("total", "host us/call"), ("inside", "inside backend us"),
-                              ("dynamo", "dynamo side us"), ("err", "err")])
+                              ("inductor", "of which Inductor us"), ("guard", "of which guard us"),
+                              ("wrappers", "of which wrappers us"), ("dynamo", "dynamo side us"),
+                              ("err", "err")])
 
 
 if __name__ == "__main__":

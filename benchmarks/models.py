@@ -12,7 +12,9 @@ the physically pruned model; without it, `fxsparse.sparsify` picks them (no phys
 Columns (ms): "graph" = CUDA-graph replay of the call (kernel time); "plain" = the compiled
 callable called in a loop (`triton.testing.do_bench`: host overhead, guards, launches
 included). Inductor: default, freezing=True, and freezing + mode="reduce-overhead" (CUDA
-graphs). fxsparse: cudagraphs off (graph and plain), default (CUDA graphs on, plain).
+graphs). fxsparse: cudagraphs off (graph and plain), default (CUDA graphs on, plain), and
+default traced with freezing=True (plain): the setting Inductor's best column needs, under
+which dynamo hands parameters over as constants instead of per-call inputs.
 Physically pruned: Inductor freezing (graph) and freezing + reduce-overhead (plain).
 Compile = seconds of the first call. err = max |out - eager masked| (fp16).
 On the CPU everything is wall-clock (plain) and the baseline is Inductor default.
@@ -43,9 +45,11 @@ GPU_COLUMNS = [
     ("ind_graph", "Ind graph"), ("ind_plain", "Ind plain"),
     ("frz_graph", "frz graph"), ("frz_plain", "frz plain"), ("frzcg_plain", "frz+cg plain"),
     ("fx_graph", "fx graph"), ("fx_plain", "fx plain"), ("fxcg_plain", "fx+cg plain"),
+    ("fxfrzcg_plain", "fx frz+cg plain"),
     ("tpind_graph", "TP Ind graph"), ("tpind_plain", "TP Ind plain"),
     ("tp_graph", "TP frz graph"), ("tp_plain", "TP frz plain"), ("tpcg_plain", "TP frz+cg plain"),
     ("speedup_graph", "fx/Ind best graph"), ("speedup_plain", "fx+cg/Ind best plain"),
+    ("speedup_plain_frz", "fx frz+cg/Ind best plain"),
     ("ind_compile_s", "Ind compile s"), ("fx_compile_s", "fx compile s"), ("fx_err", "fx err"),
     ("tp_err", "TP-vs-masked err"), ("fx_launches", "fx launches"), ("fx_report_launches", "fx launches (report)"),
     ("frz_launches", "frz launches"),
@@ -235,7 +239,7 @@ def guard_us(graphs) -> float:
                for g, inputs in graphs)
 
 
-VARIANTS = ("ind", "frz", "frzcg", "fx", "fxcg", "tp")
+VARIANTS = ("ind", "frz", "frzcg", "fx", "fxcg", "fxfrzcg", "tp")
 
 
 def gpu_row(name: str, keep: float, batch: int, full: bool, lowering: str = "auto", masks: str = "groups",
@@ -275,6 +279,11 @@ def gpu_row(name: str, keep: float, batch: int, full: bool, lowering: str = "aut
             torch._dynamo.reset()
             fxcg = torch.compile(copy.deepcopy(masked), backend="fxsparse", options={"lowering": lowering})
             measure("fxcg", fxcg, x, ref, row, False, True, errors)
+        if "fxfrzcg" in variants:
+            torch._dynamo.reset()
+            fxfrzcg = with_freezing(torch.compile(copy.deepcopy(masked), backend="fxsparse",
+                                                  options={"lowering": lowering}))
+            measure("fxfrzcg", fxfrzcg, x, ref, row, False, True, errors)
         if pruned is not None and "tp" in variants:
             pruned = to_gpu(pruned)
             if full:  # the physically pruned model under the same three Inductor settings
@@ -288,6 +297,7 @@ def gpu_row(name: str, keep: float, batch: int, full: bool, lowering: str = "aut
                      default=None)
     row["speedup_graph"] = common.ratio(best_graph, row.get("fx_graph"))
     row["speedup_plain"] = common.ratio(best_plain, row.get("fxcg_plain"))
+    row["speedup_plain_frz"] = common.ratio(best_plain, row.get("fxfrzcg_plain"))
     row["errors"] = errors
     return row
 

@@ -501,3 +501,19 @@ def test_constant_outputs_go_back_in_their_places():
         assert out[0] is a and out[2] is b and out[5] is c
     out.append(None)  # each call returns a list of its own
     assert len(run(torch.tensor([0.0]))) == 6
+
+
+@pytest.mark.parametrize("which", ["pruned", "unpruned"])
+def test_weight_data_swapped_between_calls_is_used(which):
+    """`module.weight.data = t` keeps the Parameter object and its version counter: the guard
+    sees the new storage and recompacts (a folded weight would otherwise go stale)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1)).eval()
+    prune.ln_structured(m[0], "weight", 0.5, 2, 0)
+    compiled = torch.compile(m, backend="fxsparse")
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), m(x))
+        target = m[0].weight_orig if which == "pruned" else m[2].weight
+        target.data = torch.randn_like(target)
+        torch.testing.assert_close(compiled(x), m(x))

@@ -66,3 +66,39 @@ def test_too_few_arguments_fail(make_guard):
 def test_nothing_guarded_always_holds(make_guard):
     g = make_guard([], _args())
     assert g.holds(()) and g.holds(_args())
+
+
+def test_data_swapped_under_the_same_object_fails(make_guard):
+    """`param.data = t` keeps the object and its version but not its values."""
+    args = _args()
+    g = make_guard([1, 3], args)
+    version = args[3]._version
+    args[3].data = torch.randn(4)
+    assert args[3]._version == version
+    assert not g.holds(args)
+
+
+def test_held_tensor_given_a_new_storage_fails(make_guard):
+    args, held = _args(), torch.nn.Parameter(torch.randn(3))
+    g = make_guard([1], args, [held])
+    held.data = held.data.clone()
+    assert not g.holds(args)
+
+
+def test_view_moved_within_its_storage_fails(make_guard):
+    base = torch.randn(8)
+    view = base[:4]
+    g = make_guard([], (), [view])
+    with torch.no_grad():
+        view.set_(base.untyped_storage(), 2, (4,))
+    assert not g.holds(())
+
+
+def test_a_new_storage_cannot_take_a_guarded_ones_address(make_guard):
+    """Two swaps between calls: the guard keeps the storage it saw alive, so the second new
+    storage cannot land where the original was."""
+    p = torch.nn.Parameter(torch.randn(1 << 16))
+    g = make_guard([], (), [p])
+    p.data = torch.randn(1 << 16)
+    p.data = torch.randn(1 << 16)
+    assert not g.holds(())

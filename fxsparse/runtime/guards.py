@@ -3,12 +3,14 @@
 Dynamo guards check a parameter's shape, dtype and device, never its values,
 so a backend that folds values at compile time must check them itself. The
 compiled graph remembers, for every placeholder whose value a decision read
-(weights, masks, BatchNorm statistics, biases), the tensor's identity and its
+(weights, masks, BatchNorm statistics, biases), the tensor's identity, its
 `_version` counter (bumped by every in-place write: an optimizer step,
-`load_state_dict`, `copy_`). Before each call one pass over those tensors
-compares both; on any change the graph is recompacted from the new values
-before it runs. A new Parameter bound in place of the old one fails the
-identity check.
+`load_state_dict`, `copy_`) and where its data lives (`param.data = t` swaps the
+storage under the same object and leaves the version as it was). Before each
+call one pass over those tensors compares all three; on any change the graph is
+recompacted from the new values before it runs. A new Parameter bound in place
+of the old one fails the identity check. The guard keeps the storages it saw
+alive, so a new storage cannot take an old one's address.
 
 The check runs in C++ (version_guard.cpp, built once per machine with
 torch.utils.cpp_extension): read from Python, a version counter costs 50-190 ns,
@@ -28,7 +30,22 @@ from typing import Callable, Sequence
 import torch
 
 log = logging.getLogger("fxsparse")
-_version = operator.attrgetter("_version")
+
+
+def _footprint(t: torch.Tensor) -> tuple:
+    """(version, data address): what the Python check compares. The guard keeps the storages
+    alive, so an address names one storage (version_guard.cpp compares the storage itself)."""
+    try:
+        return t._version, t.data_ptr()
+    except (RuntimeError, NotImplementedError):  # no storage (e.g. a wrapper subclass)
+        return t._version, None
+
+
+def _storage_or_none(t: torch.Tensor):
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -40,7 +57,8 @@ def native_checker():
         from torch.utils.cpp_extension import load
 
         name = "fxsparse_version_guard_" + re.sub(r"\W", "_", torch.__version__)
-        return load(name, sources=[str(Path(__file__).with_name("version_guard.cpp"))], verbose=False)
+        return load(name, sources=[str(Path(__file__).with_name("version_guard.cpp"))], extra_cflags=["-O3"],
+                    verbose=False)
     except Exception as e:  # noqa: BLE001 - no compiler, no headers: the Python check is exact too
         log.info("fxsparse: compiled guard unavailable (%s: %s); checking in Python", type(e).__name__, e)
         return None
@@ -52,14 +70,15 @@ class ValueGuard:
         self._pick = operator.itemgetter(*self.positions) if len(self.positions) > 1 else (
             (lambda a, i=self.positions[0]: (a[i],)) if self.positions else (lambda a: ()))
         self.tensors = tuple(self._pick(args))
-        self.versions = list(map(_version, self.tensors))
+        self.footprints = list(map(_footprint, self.tensors))
         # tensors checked by version alone, held here rather than passed in: those the
         # compiled graph hands out (a pruned module's `weight`: a caller writing into one must
         # not change what the next call returns), BatchNorm step counters (see
         # graph/capture.py: running_stat_counter) and, under Inductor's freezing, every
         # tensor the graph holds as an attribute (backend.frozen_tensors)
         self.held = tuple(held)
-        self.held_versions = list(map(_version, self.held))
+        self.held_footprints = list(map(_footprint, self.held))
+        self._storages = [_storage_or_none(t) for t in self.tensors + self.held]  # (see the module doc)
         native = native_checker()
         self._native = native.VersionGuard(list(self.positions), self.tensors + self.held) if native else None
 
@@ -71,8 +90,8 @@ class ValueGuard:
         except IndexError:
             return False
         return (all(map(operator.is_, current, self.tensors))
-                and list(map(_version, current)) == self.versions
-                and list(map(_version, self.held)) == self.held_versions)
+                and list(map(_footprint, current)) == self.footprints
+                and list(map(_footprint, self.held)) == self.held_footprints)
 
 
 class GuardedGraph:
