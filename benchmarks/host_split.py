@@ -9,6 +9,11 @@ inside it during ordinary calls of the compiled model. Per call, that gives:
   back graph outputs such as pruned modules' `weight`).
 No profiler runs, so nothing inflates Python calls; the variants alternate in rounds.
 
+A plain call's latency (what `do_bench` reports) is the host time *before* the CUDA-graph
+launch plus the device time; host time after the launch overlaps the kernels. So the split is
+also taken at the launch: "before launch" runs from the call to the entry of
+`CUDAGraph.replay`, "after launch" from there to the call's return.
+
     PYTHONPATH=. python benchmarks/host_split.py --model mobilenet_v2 --batch 1
 """
 from __future__ import annotations
@@ -43,6 +48,44 @@ class Clock:
             return out
 
         return run
+
+
+class LaunchClock:
+    """Host clock at each CUDA-graph replay (cudagraph trees call `CUDAGraph.replay`)."""
+
+    def __init__(self):
+        self.marks = []
+        self._real = torch.cuda.CUDAGraph.replay
+
+    def __enter__(self):
+        real, marks = self._real, self.marks
+
+        def replay(graph):
+            marks.append(time.perf_counter())
+            return real(graph)
+
+        torch.cuda.CUDAGraph.replay = replay
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.CUDAGraph.replay = self._real
+
+
+def launch_split(compiled, x, calls: int) -> tuple:
+    """Median host us (before the graph launch, after it) per call, and launches per call."""
+    before, after = [], []
+    with LaunchClock() as clock:
+        for _ in range(calls):
+            clock.marks.clear()
+            t0 = time.perf_counter()
+            compiled(x)
+            t1 = time.perf_counter()
+            if clock.marks:
+                before.append(clock.marks[-1] - t0)
+                after.append(t1 - clock.marks[-1])
+    if not before:
+        return None, None, 0
+    return statistics.median(before) * 1e6, statistics.median(after) * 1e6, len(clock.marks)
 
 
 class Timed:
@@ -139,20 +182,25 @@ def main() -> None:
                 samples["total"].append(total / args.calls * 1e6)
                 for k in ("inside", "inductor", "guard"):
                     samples[k].append(getattr(timed, k).seconds / args.calls * 1e6)
+        for name, (compiled, _, _, samples) in runs.items():
+            samples["before"], samples["after"], samples["launches"] = launch_split(compiled, x, args.calls)
+            samples["plain"] = common.time_plain(lambda c=compiled: c(x)) * 1e3
     rows = []
     for name, (_, _, err, s) in runs.items():
+        extra = {k: s.pop(k) for k in ("before", "after", "launches", "plain")}
         m = {k: statistics.median(v) for k, v in s.items()}
         fx = name.startswith("fxsparse")
         rows.append(dict(variant=name, total=m["total"], inside=m["inside"], dynamo=m["total"] - m["inside"],
                          inductor=m["inductor"] if fx else None, guard=m["guard"] if fx else None,
                          wrappers=m["inside"] - m["inductor"] - m["guard"] if fx else None,
-                         err=err))
+                         err=err, **extra))
     print(common.model_run_title(args.model, args.keep, args.batch, how,
                                  f"host us per call, median of {args.rounds} rounds of {args.calls} calls"))
     common.print_table(rows, [("variant", "variant"), ("total", "host us/call"), ("inside", "inside backend us"),
                               ("inductor", "of which Inductor us"), ("guard", "of which guard us"),
                               ("wrappers", "of which wrappers us"), ("dynamo", "dynamo side us"),
-                              ("err", "err")])
+                              ("before", "before launch us"), ("after", "after launch us"),
+                              ("launches", "graph launches/call"), ("plain", "do_bench plain us"), ("err", "err")])
 
 
 if __name__ == "__main__":
