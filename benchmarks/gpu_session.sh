@@ -20,6 +20,7 @@ for spec in "$@"; do
   stage=${spec%%:*}; limit=${spec#*:}
   case $stage in
     tests) cmd="python3 -m pytest -v -rfE --tb=short -p no:cacheprovider -m gpu tests" ;;
+    gpukernel) cmd="python3 -m pytest -q -rfE --tb=short -p no:cacheprovider -m gpu tests/test_gpu_kernel.py" ;;
     r50) cmd="$M --models resnet50 --keep 0.5 --batch 64,1 --json $OUT/r50.json" ;;
     r50b1) cmd="$M --models resnet50 --keep 0.5 --batch 1 --json $OUT/r50b1.json" ;;
     zoo64) cmd="$M --models resnet18,mobilenet_v2 --keep 0.5 --batch 64 --json $OUT/zoo64.json" ;;

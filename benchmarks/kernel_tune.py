@@ -38,7 +38,8 @@ from fxsparse.kernels import conv2d as K  # noqa: E402
 
 def _cfg(cfg, split) -> str:
     return (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}"
-            + (" persistent" if cfg.get("PERSISTENT") else "") + (f" k/{split}" if split > 1 else ""))
+            + (" persistent" if cfg.get("PERSISTENT") else "") + (" TMA" if cfg.get("TMA") else "")
+            + (f" k/{split}" if split > 1 else ""))
 
 
 def _op(x, w, stride, padding, in_index=None):

@@ -137,6 +137,27 @@ def test_nchw_input_and_weight():
     assert rel_l2(run_op(x, w, **kw), cudnn_oracle(x, w, **kw)) < 1e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tile", [(256, 128, 8, 3), (128, 64, 4, 3), (64, 32, 4, 3)])
+@pytest.mark.parametrize("after", [False, True])
+def test_tma_pointwise_tiles(dtype, tile, after):
+    """1x1 convs through TMA descriptors (kernels/pointwise_tma.py), every epilogue term, on
+    sizes that leave partial tiles in rows (M = 3 * 29 * 29) and channels (72 of a 128 tile)."""
+    bm, bn, warps, stages = tile
+    x, w, g = make(3, 48, 72, 1, 29, dtype)
+    r = lambda *s: torch.randn(*s, device=DEV, generator=g).to(dtype)  # noqa: E731
+    kw = dict(bias=r(72), scale=r(72), shift=r(72), activation="silu", residual_after_activation=after,
+              residual=r(3, 72, 29, 29).contiguous(memory_format=torch.channels_last))
+    out = torch.full((3, 72, 29, 29), float("nan"), device=DEV, dtype=dtype).contiguous(
+        memory_format=torch.channels_last)
+    from fxsparse.kernels import pointwise_tma
+    assert pointwise_tma.eligible(x, w, out, kw["residual"], None, None)
+    cfg = K._config(bm, bn, 64, warps, stages, tma=True)
+    y = K.conv2d_triton(x, w, kw["bias"], [1, 1], [0, 0], [1, 1], None, None, 72, None, kw["scale"], kw["shift"],
+                        None, kw["residual"], "silu", after, out=out, config=cfg)
+    assert rel_l2(y, cudnn_oracle(x, w, **kw)) < REL_L2[dtype]
+
+
 @pytest.mark.parametrize("split_k", [1, 2, 4])
 def test_split_k_forced(split_k):
     x, w, g = make(32, 256, 128, 3, 7, torch.float16)

@@ -461,3 +461,102 @@ def test_tuner_checks_a_persistent_winner(monkeypatch):
                         lambda fn, **kw: (fn(), 1.0 if out[0] == 1.0 else 2.0)[1])
     choice = K._tune("key", [(persistent, 1), (safe, 1)], run, out, pointwise=True)
     assert choice.config == safe and "MISMATCH" in choice.note
+
+
+# ------------------------------------------------------------------ TMA launches of 1x1 convs
+
+_TMA_CFG = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1, TMA=True)
+
+
+def _pointwise_tensors(g, n, cin, cout, hw, dtype, residual=False, x_channels=None, x_first=0):
+    """A 1x1 problem; x may be a channel slice [x_first, x_first + cin) of a wider tensor."""
+    full = rnd(g, n, x_channels or cin, *hw, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    x = full[:, x_first:x_first + cin]
+    w = rnd(g, cout, cin, 1, 1, dtype=dtype, scale=1 / math.sqrt(cin)).contiguous(memory_format=torch.channels_last)
+    r = rnd(g, n, cout, *hw, dtype=dtype).contiguous(memory_format=torch.channels_last) if residual else None
+    return x, w, r
+
+
+def _run_pointwise(x, w, residual=None, **epi):
+    out = torch.full((x.shape[0], w.shape[0], *x.shape[2:]), float("nan"), dtype=x.dtype).contiguous(
+        memory_format=torch.channels_last)
+    y = K.conv2d_triton(x, w, epi.get("bias"), (1, 1), (0, 0), (1, 1), None, None, w.shape[0], None,
+                        epi.get("scale"), epi.get("shift"), None, residual, epi.get("activation", "none"),
+                        epi.get("after", False), out=out, config=_TMA_CFG)
+    assert y is out
+    return y
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("after", [False, True])
+def test_tma_pointwise_with_full_epilogue(request, dtype, after):
+    """Odd sizes (rows and channels not multiples of the tile), batch 1, every epilogue term."""
+    g = _gen(request)
+    x, w, r = _pointwise_tensors(g, 1, 40, 24, (5, 7), dtype, residual=True)
+    bias, scale, shift = rnd(g, 24, dtype=dtype), rnd(g, 24, dtype=torch.float32).abs() + 0.5, rnd(g, 24)
+    from fxsparse.kernels import pointwise_tma
+    assert pointwise_tma.eligible(x, w, torch.empty_like(r), r, None, None)
+    y = _run_pointwise(x, w, r, bias=bias, scale=scale, shift=shift, activation="relu6", after=after)
+    ref = oracle(x, w, bias=bias, scale=scale, shift=shift, residual=r, activation="relu6",
+                 residual_after_activation=after)
+    check(y, ref, dtype)
+
+
+def test_tma_pointwise_reads_an_aligned_channel_slice(request):
+    """x = channels [8, 8+24) of a 40-channel tensor: the descriptor reads the slice in place."""
+    g = _gen(request)
+    x, w, _ = _pointwise_tensors(g, 2, 24, 16, (3, 5), torch.float16, x_channels=40, x_first=8)
+    from fxsparse.kernels import pointwise_tma
+    assert pointwise_tma.eligible(x, w, torch.empty(2, 16, 3, 5, dtype=x.dtype).contiguous(
+        memory_format=torch.channels_last), None, None, None)
+    check(_run_pointwise(x, w), oracle(x, w), torch.float16)
+
+
+def test_tma_tile_on_tensors_a_descriptor_cannot_address_runs_the_same_tile(request):
+    """A channel slice starting at channel 3 is not 16-byte aligned: a (tuned) TMA tile then
+    runs as the same tile of the conv kernel, with the same results."""
+    g = _gen(request)
+    x, w, _ = _pointwise_tensors(g, 2, 24, 16, (3, 5), torch.float16, x_channels=40, x_first=3)
+    from fxsparse.kernels import pointwise_tma
+    out = torch.empty(2, 16, 3, 5, dtype=x.dtype).contiguous(memory_format=torch.channels_last)
+    assert not pointwise_tma.eligible(x, w, out, None, None, None)
+    check(_run_pointwise(x, w), oracle(x, w), torch.float16)
+
+
+def test_tma_eligibility():
+    from fxsparse.kernels import pointwise_tma as T
+
+    def cl(*shape, dtype=torch.float16):
+        return torch.zeros(*shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+
+    x, w, out = cl(2, 16, 4, 4), cl(32, 16, 1, 1), cl(2, 32, 4, 4)
+    assert T.eligible(x, w, out, None, None, None)
+    assert not T.eligible(x.float(), w.float(), out.float(), None, None, None)  # fp32: no
+    assert not T.eligible(x, w, out, None, torch.arange(32), None)  # channel scatter
+    assert not T.eligible(x.contiguous(), w, out, None, None, None)  # NCHW input
+    assert not T.eligible(cl(2, 12, 4, 4), cl(32, 12, 1, 1), out, None, None, None)  # 24-byte rows
+    assert not T.eligible(x, w, cl(2, 36, 4, 4)[:, :32], cl(2, 32, 4, 4)[:, :, :, :3], None, None)
+
+
+def test_tma_candidates_only_where_offered():
+    def tma(*shape, **kw):
+        return [c for c, _ in K.conv_candidates(*shape, 132, **kw) if c.get("TMA")]
+
+    assert tma(100352, 256, 64, 1, True, tma=True)
+    assert not tma(100352, 256, 64, 1, True)  # tensors not addressable
+    assert not tma(100352, 256, 64, 9, False, tma=True)  # 3x3
+    assert all(s == 1 for c, s in K.conv_candidates(1568, 512, 2048, 1, True, 132, tma=True) if c.get("TMA"))
+
+
+def test_tuner_checks_a_tma_winner(monkeypatch):
+    tma = K._config(128, 128, 64, 4, 3, tma=True)
+    safe = K._config(128, 64, 64, 4, 2)
+    out = torch.zeros(4)
+
+    def run(cfg, s):
+        out.fill_(1.0 if cfg.get("TMA") else 2.0)
+
+    monkeypatch.setattr(K.triton.testing, "do_bench",
+                        lambda fn, **kw: (fn(), 1.0 if out[0] == 1.0 else 2.0)[1])
+    choice = K._tune("key", [(tma, 1), (safe, 1)], run, out, pointwise=True)
+    assert choice.config == safe and "TMA MISMATCH" in choice.note

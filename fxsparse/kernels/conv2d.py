@@ -68,50 +68,16 @@ import torch
 import triton
 import triton.language as tl
 
-from fxsparse.kernels import tuning_cache
+from fxsparse.kernels import pointwise_tma, tuning_cache
 from fxsparse.kernels.layout import select_channels
+from fxsparse.kernels.epilogue import activation as _activation
 from fxsparse.ops.activations import ACTIVATION_CODES
 from fxsparse.ops.conv2d import TensorCache
 
 Tensor = torch.Tensor
 log = logging.getLogger(__name__)
 
-# The epilogue's `if ACTIVATION == k` chain below is written against these codes.
-_KERNEL_ACTIVATIONS = ("none", "relu", "relu6", "silu", "gelu", "gelu_tanh", "hardswish",
-                       "hardsigmoid", "sigmoid", "tanh")
-assert {n: i for i, n in enumerate(_KERNEL_ACTIVATIONS)} == ACTIVATION_CODES, (
-    "fxsparse.kernels.conv2d: activation table out of sync with fxsparse.ops.activations")
-
 _SRC_CONV, _SRC_WORKSPACE, _SRC_NONE = 0, 1, 2
-
-
-@triton.jit
-def _tanh(z):
-    # tl has no portable tanh across 3.6-3.9 and the interpreter; exact in fp32 up to ~1e-7 abs.
-    return 2.0 * tl.sigmoid(2.0 * z) - 1.0
-
-
-@triton.jit
-def _activation(z, ACTIVATION: tl.constexpr):
-    if ACTIVATION == 1:
-        z = tl.maximum(z, 0.0)
-    elif ACTIVATION == 2:
-        z = tl.minimum(tl.maximum(z, 0.0), 6.0)
-    elif ACTIVATION == 3:
-        z = z * tl.sigmoid(z)
-    elif ACTIVATION == 4:
-        z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-    elif ACTIVATION == 5:
-        z = 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
-    elif ACTIVATION == 6:
-        z = z * (tl.minimum(tl.maximum(z + 3.0, 0.0), 6.0) / 6.0)
-    elif ACTIVATION == 7:
-        z = tl.minimum(tl.maximum(z + 3.0, 0.0), 6.0) / 6.0
-    elif ACTIVATION == 8:
-        z = tl.sigmoid(z)
-    elif ACTIVATION == 9:
-        z = _tanh(z)
-    return z
 
 
 @triton.jit
@@ -402,6 +368,18 @@ _POINTWISE_PERSISTENT_TILES = [
     (128, 256, 8, 3),
     (128, 64, 4, 3),
 ]
+# The same GEMMs through TMA descriptors (pointwise_tma.py), where the tensors allow it.
+_POINTWISE_TMA_TILES = [
+    (256, 128, 8, 3),
+    (128, 256, 8, 3),
+    (128, 128, 8, 3),
+    (128, 128, 4, 3),
+    (128, 64, 4, 3),
+    (64, 64, 4, 3),
+    (128, 32, 4, 3),
+    (64, 32, 4, 3),
+    (128, 16, 4, 3),
+]
 _SAFE_TILE = (64, 64, 4, 3)  # the fallback when a tuned 8-warp tile fails its check
 
 
@@ -415,9 +393,12 @@ def _pow2_at_least(v: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(int(v), 1)))
 
 
-def _config(bm, bn, bk, warps, stages, persistent=False) -> dict:
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages,
-                PERSISTENT=persistent)
+def _config(bm, bn, bk, warps, stages, persistent=False, tma=False) -> dict:
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages,
+               PERSISTENT=persistent)
+    if tma:  # (a launch of pointwise_tma's kernel, not _conv2d_kernel: absent elsewhere)
+        cfg["TMA"] = True
+    return cfg
 
 
 def _persistent_programs(cfg: dict, tiles: int, sms: int) -> int:
@@ -434,7 +415,7 @@ def _max_warps() -> int:
 
 
 def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms: int,
-                    split_k: Optional[int] = None) -> list:
+                    split_k: Optional[int] = None, tma: bool = False) -> list:
     """(config, split_k) pairs worth timing for one conv shape, pruned by shape class.
 
     - BLOCK_N: the power of two covering NCH (capped at 256) and half of it, so compacted
@@ -443,7 +424,8 @@ def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms:
     - Small M, long K (e.g. 512->512 3x3 at 7x7: M = 1568, K = 4608): when a tile count
       leaves SMs idle, split-K by 2/4/8 so the grid lands between 0.5x and 2x the SM count,
       keeping >= 4 K steps per slice.
-    `split_k` given: only that factor.
+    `split_k` given: only that factor. `tma`: the tensors allow pointwise_tma's launches (1x1
+    convs), which are offered too.
     """
     bk = min(64, _pow2_at_least(cin))
     k_iters = taps * _cdiv(cin, bk)
@@ -480,6 +462,10 @@ def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms:
         for bm, bn, warps, stages in _POINTWISE_PERSISTENT_TILES:
             if bn in widths and bm <= bm_cap and _cdiv(m, bm) * _cdiv(nch, bn) > 2 * sms:
                 out.append((_config(bm, bn, bk, warps, stages, persistent=True), 1))
+    if pointwise and tma and split_k in (None, 1):
+        for bm, bn, warps, stages in _POINTWISE_TMA_TILES:
+            if bn in widths and bm <= bm_cap:
+                out.append((_config(bm, bn, bk, warps, stages, tma=True), 1))
     if not out:  # tiny problems: the smallest tile always fits
         out.append((_config(64, 16, bk, 4, 3), split_k or 1))
     return out
@@ -502,7 +488,7 @@ class _Choice:
     def __repr__(self):
         c = self.config
         return (f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']} s{c['num_stages']}"
-                + (" persistent" if c.get("PERSISTENT") else "")
+                + (" persistent" if c.get("PERSISTENT") else "") + (" TMA" if c.get("TMA") else "")
                 + f" splitK {self.split_k}" + (f" ({self.note})" if self.note else ""))
 
 
@@ -544,7 +530,8 @@ def _tune(key, candidates, run, out: Tensor, pointwise: bool) -> _Choice:
     if ms == float("inf"):
         raise RuntimeError("fxsparse.conv2d: every tile config failed to run")
     note = ""
-    kind = "persistent" if cfg.get("PERSISTENT") else "8-warp" if cfg["num_warps"] > 4 and not pointwise else None
+    kind = ("persistent" if cfg.get("PERSISTENT") else "TMA" if cfg.get("TMA")
+            else "8-warp" if cfg["num_warps"] > 4 and not pointwise else None)
     if kind is not None:
         safe = next(((c, k) for c, k, t in timings if _is_safe(c) and t < float("inf")), None)
         if safe is None:
@@ -562,8 +549,8 @@ def _tune(key, candidates, run, out: Tensor, pointwise: bool) -> _Choice:
 
 
 def _is_safe(cfg: dict) -> bool:
-    """One tile per program, 4 warps: the launch every other is checked against."""
-    return cfg["num_warps"] <= 4 and not cfg.get("PERSISTENT")
+    """One tile per program of _conv2d_kernel, 4 warps: the launch every other is checked against."""
+    return cfg["num_warps"] <= 4 and not cfg.get("PERSISTENT") and not cfg.get("TMA")
 
 
 def _safe_candidate(candidates: list) -> tuple:
@@ -580,10 +567,10 @@ def _device_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def _choose_launch(key, device, m, nch, cin, taps, pointwise, split_k, run, out) -> _Choice:
+def _choose_launch(key, device, m, nch, cin, taps, pointwise, split_k, run, out, tma=False) -> _Choice:
     """The launch for a shape not yet seen by this process: from the disk cache, else timed."""
     index = _device_index(device)
-    candidates = conv_candidates(m, nch, cin, taps, pointwise, _sm_count(index), split_k)
+    candidates = conv_candidates(m, nch, cin, taps, pointwise, _sm_count(index), split_k, tma)
     how = tuning_cache.mode()
     if how == "off":
         cfg, s = _safe_candidate(candidates)
@@ -758,7 +745,16 @@ def conv2d_triton(
         )
         ws_dtype = torch.float64 if acc_type == tl.float64 else torch.float32
 
+        tma = pointwise and pointwise_tma.eligible(x, weight, out, residual, out_index, bias_map)
+
         def run(cfg: dict, splits: int) -> None:
+            if cfg.get("TMA"):
+                if tma and splits == 1:
+                    pointwise_tma.launch(x, weight, bias, scale, shift, residual, ACTIVATION_CODES[activation],
+                                         residual_after_activation, out, cfg)
+                    return
+                # a tuned TMA tile for tensors a descriptor cannot address: the same tile here
+                cfg = {k: v for k, v in cfg.items() if k != "TMA"}
             bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
             tiles = _cdiv(m, bm) * _cdiv(nch, bn)
             if cfg.get("PERSISTENT"):  # (absent from configs that predate persistent launches)
@@ -782,11 +778,12 @@ def conv2d_triton(
             cfg.setdefault("BLOCK_K", min(64, _pow2_at_least(cin)))
             run(cfg, split_k or 1)
         else:
+            # (marked only where TMA launches are offered: other shapes keep their cached tuning)
             key = (m, nch, cin, h, w, kh, kw, sh, sw, ph, pw, dh, dw, x.dtype, x.stride(1), weight.stride(1),
-                   split_k)
+                   split_k) + (("tma",) if tma else ())
             choice = tuned.get(key)
             if choice is None:
-                choice = _choose_launch(key, x.device, m, nch, cin, kh * kw, pointwise, split_k, run, out)
+                choice = _choose_launch(key, x.device, m, nch, cin, kh * kw, pointwise, split_k, run, out, tma)
             run(choice.config, choice.split_k)
 
     if out_index is not None and nch < out_channels:
