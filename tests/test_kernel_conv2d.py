@@ -494,8 +494,8 @@ def test_tma_pointwise_with_full_epilogue(request, dtype, after):
     g = _gen(request)
     x, w, r = _pointwise_tensors(g, 1, 40, 24, (5, 7), dtype, residual=True)
     bias, scale, shift = rnd(g, 24, dtype=dtype), rnd(g, 24, dtype=torch.float32).abs() + 0.5, rnd(g, 24)
-    from fxsparse.kernels import pointwise_tma
-    assert pointwise_tma.eligible(x, w, torch.empty_like(r), r, None, None)
+    from fxsparse.kernels import tma
+    assert tma.eligible(x, w, torch.empty_like(r), r, None, None, True, (1, 1)) == "gemm"
     y = _run_pointwise(x, w, r, bias=bias, scale=scale, shift=shift, activation="relu6", after=after)
     ref = oracle(x, w, bias=bias, scale=scale, shift=shift, residual=r, activation="relu6",
                  residual_after_activation=after)
@@ -506,9 +506,9 @@ def test_tma_pointwise_reads_an_aligned_channel_slice(request):
     """x = channels [8, 8+24) of a 40-channel tensor: the descriptor reads the slice in place."""
     g = _gen(request)
     x, w, _ = _pointwise_tensors(g, 2, 24, 16, (3, 5), torch.float16, x_channels=40, x_first=8)
-    from fxsparse.kernels import pointwise_tma
-    assert pointwise_tma.eligible(x, w, torch.empty(2, 16, 3, 5, dtype=x.dtype).contiguous(
-        memory_format=torch.channels_last), None, None, None)
+    from fxsparse.kernels import tma
+    assert tma.eligible(x, w, torch.empty(2, 16, 3, 5, dtype=x.dtype).contiguous(
+        memory_format=torch.channels_last), None, None, None, True, (1, 1)) == "gemm"
     check(_run_pointwise(x, w), oracle(x, w), torch.float16)
 
 
@@ -517,35 +517,80 @@ def test_tma_tile_on_tensors_a_descriptor_cannot_address_runs_the_same_tile(requ
     runs as the same tile of the conv kernel, with the same results."""
     g = _gen(request)
     x, w, _ = _pointwise_tensors(g, 2, 24, 16, (3, 5), torch.float16, x_channels=40, x_first=3)
-    from fxsparse.kernels import pointwise_tma
+    from fxsparse.kernels import tma
     out = torch.empty(2, 16, 3, 5, dtype=x.dtype).contiguous(memory_format=torch.channels_last)
-    assert not pointwise_tma.eligible(x, w, out, None, None, None)
+    assert tma.eligible(x, w, out, None, None, None, True, (1, 1)) is None
     check(_run_pointwise(x, w), oracle(x, w), torch.float16)
 
 
 def test_tma_eligibility():
-    from fxsparse.kernels import pointwise_tma as T
+    from fxsparse.kernels import tma as T
 
     def cl(*shape, dtype=torch.float16):
         return torch.zeros(*shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
 
     x, w, out = cl(2, 16, 4, 4), cl(32, 16, 1, 1), cl(2, 32, 4, 4)
-    assert T.eligible(x, w, out, None, None, None)
-    assert not T.eligible(x.float(), w.float(), out.float(), None, None, None)  # fp32: no
-    assert not T.eligible(x, w, out, None, torch.arange(32), None)  # channel scatter
-    assert not T.eligible(x.contiguous(), w, out, None, None, None)  # NCHW input
-    assert not T.eligible(cl(2, 12, 4, 4), cl(32, 12, 1, 1), out, None, None, None)  # 24-byte rows
-    assert not T.eligible(x, w, cl(2, 36, 4, 4)[:, :32], cl(2, 32, 4, 4)[:, :, :, :3], None, None)
+    w3 = cl(32, 16, 3, 3)
+    assert T.eligible(x, w, out, None, None, None, True, (1, 1)) == "gemm"
+    assert T.eligible(x, w3, out, None, None, None, False, (1, 1)) == "box"
+    assert T.eligible(x, w3, cl(2, 32, 2, 2), None, None, None, False, (2, 2)) is None  # strided
+    assert T.eligible(x, w, out, None, None, torch.zeros(32, 4, 4), True, (1, 1)) == "box"  # bias map
+    assert T.eligible(x.float(), w.float(), out.float(), None, None, None, True, (1, 1)) is None  # fp32
+    assert T.eligible(x, w, out, None, torch.arange(32), None, True, (1, 1)) is None  # channel scatter
+    assert T.eligible(x.contiguous(), w, out, None, None, None, True, (1, 1)) is None  # NCHW input
+    assert T.eligible(cl(2, 12, 4, 4), cl(32, 12, 1, 1), out, None, None, None, True, (1, 1)) is None  # 24 B rows
+    assert T.eligible(cl(2, 12, 4, 4), cl(32, 12, 3, 3), out, None, None, None, False, (1, 1)) is None
+    assert T.eligible(x, w, cl(2, 36, 4, 4)[:, :32], None, None, None, True, (1, 1)) is None
+
+
+@pytest.mark.parametrize("ho,wo,block_m,want", [(56, 56, 128, (2, 64)), (7, 7, 64, (8, 8)), (14, 14, 128, (8, 16)),
+                                                 (28, 28, 128, (4, 32)), (1, 9, 64, (1, 64))])
+def test_box_shape_fits_the_map(ho, wo, block_m, want):
+    from fxsparse.kernels.tma import box_shape
+
+    assert box_shape(block_m, ho, wo) == want
 
 
 def test_tma_candidates_only_where_offered():
     def tma(*shape, **kw):
         return [c for c, _ in K.conv_candidates(*shape, 132, **kw) if c.get("TMA")]
 
-    assert tma(100352, 256, 64, 1, True, tma=True)
+    assert tma(100352, 256, 64, 1, True, tma="gemm")
+    assert tma(100352, 256, 64, 9, False, tma="box")
     assert not tma(100352, 256, 64, 1, True)  # tensors not addressable
-    assert not tma(100352, 256, 64, 9, False, tma=True)  # 3x3
-    assert all(s == 1 for c, s in K.conv_candidates(1568, 512, 2048, 1, True, 132, tma=True) if c.get("TMA"))
+    assert all(s == 1 for c, s in K.conv_candidates(1568, 512, 4608, 9, False, 132, tma="box") if c.get("TMA"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("geometry", [
+    # (cin, cout, k, padding, dilation, n, (h, w)), stride 1 throughout
+    (16, 24, 3, 1, 1, 2, (7, 9)),  # odd map: partial boxes in both directions
+    (24, 8, 5, 2, 1, 1, (6, 5)),  # 5x5, batch 1
+    (8, 16, 3, 2, 2, 2, (8, 8)),  # dilation
+    (16, 16, 3, 0, 1, 2, (9, 6)),  # no padding
+    (40, 16, 1, 0, 1, 2, (4, 4)),  # 1x1 with a bias map goes through the box launch
+])
+def test_tma_box_launch(request, dtype, geometry):
+    """Stride-1 convs through TMA box loads (tma.py "box"): the zero fill of out-of-image
+    coordinates is the padding; every epilogue term; outputs NaN-poisoned."""
+    cin, cout, k, p, d, n, hw = geometry
+    g = _gen(request)
+    x = rnd(g, n, cin, *hw, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w = rnd(g, cout, cin, k, k, dtype=dtype, scale=1 / math.sqrt(cin * k * k)).contiguous(
+        memory_format=torch.channels_last)
+    ho, wo = hw[0] + 2 * p - d * (k - 1), hw[1] + 2 * p - d * (k - 1)
+    epi = dict(bias=rnd(g, cout, dtype=dtype), scale=rnd(g, cout, dtype=torch.float32).abs() + 0.5,
+               shift=rnd(g, cout), activation="hardswish", residual_after_activation=True,
+               bias_map=rnd(g, cout, ho, wo, dtype=torch.float32) if k == 1 else None,
+               residual=rnd(g, n, cout, ho, wo, dtype=dtype).contiguous(memory_format=torch.channels_last))
+    out = torch.full((n, cout, ho, wo), float("nan"), dtype=dtype).contiguous(memory_format=torch.channels_last)
+    from fxsparse.kernels import tma
+    assert tma.eligible(x, w, out, epi["residual"], None, epi["bias_map"], k == 1 and p == 0, (1, 1)) == "box"
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1, TMA=True)
+    y = K.conv2d_triton(x, w, epi["bias"], (1, 1), (p, p), (d, d), None, None, cout, None, epi["scale"],
+                        epi["shift"], epi["bias_map"], epi["residual"], epi["activation"], True, out=out, config=cfg)
+    ref = oracle(x, w, padding=(p, p), dilation=(d, d), **epi)
+    check(y, ref, dtype)
 
 
 def test_tuner_checks_a_tma_winner(monkeypatch):

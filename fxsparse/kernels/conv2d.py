@@ -68,7 +68,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fxsparse.kernels import pointwise_tma, tuning_cache
+from fxsparse.kernels import tma as tma_launch
+from fxsparse.kernels import tuning_cache
 from fxsparse.kernels.layout import select_channels
 from fxsparse.kernels.epilogue import activation as _activation
 from fxsparse.ops.activations import ACTIVATION_CODES
@@ -368,7 +369,7 @@ _POINTWISE_PERSISTENT_TILES = [
     (128, 256, 8, 3),
     (128, 64, 4, 3),
 ]
-# The same GEMMs through TMA descriptors (pointwise_tma.py), where the tensors allow it.
+# The same GEMMs through TMA descriptors (tma.py "gemm"), where the tensors allow it.
 _POINTWISE_TMA_TILES = [
     (256, 128, 8, 3),
     (128, 256, 8, 3),
@@ -379,6 +380,19 @@ _POINTWISE_TMA_TILES = [
     (128, 32, 4, 3),
     (64, 32, 4, 3),
     (128, 16, 4, 3),
+]
+# Stride-1 convs through TMA box loads (tma.py "box"): BLOCK_M output pixels as a box of one
+# image, whose shape tma.box_shape fits to the map.
+_BOX_TMA_TILES = [
+    (128, 256, 8, 3),
+    (128, 128, 8, 3),
+    (128, 128, 4, 3),
+    (128, 64, 4, 4),
+    (64, 128, 4, 4),
+    (64, 64, 4, 4),
+    (128, 32, 4, 4),
+    (64, 32, 4, 4),
+    (64, 16, 4, 4),
 ]
 _SAFE_TILE = (64, 64, 4, 3)  # the fallback when a tuned 8-warp tile fails its check
 
@@ -396,7 +410,7 @@ def _pow2_at_least(v: int, lo: int = 16) -> int:
 def _config(bm, bn, bk, warps, stages, persistent=False, tma=False) -> dict:
     cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages,
                PERSISTENT=persistent)
-    if tma:  # (a launch of pointwise_tma's kernel, not _conv2d_kernel: absent elsewhere)
+    if tma:  # (a launch of a tma.py kernel, not _conv2d_kernel: absent elsewhere)
         cfg["TMA"] = True
     return cfg
 
@@ -415,7 +429,7 @@ def _max_warps() -> int:
 
 
 def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms: int,
-                    split_k: Optional[int] = None, tma: bool = False) -> list:
+                    split_k: Optional[int] = None, tma: Optional[str] = None) -> list:
     """(config, split_k) pairs worth timing for one conv shape, pruned by shape class.
 
     - BLOCK_N: the power of two covering NCH (capped at 256) and half of it, so compacted
@@ -424,8 +438,8 @@ def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms:
     - Small M, long K (e.g. 512->512 3x3 at 7x7: M = 1568, K = 4608): when a tile count
       leaves SMs idle, split-K by 2/4/8 so the grid lands between 0.5x and 2x the SM count,
       keeping >= 4 K steps per slice.
-    `split_k` given: only that factor. `tma`: the tensors allow pointwise_tma's launches (1x1
-    convs), which are offered too.
+    `split_k` given: only that factor. `tma`: the TMA launch the tensors allow (tma.eligible:
+    "gemm" for 1x1 convs, "box" for other stride-1 convs), whose tiles are offered too.
     """
     bk = min(64, _pow2_at_least(cin))
     k_iters = taps * _cdiv(cin, bk)
@@ -462,8 +476,8 @@ def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms:
         for bm, bn, warps, stages in _POINTWISE_PERSISTENT_TILES:
             if bn in widths and bm <= bm_cap and _cdiv(m, bm) * _cdiv(nch, bn) > 2 * sms:
                 out.append((_config(bm, bn, bk, warps, stages, persistent=True), 1))
-    if pointwise and tma and split_k in (None, 1):
-        for bm, bn, warps, stages in _POINTWISE_TMA_TILES:
+    if tma and split_k in (None, 1):
+        for bm, bn, warps, stages in _POINTWISE_TMA_TILES if tma == "gemm" else _BOX_TMA_TILES:
             if bn in widths and bm <= bm_cap:
                 out.append((_config(bm, bn, bk, warps, stages, tma=True), 1))
     if not out:  # tiny problems: the smallest tile always fits
@@ -567,7 +581,7 @@ def _device_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def _choose_launch(key, device, m, nch, cin, taps, pointwise, split_k, run, out, tma=False) -> _Choice:
+def _choose_launch(key, device, m, nch, cin, taps, pointwise, split_k, run, out, tma=None) -> _Choice:
     """The launch for a shape not yet seen by this process: from the disk cache, else timed."""
     index = _device_index(device)
     candidates = conv_candidates(m, nch, cin, taps, pointwise, _sm_count(index), split_k, tma)
@@ -745,13 +759,13 @@ def conv2d_triton(
         )
         ws_dtype = torch.float64 if acc_type == tl.float64 else torch.float32
 
-        tma = pointwise and pointwise_tma.eligible(x, weight, out, residual, out_index, bias_map)
+        tma = tma_launch.eligible(x, weight, out, residual, out_index, bias_map, pointwise, (sh, sw))
 
         def run(cfg: dict, splits: int) -> None:
             if cfg.get("TMA"):
                 if tma and splits == 1:
-                    pointwise_tma.launch(x, weight, bias, scale, shift, residual, ACTIVATION_CODES[activation],
-                                         residual_after_activation, out, cfg)
+                    tma_launch.launch(tma, x, weight, bias, scale, shift, bias_map, residual, (ph, pw), (dh, dw),
+                                      ACTIVATION_CODES[activation], residual_after_activation, out, cfg)
                     return
                 # a tuned TMA tile for tensors a descriptor cannot address: the same tile here
                 cfg = {k: v for k, v in cfg.items() if k != "TMA"}
@@ -780,7 +794,7 @@ def conv2d_triton(
         else:
             # (marked only where TMA launches are offered: other shapes keep their cached tuning)
             key = (m, nch, cin, h, w, kh, kw, sh, sw, ph, pw, dh, dw, x.dtype, x.stride(1), weight.stride(1),
-                   split_k) + (("tma",) if tma else ())
+                   split_k) + ((tma,) if tma else ())
             choice = tuned.get(key)
             if choice is None:
                 choice = _choose_launch(key, x.device, m, nch, cin, kh * kw, pointwise, split_k, run, out, tma)

@@ -1,0 +1,290 @@
+"""Conv launches whose tiles move through Hopper's tensor memory accelerator (TMA).
+
+The A and B tiles are loaded, and the finished output tile stored, by TMA descriptors
+(`triton.tools.tensor_descriptor.TensorDescriptor`) instead of per-thread pointers: no
+address arithmetic or masks per element, bounds handled by the copy engine (coordinates
+past the tensor, negative ones included, read as zeros; stores past it are dropped). The
+epilogue is the conv kernel's (bias, bias map, folded BatchNorm scale and shift, residual
+before or after the activation). Two launches:
+
+- **gemm** (1x1, stride 1, no padding): a plain GEMM over pixel rows,
+  out[M, NCH] = x[M, CIN] @ w[NCH, CIN]^T with M = N * H * W.
+- **box** (any kernel size, stride 1): a program computes a BOX_H x BOX_W block of output
+  pixels of one image. For tap (kh, kw) its input is the same-sized block shifted by
+  (kh * dil - pad, kw * dil - pad): one 4-D box load of x [N, H, W, C], where the copy
+  engine's zero fill outside the image *is* the conv's zero padding. The block is a
+  rectangle, so maps whose sides are not multiples of the box compute some rows for
+  nothing (`box_shape` keeps that small).
+
+Only for what a descriptor can address (`eligible`): fp16/bf16, channels innermost, 16-byte
+aligned bases and strides, the output written in full (no channel scatter). conv2d.py offers
+these launches to its tuner beside its own kernel's, and runs its own kernel instead wherever
+the tensors of a later call are not eligible.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fxsparse.kernels.epilogue import activation
+
+Tensor = torch.Tensor
+
+try:  # triton >= 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton: the launches are never offered
+    TensorDescriptor = None
+
+
+@triton.jit
+def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    # As in conv2d._conv_tile: GROUP_M row tiles share a weight column tile while it is in L2.
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _epilogue(acc, offs_n, mask_n, bias_ptr, scale_ptr, shift_ptr, bias_map, r,
+              HAS_BIAS: tl.constexpr, HAS_BIAS_MAP: tl.constexpr, HAS_SCALE: tl.constexpr,
+              HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RESIDUAL_AFTER: tl.constexpr,
+              ACTIVATION: tl.constexpr):
+    """(acc + bias + bias map) * scale + shift, the residual before or after the activation."""
+    z = acc
+    if HAS_BIAS:
+        z += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS_MAP:
+        z += bias_map
+    if HAS_SCALE:
+        z *= tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_SHIFT:
+        z += tl.load(shift_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        if not RESIDUAL_AFTER:
+            z += r
+    z = activation(z, ACTIVATION)
+    if HAS_RESIDUAL:
+        if RESIDUAL_AFTER:
+            z += r
+    return z
+
+
+@triton.jit
+def _gemm_kernel(
+    x_desc, w_desc, out_desc, res_desc,
+    bias_ptr, scale_ptr, shift_ptr,
+    M, NCH, CIN,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RESIDUAL_AFTER: tl.constexpr, ACTIVATION: tl.constexpr,
+    OUT_BF16: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,  # the interpreter's tl.dot mishandles bf16 (as in conv2d.py)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(NCH, BLOCK_N), GROUP_M)
+    row0 = pid_m * BLOCK_M
+    col0 = pid_n * BLOCK_N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(CIN, BLOCK_K)):
+        a = x_desc.load([row0, k * BLOCK_K])
+        b = w_desc.load([col0, k * BLOCK_K])
+        if DOT_UPCAST:
+            acc = tl.dot(a.to(tl.float32), b.T.to(tl.float32), acc)
+        else:
+            acc = tl.dot(a, b.T, acc)
+
+    offs_n = col0 + tl.arange(0, BLOCK_N)
+    r = acc
+    if HAS_RESIDUAL:
+        r = res_desc.load([row0, col0]).to(tl.float32)
+    z = _epilogue(acc, offs_n, offs_n < NCH, bias_ptr, scale_ptr, shift_ptr, acc, r,
+                  HAS_BIAS, False, HAS_SCALE, HAS_SHIFT, HAS_RESIDUAL, RESIDUAL_AFTER, ACTIVATION)
+    if OUT_BF16:
+        out_desc.store([row0, col0], z.to(tl.bfloat16))
+    else:
+        out_desc.store([row0, col0], z.to(tl.float16))
+
+
+@triton.jit
+def _box_kernel(
+    x_desc, w_desc, out_desc, res_desc,
+    bias_ptr, scale_ptr, shift_ptr, bias_map_ptr,
+    N, HO, WO, NCH, CIN,
+    sbc, sbh, sbw,
+    KH: tl.constexpr, KW: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+    DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_BIAS_MAP: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RESIDUAL_AFTER: tl.constexpr, ACTIVATION: tl.constexpr,
+    OUT_BF16: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    BOX_H: tl.constexpr, BOX_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = BOX_H * BOX_W
+    boxes_w = tl.cdiv(WO, BOX_W)
+    boxes_per_image = tl.cdiv(HO, BOX_H) * boxes_w
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), N * boxes_per_image, tl.cdiv(NCH, BLOCK_N), GROUP_M)
+    n = pid_m // boxes_per_image
+    box = pid_m - n * boxes_per_image
+    oh0 = (box // boxes_w) * BOX_H
+    ow0 = (box % boxes_w) * BOX_W
+    col0 = pid_n * BLOCK_N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # One flattened loop over (tap, channel block), as in conv2d: one loop to pipeline.
+    ci_blocks = tl.cdiv(CIN, BLOCK_K)
+    for k in range(0, KH * KW * ci_blocks):
+        tap = k // ci_blocks
+        ci = (k - tap * ci_blocks) * BLOCK_K
+        kh = tap // KW
+        kw = tap - kh * KW
+        a = x_desc.load([n, oh0 - PAD_H + kh * DIL_H, ow0 - PAD_W + kw * DIL_W, ci])
+        a = tl.reshape(a, (BLOCK_M, BLOCK_K))
+        b = tl.reshape(w_desc.load([col0, tap, ci]), (BLOCK_N, BLOCK_K))
+        if DOT_UPCAST:
+            acc = tl.dot(a.to(tl.float32), b.T.to(tl.float32), acc)
+        else:
+            acc = tl.dot(a, b.T, acc)
+
+    offs_n = col0 + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < NCH
+    bias_map = acc
+    if HAS_BIAS_MAP:
+        i = tl.arange(0, BLOCK_M)
+        oh = oh0 + i // BOX_W
+        ow = ow0 + i % BOX_W
+        inside = (oh < HO) & (ow < WO)
+        bm_ptrs = bias_map_ptr + offs_n[None, :] * sbc + (oh * sbh + ow * sbw)[:, None]
+        bias_map = tl.load(bm_ptrs, mask=inside[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+    r = acc
+    if HAS_RESIDUAL:
+        r = tl.reshape(res_desc.load([n, oh0, ow0, col0]), (BLOCK_M, BLOCK_N)).to(tl.float32)
+    z = _epilogue(acc, offs_n, mask_n, bias_ptr, scale_ptr, shift_ptr, bias_map, r,
+                  HAS_BIAS, HAS_BIAS_MAP, HAS_SCALE, HAS_SHIFT, HAS_RESIDUAL, RESIDUAL_AFTER, ACTIVATION)
+    if OUT_BF16:
+        out_desc.store([n, oh0, ow0, col0], tl.reshape(z.to(tl.bfloat16), (1, BOX_H, BOX_W, BLOCK_N)))
+    else:
+        out_desc.store([n, oh0, ow0, col0], tl.reshape(z.to(tl.float16), (1, BOX_H, BOX_W, BLOCK_N)))
+
+
+# --------------------------------------------------------------------------- host side
+
+def _rows(t: Tensor) -> Optional[tuple]:
+    """(rows, channels, row stride) of an NCHW-indexed tensor whose pixels are evenly strided
+    rows of contiguous channels (dense channels_last, or a channel slice of one)."""
+    n, c, h, w = t.shape
+    sn, sc, sh, sw = t.stride()
+    if sc != 1 and c > 1:
+        return None
+    if not ((h == 1 or sh == w * sw) and (n == 1 or sn == h * w * sw)):
+        return None
+    return n * h * w, c, sw
+
+
+def _addressable(t: Tensor, *strides: int) -> bool:
+    """What a TMA descriptor needs: a 16-byte aligned base and outer strides."""
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all((s * size) % 16 == 0 for s in strides)
+
+
+def _nhwc(t: Tensor) -> Optional[tuple]:
+    """The (N, H, W, C) sizes and strides of a tensor whose channels are innermost, if a
+    descriptor can address it."""
+    n, c, h, w = t.shape
+    sn, sc, sh, sw = t.stride()
+    if (sc != 1 and c > 1) or not _addressable(t, sn, sh, sw):
+        return None
+    return [n, h, w, c], [sn, sh, sw, 1]
+
+
+def eligible(x: Tensor, weight: Tensor, out: Tensor, residual: Optional[Tensor], out_index: Optional[Tensor],
+             bias_map: Optional[Tensor], pointwise: bool, stride) -> Optional[str]:
+    """Which TMA launch ("gemm" or "box") can run this conv, or None (see the module doc)."""
+    if TensorDescriptor is None or out_index is not None:
+        return None
+    if x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype or out.dtype != x.dtype:
+        return None
+    if residual is not None and residual.dtype != x.dtype:
+        return None
+    nch, cin, kh, kw = weight.shape
+    swo, swc, swh, sww = weight.stride()
+    if (swc != 1 and cin > 1) or (kh * kw > 1 and (swh != kw * cin or sww != cin)):
+        return None  # the weight as [NCH, KH*KW, CIN] with channels innermost
+    if not _addressable(weight, swo, *((cin,) if kh * kw > 1 else ())):
+        return None
+    if pointwise and bias_map is None:
+        for t in (x, out) + ((residual,) if residual is not None else ()):
+            r = _rows(t)
+            if r is None or not _addressable(t, r[2]):
+                return None
+        return "gemm"
+    if tuple(stride) != (1, 1):
+        return None
+    if any(_nhwc(t) is None for t in (x, out) + ((residual,) if residual is not None else ())):
+        return None
+    return "box"
+
+
+def box_shape(block_m: int, ho: int, wo: int) -> tuple:
+    """The (BOX_H, BOX_W) of `block_m` output pixels that computes the fewest rows for nothing
+    over an ho x wo map (ties: the wider box, longer contiguous rows)."""
+    best = None
+    bw = 1
+    while bw <= block_m:
+        bh = block_m // bw
+        computed = -(-ho // bh) * bh * (-(-wo // bw) * bw)
+        if best is None or computed <= best[0]:
+            best = (computed, bh, bw)
+        bw *= 2
+    return best[1], best[2]
+
+
+def _launch_args(bias, scale, shift, residual, activation_code, residual_after_activation, out):
+    dummy = out
+    return dict(bias_ptr=bias if bias is not None else dummy, scale_ptr=scale if scale is not None else dummy,
+                shift_ptr=shift if shift is not None else dummy,
+                HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+                HAS_RESIDUAL=residual is not None, RESIDUAL_AFTER=bool(residual_after_activation),
+                ACTIVATION=activation_code, OUT_BF16=out.dtype == torch.bfloat16,
+                DOT_UPCAST=out.device.type == "cpu" and out.dtype == torch.bfloat16)
+
+
+def launch(kind: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
+           shift: Optional[Tensor], bias_map: Optional[Tensor], residual: Optional[Tensor], padding, dilation,
+           activation_code: int, residual_after_activation: bool, out: Tensor, cfg: dict) -> None:
+    """Runs the conv as TMA launch `kind` (what `eligible` said) with tile config `cfg`."""
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    nch, cin, kh, kw = weight.shape
+    common = _launch_args(bias, scale, shift, residual, activation_code, residual_after_activation, out)
+    opts = dict(GROUP_M=cfg.get("GROUP_M", 8), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if kind == "gemm":
+        m, _, sxw = _rows(x)
+        sow = _rows(out)[2]
+        out_desc = TensorDescriptor(out, [m, nch], [sow, 1], [bm, bn])
+        res_desc = out_desc if residual is None else TensorDescriptor(
+            residual, [m, nch], [_rows(residual)[2], 1], [bm, bn])
+        grid = ((-(-m // bm)) * (-(-nch // bn)),)  # (triton.cdiv costs ~4 us from Python)
+        _gemm_kernel[grid](
+            TensorDescriptor(x, [m, cin], [sxw, 1], [bm, bk]),
+            TensorDescriptor(weight, [nch, cin], [weight.stride(0), 1], [bn, bk]),
+            out_desc, res_desc, M=m, NCH=nch, CIN=cin, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **common, **opts)
+        return
+    n, _, ho, wo = out.shape
+    box_h, box_w = box_shape(bm, ho, wo)
+    out_desc = TensorDescriptor(out, *_nhwc(out), [1, box_h, box_w, bn])
+    res_desc = out_desc if residual is None else TensorDescriptor(residual, *_nhwc(residual), [1, box_h, box_w, bn])
+    bm_strides = bias_map.stride() if bias_map is not None else (0, 0, 0)
+    grid = (n * (-(-ho // box_h)) * (-(-wo // box_w)) * (-(-nch // bn)),)
+    _box_kernel[grid](
+        TensorDescriptor(x, *_nhwc(x), [1, box_h, box_w, bk]),
+        TensorDescriptor(weight, [nch, kh * kw, cin], [weight.stride(0), cin, 1], [bn, 1, bk]),
+        out_desc, res_desc, bias_map_ptr=bias_map if bias_map is not None else out,
+        N=n, HO=ho, WO=wo, NCH=nch, CIN=cin, sbc=bm_strides[0], sbh=bm_strides[1], sbw=bm_strides[2],
+        KH=kh, KW=kw, PAD_H=int(padding[0]), PAD_W=int(padding[1]), DIL_H=int(dilation[0]),
+        DIL_W=int(dilation[1]), HAS_BIAS_MAP=bias_map is not None,
+        BOX_H=box_h, BOX_W=box_w, BLOCK_N=bn, BLOCK_K=bk, **common, **opts)
