@@ -82,6 +82,57 @@ def memory_instructions(pointwise: bool = True, out_index: bool = False, residua
     return Counter({p: len(re.findall(re.escape(p) + r"\b", ptx)) for p in PATTERNS})
 
 
+TMA_PATTERNS = ("wgmma", "cp.async.bulk.tensor", "ld.shared", "st.shared")
+
+
+def tma_instructions(kind: str) -> Counter:
+    """Counts of TMA_PATTERNS in the sm90 PTX of a kernels/tma.py launch (fp16, residual, relu):
+    "gemm" (1x1, 256x128x64 tile) or "box" (3x3, a 2x64-pixel box, 128 channels, 64-deep K).
+    Box loads reshaped to GEMM tiles should feed wgmma from shared memory directly: no
+    ld.shared/st.shared round trip through registers."""
+    import triton
+
+    from fxsparse.kernels import tma
+
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as e:
+        raise OfflineCompileUnavailable(str(e)) from e
+    epi = dict(HAS_BIAS=True, HAS_SCALE=False, HAS_SHIFT=False, HAS_RESIDUAL=True, RESIDUAL_AFTER=False,
+               ACTIVATION=1, OUT_BF16=False, DOT_UPCAST=False, GROUP_M=8)
+    if kind == "gemm":
+        fn, (bm, bn, bk) = tma._gemm_kernel, (256, 128, 64)
+        descs = dict(x_desc=f"tensordesc<fp16[{bm}, {bk}]>", w_desc=f"tensordesc<fp16[{bn}, {bk}]>",
+                     out_desc=f"tensordesc<fp16[{bm}, {bn}]>", res_desc=f"tensordesc<fp16[{bm}, {bn}]>")
+        consts = dict(epi, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    else:
+        fn, (bh, bw, bn, bk) = tma._box_kernel, (2, 64, 128, 64)
+        box = f"1, {bh}, {bw}"
+        descs = dict(x_desc=f"tensordesc<fp16[{box}, {bk}]>", w_desc=f"tensordesc<fp16[{bn}, 1, {bk}]>",
+                     out_desc=f"tensordesc<fp16[{box}, {bn}]>", res_desc=f"tensordesc<fp16[{box}, {bn}]>")
+        consts = dict(epi, KH=3, KW=3, PAD_H=1, PAD_W=1, DIL_H=1, DIL_W=1, HAS_BIAS_MAP=False, SPLIT=False,
+                      BOX_H=bh, BOX_W=bw, BLOCK_N=bn, BLOCK_K=bk)
+    signature, constexprs = {}, {}
+    for i, name in enumerate(inspect.signature(fn.fn).parameters):
+        if name in consts:
+            signature[name] = "constexpr"
+            constexprs[(i,)] = consts[name]
+        elif name in descs:
+            signature[name] = descs[name]
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32" if name in ("ws_ptr", "bias_map_ptr") else "*fp16"
+        else:
+            signature[name] = "i32"
+    try:
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs={})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=3))
+    except (TypeError, KeyError, AttributeError, ValueError) as e:  # another Triton's offline API
+        raise OfflineCompileUnavailable(f"{type(e).__name__}: {e}") from e
+    ptx = compiled.asm["ptx"]
+    return Counter({p: len(re.findall(re.escape(p) + r"\b", ptx)) for p in TMA_PATTERNS})
+
+
 def main() -> None:
     import argparse
     import json
@@ -101,6 +152,8 @@ def main() -> None:
     c = memory_instructions(pointwise=True, block=(128, 128, 64), num_warps=4, num_stages=3, persistent=True)
     cases["1x1 persistent"] = dict(c)
     rows.append(["1x1 persistent (4 warps)", "no", *(c[p] for p in PATTERNS)])
+    for kind in ("gemm", "box"):
+        cases[f"tma {kind}"] = dict(tma_instructions(kind))
     if args.json:
         print(json.dumps(cases))
         return
@@ -109,6 +162,9 @@ def main() -> None:
     print(f"_conv2d_kernel, sm90 PTX (triton {triton.__version__}), fp16 64->256 @56x56, 128x128x64 tile, "
           f"8 warps, residual add; occurrences of each instruction in the PTX")
     print(tabulate(rows, headers=["conv", "out_index", *PATTERNS], tablefmt="github"))
+    print("\nkernels/tma.py launches, sm90 PTX (256x128x64 GEMM tile; 3x3 box of 2x64 pixels x 128 channels)")
+    print(tabulate([[k, *(cases[f"tma {k}"].get(p, 0) for p in TMA_PATTERNS)] for k in ("gemm", "box")],
+                   headers=["launch", *TMA_PATTERNS], tablefmt="github"))
 
 
 if __name__ == "__main__":

@@ -558,7 +558,8 @@ def test_tma_candidates_only_where_offered():
     assert tma(100352, 256, 64, 1, True, tma="gemm")
     assert tma(100352, 256, 64, 9, False, tma="box")
     assert not tma(100352, 256, 64, 1, True)  # tensors not addressable
-    assert all(s == 1 for c, s in K.conv_candidates(1568, 512, 4608, 9, False, 132, tma="box") if c.get("TMA"))
+    assert any(s > 1 for c, s in K.conv_candidates(1568, 512, 512, 9, False, 132, tma="box") if c.get("TMA"))
+    assert all(s == 1 for c, s in K.conv_candidates(1568, 512, 2048, 1, True, 132, tma="gemm") if c.get("TMA"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -591,6 +592,21 @@ def test_tma_box_launch(request, dtype, geometry):
                         epi["shift"], epi["bias_map"], epi["residual"], epi["activation"], True, out=out, config=cfg)
     ref = oracle(x, w, padding=(p, p), dilation=(d, d), **epi)
     check(y, ref, dtype)
+
+
+@pytest.mark.parametrize("split_k", [2, 3])
+def test_tma_box_split_k(request, split_k):
+    """The box launch's K slices write partial sums that conv2d's reduce launch finishes
+    (with the epilogue), as its own split-K does."""
+    g = _gen(request)
+    x = rnd(g, 2, 32, 7, 7).contiguous(memory_format=torch.channels_last)
+    w = rnd(g, 24, 32, 3, 3, scale=0.1).contiguous(memory_format=torch.channels_last)
+    bias, r = rnd(g, 24), rnd(g, 2, 24, 7, 7).contiguous(memory_format=torch.channels_last)
+    out = torch.full((2, 24, 7, 7), float("nan"), dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1, TMA=True)
+    y = K.conv2d_triton(x, w, bias, (1, 1), (1, 1), (1, 1), None, None, 24, None, None, None, None, r, "relu",
+                        False, out=out, config=cfg, split_k=split_k)
+    check(y, oracle(x, w, bias=bias, padding=(1, 1), residual=r, activation="relu"), torch.float16)
 
 
 def test_tuner_checks_a_tma_winner(monkeypatch):

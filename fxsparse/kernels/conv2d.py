@@ -452,6 +452,14 @@ def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms:
     if pointwise and k_iters == 1:
         tiles += _POINTWISE_ONE_K_TILES
     max_warps = 8 if pointwise else _max_warps()
+
+    def split_factors(n_tiles: int) -> list:
+        if split_k is not None:
+            return [split_k]
+        if n_tiles >= sms:
+            return [1]
+        return [1] + [s for s in (2, 4, 8) if k_iters // s >= 4 and sms // 2 <= n_tiles * s <= 2 * sms]
+
     out, seen = [], set()
     for bm, bn, warps, stages in tiles:
         if bn not in widths or bm > bm_cap or warps > max_warps:
@@ -460,14 +468,7 @@ def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms:
         if bm == 256 and n_tiles < 2 * sms:
             continue
         cfg = _config(bm, bn, bk, warps, stages)
-        if split_k is not None:
-            splits = [split_k]
-        else:
-            splits = [1]
-            if n_tiles < sms:
-                splits += [s for s in (2, 4, 8)
-                           if k_iters // s >= 4 and sms // 2 <= n_tiles * s <= 2 * sms]
-        for s in splits:
+        for s in split_factors(n_tiles):
             sig = (bm, bn, bk, warps, stages, s)
             if sig not in seen:
                 seen.add(sig)
@@ -476,10 +477,13 @@ def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms:
         for bm, bn, warps, stages in _POINTWISE_PERSISTENT_TILES:
             if bn in widths and bm <= bm_cap and _cdiv(m, bm) * _cdiv(nch, bn) > 2 * sms:
                 out.append((_config(bm, bn, bk, warps, stages, persistent=True), 1))
-    if tma and split_k in (None, 1):
+    if tma:
+        # (the gemm launch does not split K: a 1x1 conv's K is short)
         for bm, bn, warps, stages in _POINTWISE_TMA_TILES if tma == "gemm" else _BOX_TMA_TILES:
             if bn in widths and bm <= bm_cap:
-                out.append((_config(bm, bn, bk, warps, stages, tma=True), 1))
+                splits = [1] if tma == "gemm" else split_factors(_cdiv(m, bm) * _cdiv(nch, bn))
+                out += [(_config(bm, bn, bk, warps, stages, tma=True), s) for s in splits
+                        if tma == "box" or split_k in (None, 1)]
     if not out:  # tiny problems: the smallest tile always fits
         out.append((_config(64, 16, bk, 4, 3), split_k or 1))
     return out
@@ -762,24 +766,26 @@ def conv2d_triton(
         tma = tma_launch.eligible(x, weight, out, residual, out_index, bias_map, pointwise, (sh, sw))
 
         def run(cfg: dict, splits: int) -> None:
-            if cfg.get("TMA"):
-                if tma and splits == 1:
-                    tma_launch.launch(tma, x, weight, bias, scale, shift, bias_map, residual, (ph, pw), (dh, dw),
-                                      ACTIVATION_CODES[activation], residual_after_activation, out, cfg)
-                    return
+            use_tma = bool(cfg.get("TMA")) and tma is not None and (splits == 1 or tma == "box")
+            if cfg.get("TMA") and not use_tma:
                 # a tuned TMA tile for tensors a descriptor cannot address: the same tile here
                 cfg = {k: v for k, v in cfg.items() if k != "TMA"}
             bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-            tiles = _cdiv(m, bm) * _cdiv(nch, bn)
-            if cfg.get("PERSISTENT"):  # (absent from configs that predate persistent launches)
-                if splits > 1:
-                    raise ValueError("fxsparse conv2d: a persistent launch does not split K")
-                grid = (_persistent_programs(cfg, tiles, 2 if interpret else _sm_count(_device_index(x.device))), 1)
-            else:
-                grid = (tiles, splits)
             ws = torch.empty((splits, m, nch), device=x.device, dtype=ws_dtype) if splits > 1 else dummy
-            _conv2d_kernel[grid](**conv_args, ws_ptr=ws, K_SPLITS=splits, SOURCE=_SRC_CONV, SPLIT=splits > 1,
-                                 EVEN_K=cin % bk == 0, **cfg)
+            if use_tma:
+                tma_launch.launch(tma, x, weight, bias, scale, shift, bias_map, residual, (ph, pw), (dh, dw),
+                                  ACTIVATION_CODES[activation], residual_after_activation, out, cfg,
+                                  splits=splits, ws=ws)
+            else:
+                tiles = _cdiv(m, bm) * _cdiv(nch, bn)
+                if cfg.get("PERSISTENT"):  # (absent from configs that predate persistent launches)
+                    if splits > 1:
+                        raise ValueError("fxsparse conv2d: a persistent launch does not split K")
+                    grid = (_persistent_programs(cfg, tiles, 2 if interpret else _sm_count(_device_index(x.device))), 1)
+                else:
+                    grid = (tiles, splits)
+                _conv2d_kernel[grid](**conv_args, ws_ptr=ws, K_SPLITS=splits, SOURCE=_SRC_CONV, SPLIT=splits > 1,
+                                     EVEN_K=cin % bk == 0, **cfg)
             if splits > 1:
                 egrid = (_cdiv(m, ecfg["BLOCK_M"]) * _cdiv(nch, ecfg["BLOCK_N"]), 1)
                 _conv2d_kernel[egrid](**conv_args, ws_ptr=ws, K_SPLITS=splits, SOURCE=_SRC_WORKSPACE, SPLIT=True,

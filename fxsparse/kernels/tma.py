@@ -114,14 +114,15 @@ def _gemm_kernel(
 @triton.jit
 def _box_kernel(
     x_desc, w_desc, out_desc, res_desc,
-    bias_ptr, scale_ptr, shift_ptr, bias_map_ptr,
-    N, HO, WO, NCH, CIN,
+    bias_ptr, scale_ptr, shift_ptr, bias_map_ptr, ws_ptr,
+    N, HO, WO, NCH, CIN, K_SPLITS,
     sbc, sbh, sbw,
     KH: tl.constexpr, KW: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
     DIL_H: tl.constexpr, DIL_W: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BIAS_MAP: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RESIDUAL_AFTER: tl.constexpr, ACTIVATION: tl.constexpr,
     OUT_BF16: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    SPLIT: tl.constexpr,  # K_SPLITS > 1 slices write fp32 partial sums, as conv2d's SPLIT does
     BOX_H: tl.constexpr, BOX_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -138,7 +139,15 @@ def _box_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # One flattened loop over (tap, channel block), as in conv2d: one loop to pipeline.
     ci_blocks = tl.cdiv(CIN, BLOCK_K)
-    for k in range(0, KH * KW * ci_blocks):
+    k_iters = KH * KW * ci_blocks
+    if SPLIT:
+        per_split = tl.cdiv(k_iters, K_SPLITS)
+        k_lo = tl.program_id(1) * per_split
+        k_hi = min(k_iters, k_lo + per_split)
+    else:
+        k_lo = 0
+        k_hi = k_iters
+    for k in range(k_lo, k_hi):
         tap = k // ci_blocks
         ci = (k - tap * ci_blocks) * BLOCK_K
         kh = tap // KW
@@ -153,23 +162,30 @@ def _box_kernel(
 
     offs_n = col0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < NCH
-    bias_map = acc
-    if HAS_BIAS_MAP:
-        i = tl.arange(0, BLOCK_M)
-        oh = oh0 + i // BOX_W
-        ow = ow0 + i % BOX_W
-        inside = (oh < HO) & (ow < WO)
-        bm_ptrs = bias_map_ptr + offs_n[None, :] * sbc + (oh * sbh + ow * sbw)[:, None]
-        bias_map = tl.load(bm_ptrs, mask=inside[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-    r = acc
-    if HAS_RESIDUAL:
-        r = tl.reshape(res_desc.load([n, oh0, ow0, col0]), (BLOCK_M, BLOCK_N)).to(tl.float32)
-    z = _epilogue(acc, offs_n, mask_n, bias_ptr, scale_ptr, shift_ptr, bias_map, r,
-                  HAS_BIAS, HAS_BIAS_MAP, HAS_SCALE, HAS_SHIFT, HAS_RESIDUAL, RESIDUAL_AFTER, ACTIVATION)
-    if OUT_BF16:
-        out_desc.store([n, oh0, ow0, col0], tl.reshape(z.to(tl.bfloat16), (1, BOX_H, BOX_W, BLOCK_N)))
+    i = tl.arange(0, BLOCK_M)
+    oh = oh0 + i // BOX_W
+    ow = ow0 + i % BOX_W
+    inside = (oh < HO) & (ow < WO)
+    if SPLIT:
+        # Partial sums into the workspace [K_SPLITS, M, NCH] (rows: output pixels in NHWC
+        # order); conv2d's reduce launch sums them and runs the epilogue.
+        m = (n * HO + oh).to(tl.int64) * WO + ow
+        rows = tl.program_id(1).to(tl.int64) * N * HO * WO + m
+        tl.store(ws_ptr + rows[:, None] * NCH + offs_n[None, :], acc, mask=inside[:, None] & mask_n[None, :])
     else:
-        out_desc.store([n, oh0, ow0, col0], tl.reshape(z.to(tl.float16), (1, BOX_H, BOX_W, BLOCK_N)))
+        bias_map = acc
+        if HAS_BIAS_MAP:
+            bm_ptrs = bias_map_ptr + offs_n[None, :] * sbc + (oh * sbh + ow * sbw)[:, None]
+            bias_map = tl.load(bm_ptrs, mask=inside[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+        r = acc
+        if HAS_RESIDUAL:
+            r = tl.reshape(res_desc.load([n, oh0, ow0, col0]), (BLOCK_M, BLOCK_N)).to(tl.float32)
+        z = _epilogue(acc, offs_n, mask_n, bias_ptr, scale_ptr, shift_ptr, bias_map, r,
+                      HAS_BIAS, HAS_BIAS_MAP, HAS_SCALE, HAS_SHIFT, HAS_RESIDUAL, RESIDUAL_AFTER, ACTIVATION)
+        if OUT_BF16:
+            out_desc.store([n, oh0, ow0, col0], tl.reshape(z.to(tl.bfloat16), (1, BOX_H, BOX_W, BLOCK_N)))
+        else:
+            out_desc.store([n, oh0, ow0, col0], tl.reshape(z.to(tl.float16), (1, BOX_H, BOX_W, BLOCK_N)))
 
 
 # --------------------------------------------------------------------------- host side
@@ -256,8 +272,13 @@ def _launch_args(bias, scale, shift, residual, activation_code, residual_after_a
 
 def launch(kind: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
            shift: Optional[Tensor], bias_map: Optional[Tensor], residual: Optional[Tensor], padding, dilation,
-           activation_code: int, residual_after_activation: bool, out: Tensor, cfg: dict) -> None:
-    """Runs the conv as TMA launch `kind` (what `eligible` said) with tile config `cfg`."""
+           activation_code: int, residual_after_activation: bool, out: Tensor, cfg: dict,
+           splits: int = 1, ws: Optional[Tensor] = None) -> None:
+    """Runs the conv as TMA launch `kind` (what `eligible` said) with tile config `cfg`. With
+    `splits` > 1 (box only) it writes partial sums to `ws` [splits, M, NCH] instead, for the
+    caller's reduce launch."""
+    if splits > 1 and (kind != "box" or ws is None):
+        raise ValueError("fxsparse conv2d: only the box TMA launch splits K, into a workspace")
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     nch, cin, kh, kw = weight.shape
     common = _launch_args(bias, scale, shift, residual, activation_code, residual_after_activation, out)
@@ -279,11 +300,12 @@ def launch(kind: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: 
     out_desc = TensorDescriptor(out, *_nhwc(out), [1, box_h, box_w, bn])
     res_desc = out_desc if residual is None else TensorDescriptor(residual, *_nhwc(residual), [1, box_h, box_w, bn])
     bm_strides = bias_map.stride() if bias_map is not None else (0, 0, 0)
-    grid = (n * (-(-ho // box_h)) * (-(-wo // box_w)) * (-(-nch // bn)),)
+    grid = (n * (-(-ho // box_h)) * (-(-wo // box_w)) * (-(-nch // bn)), splits)
     _box_kernel[grid](
         TensorDescriptor(x, *_nhwc(x), [1, box_h, box_w, bk]),
         TensorDescriptor(weight, [nch, kh * kw, cin], [weight.stride(0), cin, 1], [bn, 1, bk]),
         out_desc, res_desc, bias_map_ptr=bias_map if bias_map is not None else out,
+        ws_ptr=ws if ws is not None else out, K_SPLITS=splits, SPLIT=splits > 1,
         N=n, HO=ho, WO=wo, NCH=nch, CIN=cin, sbc=bm_strides[0], sbh=bm_strides[1], sbw=bm_strides[2],
         KH=kh, KW=kw, PAD_H=int(padding[0]), PAD_W=int(padding[1]), DIL_H=int(dilation[0]),
         DIL_W=int(dilation[1]), HAS_BIAS_MAP=bias_map is not None,
