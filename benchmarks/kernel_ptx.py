@@ -87,7 +87,7 @@ TMA_PATTERNS = ("wgmma", "cp.async.bulk.tensor", "ld.shared", "st.shared")
 
 def tma_instructions(kind: str) -> Counter:
     """Counts of TMA_PATTERNS in the sm90 PTX of a kernels/tma.py launch (fp16, residual, relu):
-    "gemm" (1x1, 256x128x64 tile) or "box" (3x3, a box of 2 images x 8 x 8 pixels, 128 channels, 64-deep K).
+    "gemm" (1x1, 256x128x64 tile) or "box" (3x3, a 2x64-pixel box, 128 channels, 64-deep K).
     Box loads reshaped to GEMM tiles should feed wgmma from shared memory directly: no
     ld.shared/st.shared round trip through registers."""
     import triton
@@ -107,12 +107,12 @@ def tma_instructions(kind: str) -> Counter:
                      out_desc=f"tensordesc<fp16[{bm}, {bn}]>", res_desc=f"tensordesc<fp16[{bm}, {bn}]>")
         consts = dict(epi, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     else:
-        fn, (bi, bh, bw, bn, bk) = tma._box_kernel, (2, 8, 8, 128, 64)
-        box = f"{bi}, {bh}, {bw}"
+        fn, (bh, bw, bn, bk) = tma._box_kernel, (2, 64, 128, 64)
+        box = f"1, {bh}, {bw}"
         descs = dict(x_desc=f"tensordesc<fp16[{box}, {bk}]>", w_desc=f"tensordesc<fp16[{bn}, 1, {bk}]>",
                      out_desc=f"tensordesc<fp16[{box}, {bn}]>", res_desc=f"tensordesc<fp16[{box}, {bn}]>")
         consts = dict(epi, KH=3, KW=3, PAD_H=1, PAD_W=1, DIL_H=1, DIL_W=1, HAS_BIAS_MAP=False, SPLIT=False,
-                      BOX_N=bi, BOX_H=bh, BOX_W=bw, BLOCK_N=bn, BLOCK_K=bk)
+                      BOX_H=bh, BOX_W=bw, BLOCK_N=bn, BLOCK_K=bk)
     signature, constexprs = {}, {}
     for i, name in enumerate(inspect.signature(fn.fn).parameters):
         if name in consts:
@@ -162,7 +162,7 @@ def main() -> None:
     print(f"_conv2d_kernel, sm90 PTX (triton {triton.__version__}), fp16 64->256 @56x56, 128x128x64 tile, "
           f"8 warps, residual add; occurrences of each instruction in the PTX")
     print(tabulate(rows, headers=["conv", "out_index", *PATTERNS], tablefmt="github"))
-    print("\nkernels/tma.py launches, sm90 PTX (256x128x64 GEMM tile; 3x3 box of 2x8x8 pixels x 128 channels)")
+    print("\nkernels/tma.py launches, sm90 PTX (256x128x64 GEMM tile; 3x3 box of 2x64 pixels x 128 channels)")
     print(tabulate([[k, *(cases[f"tma {k}"].get(p, 0) for p in TMA_PATTERNS)] for k in ("gemm", "box")],
                    headers=["launch", *TMA_PATTERNS], tablefmt="github"))
 

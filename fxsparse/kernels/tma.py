@@ -9,12 +9,12 @@ before or after the activation). Two launches:
 
 - **gemm** (1x1, stride 1, no padding): a plain GEMM over pixel rows,
   out[M, NCH] = x[M, CIN] @ w[NCH, CIN]^T with M = N * H * W.
-- **box** (any kernel size, stride 1): a program computes a BOX_N x BOX_H x BOX_W block of
-  output pixels (BOX_N images, for small maps). For tap (kh, kw) its input is the same-sized
-  block shifted by (kh * dil - pad, kw * dil - pad): one 4-D box load of x [N, H, W, C],
-  where the copy engine's zero fill outside the image *is* the conv's zero padding. The
-  block is a box, so maps whose sides are not multiples of it compute some rows for nothing
-  (`box_shape` keeps that small).
+- **box** (any kernel size, stride 1): a program computes a BOX_H x BOX_W block of output
+  pixels of one image. For tap (kh, kw) its input is the same-sized block shifted by
+  (kh * dil - pad, kw * dil - pad): one 4-D box load of x [N, H, W, C], where the copy
+  engine's zero fill outside the image *is* the conv's zero padding. The block is a
+  rectangle, so maps whose sides are not multiples of the box compute some rows for
+  nothing (`box_shape` keeps that small).
 
 Only for what a descriptor can address (`eligible`): fp16/bf16, channels innermost, 16-byte
 aligned bases and strides, the output written in full (no channel scatter). conv2d.py offers
@@ -123,16 +123,15 @@ def _box_kernel(
     HAS_RESIDUAL: tl.constexpr, RESIDUAL_AFTER: tl.constexpr, ACTIVATION: tl.constexpr,
     OUT_BF16: tl.constexpr, DOT_UPCAST: tl.constexpr,
     SPLIT: tl.constexpr,  # K_SPLITS > 1 slices write fp32 partial sums, as conv2d's SPLIT does
-    BOX_N: tl.constexpr, BOX_H: tl.constexpr, BOX_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BOX_H: tl.constexpr, BOX_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    BLOCK_M: tl.constexpr = BOX_N * BOX_H * BOX_W
+    BLOCK_M: tl.constexpr = BOX_H * BOX_W
     boxes_w = tl.cdiv(WO, BOX_W)
-    boxes_per_images = tl.cdiv(HO, BOX_H) * boxes_w
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(N, BOX_N) * boxes_per_images, tl.cdiv(NCH, BLOCK_N),
-                                 GROUP_M)
-    n0 = (pid_m // boxes_per_images) * BOX_N
-    box = pid_m % boxes_per_images
+    boxes_per_image = tl.cdiv(HO, BOX_H) * boxes_w
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), N * boxes_per_image, tl.cdiv(NCH, BLOCK_N), GROUP_M)
+    n = pid_m // boxes_per_image
+    box = pid_m - n * boxes_per_image
     oh0 = (box // boxes_w) * BOX_H
     ow0 = (box % boxes_w) * BOX_W
     col0 = pid_n * BLOCK_N
@@ -153,7 +152,7 @@ def _box_kernel(
         ci = (k - tap * ci_blocks) * BLOCK_K
         kh = tap // KW
         kw = tap - kh * KW
-        a = x_desc.load([n0, oh0 - PAD_H + kh * DIL_H, ow0 - PAD_W + kw * DIL_W, ci])
+        a = x_desc.load([n, oh0 - PAD_H + kh * DIL_H, ow0 - PAD_W + kw * DIL_W, ci])
         a = tl.reshape(a, (BLOCK_M, BLOCK_K))
         b = tl.reshape(w_desc.load([col0, tap, ci]), (BLOCK_N, BLOCK_K))
         if DOT_UPCAST:
@@ -164,14 +163,13 @@ def _box_kernel(
     offs_n = col0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < NCH
     i = tl.arange(0, BLOCK_M)
-    img = n0 + i // (BOX_H * BOX_W)
-    oh = oh0 + (i // BOX_W) % BOX_H
+    oh = oh0 + i // BOX_W
     ow = ow0 + i % BOX_W
-    inside = (img < N) & (oh < HO) & (ow < WO)
+    inside = (oh < HO) & (ow < WO)
     if SPLIT:
         # Partial sums into the workspace [K_SPLITS, M, NCH] (rows: output pixels in NHWC
         # order); conv2d's reduce launch sums them and runs the epilogue.
-        m = (img * HO + oh).to(tl.int64) * WO + ow
+        m = (n * HO + oh).to(tl.int64) * WO + ow
         rows = tl.program_id(1).to(tl.int64) * N * HO * WO + m
         tl.store(ws_ptr + rows[:, None] * NCH + offs_n[None, :], acc, mask=inside[:, None] & mask_n[None, :])
     else:
@@ -181,13 +179,13 @@ def _box_kernel(
             bias_map = tl.load(bm_ptrs, mask=inside[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
         r = acc
         if HAS_RESIDUAL:
-            r = tl.reshape(res_desc.load([n0, oh0, ow0, col0]), (BLOCK_M, BLOCK_N)).to(tl.float32)
+            r = tl.reshape(res_desc.load([n, oh0, ow0, col0]), (BLOCK_M, BLOCK_N)).to(tl.float32)
         z = _epilogue(acc, offs_n, mask_n, bias_ptr, scale_ptr, shift_ptr, bias_map, r,
                       HAS_BIAS, HAS_BIAS_MAP, HAS_SCALE, HAS_SHIFT, HAS_RESIDUAL, RESIDUAL_AFTER, ACTIVATION)
         if OUT_BF16:
-            out_desc.store([n0, oh0, ow0, col0], tl.reshape(z.to(tl.bfloat16), (BOX_N, BOX_H, BOX_W, BLOCK_N)))
+            out_desc.store([n, oh0, ow0, col0], tl.reshape(z.to(tl.bfloat16), (1, BOX_H, BOX_W, BLOCK_N)))
         else:
-            out_desc.store([n0, oh0, ow0, col0], tl.reshape(z.to(tl.float16), (BOX_N, BOX_H, BOX_W, BLOCK_N)))
+            out_desc.store([n, oh0, ow0, col0], tl.reshape(z.to(tl.float16), (1, BOX_H, BOX_W, BLOCK_N)))
 
 
 # --------------------------------------------------------------------------- host side
@@ -248,25 +246,18 @@ def eligible(x: Tensor, weight: Tensor, out: Tensor, residual: Optional[Tensor],
     return "box"
 
 
-def box_shape(block_m: int, n: int, ho: int, wo: int) -> tuple:
-    """The (BOX_N, BOX_H, BOX_W) of `block_m` output pixels (powers of two) that computes the
-    fewest rows for nothing over n images of ho x wo (ties: the wider box, whose rows are
-    longer contiguous runs, then the one spanning fewer images). Rows of at least 8 pixels
-    where the map is that wide: shorter runs make many small copies of one box."""
+def box_shape(block_m: int, ho: int, wo: int) -> tuple:
+    """The (BOX_H, BOX_W) of `block_m` output pixels that computes the fewest rows for nothing
+    over an ho x wo map (ties: the wider box, longer contiguous rows)."""
     best = None
-    narrowest = min(8, 1 << max(0, wo - 1).bit_length())
-    for bw in (1 << e for e in range(block_m.bit_length())):
-        if bw < narrowest:
-            continue
-        for bn in (1 << e for e in range((block_m // bw).bit_length())):
-            bh = block_m // (bw * bn)
-            if bh * bw * bn != block_m:
-                continue
-            computed = (-(-n // bn) * bn) * (-(-ho // bh) * bh) * (-(-wo // bw) * bw)
-            key = (computed, -bw, bn)
-            if best is None or key < best[0]:
-                best = (key, (bn, bh, bw))
-    return best[1]
+    bw = 1
+    while bw <= block_m:
+        bh = block_m // bw
+        computed = -(-ho // bh) * bh * (-(-wo // bw) * bw)
+        if best is None or computed <= best[0]:
+            best = (computed, bh, bw)
+        bw *= 2
+    return best[1], best[2]
 
 
 def _launch_args(bias, scale, shift, residual, activation_code, residual_after_activation, out):
@@ -305,18 +296,17 @@ def launch(kind: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: 
             out_desc, res_desc, M=m, NCH=nch, CIN=cin, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **common, **opts)
         return
     n, _, ho, wo = out.shape
-    box_n, box_h, box_w = box_shape(bm, n, ho, wo)
-    out_desc = TensorDescriptor(out, *_nhwc(out), [box_n, box_h, box_w, bn])
-    res_desc = out_desc if residual is None else TensorDescriptor(residual, *_nhwc(residual),
-                                                                  [box_n, box_h, box_w, bn])
+    box_h, box_w = box_shape(bm, ho, wo)
+    out_desc = TensorDescriptor(out, *_nhwc(out), [1, box_h, box_w, bn])
+    res_desc = out_desc if residual is None else TensorDescriptor(residual, *_nhwc(residual), [1, box_h, box_w, bn])
     bm_strides = bias_map.stride() if bias_map is not None else (0, 0, 0)
-    grid = ((-(-n // box_n)) * (-(-ho // box_h)) * (-(-wo // box_w)) * (-(-nch // bn)), splits)
+    grid = (n * (-(-ho // box_h)) * (-(-wo // box_w)) * (-(-nch // bn)), splits)
     _box_kernel[grid](
-        TensorDescriptor(x, *_nhwc(x), [box_n, box_h, box_w, bk]),
+        TensorDescriptor(x, *_nhwc(x), [1, box_h, box_w, bk]),
         TensorDescriptor(weight, [nch, kh * kw, cin], [weight.stride(0), cin, 1], [bn, 1, bk]),
         out_desc, res_desc, bias_map_ptr=bias_map if bias_map is not None else out,
         ws_ptr=ws if ws is not None else out, K_SPLITS=splits, SPLIT=splits > 1,
         N=n, HO=ho, WO=wo, NCH=nch, CIN=cin, sbc=bm_strides[0], sbh=bm_strides[1], sbw=bm_strides[2],
         KH=kh, KW=kw, PAD_H=int(padding[0]), PAD_W=int(padding[1]), DIL_H=int(dilation[0]),
         DIL_W=int(dilation[1]), HAS_BIAS_MAP=bias_map is not None,
-        BOX_N=box_n, BOX_H=box_h, BOX_W=box_w, BLOCK_N=bn, BLOCK_K=bk, **common, **opts)
+        BOX_H=box_h, BOX_W=box_w, BLOCK_N=bn, BLOCK_K=bk, **common, **opts)
