@@ -52,6 +52,13 @@ other resident programs to hide its loads behind. `_conv_tile` is one tile's
 work; `_conv2d_kernel` calls it once per program, or once per tile of its
 loop.
 
+TMA launches (kernels/tma.py, Hopper): where the tensors allow a descriptor
+(fp16/bf16, 16-byte aligned rows, no channel scatter), 1x1 convs are also
+offered as a TMA GEMM and other stride-1 convs as TMA box loads, whose zero
+fill outside the image is the padding; the tuner keeps whichever launch is
+fastest, and a later call whose tensors a descriptor cannot address runs the
+same tile of this kernel instead.
+
 On CUDA, the first call of each shape times a pruned set of (tile config,
 split-K) candidates (`conv_candidates`, `_tune`) and remembers the fastest in
 `tuned`; later calls are one dict lookup. Under the Triton interpreter (no
@@ -763,10 +770,13 @@ def conv2d_triton(
         )
         ws_dtype = torch.float64 if acc_type == tl.float64 else torch.float32
 
-        tma = tma_launch.eligible(x, weight, out, residual, out_index, bias_map, pointwise, (sh, sw))
+        def tma_kind() -> Optional[str]:
+            # (a few us of host time: asked only where a TMA launch is offered or chosen)
+            return tma_launch.eligible(x, weight, out, residual, out_index, bias_map, pointwise, (sh, sw))
 
         def run(cfg: dict, splits: int) -> None:
-            use_tma = bool(cfg.get("TMA")) and tma is not None and (splits == 1 or tma == "box")
+            tma = tma_kind() if cfg.get("TMA") else None
+            use_tma = tma is not None and (splits == 1 or tma == "box")
             if cfg.get("TMA") and not use_tma:
                 # a tuned TMA tile for tensors a descriptor cannot address: the same tile here
                 cfg = {k: v for k, v in cfg.items() if k != "TMA"}
@@ -798,12 +808,12 @@ def conv2d_triton(
             cfg.setdefault("BLOCK_K", min(64, _pow2_at_least(cin)))
             run(cfg, split_k or 1)
         else:
-            # (marked only where TMA launches are offered: other shapes keep their cached tuning)
             key = (m, nch, cin, h, w, kh, kw, sh, sw, ph, pw, dh, dw, x.dtype, x.stride(1), weight.stride(1),
-                   split_k) + ((tma,) if tma else ())
+                   split_k)
             choice = tuned.get(key)
             if choice is None:
-                choice = _choose_launch(key, x.device, m, nch, cin, kh * kw, pointwise, split_k, run, out, tma)
+                choice = _choose_launch(key, x.device, m, nch, cin, kh * kw, pointwise, split_k, run, out,
+                                        tma_kind())
             run(choice.config, choice.split_k)
 
     if out_index is not None and nch < out_channels:
