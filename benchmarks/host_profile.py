@@ -170,10 +170,7 @@ def main() -> None:
     on_gpu = torch.cuda.is_available()
     device, dtype = ("cuda", torch.half) if on_gpu else ("cpu", torch.float32)
     torch.backends.cudnn.benchmark = True
-    model, shape = models.build(args.model)
-    masked, _, how = models.masked_models(args.model, args.keep, torch.randn(1, *shape), args.masks)
-    masked = masked.to(device, dtype).to(memory_format=torch.channels_last)
-    x = torch.randn(args.batch, *shape, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+    masked, x, how = models.masked_problem(args.model, args.keep, args.batch, args.masks, device, dtype)
     calls, rows, tables = {}, [], []
     with torch.no_grad():
         ref = masked(x)

@@ -152,10 +152,7 @@ def main() -> None:
         p.error("needs a CUDA GPU")
     common.raise_dynamo_recompile_limit()
     torch.backends.cudnn.benchmark = True
-    model, shape = models.build(args.model)
-    masked, _, how = models.masked_models(args.model, args.keep, torch.randn(1, *shape), "groups")
-    masked = masked.to("cuda", torch.half).to(memory_format=torch.channels_last)
-    x = torch.randn(args.batch, *shape, device="cuda", dtype=torch.half).to(memory_format=torch.channels_last)
+    masked, x, how = models.masked_problem(args.model, args.keep, args.batch)
     runs = {}
     with torch.no_grad():
         ref = masked(x)

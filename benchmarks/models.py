@@ -156,6 +156,17 @@ def masked_models(name: str, keep: float, example: torch.Tensor, masks: str = "g
         return model, None, "fxsparse.sparsify groups"
 
 
+def masked_problem(name: str, keep: float, batch: int, masks: str = "groups", device: str = "cuda",
+                   dtype=torch.half) -> tuple:
+    """(masked model, input, how the masks were chosen) on `device` in `dtype`, channels_last,
+    for the single-model scripts (host_split, host_profile, profiler_residue)."""
+    _, shape = build(name)
+    masked, _, how = masked_models(name, keep, torch.randn(1, *shape), masks)
+    masked = masked.to(device, dtype).to(memory_format=torch.channels_last)
+    x = torch.randn(batch, *shape, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+    return masked, x, how
+
+
 # --------------------------------------------------------------------------- timing
 
 def first_call(fn, x) -> tuple:

@@ -25,10 +25,7 @@ def main() -> None:
     args = p.parse_args()
     common.raise_dynamo_recompile_limit()
     torch.backends.cudnn.benchmark = True
-    _, shape = models.build(args.model)
-    masked, _, how = models.masked_models(args.model, args.keep, torch.randn(1, *shape), "groups")
-    masked = masked.to("cuda", torch.half).to(memory_format=torch.channels_last)
-    x = torch.randn(args.batch, *shape, device="cuda", dtype=torch.half).to(memory_format=torch.channels_last)
+    masked, x, how = models.masked_problem(args.model, args.keep, args.batch)
     rows = []
     with torch.no_grad():
         fns = {

@@ -78,7 +78,7 @@ import triton.language as tl
 from fxsparse.kernels import tma as tma_launch
 from fxsparse.kernels import tuning_cache
 from fxsparse.kernels.layout import select_channels
-from fxsparse.kernels.epilogue import activation as _activation
+from fxsparse.kernels.epilogue import residual_and_activation
 from fxsparse.ops.activations import ACTIVATION_CODES
 from fxsparse.ops.conv2d import TensorCache
 
@@ -237,15 +237,11 @@ def _conv_tile(
         else:
             r_rows = n_img.to(tl.int64) * srn + oh * srh + ow * srw
             o_rows = n_img.to(tl.int64) * son + oh * soh + ow * sow
+        r = z
         if HAS_RESIDUAL:
             r_ptrs = res_ptr + r_rows[:, None] + oc64[None, :] * src
             r = tl.load(r_ptrs, mask=out_mask, other=0.0).to(ACC_TYPE)
-            if not RESIDUAL_AFTER:
-                z += r
-        z = _activation(z, ACTIVATION)
-        if HAS_RESIDUAL:
-            if RESIDUAL_AFTER:
-                z += r
+        z = residual_and_activation(z, r, HAS_RESIDUAL, RESIDUAL_AFTER, ACTIVATION)
         o_ptrs = out_ptr + o_rows[:, None] + oc64[None, :] * soc
         tl.store(o_ptrs, z.to(out_ptr.dtype.element_ty), mask=out_mask)
 

@@ -41,3 +41,17 @@ def activation(z, ACTIVATION: tl.constexpr):
     elif ACTIVATION == 9:
         z = tanh(z)
     return z
+
+
+@triton.jit
+def residual_and_activation(z, r, HAS_RESIDUAL: tl.constexpr, RESIDUAL_AFTER: tl.constexpr,
+                            ACTIVATION: tl.constexpr):
+    """act(z + r), or act(z) + r (RESIDUAL_AFTER: the ResNet block whose add follows its ReLU)."""
+    if HAS_RESIDUAL:
+        if not RESIDUAL_AFTER:
+            z += r
+    z = activation(z, ACTIVATION)
+    if HAS_RESIDUAL:
+        if RESIDUAL_AFTER:
+            z += r
+    return z

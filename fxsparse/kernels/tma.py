@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fxsparse.kernels.epilogue import activation
+from fxsparse.kernels.epilogue import residual_and_activation
 
 Tensor = torch.Tensor
 
@@ -65,14 +65,7 @@ def _epilogue(acc, offs_n, mask_n, bias_ptr, scale_ptr, shift_ptr, bias_map, r,
         z *= tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if HAS_SHIFT:
         z += tl.load(shift_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if HAS_RESIDUAL:
-        if not RESIDUAL_AFTER:
-            z += r
-    z = activation(z, ACTIVATION)
-    if HAS_RESIDUAL:
-        if RESIDUAL_AFTER:
-            z += r
-    return z
+    return residual_and_activation(z, r, HAS_RESIDUAL, RESIDUAL_AFTER, ACTIVATION)
 
 
 @triton.jit
