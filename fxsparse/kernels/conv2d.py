@@ -78,7 +78,7 @@ import triton.language as tl
 from fxsparse.kernels import tma as tma_launch
 from fxsparse.kernels import tuning_cache
 from fxsparse.kernels.layout import select_channels
-from fxsparse.kernels.epilogue import residual_and_activation
+from fxsparse.kernels.tile import grouped_tile, k_slice, residual_and_activation
 from fxsparse.ops.activations import ACTIVATION_CODES
 from fxsparse.ops.conv2d import TensorCache
 
@@ -123,15 +123,7 @@ def _conv_tile(
     DOT_UPCAST: tl.constexpr,  # the interpreter's tl.dot mishandles bf16 (reads raw bits): upcast there
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Grouped tile order: GROUP_M row-tiles share each weight column-tile while it is in L2.
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(NCH, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(NCH, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -163,14 +155,7 @@ def _conv_tile(
         # ONE flattened loop over (tap, channel block): with Cin = 64 and BLOCK_K = 64 a nested
         # channel loop would have one iteration per tap, and Triton pipelines only innermost loops.
         ci_blocks = tl.cdiv(CIN, BLOCK_K)
-        k_iters = KH * KW * ci_blocks
-        if SPLIT:
-            per_split = tl.cdiv(k_iters, K_SPLITS)
-            k_lo = pid_k * per_split
-            k_hi = min(k_iters, k_lo + per_split)
-        else:
-            k_lo = 0
-            k_hi = k_iters
+        k_lo, k_hi = k_slice(KH * KW * ci_blocks, pid_k, K_SPLITS, SPLIT)
         for k in range(k_lo, k_hi):
             tap = k // ci_blocks
             ci = (k - tap * ci_blocks) * BLOCK_K + offs_k

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fxsparse.kernels.epilogue import residual_and_activation
+from fxsparse.kernels.tile import grouped_tile, k_slice, residual_and_activation
 
 Tensor = torch.Tensor
 
@@ -37,17 +37,6 @@ try:  # triton >= 3.4
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - older triton: the launches are never offered
     TensorDescriptor = None
-
-
-@triton.jit
-def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    # As in conv2d._conv_tile: GROUP_M row tiles share a weight column tile while it is in L2.
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
 
 
 @triton.jit
@@ -79,7 +68,7 @@ def _gemm_kernel(
     DOT_UPCAST: tl.constexpr,  # the interpreter's tl.dot mishandles bf16 (as in conv2d.py)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(NCH, BLOCK_N), GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(NCH, BLOCK_N), GROUP_M)
     row0 = pid_m * BLOCK_M
     col0 = pid_n * BLOCK_N
 
@@ -122,7 +111,7 @@ def _box_kernel(
     BLOCK_M: tl.constexpr = BOX_H * BOX_W
     boxes_w = tl.cdiv(WO, BOX_W)
     boxes_per_image = tl.cdiv(HO, BOX_H) * boxes_w
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), N * boxes_per_image, tl.cdiv(NCH, BLOCK_N), GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), N * boxes_per_image, tl.cdiv(NCH, BLOCK_N), GROUP_M)
     n = pid_m // boxes_per_image
     box = pid_m - n * boxes_per_image
     oh0 = (box // boxes_w) * BOX_H
@@ -132,14 +121,7 @@ def _box_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # One flattened loop over (tap, channel block), as in conv2d: one loop to pipeline.
     ci_blocks = tl.cdiv(CIN, BLOCK_K)
-    k_iters = KH * KW * ci_blocks
-    if SPLIT:
-        per_split = tl.cdiv(k_iters, K_SPLITS)
-        k_lo = tl.program_id(1) * per_split
-        k_hi = min(k_iters, k_lo + per_split)
-    else:
-        k_lo = 0
-        k_hi = k_iters
+    k_lo, k_hi = k_slice(KH * KW * ci_blocks, tl.program_id(1), K_SPLITS, SPLIT)
     for k in range(k_lo, k_hi):
         tap = k // ci_blocks
         ci = (k - tap * ci_blocks) * BLOCK_K

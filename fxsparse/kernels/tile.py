@@ -1,5 +1,6 @@
-"""Epilogue pieces shared by the conv kernels (conv2d.py, pointwise_tma.py): the activations,
-specialised at compile time on their code in `fxsparse.ops.activations.ACTIVATION_CODES`."""
+"""Pieces of a tile's work shared by the conv kernels (conv2d.py, tma.py): which tile a program
+owns, which K steps a split-K slice takes, and the epilogue's activation (specialised at
+compile time on its code in `fxsparse.ops.activations.ACTIVATION_CODES`) and residual add."""
 from __future__ import annotations
 
 import triton
@@ -7,11 +8,36 @@ import triton.language as tl
 
 from fxsparse.ops.activations import ACTIVATION_CODES
 
+@triton.jit
+def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program `pid`, grouped: GROUP_M row tiles share each weight
+    column tile while it is in L2."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def k_slice(k_iters, pid_k, K_SPLITS, SPLIT: tl.constexpr):
+    """[k_lo, k_hi): the K steps of split-K slice `pid_k` (all of them without SPLIT)."""
+    if SPLIT:
+        per_split = tl.cdiv(k_iters, K_SPLITS)
+        k_lo = pid_k * per_split
+        k_hi = min(k_iters, k_lo + per_split)
+    else:
+        k_lo = 0
+        k_hi = k_iters
+    return k_lo, k_hi
+
+
 # `activation`'s `if ACTIVATION == k` chain is written against these codes.
 _KERNEL_ACTIVATIONS = ("none", "relu", "relu6", "silu", "gelu", "gelu_tanh", "hardswish",
                        "hardsigmoid", "sigmoid", "tanh")
 assert {n: i for i, n in enumerate(_KERNEL_ACTIVATIONS)} == ACTIVATION_CODES, (
-    "fxsparse.kernels.epilogue: activation table out of sync with fxsparse.ops.activations")
+    "fxsparse.kernels.tile: activation table out of sync with fxsparse.ops.activations")
 
 
 @triton.jit
