@@ -260,9 +260,13 @@ def _change(kind, model):
         elif kind == "rebind":
             conv = model.layer2[1].conv2
             conv.weight_orig = nn.Parameter(torch.randn_like(conv.weight_orig))
+        elif kind == "data_swap":  # same object, same version, new storage
+            conv = model.layer1[0].conv1
+            conv.weight_orig.data = torch.randn_like(conv.weight_orig)
 
 
-@pytest.mark.parametrize("kind", ["weight_orig", "mask", "bn_stats", "bn_train_forward", "linear", "rebind"])
+@pytest.mark.parametrize("kind", ["weight_orig", "mask", "bn_stats", "bn_train_forward", "linear", "rebind",
+                                  "data_swap"])
 def test_freezing_follows_every_frozen_tensor(kind):
     """With `torch._inductor.config.freezing` and grad off, dynamo hands the backend its
     parameters and buffers as graph attributes (no per-call input marshalling: what latency
