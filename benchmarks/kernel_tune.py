@@ -36,12 +36,6 @@ import fxsparse.ops  # noqa: E402,F401
 from fxsparse.kernels import conv2d as K  # noqa: E402
 
 
-def _cfg(cfg, split) -> str:
-    return (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}"
-            + (" persistent" if cfg.get("PERSISTENT") else "") + (" TMA" if cfg.get("TMA") else "")
-            + (f" k/{split}" if split > 1 else ""))
-
-
 def _op(x, w, stride, padding, in_index=None):
     return torch.ops.fxsparse.conv2d(x, w, None, list(stride), list(padding), [1, 1], in_index, None, w.shape[0],
                                      None, None, None, None, None, "none", False)
@@ -66,13 +60,13 @@ def run_shape(spec, keep, rows):
     choice = K.tuned[new[0]] if new else None
     fx_us = common.time_cuda_graph(lambda: _op(x, w, stride, padding)) * 1e3
     # the same tuned launch addressing rows through (n, h, w) divisions, as before FLAT_*_ROWS
-    flat_rows = K._evenly_strided_rows
-    K._evenly_strided_rows = lambda t: False
+    flat_rows = K.evenly_strided_rows
+    K.evenly_strided_rows = lambda t: False
     try:
         _op(x, w, stride, padding)
         div_us = common.time_cuda_graph(lambda: _op(x, w, stride, padding)) * 1e3
     finally:
-        K._evenly_strided_rows = flat_rows
+        K.evenly_strided_rows = flat_rows
     ref = F.conv2d(x.float(), w.float(), None, stride, padding)
     err = common.rel_l2(y, ref)
 
@@ -95,15 +89,15 @@ def run_shape(spec, keep, rows):
         print(f"   chosen: {choice!r}")
         for cfg, split, ms in choice.timings:
             mark = " <=" if cfg == choice.config and split == choice.split_k else ""
-            print(f"   {_cfg(cfg, split):28s} {ms * 1e3:8.1f} us{mark}")
+            print(f"   {K.describe_launch(cfg, split):28s} {ms * 1e3:8.1f} us{mark}")
             if cfg["num_warps"] <= 4 and best4 is None:
                 best4 = (cfg, split, ms)
             if cfg["num_warps"] > 4 and best8 is None:
                 best8 = (cfg, split, ms)
-    fmt = lambda b: "-" if b is None else f"{_cfg(b[0], b[1])} {b[2] * 1e3:.1f}"  # noqa: E731
+    fmt = lambda b: "-" if b is None else f"{K.describe_launch(b[0], b[1])} {b[2] * 1e3:.1f}"  # noqa: E731
     rows.append(dict(
         layer=f"{name} B{batch}", keep=f"{keep:g}", cudnn_us=cudnn_us, fx_us=fx_us,
-        speedup=cudnn_us / fx_us, div_us=div_us, chosen=(_cfg(choice.config, choice.split_k) + (" !" if "MISMATCH" in choice.note else ""))
+        speedup=cudnn_us / fx_us, div_us=div_us, chosen=(K.describe_launch(choice.config, choice.split_k) + (" !" if "MISMATCH" in choice.note else ""))
         if choice else "(cached)", best4=fmt(best4), best8=fmt(best8), mm_us=mm_us, gather_us=gather_us,
         rel_l2=err))
 

@@ -154,11 +154,11 @@ def test_pointwise_row_addressing(request, layout):
 
 def test_row_flatness_detection():
     cl = torch.empty(2, 8, 3, 4).contiguous(memory_format=torch.channels_last)
-    assert K._evenly_strided_rows(cl)
-    assert K._evenly_strided_rows(cl[:, 2:5])  # a channel slice keeps the row stride
-    assert not K._evenly_strided_rows(torch.empty(2, 8, 3, 4))  # NCHW
-    assert not K._evenly_strided_rows(cl[:, :, :, :3])  # a cropped width breaks the rows
-    assert K._evenly_strided_rows(torch.empty(1, 8, 1, 1))
+    assert K.evenly_strided_rows(cl)
+    assert K.evenly_strided_rows(cl[:, 2:5])  # a channel slice keeps the row stride
+    assert not K.evenly_strided_rows(torch.empty(2, 8, 3, 4))  # NCHW
+    assert not K.evenly_strided_rows(cl[:, :, :, :3])  # a cropped width breaks the rows
+    assert K.evenly_strided_rows(torch.empty(1, 8, 1, 1))
 
 
 # ------------------------------------------------------------------ epilogue

@@ -77,7 +77,7 @@ import triton.language as tl
 
 from fxsparse.kernels import tma as tma_launch
 from fxsparse.kernels import tuning_cache
-from fxsparse.kernels.layout import select_channels
+from fxsparse.kernels.layout import evenly_strided_rows, select_channels
 from fxsparse.kernels.tile import grouped_tile, k_slice, residual_and_activation
 from fxsparse.ops.activations import ACTIVATION_CODES
 from fxsparse.ops.conv2d import TensorCache
@@ -465,13 +465,14 @@ def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms:
         for bm, bn, warps, stages in _POINTWISE_PERSISTENT_TILES:
             if bn in widths and bm <= bm_cap and _cdiv(m, bm) * _cdiv(nch, bn) > 2 * sms:
                 out.append((_config(bm, bn, bk, warps, stages, persistent=True), 1))
-    if tma:
-        # (the gemm launch does not split K: a 1x1 conv's K is short)
-        for bm, bn, warps, stages in _POINTWISE_TMA_TILES if tma == "gemm" else _BOX_TMA_TILES:
+    if tma == "gemm" and split_k in (None, 1):  # (no split-K: a 1x1 conv's K is short)
+        out += [(_config(bm, bn, bk, warps, stages, tma=True), 1)
+                for bm, bn, warps, stages in _POINTWISE_TMA_TILES if bn in widths and bm <= bm_cap]
+    if tma == "box":
+        for bm, bn, warps, stages in _BOX_TMA_TILES:
             if bn in widths and bm <= bm_cap:
-                splits = [1] if tma == "gemm" else split_factors(_cdiv(m, bm) * _cdiv(nch, bn))
-                out += [(_config(bm, bn, bk, warps, stages, tma=True), s) for s in splits
-                        if tma == "box" or split_k in (None, 1)]
+                cfg = _config(bm, bn, bk, warps, stages, tma=True)
+                out += [(cfg, s) for s in split_factors(_cdiv(m, bm) * _cdiv(nch, bn))]
     if not out:  # tiny problems: the smallest tile always fits
         out.append((_config(64, 16, bk, 4, 3), split_k or 1))
     return out
@@ -492,10 +493,14 @@ class _Choice:
         self.config, self.split_k, self.timings, self.note = config, split_k, timings, note
 
     def __repr__(self):
-        c = self.config
-        return (f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']} s{c['num_stages']}"
-                + (" persistent" if c.get("PERSISTENT") else "") + (" TMA" if c.get("TMA") else "")
-                + f" splitK {self.split_k}" + (f" ({self.note})" if self.note else ""))
+        return describe_launch(self.config, self.split_k) + (f" ({self.note})" if self.note else "")
+
+
+def describe_launch(cfg: dict, split_k: int) -> str:
+    """One launch as the tuner tables name it, e.g. "128x128x64 w8 s3 TMA k/4"."""
+    return (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}"
+            + (" persistent" if cfg.get("PERSISTENT") else "") + (" TMA" if cfg.get("TMA") else "")
+            + (f" k/{split_k}" if split_k > 1 else ""))
 
 
 # shape key -> _Choice. Public for benchmarks (benchmarks/kernel_tune.py prints it).
@@ -654,14 +659,6 @@ def _new_output(shape, x: Tensor) -> Tensor:
     return torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
 
 
-def _evenly_strided_rows(t: Tensor) -> bool:
-    """Pixel (n, h, w) of `t` sits at (n*H*W + h*W + w) * stride(3): rows of a plain GEMM.
-    True for dense channels_last tensors and for channel slices of them."""
-    n, _, h, w = t.shape
-    sn, _, sh, sw = t.stride()
-    return (h == 1 or sh == w * sw) and (n == 1 or sn == h * w * sw)
-
-
 def _forced_split() -> Optional[int]:
     forced = os.environ.get("FXSPARSE_SPLIT_K")
     return max(1, int(forced)) if forced else None
@@ -728,8 +725,8 @@ def conv2d_triton(
         sbc=bm_strides[0], sbh=bm_strides[1], sbw=bm_strides[2],
         KH=kh, KW=kw, STRIDE_H=sh, STRIDE_W=sw, PAD_H=ph, PAD_W=pw, DIL_H=dh, DIL_W=dw,
         POINTWISE=pointwise,
-        FLAT_X_ROWS=pointwise and _evenly_strided_rows(x),
-        FLAT_OUT_ROWS=_evenly_strided_rows(out) and (residual is None or _evenly_strided_rows(residual)),
+        FLAT_X_ROWS=pointwise and evenly_strided_rows(x),
+        FLAT_OUT_ROWS=evenly_strided_rows(out) and (residual is None or evenly_strided_rows(residual)),
         HAS_RESIDUAL=residual is not None, RESIDUAL_AFTER=bool(residual_after_activation),
         ACTIVATION=ACTIVATION_CODES[activation], ACC_TYPE=acc_type,
         IEEE=x.dtype in (torch.float32, torch.float64),

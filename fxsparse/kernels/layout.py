@@ -11,6 +11,14 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
+def evenly_strided_rows(t: torch.Tensor) -> bool:
+    """Pixel (n, h, w) of NCHW-indexed `t` sits at (n*H*W + h*W + w) * stride(3): rows of a
+    plain GEMM. True for dense channels_last tensors and for channel slices of them."""
+    n, _, h, w = t.shape
+    sn, _, sh, sw = t.stride()
+    return (h == 1 or sh == w * sw) and (n == 1 or sn == h * w * sw)
+
+
 def select_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x[:, index] in x's memory format. `index_select` on dim 1 returns a contiguous (NCHW)
     tensor whatever x is: a channels_last activation selected that way reaches the next conv,

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fxsparse.kernels.layout import evenly_strided_rows
 from fxsparse.kernels.tile import grouped_tile, k_slice, residual_and_activation
 
 Tensor = torch.Tensor
@@ -169,12 +170,9 @@ def _rows(t: Tensor) -> Optional[tuple]:
     """(rows, channels, row stride) of an NCHW-indexed tensor whose pixels are evenly strided
     rows of contiguous channels (dense channels_last, or a channel slice of one)."""
     n, c, h, w = t.shape
-    sn, sc, sh, sw = t.stride()
-    if sc != 1 and c > 1:
+    if (t.stride(1) != 1 and c > 1) or not evenly_strided_rows(t):
         return None
-    if not ((h == 1 or sh == w * sw) and (n == 1 or sn == h * w * sw)):
-        return None
-    return n * h * w, c, sw
+    return n * h * w, c, t.stride(3)
 
 
 def _addressable(t: Tensor, *strides: int) -> bool:

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from fxsparse.compaction.propagate import CONST_DTYPE, ConvPlan, Layout, Propagation, channel_count
+from fxsparse.compaction.propagate import CONST_DTYPE, ConvPlan, Layout, Propagation
 from fxsparse.graph.capture import OpView
 from fxsparse.kernels.layout import relayout, select_channels
 from fxsparse.lowering import choose

@@ -71,9 +71,9 @@ class ValueGuard:
             (lambda a, i=self.positions[0]: (a[i],)) if self.positions else (lambda a: ()))
         self.tensors = tuple(self._pick(args))
         self.footprints = list(map(_footprint, self.tensors))
-        # tensors checked by version alone, held here rather than passed in: those the
-        # compiled graph hands out (a pruned module's `weight`: a caller writing into one must
-        # not change what the next call returns), BatchNorm step counters (see
+        # tensors checked by footprint alone (no identity), held here rather than passed in:
+        # those the compiled graph hands out (a pruned module's `weight`: a caller writing into
+        # one must not change what the next call returns), BatchNorm step counters (see
         # graph/capture.py: running_stat_counter) and, under Inductor's freezing, every
         # tensor the graph holds as an attribute (backend.frozen_tensors)
         self.held = tuple(held)
