@@ -83,11 +83,13 @@ def memory_instructions(pointwise: bool = True, out_index: bool = False, residua
 
 
 TMA_PATTERNS = ("wgmma", "cp.async.bulk.tensor", "ld.shared", "st.shared")
+TMA_KINDS = ("gemm", "box", "box/2")
 
 
 def tma_instructions(kind: str) -> Counter:
     """Counts of TMA_PATTERNS in the sm90 PTX of a kernels/tma.py launch (fp16, residual, relu):
-    "gemm" (1x1, 256x128x64 tile) or "box" (3x3, a 2x64-pixel box, 128 channels, 64-deep K).
+    "gemm" (1x1, 256x128x64 tile), "box" (3x3, a 2x64-pixel box, 128 channels, 64-deep K) or
+    "box/2" (the same box at stride 2, reading phases of the input).
     Box loads reshaped to GEMM tiles should feed wgmma from shared memory directly: no
     ld.shared/st.shared round trip through registers."""
     import triton
@@ -108,11 +110,12 @@ def tma_instructions(kind: str) -> Counter:
         consts = dict(epi, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     else:
         fn, (bh, bw, bn, bk) = tma._box_kernel, (2, 64, 128, 64)
+        stride = 2 if kind == "box/2" else 1
         box = f"1, {bh}, {bw}"
-        descs = dict(x_desc=f"tensordesc<fp16[{box}, {bk}]>", w_desc=f"tensordesc<fp16[{bn}, 1, {bk}]>",
+        descs = dict(x_desc=f"tensordesc<fp16[1, {bh}, 1, {bw}, {bk}]>", w_desc=f"tensordesc<fp16[{bn}, 1, {bk}]>",
                      out_desc=f"tensordesc<fp16[{box}, {bn}]>", res_desc=f"tensordesc<fp16[{box}, {bn}]>")
-        consts = dict(epi, KH=3, KW=3, PAD_H=1, PAD_W=1, DIL_H=1, DIL_W=1, HAS_BIAS_MAP=False, SPLIT=False,
-                      BOX_H=bh, BOX_W=bw, BLOCK_N=bn, BLOCK_K=bk)
+        consts = dict(epi, KH=3, KW=3, STRIDE_H=stride, STRIDE_W=stride, PAD_H=1, PAD_W=1, DIL_H=1, DIL_W=1,
+                      HAS_BIAS_MAP=False, SPLIT=False, EVEN_CIN=True, BOX_H=bh, BOX_W=bw, BLOCK_N=bn, BLOCK_K=bk)
     signature, constexprs = {}, {}
     for i, name in enumerate(inspect.signature(fn.fn).parameters):
         if name in consts:
@@ -152,7 +155,7 @@ def main() -> None:
     c = memory_instructions(pointwise=True, block=(128, 128, 64), num_warps=4, num_stages=3, persistent=True)
     cases["1x1 persistent"] = dict(c)
     rows.append(["1x1 persistent (4 warps)", "no", *(c[p] for p in PATTERNS)])
-    for kind in ("gemm", "box"):
+    for kind in TMA_KINDS:
         cases[f"tma {kind}"] = dict(tma_instructions(kind))
     if args.json:
         print(json.dumps(cases))
@@ -162,8 +165,8 @@ def main() -> None:
     print(f"_conv2d_kernel, sm90 PTX (triton {triton.__version__}), fp16 64->256 @56x56, 128x128x64 tile, "
           f"8 warps, residual add; occurrences of each instruction in the PTX")
     print(tabulate(rows, headers=["conv", "out_index", *PATTERNS], tablefmt="github"))
-    print("\nkernels/tma.py launches, sm90 PTX (256x128x64 GEMM tile; 3x3 box of 2x64 pixels x 128 channels)")
-    print(tabulate([[k, *(cases[f"tma {k}"].get(p, 0) for p in TMA_PATTERNS)] for k in ("gemm", "box")],
+    print("\nkernels/tma.py launches, sm90 PTX (256x128x64 GEMM tile; 3x3 box of 2x64 pixels x 128 channels, stride 1 and 2)")
+    print(tabulate([[k, *(cases[f"tma {k}"].get(p, 0) for p in TMA_PATTERNS)] for k in TMA_KINDS],
                    headers=["launch", *TMA_PATTERNS], tablefmt="github"))
 
 

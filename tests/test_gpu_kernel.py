@@ -160,27 +160,30 @@ def test_tma_pointwise_tiles(dtype, tile, after):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("geometry", [
-    # (n, cin, cout, k, hw, padding, dilation, BLOCK_M, BLOCK_N, warps, stages)
-    (8, 64, 128, 3, 56, 1, 1, 128, 128, 8, 3),
-    (32, 512, 512, 3, 7, 1, 1, 64, 128, 4, 4),
-    (4, 96, 72, 3, 29, 1, 1, 128, 64, 4, 4),  # partial boxes and channel tiles
-    (4, 64, 48, 5, 20, 2, 1, 64, 64, 4, 4),
-    (4, 32, 32, 3, 20, 2, 2, 128, 32, 4, 4),  # dilation
+    # (n, cin, cout, k, hw, padding, dilation, BLOCK_M, BLOCK_N, warps, stages, stride)
+    (8, 64, 128, 3, 56, 1, 1, 128, 128, 8, 3, 1),
+    (32, 512, 512, 3, 7, 1, 1, 64, 128, 4, 4, 1),
+    (4, 96, 72, 3, 29, 1, 1, 128, 64, 4, 4, 1),  # partial boxes and channel tiles
+    (4, 64, 48, 5, 20, 2, 1, 64, 64, 4, 4, 1),
+    (4, 32, 32, 3, 20, 2, 2, 128, 32, 4, 4, 1),  # dilation
+    (8, 128, 128, 3, 56, 1, 1, 128, 128, 4, 3, 2),  # ResNet-50's strided 3x3
+    (8, 256, 512, 1, 28, 0, 1, 128, 128, 8, 3, 2),  # its strided 1x1 shortcut
+    (4, 96, 72, 3, 30, 1, 1, 64, 64, 4, 4, 2),  # 96 channels in 64-channel blocks: masked runs
 ])
 def test_tma_box_launches(dtype, geometry):
-    """Stride-1 convs through TMA box loads (kernels/tma.py "box") with every epilogue term."""
-    n, cin, cout, k, hw, p, d, bm, bn, warps, stages = geometry
+    """Convs through TMA box loads (kernels/tma.py "box") with every epilogue term."""
+    n, cin, cout, k, hw, p, d, bm, bn, warps, stages, s = geometry
     x, w, g = make(n, cin, cout, k, hw, dtype)
-    ho = hw + 2 * p - d * (k - 1)
+    ho = (hw + 2 * p - d * (k - 1) - 1) // s + 1
     r = lambda *s: torch.randn(*s, device=DEV, generator=g).to(dtype)  # noqa: E731
-    kw = dict(padding=(p, p), dilation=(d, d), bias=r(cout), scale=r(cout), shift=r(cout), activation="relu",
-              residual=r(n, cout, ho, ho).contiguous(memory_format=torch.channels_last))
+    kw = dict(stride=(s, s), padding=(p, p), dilation=(d, d), bias=r(cout), scale=r(cout), shift=r(cout),
+              activation="relu", residual=r(n, cout, ho, ho).contiguous(memory_format=torch.channels_last))
     out = torch.full((n, cout, ho, ho), float("nan"), device=DEV, dtype=dtype).contiguous(
         memory_format=torch.channels_last)
     from fxsparse.kernels import tma
-    assert tma.eligible(x, w, out, kw["residual"], None, None, False, (1, 1)) == "box"
+    assert tma.eligible(x, w, out, kw["residual"], None, None, False, (s, s)) == "box"
     cfg = K._config(bm, bn, 64, warps, stages, tma=True)
-    y = K.conv2d_triton(x, w, kw["bias"], [1, 1], [p, p], [d, d], None, None, cout, None, kw["scale"], kw["shift"],
+    y = K.conv2d_triton(x, w, kw["bias"], [s, s], [p, p], [d, d], None, None, cout, None, kw["scale"], kw["shift"],
                         None, kw["residual"], "relu", False, out=out, config=cfg)
     assert rel_l2(y, cudnn_oracle(x, w, **kw)) < REL_L2[dtype]
 

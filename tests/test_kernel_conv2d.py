@@ -533,7 +533,13 @@ def test_tma_eligibility():
     w3 = cl(32, 16, 3, 3)
     assert T.eligible(x, w, out, None, None, None, True, (1, 1)) == "gemm"
     assert T.eligible(x, w3, out, None, None, None, False, (1, 1)) == "box"
-    assert T.eligible(x, w3, cl(2, 32, 2, 2), None, None, None, False, (2, 2)) is None  # strided
+    assert T.eligible(x, w3, cl(2, 32, 2, 2), None, None, None, False, (2, 2)) == "box"  # strided
+    assert T.eligible(cl(2, 16, 5, 4), w3, cl(2, 32, 3, 2), None, None, None, False, (2, 2)) is None  # odd rows
+    assert T.eligible(cl(2, 16, 4, 5), w3, cl(2, 32, 2, 3), None, None, None, False, (1, 2)) is None  # odd columns
+    assert T.eligible(cl(2, 16, 5, 4), w3, cl(2, 32, 3, 2), None, None, None, False, (1, 2)) == "box"
+    # across columns a phase's channel run must end where the pixel does: not in a channel slice
+    assert T.eligible(cl(2, 24, 4, 4)[:, :16], w3, cl(2, 32, 2, 2), None, None, None, False, (1, 2)) is None
+    assert T.eligible(cl(2, 24, 4, 4)[:, :16], w3, cl(2, 32, 2, 4), None, None, None, False, (2, 1)) == "box"
     assert T.eligible(x, w, out, None, None, torch.zeros(32, 4, 4), True, (1, 1)) == "box"  # bias map
     assert T.eligible(x.float(), w.float(), out.float(), None, None, None, True, (1, 1)) is None  # fp32
     assert T.eligible(x, w, out, None, torch.arange(32), None, True, (1, 1)) is None  # channel scatter
@@ -564,34 +570,57 @@ def test_tma_candidates_only_where_offered():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("geometry", [
-    # (cin, cout, k, padding, dilation, n, (h, w)), stride 1 throughout
-    (16, 24, 3, 1, 1, 2, (7, 9)),  # odd map: partial boxes in both directions
-    (24, 8, 5, 2, 1, 1, (6, 5)),  # 5x5, batch 1
-    (8, 16, 3, 2, 2, 2, (8, 8)),  # dilation
-    (16, 16, 3, 0, 1, 2, (9, 6)),  # no padding
-    (40, 16, 1, 0, 1, 2, (4, 4)),  # 1x1 with a bias map goes through the box launch
+    # (cin, cout, k, padding, dilation, n, (h, w), stride)
+    (16, 24, 3, 1, 1, 2, (7, 9), (1, 1)),  # odd map: partial boxes in both directions
+    (24, 8, 5, 2, 1, 1, (6, 5), (1, 1)),  # 5x5, batch 1
+    (8, 16, 3, 2, 2, 2, (8, 8), (1, 1)),  # dilation
+    (16, 16, 3, 0, 1, 2, (9, 6), (1, 1)),  # no padding
+    (40, 16, 1, 0, 1, 2, (4, 4), (1, 1)),  # 1x1 with a bias map goes through the box launch
+    (16, 24, 3, 1, 1, 2, (8, 10), (2, 2)),  # ResNet's strided 3x3: both phases of each side
+    (32, 16, 1, 0, 1, 2, (8, 6), (2, 2)),  # ResNet's strided 1x1 shortcut
+    (8, 16, 7, 3, 1, 1, (10, 12), (2, 2)),  # a 7x7 stem, taps reaching 3 pixels past each side
+    (24, 16, 3, 1, 1, 2, (6, 9), (2, 3)),  # unequal strides; 24 channels: a partial channel block
+    (16, 8, 3, 2, 2, 1, (8, 8), (2, 2)),  # strided and dilated
 ])
 def test_tma_box_launch(request, dtype, geometry):
-    """Stride-1 convs through TMA box loads (tma.py "box"): the zero fill of out-of-image
-    coordinates is the padding; every epilogue term; outputs NaN-poisoned."""
-    cin, cout, k, p, d, n, hw = geometry
+    """Convs through TMA box loads (tma.py "box"): the zero fill of out-of-image coordinates is
+    the padding, strides read phases of the input; every epilogue term; outputs NaN-poisoned."""
+    cin, cout, k, p, d, n, hw, stride = geometry
     g = _gen(request)
     x = rnd(g, n, cin, *hw, dtype=dtype).contiguous(memory_format=torch.channels_last)
     w = rnd(g, cout, cin, k, k, dtype=dtype, scale=1 / math.sqrt(cin * k * k)).contiguous(
         memory_format=torch.channels_last)
-    ho, wo = hw[0] + 2 * p - d * (k - 1), hw[1] + 2 * p - d * (k - 1)
+    ho, wo = [(hw[i] + 2 * p - d * (k - 1) - 1) // stride[i] + 1 for i in (0, 1)]
     epi = dict(bias=rnd(g, cout, dtype=dtype), scale=rnd(g, cout, dtype=torch.float32).abs() + 0.5,
                shift=rnd(g, cout), activation="hardswish", residual_after_activation=True,
                bias_map=rnd(g, cout, ho, wo, dtype=torch.float32) if k == 1 else None,
                residual=rnd(g, n, cout, ho, wo, dtype=dtype).contiguous(memory_format=torch.channels_last))
     out = torch.full((n, cout, ho, wo), float("nan"), dtype=dtype).contiguous(memory_format=torch.channels_last)
     from fxsparse.kernels import tma
-    assert tma.eligible(x, w, out, epi["residual"], None, epi["bias_map"], k == 1 and p == 0, (1, 1)) == "box"
+    pointwise = k == 1 and p == 0 and stride == (1, 1)
+    assert tma.eligible(x, w, out, epi["residual"], None, epi["bias_map"], pointwise, stride) == "box"
     cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1, TMA=True)
-    y = K.conv2d_triton(x, w, epi["bias"], (1, 1), (p, p), (d, d), None, None, cout, None, epi["scale"],
+    y = K.conv2d_triton(x, w, epi["bias"], stride, (p, p), (d, d), None, None, cout, None, epi["scale"],
                         epi["shift"], epi["bias_map"], epi["residual"], epi["activation"], True, out=out, config=cfg)
-    ref = oracle(x, w, padding=(p, p), dilation=(d, d), **epi)
+    ref = oracle(x, w, stride=stride, padding=(p, p), dilation=(d, d), **epi)
     check(y, ref, dtype)
+
+
+def test_strided_box_keeps_a_neighbours_inf_out_of_a_partial_channel_block(request):
+    """Across columns a strided box of 24 channels in 16-channel blocks also reads the first 8
+    channels of the next column phase; zero weights meet them, but inf * 0 is NaN: they are
+    masked. An inf in pixel (0, 1)'s channel 0 must reach only the outputs whose taps read it."""
+    g = _gen(request)
+    x = rnd(g, 1, 24, 4, 4).contiguous(memory_format=torch.channels_last)
+    x[0, 0, 0, 1] = float("inf")
+    w = rnd(g, 8, 24, 1, 1, scale=0.2).abs().contiguous(memory_format=torch.channels_last)
+    out = torch.full((1, 8, 2, 2), float("nan"), dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1, TMA=True)
+    y = K.conv2d_triton(x, w, None, (2, 2), (0, 0), (1, 1), None, None, 8, None, None, None, None, None, "none",
+                        False, out=out, config=cfg)
+    # a 1x1 stride-2 conv reads pixels (0, 0), (0, 2), (2, 0), (2, 2): never the inf
+    assert torch.isfinite(y).all()
+    check(y, oracle(x, w, stride=(2, 2)), torch.float16)
 
 
 @pytest.mark.parametrize("split_k", [2, 3])

@@ -54,7 +54,7 @@ loop.
 
 TMA launches (kernels/tma.py, Hopper): where the tensors allow a descriptor
 (fp16/bf16, 16-byte aligned rows, no channel scatter), 1x1 convs are also
-offered as a TMA GEMM and other stride-1 convs as TMA box loads, whose zero
+offered as a TMA GEMM and other convs as TMA box loads (strided ones read phases of the input), whose zero
 fill outside the image is the padding; the tuner keeps whichever launch is
 fastest, and a later call whose tensors a descriptor cannot address runs the
 same tile of this kernel instead.
@@ -427,7 +427,7 @@ def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms:
       leaves SMs idle, split-K by 2/4/8 so the grid lands between 0.5x and 2x the SM count,
       keeping >= 4 K steps per slice.
     `split_k` given: only that factor. `tma`: the TMA launch the tensors allow (tma.eligible:
-    "gemm" for 1x1 convs, "box" for other stride-1 convs), whose tiles are offered too.
+    "gemm" for 1x1 convs, "box" for the others), whose tiles are offered too.
     """
     bk = min(64, _pow2_at_least(cin))
     k_iters = taps * _cdiv(cin, bk)
@@ -761,7 +761,7 @@ def conv2d_triton(
             bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
             ws = torch.empty((splits, m, nch), device=x.device, dtype=ws_dtype) if splits > 1 else dummy
             if use_tma:
-                tma_launch.launch(tma, x, weight, bias, scale, shift, bias_map, residual, (ph, pw), (dh, dw),
+                tma_launch.launch(tma, x, weight, bias, scale, shift, bias_map, residual, (sh, sw), (ph, pw), (dh, dw),
                                   ACTIVATION_CODES[activation], residual_after_activation, out, cfg,
                                   splits=splits, ws=ws)
             else:

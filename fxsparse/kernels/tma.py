@@ -9,15 +9,21 @@ before or after the activation). Two launches:
 
 - **gemm** (1x1, stride 1, no padding): a plain GEMM over pixel rows,
   out[M, NCH] = x[M, CIN] @ w[NCH, CIN]^T with M = N * H * W.
-- **box** (any kernel size, stride 1): a program computes a BOX_H x BOX_W block of output
-  pixels of one image. For tap (kh, kw) its input is the same-sized block shifted by
-  (kh * dil - pad, kw * dil - pad): one 4-D box load of x [N, H, W, C], where the copy
-  engine's zero fill outside the image *is* the conv's zero padding. The block is a
-  rectangle, so maps whose sides are not multiples of the box compute some rows for
-  nothing (`box_shape` keeps that small).
+- **box** (any kernel size and stride): a program computes a BOX_H x BOX_W block of output
+  pixels of one image. For tap (kh, kw) its input is a same-sized block of input pixels
+  sampled every `stride` pixels, starting (kh * dil - pad, kw * dil - pad) from the block's
+  origin: one box load, where the copy engine's zero fill outside the image *is* the conv's
+  zero padding. A box can only address consecutive elements of each dimension, so x is
+  described as [N, H/sh, sh, W/sw, sw*C] (pixel (ih, iw) = (sh*i + ph, sw*j + pw): the row
+  phase ph is a dimension of its own, the column phase pw selects a channel run of the merged
+  last dimension); a tap's phases and offsets are one coordinate each. For stride 1 this is
+  just [N, H, 1, W, C]. The block is a rectangle, so maps whose sides are not multiples of the
+  box compute some rows for nothing (`box_shape` keeps that small).
 
 Only for what a descriptor can address (`eligible`): fp16/bf16, channels innermost, 16-byte
-aligned bases and strides, the output written in full (no channel scatter). conv2d.py offers
+aligned bases and strides, the output written in full (no channel scatter); strided boxes
+also need the input's sides to be multiples of the stride and, across columns, pixels that hold
+exactly the conv's channels (the merged last dimension must not run into other data). conv2d.py offers
 these launches to its tuner beside its own kernel's, and runs its own kernel instead wherever
 the tensors of a later call are not eligible.
 """
@@ -100,16 +106,24 @@ def _box_kernel(
     bias_ptr, scale_ptr, shift_ptr, bias_map_ptr, ws_ptr,
     N, HO, WO, NCH, CIN, K_SPLITS,
     sbc, sbh, sbw,
-    KH: tl.constexpr, KW: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
-    DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+    PAD_H: tl.constexpr, PAD_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BIAS_MAP: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RESIDUAL_AFTER: tl.constexpr, ACTIVATION: tl.constexpr,
     OUT_BF16: tl.constexpr, DOT_UPCAST: tl.constexpr,
     SPLIT: tl.constexpr,  # K_SPLITS > 1 slices write fp32 partial sums, as conv2d's SPLIT does
+    EVEN_CIN: tl.constexpr,  # CIN % BLOCK_K == 0
     BOX_H: tl.constexpr, BOX_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BOX_H * BOX_W
+    # A tap's input offset kh * DIL_H - PAD_H = STRIDE_H * row step + row phase. Lifted by a
+    # whole number of strides first, so that // and % (which truncate) see no negative value.
+    LIFT_H: tl.constexpr = (PAD_H + STRIDE_H - 1) // STRIDE_H
+    LIFT_W: tl.constexpr = (PAD_W + STRIDE_W - 1) // STRIDE_W
+    # Across columns a box of channel run `phase` may reach past CIN into the next phase's
+    # channels: zero weights meet them, but a non-finite input there would still poison the sum.
+    MASK_CHANNELS: tl.constexpr = STRIDE_W > 1 and not EVEN_CIN
     boxes_w = tl.cdiv(WO, BOX_W)
     boxes_per_image = tl.cdiv(HO, BOX_H) * boxes_w
     pid_m, pid_n = grouped_tile(tl.program_id(0), N * boxes_per_image, tl.cdiv(NCH, BLOCK_N), GROUP_M)
@@ -128,8 +142,14 @@ def _box_kernel(
         ci = (k - tap * ci_blocks) * BLOCK_K
         kh = tap // KW
         kw = tap - kh * KW
-        a = x_desc.load([n, oh0 - PAD_H + kh * DIL_H, ow0 - PAD_W + kw * DIL_W, ci])
+        th = kh * DIL_H - PAD_H + LIFT_H * STRIDE_H
+        tw = kw * DIL_W - PAD_W + LIFT_W * STRIDE_W
+        phase_w = tw % STRIDE_W
+        a = x_desc.load([n, oh0 + th // STRIDE_H - LIFT_H, th % STRIDE_H, ow0 + tw // STRIDE_W - LIFT_W,
+                         phase_w * CIN + ci])
         a = tl.reshape(a, (BLOCK_M, BLOCK_K))
+        if MASK_CHANNELS:
+            a = tl.where((ci + tl.arange(0, BLOCK_K) < CIN)[None, :], a, 0.0)
         b = tl.reshape(w_desc.load([col0, tap, ci]), (BLOCK_N, BLOCK_K))
         if DOT_UPCAST:
             acc = tl.dot(a.to(tl.float32), b.T.to(tl.float32), acc)
@@ -191,6 +211,19 @@ def _nhwc(t: Tensor) -> Optional[tuple]:
     return [n, h, w, c], [sn, sh, sw, 1]
 
 
+def _phased(x: Tensor, stride) -> Optional[tuple]:
+    """x as the [N, H/sh, sh, W/sw, sw*C] sizes and strides of a box launch (module doc), if a
+    descriptor can address it that way."""
+    sh, sw = int(stride[0]), int(stride[1])
+    nhwc = _nhwc(x)
+    if nhwc is None:
+        return None
+    (n, h, w, c), (sn, sxh, sxw, _) = nhwc
+    if h % sh or w % sw or (sw > 1 and sxw != c):
+        return None  # (phases past the image, or channel runs into other data: module doc)
+    return [n, h // sh, sh, w // sw, sw * c], [sn, sh * sxh, sxh, sw * sxw, 1]
+
+
 def eligible(x: Tensor, weight: Tensor, out: Tensor, residual: Optional[Tensor], out_index: Optional[Tensor],
              bias_map: Optional[Tensor], pointwise: bool, stride) -> Optional[str]:
     """Which TMA launch ("gemm" or "box") can run this conv, or None (see the module doc)."""
@@ -212,9 +245,9 @@ def eligible(x: Tensor, weight: Tensor, out: Tensor, residual: Optional[Tensor],
             if r is None or not _addressable(t, r[2]):
                 return None
         return "gemm"
-    if tuple(stride) != (1, 1):
+    if _phased(x, stride) is None:
         return None
-    if any(_nhwc(t) is None for t in (x, out) + ((residual,) if residual is not None else ())):
+    if any(_nhwc(t) is None for t in (out,) + ((residual,) if residual is not None else ())):
         return None
     return "box"
 
@@ -244,7 +277,7 @@ def _launch_args(bias, scale, shift, residual, activation_code, residual_after_a
 
 
 def launch(kind: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
-           shift: Optional[Tensor], bias_map: Optional[Tensor], residual: Optional[Tensor], padding, dilation,
+           shift: Optional[Tensor], bias_map: Optional[Tensor], residual: Optional[Tensor], stride, padding, dilation,
            activation_code: int, residual_after_activation: bool, out: Tensor, cfg: dict,
            splits: int = 1, ws: Optional[Tensor] = None) -> None:
     """Runs the conv as TMA launch `kind` (what `eligible` said) with tile config `cfg`. With
@@ -275,11 +308,11 @@ def launch(kind: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: 
     bm_strides = bias_map.stride() if bias_map is not None else (0, 0, 0)
     grid = (n * (-(-ho // box_h)) * (-(-wo // box_w)) * (-(-nch // bn)), splits)
     _box_kernel[grid](
-        TensorDescriptor(x, *_nhwc(x), [1, box_h, box_w, bk]),
+        TensorDescriptor(x, *_phased(x, stride), [1, box_h, 1, box_w, bk]),
         TensorDescriptor(weight, [nch, kh * kw, cin], [weight.stride(0), cin, 1], [bn, 1, bk]),
         out_desc, res_desc, bias_map_ptr=bias_map if bias_map is not None else out,
         ws_ptr=ws if ws is not None else out, K_SPLITS=splits, SPLIT=splits > 1,
         N=n, HO=ho, WO=wo, NCH=nch, CIN=cin, sbc=bm_strides[0], sbh=bm_strides[1], sbw=bm_strides[2],
-        KH=kh, KW=kw, PAD_H=int(padding[0]), PAD_W=int(padding[1]), DIL_H=int(dilation[0]),
+        KH=kh, KW=kw, STRIDE_H=int(stride[0]), STRIDE_W=int(stride[1]), EVEN_CIN=cin % bk == 0, PAD_H=int(padding[0]), PAD_W=int(padding[1]), DIL_H=int(dilation[0]),
         DIL_W=int(dilation[1]), HAS_BIAS_MAP=bias_map is not None,
         BOX_H=box_h, BOX_W=box_w, BLOCK_N=bn, BLOCK_K=bk, **common, **opts)
