@@ -82,14 +82,14 @@ def memory_instructions(pointwise: bool = True, out_index: bool = False, residua
     return Counter({p: len(re.findall(re.escape(p) + r"\b", ptx)) for p in PATTERNS})
 
 
-TMA_PATTERNS = ("wgmma", "cp.async.bulk.tensor", "ld.shared", "st.shared", "ldmatrix")
-TMA_KINDS = ("gemm", "box", "box/2", "flat")
+TMA_PATTERNS = ("wgmma", "cp.async.bulk.tensor", "ld.shared", "st.shared")
+TMA_KINDS = ("gemm", "box", "box/2")
 
 
 def tma_instructions(kind: str) -> Counter:
     """Counts of TMA_PATTERNS in the sm90 PTX of a kernels/tma.py launch (fp16, residual, relu):
     "gemm" (1x1, 256x128x64 tile), "box" (3x3, a 2x64-pixel box, 128 channels, 64-deep K) or
-    "box/2" (the same box at stride 2, reading phases of the input) or "flat" (3x3, 128 rows).
+    "box/2" (the same box at stride 2, reading phases of the input).
     Box loads reshaped to GEMM tiles should feed wgmma from shared memory directly: no
     ld.shared/st.shared round trip through registers."""
     import triton
@@ -108,12 +108,6 @@ def tma_instructions(kind: str) -> Counter:
         descs = dict(x_desc=f"tensordesc<fp16[{bm}, {bk}]>", w_desc=f"tensordesc<fp16[{bn}, {bk}]>",
                      out_desc=f"tensordesc<fp16[{bm}, {bn}]>", res_desc=f"tensordesc<fp16[{bm}, {bn}]>")
         consts = dict(epi, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
-    elif kind == "flat":
-        fn, (bm, bn, bk) = tma._flat_kernel, (128, 128, 64)
-        descs = dict(x_desc=f"tensordesc<fp16[{bm}, {bk}]>", w_desc=f"tensordesc<fp16[{bn}, 1, {bk}]>",
-                     out_desc=f"tensordesc<fp16[{bm}, {bn}]>", res_desc=f"tensordesc<fp16[{bm}, {bn}]>")
-        consts = dict(epi, KH=3, KW=3, PAD_H=1, PAD_W=1, DIL_H=1, DIL_W=1, HAS_BIAS_MAP=False, SPLIT=False,
-                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     else:
         fn, (bh, bw, bn, bk) = tma._box_kernel, (2, 64, 128, 64)
         stride = 2 if kind == "box/2" else 1

@@ -495,7 +495,7 @@ def test_tma_pointwise_with_full_epilogue(request, dtype, after):
     x, w, r = _pointwise_tensors(g, 1, 40, 24, (5, 7), dtype, residual=True)
     bias, scale, shift = rnd(g, 24, dtype=dtype), rnd(g, 24, dtype=torch.float32).abs() + 0.5, rnd(g, 24)
     from fxsparse.kernels import tma
-    assert tma.eligible(x, w, torch.empty_like(r), r, None, None, True, (1, 1)) == ("gemm",)
+    assert tma.eligible(x, w, torch.empty_like(r), r, None, None, True, (1, 1)) == "gemm"
     y = _run_pointwise(x, w, r, bias=bias, scale=scale, shift=shift, activation="relu6", after=after)
     ref = oracle(x, w, bias=bias, scale=scale, shift=shift, residual=r, activation="relu6",
                  residual_after_activation=after)
@@ -508,7 +508,7 @@ def test_tma_pointwise_reads_an_aligned_channel_slice(request):
     x, w, _ = _pointwise_tensors(g, 2, 24, 16, (3, 5), torch.float16, x_channels=40, x_first=8)
     from fxsparse.kernels import tma
     assert tma.eligible(x, w, torch.empty(2, 16, 3, 5, dtype=x.dtype).contiguous(
-        memory_format=torch.channels_last), None, None, None, True, (1, 1)) == ("gemm",)
+        memory_format=torch.channels_last), None, None, None, True, (1, 1)) == "gemm"
     check(_run_pointwise(x, w), oracle(x, w), torch.float16)
 
 
@@ -519,7 +519,7 @@ def test_tma_tile_on_tensors_a_descriptor_cannot_address_runs_the_same_tile(requ
     x, w, _ = _pointwise_tensors(g, 2, 24, 16, (3, 5), torch.float16, x_channels=40, x_first=3)
     from fxsparse.kernels import tma
     out = torch.empty(2, 16, 3, 5, dtype=x.dtype).contiguous(memory_format=torch.channels_last)
-    assert tma.eligible(x, w, out, None, None, None, True, (1, 1)) == ()
+    assert tma.eligible(x, w, out, None, None, None, True, (1, 1)) is None
     check(_run_pointwise(x, w), oracle(x, w), torch.float16)
 
 
@@ -531,25 +531,22 @@ def test_tma_eligibility():
 
     x, w, out = cl(2, 16, 4, 4), cl(32, 16, 1, 1), cl(2, 32, 4, 4)
     w3 = cl(32, 16, 3, 3)
-    assert T.eligible(x, w, out, None, None, None, True, (1, 1)) == ("gemm",)
-    assert T.eligible(x, w3, out, None, None, None, False, (1, 1)) == ("box", "flat")
-    assert T.eligible(x, w3, cl(2, 32, 2, 2), None, None, None, False, (1, 1)) == ("box",)  # the map shrinks
-    assert T.eligible(x, w3, cl(2, 32, 2, 2), None, None, None, False, (2, 2)) == ("box",)  # strided
-    assert T.eligible(cl(2, 16, 5, 4), w3, cl(2, 32, 3, 2), None, None, None, False, (2, 2)) == ()  # odd rows
-    assert T.eligible(cl(2, 16, 4, 5), w3, cl(2, 32, 2, 3), None, None, None, False, (1, 2)) == ()  # odd columns
-    assert T.eligible(cl(2, 16, 5, 4), w3, cl(2, 32, 3, 2), None, None, None, False, (1, 2)) == ("box",)
+    assert T.eligible(x, w, out, None, None, None, True, (1, 1)) == "gemm"
+    assert T.eligible(x, w3, out, None, None, None, False, (1, 1)) == "box"
+    assert T.eligible(x, w3, cl(2, 32, 2, 2), None, None, None, False, (2, 2)) == "box"  # strided
+    assert T.eligible(cl(2, 16, 5, 4), w3, cl(2, 32, 3, 2), None, None, None, False, (2, 2)) is None  # odd rows
+    assert T.eligible(cl(2, 16, 4, 5), w3, cl(2, 32, 2, 3), None, None, None, False, (1, 2)) is None  # odd columns
+    assert T.eligible(cl(2, 16, 5, 4), w3, cl(2, 32, 3, 2), None, None, None, False, (1, 2)) == "box"
     # across columns a phase's channel run must end where the pixel does: not in a channel slice
-    assert T.eligible(cl(2, 24, 4, 4)[:, :16], w3, cl(2, 32, 2, 2), None, None, None, False, (1, 2)) == ()
-    assert T.eligible(cl(2, 24, 4, 4)[:, :16], w3, cl(2, 32, 2, 4), None, None, None, False, (2, 1)) == ("box",)
-    # rows of a channel slice are evenly strided: flat too
-    assert T.eligible(cl(2, 24, 4, 4)[:, :16], w3, out, None, None, None, False, (1, 1)) == ("box", "flat")
-    assert T.eligible(x, w, out, None, None, torch.zeros(32, 4, 4), True, (1, 1)) == ("box", "flat")  # bias map
-    assert T.eligible(x.float(), w.float(), out.float(), None, None, None, True, (1, 1)) == ()  # fp32
-    assert T.eligible(x, w, out, None, torch.arange(32), None, True, (1, 1)) == ()  # channel scatter
-    assert T.eligible(x.contiguous(), w, out, None, None, None, True, (1, 1)) == ()  # NCHW input
-    assert T.eligible(cl(2, 12, 4, 4), cl(32, 12, 1, 1), out, None, None, None, True, (1, 1)) == ()  # 24 B rows
-    assert T.eligible(cl(2, 12, 4, 4), cl(32, 12, 3, 3), out, None, None, None, False, (1, 1)) == ()
-    assert T.eligible(x, w, cl(2, 36, 4, 4)[:, :32], None, None, None, True, (1, 1)) == ()
+    assert T.eligible(cl(2, 24, 4, 4)[:, :16], w3, cl(2, 32, 2, 2), None, None, None, False, (1, 2)) is None
+    assert T.eligible(cl(2, 24, 4, 4)[:, :16], w3, cl(2, 32, 2, 4), None, None, None, False, (2, 1)) == "box"
+    assert T.eligible(x, w, out, None, None, torch.zeros(32, 4, 4), True, (1, 1)) == "box"  # bias map
+    assert T.eligible(x.float(), w.float(), out.float(), None, None, None, True, (1, 1)) is None  # fp32
+    assert T.eligible(x, w, out, None, torch.arange(32), None, True, (1, 1)) is None  # channel scatter
+    assert T.eligible(x.contiguous(), w, out, None, None, None, True, (1, 1)) is None  # NCHW input
+    assert T.eligible(cl(2, 12, 4, 4), cl(32, 12, 1, 1), out, None, None, None, True, (1, 1)) is None  # 24 B rows
+    assert T.eligible(cl(2, 12, 4, 4), cl(32, 12, 3, 3), out, None, None, None, False, (1, 1)) is None
+    assert T.eligible(x, w, cl(2, 36, 4, 4)[:, :32], None, None, None, True, (1, 1)) is None
 
 
 @pytest.mark.parametrize("ho,wo,block_m,want", [(56, 56, 128, (2, 64)), (7, 7, 64, (8, 8)), (14, 14, 128, (8, 16)),
@@ -564,13 +561,11 @@ def test_tma_candidates_only_where_offered():
     def tma(*shape, **kw):
         return [c for c, _ in K.conv_candidates(*shape, 132, **kw) if c.get("TMA")]
 
-    assert tma(100352, 256, 64, 1, True, tma=("gemm",))
-    assert tma(100352, 256, 64, 9, False, tma=("box",))
-    assert not any(c.get("FLAT") for c in tma(100352, 256, 64, 9, False, tma=("box",)))
-    assert {bool(c.get("FLAT")) for c in tma(100352, 256, 64, 9, False, tma=("box", "flat"))} == {False, True}
+    assert tma(100352, 256, 64, 1, True, tma="gemm")
+    assert tma(100352, 256, 64, 9, False, tma="box")
     assert not tma(100352, 256, 64, 1, True)  # tensors not addressable
-    assert any(s > 1 for c, s in K.conv_candidates(1568, 512, 512, 9, False, 132, tma=("box", "flat")) if c.get("TMA"))
-    assert all(s == 1 for c, s in K.conv_candidates(1568, 512, 2048, 1, True, 132, tma=("gemm",)) if c.get("TMA"))
+    assert any(s > 1 for c, s in K.conv_candidates(1568, 512, 512, 9, False, 132, tma="box") if c.get("TMA"))
+    assert all(s == 1 for c, s in K.conv_candidates(1568, 512, 2048, 1, True, 132, tma="gemm") if c.get("TMA"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -603,7 +598,7 @@ def test_tma_box_launch(request, dtype, geometry):
     out = torch.full((n, cout, ho, wo), float("nan"), dtype=dtype).contiguous(memory_format=torch.channels_last)
     from fxsparse.kernels import tma
     pointwise = k == 1 and p == 0 and stride == (1, 1)
-    assert "box" in tma.eligible(x, w, out, epi["residual"], None, epi["bias_map"], pointwise, stride)
+    assert tma.eligible(x, w, out, epi["residual"], None, epi["bias_map"], pointwise, stride) == "box"
     cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1, TMA=True)
     y = K.conv2d_triton(x, w, epi["bias"], stride, (p, p), (d, d), None, None, cout, None, epi["scale"],
                         epi["shift"], epi["bias_map"], epi["residual"], epi["activation"], True, out=out, config=cfg)
@@ -626,51 +621,6 @@ def test_strided_box_keeps_a_neighbours_inf_out_of_a_partial_channel_block(reque
     # a 1x1 stride-2 conv reads pixels (0, 0), (0, 2), (2, 0), (2, 2): never the inf
     assert torch.isfinite(y).all()
     check(y, oracle(x, w, stride=(2, 2)), torch.float16)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("geometry", [
-    # (cin, cout, k, padding, dilation, n, (h, w)): stride 1, the map keeps its size
-    (16, 24, 3, 1, 1, 2, (7, 9)),  # 16-row tiles cross row and image edges
-    (24, 8, 5, 2, 1, 1, (6, 5)),  # 5x5, batch 1, a partial channel block
-    (8, 16, 3, 2, 2, 2, (8, 8)),  # dilation
-    (16, 16, 3, 1, 1, 3, (1, 9)),  # one-row images: every vertical tap reads padding
-    (40, 16, 1, 0, 1, 2, (4, 4)),  # 1x1 with a bias map
-])
-def test_tma_flat_launch(request, dtype, geometry):
-    """Convs through tma.py's "flat" launch: runs of BLOCK_M output pixels, a tap's rows one
-    shifted 2-D load, the rows that crossed an edge masked to the padding's zeros; every
-    epilogue term; outputs NaN-poisoned."""
-    cin, cout, k, p, d, n, hw = geometry
-    g = _gen(request)
-    x = rnd(g, n, cin, *hw, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    w = rnd(g, cout, cin, k, k, dtype=dtype, scale=1 / math.sqrt(cin * k * k)).contiguous(
-        memory_format=torch.channels_last)
-    epi = dict(bias=rnd(g, cout, dtype=dtype), scale=rnd(g, cout, dtype=torch.float32).abs() + 0.5,
-               shift=rnd(g, cout), activation="silu", residual_after_activation=False,
-               bias_map=rnd(g, cout, *hw, dtype=torch.float32) if k == 1 else None,
-               residual=rnd(g, n, cout, *hw, dtype=dtype).contiguous(memory_format=torch.channels_last))
-    out = torch.full((n, cout, *hw), float("nan"), dtype=dtype).contiguous(memory_format=torch.channels_last)
-    from fxsparse.kernels import tma
-    assert "flat" in tma.eligible(x, w, out, epi["residual"], None, epi["bias_map"], k == 1 and p == 0, (1, 1))
-    cfg = dict(_TMA_CFG, BLOCK_M=16, FLAT=True)
-    y = K.conv2d_triton(x, w, epi["bias"], (1, 1), (p, p), (d, d), None, None, cout, None, epi["scale"],
-                        epi["shift"], epi["bias_map"], epi["residual"], epi["activation"], False, out=out, config=cfg)
-    check(y, oracle(x, w, padding=(p, p), dilation=(d, d), **epi), dtype)
-
-
-@pytest.mark.parametrize("split_k", [1, 3])
-def test_tma_flat_launch_reads_a_channel_slice_and_splits_k(request, split_k):
-    g = _gen(request)
-    wide = rnd(g, 2, 40, 5, 6).contiguous(memory_format=torch.channels_last)
-    x = wide[:, 8:32]  # rows 80 bytes apart, 24 channels each
-    w = rnd(g, 16, 24, 3, 3, scale=0.1).contiguous(memory_format=torch.channels_last)
-    out = torch.full((2, 16, 5, 6), float("nan"), dtype=torch.float16).contiguous(memory_format=torch.channels_last)
-    from fxsparse.kernels import tma
-    assert tma.eligible(x, w, out, None, None, None, False, (1, 1)) == ("box", "flat")
-    y = K.conv2d_triton(x, w, None, (1, 1), (1, 1), (1, 1), None, None, 16, None, None, None, None, None, "relu",
-                        False, out=out, config=dict(_TMA_CFG, FLAT=True), split_k=split_k)
-    check(y, oracle(x, w, padding=(1, 1), activation="relu"), torch.float16)
 
 
 @pytest.mark.parametrize("split_k", [2, 3])

@@ -47,12 +47,10 @@ def test_persistent_launch_compiles_for_hopper_and_stays_vectorized(ptx_counts):
     assert p["st.global.v4"] > 0 and p["st.global.b16"] == 0, p
 
 
-@pytest.mark.parametrize("kind", ["gemm", "box", "box/2", "flat"])
+@pytest.mark.parametrize("kind", ["gemm", "box", "box/2"])
 def test_tma_launches_feed_wgmma_from_tma_copies(ptx_counts, kind):
-    """kernels/tma.py: tiles arrive by TMA bulk tensor copies and feed wgmma; the box load
-    reshaped to a GEMM tile makes no round trip through registers, strided or not. (The flat
-    launch masks its A tile in registers: wgmma takes A from there.)"""
+    """kernels/tma.py: tiles arrive by TMA bulk tensor copies and feed wgmma from shared memory;
+    the box load reshaped to a GEMM tile makes no round trip through registers, strided or not."""
     c = ptx_counts[f"tma {kind}"]
     assert c["cp.async.bulk.tensor"] > 0 and c["wgmma"] > 0, c
-    if kind != "flat":
-        assert c["ld.shared"] == 0 and c["st.shared"] == 0, c
+    assert c["ld.shared"] == 0 and c["st.shared"] == 0, c

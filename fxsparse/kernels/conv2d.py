@@ -382,9 +382,6 @@ _BOX_TMA_TILES = [
     (64, 32, 4, 4),
     (64, 16, 4, 4),
 ]
-# Pixel runs through TMA with edge rows masked (tma.py "flat"): the box tiles, and 256-row
-# tiles for large maps, which boxes cannot fill without computing rows for nothing.
-_FLAT_TMA_TILES = [(256, 128, 8, 3)] + _BOX_TMA_TILES
 _SAFE_TILE = (64, 64, 4, 3)  # the fallback when a tuned 8-warp tile fails its check
 
 
@@ -398,13 +395,11 @@ def _pow2_at_least(v: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(int(v), 1)))
 
 
-def _config(bm, bn, bk, warps, stages, persistent=False, tma=False, flat=False) -> dict:
+def _config(bm, bn, bk, warps, stages, persistent=False, tma=False) -> dict:
     cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages,
                PERSISTENT=persistent)
-    if tma or flat:  # (a launch of a tma.py kernel, not _conv2d_kernel: absent elsewhere)
+    if tma:  # (a launch of a tma.py kernel, not _conv2d_kernel: absent elsewhere)
         cfg["TMA"] = True
-    if flat:  # (tma.py's "flat" launch; without it, TMA names the conv's "gemm" or "box")
-        cfg["FLAT"] = True
     return cfg
 
 
@@ -422,7 +417,7 @@ def _max_warps() -> int:
 
 
 def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms: int,
-                    split_k: Optional[int] = None, tma: tuple = ()) -> list:
+                    split_k: Optional[int] = None, tma: Optional[str] = None) -> list:
     """(config, split_k) pairs worth timing for one conv shape, pruned by shape class.
 
     - BLOCK_N: the power of two covering NCH (capped at 256) and half of it, so compacted
@@ -431,9 +426,8 @@ def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms:
     - Small M, long K (e.g. 512->512 3x3 at 7x7: M = 1568, K = 4608): when a tile count
       leaves SMs idle, split-K by 2/4/8 so the grid lands between 0.5x and 2x the SM count,
       keeping >= 4 K steps per slice.
-    `split_k` given: only that factor. `tma`: the TMA launches the tensors allow (tma.eligible:
-    "gemm" for 1x1 convs, "box" and where the map keeps its size "flat" for the others), whose
-    tiles are offered too.
+    `split_k` given: only that factor. `tma`: the TMA launch the tensors allow (tma.eligible:
+    "gemm" for 1x1 convs, "box" for the others), whose tiles are offered too.
     """
     bk = min(64, _pow2_at_least(cin))
     k_iters = taps * _cdiv(cin, bk)
@@ -471,16 +465,14 @@ def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms:
         for bm, bn, warps, stages in _POINTWISE_PERSISTENT_TILES:
             if bn in widths and bm <= bm_cap and _cdiv(m, bm) * _cdiv(nch, bn) > 2 * sms:
                 out.append((_config(bm, bn, bk, warps, stages, persistent=True), 1))
-    if "gemm" in tma and split_k in (None, 1):  # (no split-K: a 1x1 conv's K is short)
+    if tma == "gemm" and split_k in (None, 1):  # (no split-K: a 1x1 conv's K is short)
         out += [(_config(bm, bn, bk, warps, stages, tma=True), 1)
                 for bm, bn, warps, stages in _POINTWISE_TMA_TILES if bn in widths and bm <= bm_cap]
-    for kind, table in (("box", _BOX_TMA_TILES), ("flat", _FLAT_TMA_TILES)):
-        if kind in tma:
-            for bm, bn, warps, stages in table:
-                n_tiles = _cdiv(m, bm) * _cdiv(nch, bn)
-                if bn in widths and bm <= bm_cap and (bm < 256 or n_tiles >= 2 * sms):
-                    cfg = _config(bm, bn, bk, warps, stages, tma=True, flat=kind == "flat")
-                    out += [(cfg, s) for s in split_factors(n_tiles)]
+    if tma == "box":
+        for bm, bn, warps, stages in _BOX_TMA_TILES:
+            if bn in widths and bm <= bm_cap:
+                cfg = _config(bm, bn, bk, warps, stages, tma=True)
+                out += [(cfg, s) for s in split_factors(_cdiv(m, bm) * _cdiv(nch, bn))]
     if not out:  # tiny problems: the smallest tile always fits
         out.append((_config(64, 16, bk, 4, 3), split_k or 1))
     return out
@@ -508,7 +500,6 @@ def describe_launch(cfg: dict, split_k: int) -> str:
     """One launch as the tuner tables name it, e.g. "128x128x64 w8 s3 TMA k/4"."""
     return (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}"
             + (" persistent" if cfg.get("PERSISTENT") else "") + (" TMA" if cfg.get("TMA") else "")
-            + (" flat" if cfg.get("FLAT") else "")
             + (f" k/{split_k}" if split_k > 1 else ""))
 
 
@@ -587,7 +578,7 @@ def _device_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def _choose_launch(key, device, m, nch, cin, taps, pointwise, split_k, run, out, tma=()) -> _Choice:
+def _choose_launch(key, device, m, nch, cin, taps, pointwise, split_k, run, out, tma=None) -> _Choice:
     """The launch for a shape not yet seen by this process: from the disk cache, else timed."""
     index = _device_index(device)
     candidates = conv_candidates(m, nch, cin, taps, pointwise, _sm_count(index), split_k, tma)
@@ -757,18 +748,19 @@ def conv2d_triton(
         )
         ws_dtype = torch.float64 if acc_type == tl.float64 else torch.float32
 
-        def tma_kinds() -> tuple:
+        def tma_kind() -> Optional[str]:
             # (a few us of host time: asked only where a TMA launch is offered or chosen)
             return tma_launch.eligible(x, weight, out, residual, out_index, bias_map, pointwise, (sh, sw))
 
         def run(cfg: dict, splits: int) -> None:
-            tma = tma_launch.kind_of(cfg, tma_kinds(), splits) if cfg.get("TMA") else None
-            if cfg.get("TMA") and tma is None:
+            tma = tma_kind() if cfg.get("TMA") else None
+            use_tma = tma is not None and (splits == 1 or tma == "box")
+            if cfg.get("TMA") and not use_tma:
                 # a tuned TMA tile for tensors a descriptor cannot address: the same tile here
-                cfg = {k: v for k, v in cfg.items() if k not in ("TMA", "FLAT")}
+                cfg = {k: v for k, v in cfg.items() if k != "TMA"}
             bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
             ws = torch.empty((splits, m, nch), device=x.device, dtype=ws_dtype) if splits > 1 else dummy
-            if tma is not None:
+            if use_tma:
                 tma_launch.launch(tma, x, weight, bias, scale, shift, bias_map, residual, (sh, sw), (ph, pw), (dh, dw),
                                   ACTIVATION_CODES[activation], residual_after_activation, out, cfg,
                                   splits=splits, ws=ws)
@@ -799,7 +791,7 @@ def conv2d_triton(
             choice = tuned.get(key)
             if choice is None:
                 choice = _choose_launch(key, x.device, m, nch, cin, kh * kw, pointwise, split_k, run, out,
-                                        tma_kinds())
+                                        tma_kind())
             run(choice.config, choice.split_k)
 
     if out_index is not None and nch < out_channels:

@@ -19,12 +19,6 @@ before or after the activation). Two launches:
   last dimension); a tap's phases and offsets are one coordinate each. For stride 1 this is
   just [N, H, 1, W, C]. The block is a rectangle, so maps whose sides are not multiples of the
   box compute some rows for nothing (`box_shape` keeps that small).
-- **flat** (stride 1, output the input's size, e.g. 3x3 padding 1): a program computes
-  BLOCK_M consecutive output pixels, as the GEMM does, so no row is computed for nothing
-  however small or odd the map (7x7, 14x14, 56x56 in 64-pixel boxes). A tap's input rows are
-  the same run shifted by (kh * dil - pad) * W + (kw * dil - pad) rows of x [N*H*W, C]: one
-  2-D load. Shifted rows that cross a row or image edge read a neighbour instead of padding,
-  so the tile is masked in registers (wgmma then takes A from registers) before the MMA.
 
 Only for what a descriptor can address (`eligible`): fp16/bf16, channels innermost, 16-byte
 aligned bases and strides, the output written in full (no channel scatter); strided boxes
@@ -190,67 +184,6 @@ def _box_kernel(
             out_desc.store([n, oh0, ow0, col0], tl.reshape(z.to(tl.float16), (1, BOX_H, BOX_W, BLOCK_N)))
 
 
-@triton.jit
-def _flat_kernel(
-    x_desc, w_desc, out_desc, res_desc,
-    bias_ptr, scale_ptr, shift_ptr, bias_map_ptr, ws_ptr,
-    M, H, W, NCH, CIN, K_SPLITS,
-    sbc, sbh, sbw,
-    KH: tl.constexpr, KW: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
-    DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_BIAS_MAP: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, RESIDUAL_AFTER: tl.constexpr, ACTIVATION: tl.constexpr,
-    OUT_BF16: tl.constexpr, DOT_UPCAST: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(NCH, BLOCK_N), GROUP_M)
-    row0 = pid_m * BLOCK_M
-    col0 = pid_n * BLOCK_N
-    rows = row0 + tl.arange(0, BLOCK_M)
-    ow = rows % W
-    oh = (rows // W) % H
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    ci_blocks = tl.cdiv(CIN, BLOCK_K)
-    k_lo, k_hi = k_slice(KH * KW * ci_blocks, tl.program_id(1), K_SPLITS, SPLIT)
-    for k in range(k_lo, k_hi):
-        tap = k // ci_blocks
-        ci = (k - tap * ci_blocks) * BLOCK_K
-        kh = tap // KW
-        kw = tap - kh * KW
-        dh = kh * DIL_H - PAD_H
-        dw = kw * DIL_W - PAD_W
-        a = x_desc.load([row0 + dh * W + dw, ci])
-        inside = (oh + dh >= 0) & (oh + dh < H) & (ow + dw >= 0) & (ow + dw < W)
-        a = tl.where(inside[:, None], a, 0.0)
-        b = tl.reshape(w_desc.load([col0, tap, ci]), (BLOCK_N, BLOCK_K))
-        if DOT_UPCAST:
-            acc = tl.dot(a.to(tl.float32), b.T.to(tl.float32), acc)
-        else:
-            acc = tl.dot(a, b.T, acc)
-
-    offs_n = col0 + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < NCH
-    if SPLIT:
-        # partial sums into the workspace [K_SPLITS, M, NCH], as the box launch writes them
-        ws_rows = tl.program_id(1).to(tl.int64) * M + rows
-        tl.store(ws_ptr + ws_rows[:, None] * NCH + offs_n[None, :], acc, mask=(rows < M)[:, None] & mask_n[None, :])
-    else:
-        bias_map = acc
-        if HAS_BIAS_MAP:
-            bm_ptrs = bias_map_ptr + offs_n[None, :] * sbc + (oh * sbh + ow * sbw)[:, None]
-            bias_map = tl.load(bm_ptrs, mask=(rows < M)[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-        r = acc
-        if HAS_RESIDUAL:
-            r = res_desc.load([row0, col0]).to(tl.float32)
-        z = _epilogue(acc, offs_n, mask_n, bias_ptr, scale_ptr, shift_ptr, bias_map, r,
-                      HAS_BIAS, HAS_BIAS_MAP, HAS_SCALE, HAS_SHIFT, HAS_RESIDUAL, RESIDUAL_AFTER, ACTIVATION)
-        if OUT_BF16:
-            out_desc.store([row0, col0], z.to(tl.bfloat16))
-        else:
-            out_desc.store([row0, col0], z.to(tl.float16))
-
-
 # --------------------------------------------------------------------------- host side
 
 def _rows(t: Tensor) -> Optional[tuple]:
@@ -291,46 +224,32 @@ def _phased(x: Tensor, stride) -> Optional[tuple]:
     return [n, h // sh, sh, w // sw, sw * c], [sn, sh * sxh, sxh, sw * sxw, 1]
 
 
-def _gemm_rows(t: Tensor) -> bool:
-    """Whether a descriptor can address t's pixels as the rows of a GEMM (`_rows`)."""
-    r = _rows(t)
-    return r is not None and _addressable(t, r[2])
-
-
 def eligible(x: Tensor, weight: Tensor, out: Tensor, residual: Optional[Tensor], out_index: Optional[Tensor],
-             bias_map: Optional[Tensor], pointwise: bool, stride) -> tuple:
-    """The TMA launches ("gemm", "box", "flat") that can run this conv, () if none (module doc)."""
+             bias_map: Optional[Tensor], pointwise: bool, stride) -> Optional[str]:
+    """Which TMA launch ("gemm" or "box") can run this conv, or None (see the module doc)."""
     if TensorDescriptor is None or out_index is not None:
-        return ()
+        return None
     if x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype or out.dtype != x.dtype:
-        return ()
+        return None
     if residual is not None and residual.dtype != x.dtype:
-        return ()
+        return None
     nch, cin, kh, kw = weight.shape
     swo, swc, swh, sww = weight.stride()
     if (swc != 1 and cin > 1) or (kh * kw > 1 and (swh != kw * cin or sww != cin)):
-        return ()  # the weight as [NCH, KH*KW, CIN] with channels innermost
+        return None  # the weight as [NCH, KH*KW, CIN] with channels innermost
     if not _addressable(weight, swo, *((cin,) if kh * kw > 1 else ())):
-        return ()
-    outputs = (out,) + ((residual,) if residual is not None else ())
-    rows = all(_gemm_rows(t) for t in (x,) + outputs)
-    if pointwise and bias_map is None:
-        return ("gemm",) if rows else ()
-    kinds = ()
-    if _phased(x, stride) is not None and all(_nhwc(t) is not None for t in outputs):
-        kinds += ("box",)
-    if rows and tuple(stride) == (1, 1) and x.shape[2:] == out.shape[2:]:
-        kinds += ("flat",)
-    return kinds
-
-
-def kind_of(cfg: dict, kinds: tuple, splits: int) -> Optional[str]:
-    """The TMA launch a tuned config names (FLAT: "flat"; else the conv's "gemm" or "box"), or
-    None where these tensors do not allow it (or it cannot split K as asked)."""
-    want = "flat" if cfg.get("FLAT") else "gemm" if "gemm" in kinds else "box"
-    if want not in kinds or (want == "gemm" and splits > 1):
         return None
-    return want
+    if pointwise and bias_map is None:
+        for t in (x, out) + ((residual,) if residual is not None else ()):
+            r = _rows(t)
+            if r is None or not _addressable(t, r[2]):
+                return None
+        return "gemm"
+    if _phased(x, stride) is None:
+        return None
+    if any(_nhwc(t) is None for t in (out,) + ((residual,) if residual is not None else ())):
+        return None
+    return "box"
 
 
 def box_shape(block_m: int, ho: int, wo: int) -> tuple:
@@ -361,43 +280,39 @@ def launch(kind: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: 
            shift: Optional[Tensor], bias_map: Optional[Tensor], residual: Optional[Tensor], stride, padding, dilation,
            activation_code: int, residual_after_activation: bool, out: Tensor, cfg: dict,
            splits: int = 1, ws: Optional[Tensor] = None) -> None:
-    """Runs the conv as TMA launch `kind` (one `eligible` named) with tile config `cfg`. With
-    `splits` > 1 (box and flat) it writes partial sums to `ws` [splits, M, NCH] instead, for
-    the caller's reduce launch."""
-    if splits > 1 and (kind == "gemm" or ws is None):
-        raise ValueError("fxsparse conv2d: the gemm TMA launch does not split K; the others split into a workspace")
+    """Runs the conv as TMA launch `kind` (what `eligible` said) with tile config `cfg`. With
+    `splits` > 1 (box only) it writes partial sums to `ws` [splits, M, NCH] instead, for the
+    caller's reduce launch."""
+    if splits > 1 and (kind != "box" or ws is None):
+        raise ValueError("fxsparse conv2d: only the box TMA launch splits K, into a workspace")
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     nch, cin, kh, kw = weight.shape
     common = _launch_args(bias, scale, shift, residual, activation_code, residual_after_activation, out)
     opts = dict(GROUP_M=cfg.get("GROUP_M", 8), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if kind in ("gemm", "flat"):
+    if kind == "gemm":
         m, _, sxw = _rows(x)
-        out_desc = TensorDescriptor(out, [m, nch], [_rows(out)[2], 1], [bm, bn])
+        sow = _rows(out)[2]
+        out_desc = TensorDescriptor(out, [m, nch], [sow, 1], [bm, bn])
         res_desc = out_desc if residual is None else TensorDescriptor(
             residual, [m, nch], [_rows(residual)[2], 1], [bm, bn])
-        x_desc = TensorDescriptor(x, [m, cin], [sxw, 1], [bm, bk])
-        grid = ((-(-m // bm)) * (-(-nch // bn)), splits)  # (triton.cdiv costs ~4 us from Python)
-        if kind == "gemm":
-            _gemm_kernel[grid](x_desc, TensorDescriptor(weight, [nch, cin], [weight.stride(0), 1], [bn, bk]),
-                               out_desc, res_desc, M=m, NCH=nch, CIN=cin, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                               **common, **opts)
-            return
-    w_desc = TensorDescriptor(weight, [nch, kh * kw, cin], [weight.stride(0), cin, 1], [bn, 1, bk])
-    bm_strides = bias_map.stride() if bias_map is not None else (0, 0, 0)
-    conv = dict(bias_map_ptr=bias_map if bias_map is not None else out, ws_ptr=ws if ws is not None else out,
-                K_SPLITS=splits, SPLIT=splits > 1, NCH=nch, CIN=cin,
-                sbc=bm_strides[0], sbh=bm_strides[1], sbw=bm_strides[2], KH=kh, KW=kw,
-                PAD_H=int(padding[0]), PAD_W=int(padding[1]), DIL_H=int(dilation[0]), DIL_W=int(dilation[1]),
-                HAS_BIAS_MAP=bias_map is not None, BLOCK_N=bn, BLOCK_K=bk, **common, **opts)
-    if kind == "flat":
-        _flat_kernel[grid](x_desc, w_desc, out_desc, res_desc, M=m, H=out.shape[2], W=out.shape[3], BLOCK_M=bm,
-                           **conv)
+        grid = ((-(-m // bm)) * (-(-nch // bn)),)  # (triton.cdiv costs ~4 us from Python)
+        _gemm_kernel[grid](
+            TensorDescriptor(x, [m, cin], [sxw, 1], [bm, bk]),
+            TensorDescriptor(weight, [nch, cin], [weight.stride(0), 1], [bn, bk]),
+            out_desc, res_desc, M=m, NCH=nch, CIN=cin, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **common, **opts)
         return
     n, _, ho, wo = out.shape
     box_h, box_w = box_shape(bm, ho, wo)
     out_desc = TensorDescriptor(out, *_nhwc(out), [1, box_h, box_w, bn])
     res_desc = out_desc if residual is None else TensorDescriptor(residual, *_nhwc(residual), [1, box_h, box_w, bn])
+    bm_strides = bias_map.stride() if bias_map is not None else (0, 0, 0)
     grid = (n * (-(-ho // box_h)) * (-(-wo // box_w)) * (-(-nch // bn)), splits)
-    _box_kernel[grid](TensorDescriptor(x, *_phased(x, stride), [1, box_h, 1, box_w, bk]), w_desc, out_desc, res_desc,
-                      N=n, HO=ho, WO=wo, STRIDE_H=int(stride[0]), STRIDE_W=int(stride[1]), EVEN_CIN=cin % bk == 0,
-                      BOX_H=box_h, BOX_W=box_w, **conv)
+    _box_kernel[grid](
+        TensorDescriptor(x, *_phased(x, stride), [1, box_h, 1, box_w, bk]),
+        TensorDescriptor(weight, [nch, kh * kw, cin], [weight.stride(0), cin, 1], [bn, 1, bk]),
+        out_desc, res_desc, bias_map_ptr=bias_map if bias_map is not None else out,
+        ws_ptr=ws if ws is not None else out, K_SPLITS=splits, SPLIT=splits > 1,
+        N=n, HO=ho, WO=wo, NCH=nch, CIN=cin, sbc=bm_strides[0], sbh=bm_strides[1], sbw=bm_strides[2],
+        KH=kh, KW=kw, STRIDE_H=int(stride[0]), STRIDE_W=int(stride[1]), EVEN_CIN=cin % bk == 0, PAD_H=int(padding[0]), PAD_W=int(padding[1]), DIL_H=int(dilation[0]),
+        DIL_W=int(dilation[1]), HAS_BIAS_MAP=bias_map is not None,
+        BOX_H=box_h, BOX_W=box_w, BLOCK_N=bn, BLOCK_K=bk, **common, **opts)
