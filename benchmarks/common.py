@@ -30,8 +30,9 @@ PEAK_BYTES_PER_S = 2.7e12
 def time_cuda_graph(fn: Callable[[], object], calls: int = 20, warmup_calls: int = 3, rep_ms: int = 100,
                     warmup_ms: int = 25) -> float:
     """Median ms per call of `fn` replayed from a CUDA graph holding `calls` calls
-    (fxsparse.nn.eval.cuda_graph_time_ms: the library's `benchmark_module` times the same way)."""
-    from fxsparse.nn.eval import cuda_graph_time_ms
+    (fxsparse.kernels.timing.cuda_graph_time_ms: the library's `benchmark_module` and the conv
+    tuner time the same way)."""
+    from fxsparse.kernels.timing import cuda_graph_time_ms
 
     return cuda_graph_time_ms(fn, calls, warmup_calls, warmup_ms, rep_ms)
 

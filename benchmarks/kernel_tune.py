@@ -2,7 +2,7 @@
 
 For every layer of benchmarks/conv_layers.py, dense (keep 1.0) and compacted (keep 0.25 of the
 output channels), this runs the fxsparse conv once (which tunes that shape: every candidate
-(tile, split-K) launch is timed with triton.testing.do_bench, L2 flushed) and prints each
+(tile, split-K) launch is timed by CUDA-graph replay, conv2d._launch_ms) and prints each
 candidate's time, the chosen one, the best 4-warp and 8-warp ones, then the CUDA-graph replay
 time of the tuned conv (the conv_layers method) next to cuDNN channels_last. 1x1 rows also show
 cuBLAS `torch.mm` on the same GEMM (M x Cin @ Cin x Cout): a plain-GEMM yardstick. Each layer
@@ -127,7 +127,7 @@ def main(argv=None):
             torch.cuda.empty_cache()
     env = common.environment()
     print(f"\n{env['device']} | torch {env['torch']} | triton {env['triton']} | "
-          f"{time.time() - started:.0f} s | candidate times: do_bench median, L2 flushed; "
+          f"{time.time() - started:.0f} s | candidate times: {K.TIMING} median; "
           f"cuDNN/fx/mm/gather: CUDA-graph replay median per call")
     rows += [dict(layer=f"geomean keep {keep:g}",
                   speedup=common.geomean([r["speedup"] for r in rows if r.get("keep") == f"{keep:g}"]))

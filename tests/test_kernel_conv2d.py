@@ -400,11 +400,11 @@ def test_tune_checks_an_8_warp_winner(monkeypatch, eight_warp_is_wrong):
         last["warps"] = cfg["num_warps"]
         out.fill_(7.0 if cfg["num_warps"] == 8 and eight_warp_is_wrong else 1.0)
 
-    def fake_bench(fn, **kw):
+    def fake_bench(fn):
         fn()
         return 1.0 if last["warps"] == 8 else 2.0
 
-    monkeypatch.setattr(K.triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(K, "_launch_ms", fake_bench)
     cands = [(K._config(128, 64, 64, 4, 4), 1), (K._config(128, 128, 64, 8, 3), 1)]
     choice = K._tune("key", cands, run, out, pointwise=False)
     assert len(choice.timings) == 2
@@ -457,8 +457,8 @@ def test_tuner_checks_a_persistent_winner(monkeypatch):
     def run(cfg, s):
         out.fill_(1.0 if cfg["PERSISTENT"] else 2.0)  # the persistent launch computes garbage
 
-    monkeypatch.setattr(K.triton.testing, "do_bench",
-                        lambda fn, **kw: (fn(), 1.0 if out[0] == 1.0 else 2.0)[1])
+    monkeypatch.setattr(K, "_launch_ms",
+                        lambda fn: (fn(), 1.0 if out[0] == 1.0 else 2.0)[1])
     choice = K._tune("key", [(persistent, 1), (safe, 1)], run, out, pointwise=True)
     assert choice.config == safe and "MISMATCH" in choice.note
 
@@ -646,7 +646,7 @@ def test_tuner_checks_a_tma_winner(monkeypatch):
     def run(cfg, s):
         out.fill_(1.0 if cfg.get("TMA") else 2.0)
 
-    monkeypatch.setattr(K.triton.testing, "do_bench",
-                        lambda fn, **kw: (fn(), 1.0 if out[0] == 1.0 else 2.0)[1])
+    monkeypatch.setattr(K, "_launch_ms",
+                        lambda fn: (fn(), 1.0 if out[0] == 1.0 else 2.0)[1])
     choice = K._tune("key", [(tma, 1), (safe, 1)], run, out, pointwise=True)
     assert choice.config == safe and "TMA MISMATCH" in choice.note

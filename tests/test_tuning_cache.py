@@ -73,6 +73,8 @@ def test_a_winner_counts_only_for_the_candidates_it_beat(tmp_path):
     new = conv_candidates(100352, 256, 64, 1, True, 132)  # other shape class: other tiles offered
     assert tuning_cache.signature(old) != tuning_cache.signature(new)
     assert tuning_cache.signature(old) == tuning_cache.signature(list(old))
+    # winners chosen by another timing method are timed again
+    assert tuning_cache.signature(old, "cuda-graph replay") != tuning_cache.signature(old)
     path = str(tmp_path / "tune.json")
     TuningCache(path).put(KEY, CONFIG, 1, tuning_cache.signature(old))
     cache = TuningCache(path)

@@ -41,10 +41,12 @@ def cache_path(device_name: str, triton_version: str) -> str:
     return os.path.join(root, f"conv2d-tuning-{slug}.json")
 
 
-def signature(candidates: list) -> str:
-    """A short digest of a shape's (config, split_k) candidates. A switch that is off does not
-    count (configs from before it existed are the same launch)."""
+def signature(candidates: list, timing: str = "") -> str:
+    """A short digest of a shape's (config, split_k) candidates and of how they were timed. A
+    switch that is off does not count (configs from before it existed are the same launch)."""
     text = json.dumps([[sorted((k, v) for k, v in c.items() if v is not False), s] for c, s in candidates])
+    if timing:
+        text += timing
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 

@@ -183,7 +183,7 @@ def cuda_timer(name: str, shape: ChainShape, fn: Callable[[], object]) -> float:
     compile and tune (our kernel tunes its tile config on the first call of a shape)."""
     import triton.testing
 
-    from fxsparse.nn.eval import cuda_graph_time_ms
+    from fxsparse.kernels.timing import cuda_graph_time_ms
 
     if shape.graphed:
         return cuda_graph_time_ms(fn, calls=10, warmup_calls=2, warmup_ms=WARMUP_MS, rep_ms=REP_MS) * 1e3

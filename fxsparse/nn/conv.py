@@ -220,11 +220,11 @@ def _time_plans(run, plans: list) -> str:
 
 
 def _gpu_ms(fn) -> float:
-    """GPU ms per call of `fn`: CUDA-graph replay (fxsparse.nn.eval.cuda_graph_time_ms), or the
+    """GPU ms per call of `fn`: CUDA-graph replay (fxsparse.kernels.timing.cuda_graph_time_ms), or the
     plain call where `fn` cannot be captured."""
     import triton
 
-    from .eval import cuda_graph_time_ms  # eval imports this module
+    from fxsparse.kernels.timing import cuda_graph_time_ms
 
     try:
         return cuda_graph_time_ms(fn, calls=5, warmup_calls=3, warmup_ms=5, rep_ms=20)
