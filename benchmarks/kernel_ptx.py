@@ -83,13 +83,14 @@ def memory_instructions(pointwise: bool = True, out_index: bool = False, residua
 
 
 TMA_PATTERNS = ("wgmma", "cp.async.bulk.tensor", "ld.shared", "st.shared")
-TMA_KINDS = ("gemm", "box", "box/2")
+TMA_KINDS = ("gemm", "box", "box/2", "box/images")
 
 
 def tma_instructions(kind: str) -> Counter:
     """Counts of TMA_PATTERNS in the sm90 PTX of a kernels/tma.py launch (fp16, residual, relu):
     "gemm" (1x1, 256x128x64 tile), "box" (3x3, a 2x64-pixel box, 128 channels, 64-deep K) or
-    "box/2" (the same box at stride 2, reading phases of the input).
+    "box/2" (the same box at stride 2, reading phases of the input) or "box/images" (2 images
+    of 8x8 pixels).
     Box loads reshaped to GEMM tiles should feed wgmma from shared memory directly: no
     ld.shared/st.shared round trip through registers."""
     import triton
@@ -109,13 +110,15 @@ def tma_instructions(kind: str) -> Counter:
                      out_desc=f"tensordesc<fp16[{bm}, {bn}]>", res_desc=f"tensordesc<fp16[{bm}, {bn}]>")
         consts = dict(epi, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     else:
-        fn, (bh, bw, bn, bk) = tma._box_kernel, (2, 64, 128, 64)
+        fn, (bh, bw, bn, bk) = tma._box_kernel, ((8, 8) if kind == "box/images" else (2, 64)) + (128, 64)
         stride = 2 if kind == "box/2" else 1
-        box = f"1, {bh}, {bw}"
-        descs = dict(x_desc=f"tensordesc<fp16[1, {bh}, 1, {bw}, {bk}]>", w_desc=f"tensordesc<fp16[{bn}, 1, {bk}]>",
+        box_n = 2 if kind == "box/images" else 1
+        box = f"{box_n}, {bh}, {bw}"
+        descs = dict(x_desc=f"tensordesc<fp16[{box_n}, {bh}, 1, {bw}, {bk}]>", w_desc=f"tensordesc<fp16[{bn}, 1, {bk}]>",
                      out_desc=f"tensordesc<fp16[{box}, {bn}]>", res_desc=f"tensordesc<fp16[{box}, {bn}]>")
         consts = dict(epi, KH=3, KW=3, STRIDE_H=stride, STRIDE_W=stride, PAD_H=1, PAD_W=1, DIL_H=1, DIL_W=1,
-                      HAS_BIAS_MAP=False, SPLIT=False, EVEN_CIN=True, BOX_H=bh, BOX_W=bw, BLOCK_N=bn, BLOCK_K=bk)
+                      HAS_BIAS_MAP=False, SPLIT=False, EVEN_CIN=True, BOX_N=box_n, BOX_H=bh, BOX_W=bw, BLOCK_N=bn,
+                      BLOCK_K=bk)
     signature, constexprs = {}, {}
     for i, name in enumerate(inspect.signature(fn.fn).parameters):
         if name in consts:

@@ -169,10 +169,14 @@ def test_tma_pointwise_tiles(dtype, tile, after):
     (8, 128, 128, 3, 56, 1, 1, 128, 128, 4, 3, 2),  # ResNet-50's strided 3x3
     (8, 256, 512, 1, 28, 0, 1, 128, 128, 8, 3, 2),  # its strided 1x1 shortcut
     (4, 96, 72, 3, 30, 1, 1, 64, 64, 4, 4, 2),  # 96 channels in 64-channel blocks: masked runs
+    (6, 64, 128, 3, 56, 1, 1, 128, 128, 8, 3, 1, True),  # boxes of 2 images x 8x8
+    (30, 512, 512, 3, 7, 1, 1, 64, 128, 4, 4, 1, True),  # 8 images x 1x8; 30 = 3 full groups + 6
+    (30, 256, 256, 3, 28, 1, 1, 128, 128, 8, 3, 2, True),  # strided, 14x14 output: 4 images x 2x16
 ])
 def test_tma_box_launches(dtype, geometry):
-    """Convs through TMA box loads (kernels/tma.py "box") with every epilogue term."""
-    n, cin, cout, k, hw, p, d, bm, bn, warps, stages, s = geometry
+    """Convs through TMA box loads (kernels/tma.py "box") with every epilogue term; boxes of one
+    image, or spanning images where the geometry ends in True."""
+    n, cin, cout, k, hw, p, d, bm, bn, warps, stages, s, *images = geometry
     x, w, g = make(n, cin, cout, k, hw, dtype)
     ho = (hw + 2 * p - d * (k - 1) - 1) // s + 1
     r = lambda *s: torch.randn(*s, device=DEV, generator=g).to(dtype)  # noqa: E731
@@ -182,7 +186,7 @@ def test_tma_box_launches(dtype, geometry):
         memory_format=torch.channels_last)
     from fxsparse.kernels import tma
     assert tma.eligible(x, w, out, kw["residual"], None, None, False, (s, s)) == "box"
-    cfg = K._config(bm, bn, 64, warps, stages, tma=True)
+    cfg = K._config(bm, bn, 64, warps, stages, tma=True, images=bool(images))
     y = K.conv2d_triton(x, w, kw["bias"], [s, s], [p, p], [d, d], None, None, cout, None, kw["scale"], kw["shift"],
                         None, kw["residual"], "relu", False, out=out, config=cfg)
     assert rel_l2(y, cudnn_oracle(x, w, **kw)) < REL_L2[dtype]

@@ -549,12 +549,19 @@ def test_tma_eligibility():
     assert T.eligible(x, w, cl(2, 36, 4, 4)[:, :32], None, None, None, True, (1, 1)) is None
 
 
-@pytest.mark.parametrize("ho,wo,block_m,want", [(56, 56, 128, (2, 64)), (7, 7, 64, (8, 8)), (14, 14, 128, (8, 16)),
-                                                 (28, 28, 128, (4, 32)), (1, 9, 64, (1, 64))])
-def test_box_shape_fits_the_map(ho, wo, block_m, want):
+@pytest.mark.parametrize("n,ho,wo,block_m,want,want_images", [
+    (32, 56, 56, 128, (1, 2, 64), (2, 8, 8)),  # one image: 12.5% of rows for nothing; two: none
+    (32, 56, 56, 64, (1, 8, 8), (1, 8, 8)),
+    (32, 7, 7, 64, (1, 8, 8), (8, 1, 8)),
+    (32, 14, 14, 128, (1, 8, 16), (4, 2, 16)),
+    (32, 28, 28, 128, (1, 4, 32), (1, 4, 32)),  # no better box across images
+    (3, 1, 9, 64, (1, 1, 64), (4, 1, 16)),  # a batch of short rows
+])
+def test_box_shape_fits_the_map(n, ho, wo, block_m, want, want_images):
     from fxsparse.kernels.tma import box_shape
 
-    assert box_shape(block_m, ho, wo) == want
+    assert box_shape(block_m, n, ho, wo) == want
+    assert box_shape(block_m, n, ho, wo, images=True) == want_images
 
 
 def test_tma_candidates_only_where_offered():
@@ -621,6 +628,36 @@ def test_strided_box_keeps_a_neighbours_inf_out_of_a_partial_channel_block(reque
     # a 1x1 stride-2 conv reads pixels (0, 0), (0, 2), (2, 0), (2, 2): never the inf
     assert torch.isfinite(y).all()
     check(y, oracle(x, w, stride=(2, 2)), torch.float16)
+
+
+@pytest.mark.parametrize("stride,split_k", [((1, 1), 1), ((2, 2), 1), ((1, 1), 2)])
+def test_tma_box_spanning_images(request, stride, split_k):
+    """Boxes of 4 images x 1 x 4 pixels (tma.box_shape with images) over 5 images: the second
+    group of images runs past the batch; its rows read zeros and are never written."""
+    g = _gen(request)
+    hw = (1 * stride[0], 4 * stride[1])
+    x = rnd(g, 5, 16, *hw).contiguous(memory_format=torch.channels_last)
+    w = rnd(g, 24, 16, 3, 3, scale=0.1).contiguous(memory_format=torch.channels_last)
+    bias, bmap = rnd(g, 24), rnd(g, 24, 1, 4, dtype=torch.float32)
+    r = rnd(g, 5, 24, 1, 4).contiguous(memory_format=torch.channels_last)
+    out = torch.full((5, 24, 1, 4), float("nan"), dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    from fxsparse.kernels import tma
+    assert tma.box_shape(16, 5, 1, 4, images=True) == (4, 1, 4)
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1, TMA=True, IMAGES=True)
+    y = K.conv2d_triton(x, w, bias, stride, (1, 1), (1, 1), None, None, 24, None, None, None, bmap, r, "relu",
+                        True, out=out, config=cfg, split_k=split_k)
+    check(y, oracle(x, w, bias=bias, stride=stride, padding=(1, 1), bias_map=bmap, residual=r, activation="relu",
+                    residual_after_activation=True), torch.float16)
+
+
+def test_box_spanning_images_offered_only_where_it_computes_less():
+    def images(n, ho, wo):
+        return {c["BLOCK_M"] for c, _ in K.conv_candidates(n * ho * wo, 128, 64, 9, False, 132, tma="box",
+                                                           box_map=(n, ho, wo)) if c.get("IMAGES")}
+
+    assert images(32, 56, 56) == {128}  # 64-pixel boxes of one image already fit 56x56
+    assert images(32, 28, 28) == set()
+    assert images(32, 7, 7) == {64, 128}
 
 
 @pytest.mark.parametrize("split_k", [2, 3])

@@ -47,7 +47,7 @@ def test_persistent_launch_compiles_for_hopper_and_stays_vectorized(ptx_counts):
     assert p["st.global.v4"] > 0 and p["st.global.b16"] == 0, p
 
 
-@pytest.mark.parametrize("kind", ["gemm", "box", "box/2"])
+@pytest.mark.parametrize("kind", ["gemm", "box", "box/2", "box/images"])
 def test_tma_launches_feed_wgmma_from_tma_copies(ptx_counts, kind):
     """kernels/tma.py: tiles arrive by TMA bulk tensor copies and feed wgmma from shared memory;
     the box load reshaped to a GEMM tile makes no round trip through registers, strided or not."""

@@ -396,11 +396,13 @@ def _pow2_at_least(v: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(int(v), 1)))
 
 
-def _config(bm, bn, bk, warps, stages, persistent=False, tma=False) -> dict:
+def _config(bm, bn, bk, warps, stages, persistent=False, tma=False, images=False) -> dict:
     cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages,
                PERSISTENT=persistent)
     if tma:  # (a launch of a tma.py kernel, not _conv2d_kernel: absent elsewhere)
         cfg["TMA"] = True
+    if images:  # (a box launch whose boxes span images: tma.box_shape)
+        cfg["IMAGES"] = True
     return cfg
 
 
@@ -418,7 +420,8 @@ def _max_warps() -> int:
 
 
 def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms: int,
-                    split_k: Optional[int] = None, tma: Optional[str] = None) -> list:
+                    split_k: Optional[int] = None, tma: Optional[str] = None,
+                    box_map: Optional[tuple] = None) -> list:
     """(config, split_k) pairs worth timing for one conv shape, pruned by shape class.
 
     - BLOCK_N: the power of two covering NCH (capped at 256) and half of it, so compacted
@@ -428,7 +431,9 @@ def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms:
       leaves SMs idle, split-K by 2/4/8 so the grid lands between 0.5x and 2x the SM count,
       keeping >= 4 K steps per slice.
     `split_k` given: only that factor. `tma`: the TMA launch the tensors allow (tma.eligible:
-    "gemm" for 1x1 convs, "box" for the others), whose tiles are offered too.
+    "gemm" for 1x1 convs, "box" for the others), whose tiles are offered too; a box tile is
+    offered twice where boxes spanning images fit the output map `box_map` (N, HO, WO) with
+    fewer rows computed for nothing.
     """
     bk = min(64, _pow2_at_least(cin))
     k_iters = taps * _cdiv(cin, bk)
@@ -472,8 +477,11 @@ def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms:
     if tma == "box":
         for bm, bn, warps, stages in _BOX_TMA_TILES:
             if bn in widths and bm <= bm_cap:
-                cfg = _config(bm, bn, bk, warps, stages, tma=True)
-                out += [(cfg, s) for s in split_factors(_cdiv(m, bm) * _cdiv(nch, bn))]
+                splits = split_factors(_cdiv(m, bm) * _cdiv(nch, bn))
+                out += [(_config(bm, bn, bk, warps, stages, tma=True), s) for s in splits]
+                if box_map is not None and tma_launch.box_shape(bm, *box_map, images=True) != \
+                        tma_launch.box_shape(bm, *box_map):
+                    out += [(_config(bm, bn, bk, warps, stages, tma=True, images=True), s) for s in splits]
     if not out:  # tiny problems: the smallest tile always fits
         out.append((_config(64, 16, bk, 4, 3), split_k or 1))
     return out
@@ -501,6 +509,7 @@ def describe_launch(cfg: dict, split_k: int) -> str:
     """One launch as the tuner tables name it, e.g. "128x128x64 w8 s3 TMA k/4"."""
     return (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}"
             + (" persistent" if cfg.get("PERSISTENT") else "") + (" TMA" if cfg.get("TMA") else "")
+            + (" images" if cfg.get("IMAGES") else "")
             + (f" k/{split_k}" if split_k > 1 else ""))
 
 
@@ -595,7 +604,8 @@ def _device_index(device: torch.device) -> int:
 def _choose_launch(key, device, m, nch, cin, taps, pointwise, split_k, run, out, tma=None) -> _Choice:
     """The launch for a shape not yet seen by this process: from the disk cache, else timed."""
     index = _device_index(device)
-    candidates = conv_candidates(m, nch, cin, taps, pointwise, _sm_count(index), split_k, tma)
+    n, _, ho, wo = out.shape
+    candidates = conv_candidates(m, nch, cin, taps, pointwise, _sm_count(index), split_k, tma, (n, ho, wo))
     how = tuning_cache.mode()
     if how == "off":
         cfg, s = _safe_candidate(candidates)
@@ -771,7 +781,7 @@ def conv2d_triton(
             use_tma = tma is not None and (splits == 1 or tma == "box")
             if cfg.get("TMA") and not use_tma:
                 # a tuned TMA tile for tensors a descriptor cannot address: the same tile here
-                cfg = {k: v for k, v in cfg.items() if k != "TMA"}
+                cfg = {k: v for k, v in cfg.items() if k not in ("TMA", "IMAGES")}
             bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
             ws = torch.empty((splits, m, nch), device=x.device, dtype=ws_dtype) if splits > 1 else dummy
             if use_tma:

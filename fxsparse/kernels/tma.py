@@ -10,9 +10,9 @@ before or after the activation). Two launches:
 - **gemm** (1x1, stride 1, no padding): a plain GEMM over pixel rows,
   out[M, NCH] = x[M, CIN] @ w[NCH, CIN]^T with M = N * H * W.
 - **box** (any kernel size and stride): a program computes a BOX_H x BOX_W block of output
-  pixels of one image. For tap (kh, kw) its input is a same-sized block of input pixels
-  sampled every `stride` pixels, starting (kh * dil - pad, kw * dil - pad) from the block's
-  origin: one box load, where the copy engine's zero fill outside the image *is* the conv's
+  pixels of one image (or of BOX_N consecutive images: `box_shape`). For tap (kh, kw) its
+  input is a same-sized block of input pixels sampled every `stride` pixels, starting
+  (kh * dil - pad, kw * dil - pad) from the block's origin: one box load, where the copy engine's zero fill outside the image *is* the conv's
   zero padding. A box can only address consecutive elements of each dimension, so x is
   described as [N, H/sh, sh, W/sw, sw*C] (pixel (ih, iw) = (sh*i + ph, sw*j + pw): the row
   phase ph is a dimension of its own, the column phase pw selects a channel run of the merged
@@ -113,10 +113,10 @@ def _box_kernel(
     OUT_BF16: tl.constexpr, DOT_UPCAST: tl.constexpr,
     SPLIT: tl.constexpr,  # K_SPLITS > 1 slices write fp32 partial sums, as conv2d's SPLIT does
     EVEN_CIN: tl.constexpr,  # CIN % BLOCK_K == 0
-    BOX_H: tl.constexpr, BOX_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    BOX_N: tl.constexpr, BOX_H: tl.constexpr, BOX_W: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    BLOCK_M: tl.constexpr = BOX_H * BOX_W
+    BLOCK_M: tl.constexpr = BOX_N * BOX_H * BOX_W
     # A tap's input offset kh * DIL_H - PAD_H = STRIDE_H * row step + row phase. Lifted by a
     # whole number of strides first, so that // and % (which truncate) see no negative value.
     LIFT_H: tl.constexpr = (PAD_H + STRIDE_H - 1) // STRIDE_H
@@ -126,9 +126,10 @@ def _box_kernel(
     MASK_CHANNELS: tl.constexpr = STRIDE_W > 1 and not EVEN_CIN
     boxes_w = tl.cdiv(WO, BOX_W)
     boxes_per_image = tl.cdiv(HO, BOX_H) * boxes_w
-    pid_m, pid_n = grouped_tile(tl.program_id(0), N * boxes_per_image, tl.cdiv(NCH, BLOCK_N), GROUP_M)
-    n = pid_m // boxes_per_image
-    box = pid_m - n * boxes_per_image
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(N, BOX_N) * boxes_per_image, tl.cdiv(NCH, BLOCK_N),
+                                GROUP_M)
+    n0 = (pid_m // boxes_per_image) * BOX_N
+    box = pid_m % boxes_per_image
     oh0 = (box // boxes_w) * BOX_H
     ow0 = (box % boxes_w) * BOX_W
     col0 = pid_n * BLOCK_N
@@ -145,7 +146,7 @@ def _box_kernel(
         th = kh * DIL_H - PAD_H + LIFT_H * STRIDE_H
         tw = kw * DIL_W - PAD_W + LIFT_W * STRIDE_W
         phase_w = tw % STRIDE_W
-        a = x_desc.load([n, oh0 + th // STRIDE_H - LIFT_H, th % STRIDE_H, ow0 + tw // STRIDE_W - LIFT_W,
+        a = x_desc.load([n0, oh0 + th // STRIDE_H - LIFT_H, th % STRIDE_H, ow0 + tw // STRIDE_W - LIFT_W,
                          phase_w * CIN + ci])
         a = tl.reshape(a, (BLOCK_M, BLOCK_K))
         if MASK_CHANNELS:
@@ -159,13 +160,14 @@ def _box_kernel(
     offs_n = col0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < NCH
     i = tl.arange(0, BLOCK_M)
-    oh = oh0 + i // BOX_W
+    img = n0 + i // (BOX_H * BOX_W)
+    oh = oh0 + (i // BOX_W) % BOX_H
     ow = ow0 + i % BOX_W
-    inside = (oh < HO) & (ow < WO)
+    inside = (img < N) & (oh < HO) & (ow < WO)
     if SPLIT:
         # Partial sums into the workspace [K_SPLITS, M, NCH] (rows: output pixels in NHWC
         # order); conv2d's reduce launch sums them and runs the epilogue.
-        m = (n * HO + oh).to(tl.int64) * WO + ow
+        m = (img * HO + oh).to(tl.int64) * WO + ow
         rows = tl.program_id(1).to(tl.int64) * N * HO * WO + m
         tl.store(ws_ptr + rows[:, None] * NCH + offs_n[None, :], acc, mask=inside[:, None] & mask_n[None, :])
     else:
@@ -175,13 +177,13 @@ def _box_kernel(
             bias_map = tl.load(bm_ptrs, mask=inside[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
         r = acc
         if HAS_RESIDUAL:
-            r = tl.reshape(res_desc.load([n, oh0, ow0, col0]), (BLOCK_M, BLOCK_N)).to(tl.float32)
+            r = tl.reshape(res_desc.load([n0, oh0, ow0, col0]), (BLOCK_M, BLOCK_N)).to(tl.float32)
         z = _epilogue(acc, offs_n, mask_n, bias_ptr, scale_ptr, shift_ptr, bias_map, r,
                       HAS_BIAS, HAS_BIAS_MAP, HAS_SCALE, HAS_SHIFT, HAS_RESIDUAL, RESIDUAL_AFTER, ACTIVATION)
         if OUT_BF16:
-            out_desc.store([n, oh0, ow0, col0], tl.reshape(z.to(tl.bfloat16), (1, BOX_H, BOX_W, BLOCK_N)))
+            out_desc.store([n0, oh0, ow0, col0], tl.reshape(z.to(tl.bfloat16), (BOX_N, BOX_H, BOX_W, BLOCK_N)))
         else:
-            out_desc.store([n, oh0, ow0, col0], tl.reshape(z.to(tl.float16), (1, BOX_H, BOX_W, BLOCK_N)))
+            out_desc.store([n0, oh0, ow0, col0], tl.reshape(z.to(tl.float16), (BOX_N, BOX_H, BOX_W, BLOCK_N)))
 
 
 # --------------------------------------------------------------------------- host side
@@ -252,18 +254,25 @@ def eligible(x: Tensor, weight: Tensor, out: Tensor, residual: Optional[Tensor],
     return "box"
 
 
-def box_shape(block_m: int, ho: int, wo: int) -> tuple:
-    """The (BOX_H, BOX_W) of `block_m` output pixels that computes the fewest rows for nothing
-    over an ho x wo map (ties: the wider box, longer contiguous rows)."""
+def box_shape(block_m: int, n: int, ho: int, wo: int, images: bool = False) -> tuple:
+    """The (BOX_N, BOX_H, BOX_W) of `block_m` output pixels (powers of two) that computes the
+    fewest rows for nothing over n images of ho x wo (ties: the wider box, whose rows are
+    longer contiguous runs, then fewer images). BOX_N is 1 unless `images`; then rows of at
+    least 8 pixels where the map is that wide (shorter runs make many small copies of a box):
+    a 56x56 map takes 2 images of 8x8 blocks, where one image's 2x64 block computes 12.5% of
+    its rows for nothing."""
+    narrowest = min(8, 1 << max(0, wo - 1).bit_length()) if images else 1
     best = None
-    bw = 1
-    while bw <= block_m:
-        bh = block_m // bw
-        computed = -(-ho // bh) * bh * (-(-wo // bw) * bw)
-        if best is None or computed <= best[0]:
-            best = (computed, bh, bw)
-        bw *= 2
-    return best[1], best[2]
+    for bw in (1 << e for e in range(block_m.bit_length())):
+        for bn in (1 << e for e in range((block_m // bw).bit_length())) if images else (1,):
+            bh = block_m // (bw * bn)
+            if bw < narrowest or bh * bw * bn != block_m:
+                continue
+            computed = (-(-n // bn) * bn) * (-(-ho // bh) * bh) * (-(-wo // bw) * bw)
+            key = (computed, -bw, bn)
+            if best is None or key < best[0]:
+                best = (key, (bn, bh, bw))
+    return best[1]
 
 
 def _launch_args(bias, scale, shift, residual, activation_code, residual_after_activation, out):
@@ -302,17 +311,17 @@ def launch(kind: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: 
             out_desc, res_desc, M=m, NCH=nch, CIN=cin, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **common, **opts)
         return
     n, _, ho, wo = out.shape
-    box_h, box_w = box_shape(bm, ho, wo)
-    out_desc = TensorDescriptor(out, *_nhwc(out), [1, box_h, box_w, bn])
-    res_desc = out_desc if residual is None else TensorDescriptor(residual, *_nhwc(residual), [1, box_h, box_w, bn])
+    box = box_n, box_h, box_w = box_shape(bm, n, ho, wo, cfg.get("IMAGES", False))
+    out_desc = TensorDescriptor(out, *_nhwc(out), [*box, bn])
+    res_desc = out_desc if residual is None else TensorDescriptor(residual, *_nhwc(residual), [*box, bn])
     bm_strides = bias_map.stride() if bias_map is not None else (0, 0, 0)
-    grid = (n * (-(-ho // box_h)) * (-(-wo // box_w)) * (-(-nch // bn)), splits)
+    grid = ((-(-n // box_n)) * (-(-ho // box_h)) * (-(-wo // box_w)) * (-(-nch // bn)), splits)
     _box_kernel[grid](
-        TensorDescriptor(x, *_phased(x, stride), [1, box_h, 1, box_w, bk]),
+        TensorDescriptor(x, *_phased(x, stride), [box_n, box_h, 1, box_w, bk]),
         TensorDescriptor(weight, [nch, kh * kw, cin], [weight.stride(0), cin, 1], [bn, 1, bk]),
         out_desc, res_desc, bias_map_ptr=bias_map if bias_map is not None else out,
         ws_ptr=ws if ws is not None else out, K_SPLITS=splits, SPLIT=splits > 1,
         N=n, HO=ho, WO=wo, NCH=nch, CIN=cin, sbc=bm_strides[0], sbh=bm_strides[1], sbw=bm_strides[2],
         KH=kh, KW=kw, STRIDE_H=int(stride[0]), STRIDE_W=int(stride[1]), EVEN_CIN=cin % bk == 0, PAD_H=int(padding[0]), PAD_W=int(padding[1]), DIL_H=int(dilation[0]),
         DIL_W=int(dilation[1]), HAS_BIAS_MAP=bias_map is not None,
-        BOX_H=box_h, BOX_W=box_w, BLOCK_N=bn, BLOCK_K=bk, **common, **opts)
+        BOX_N=box_n, BOX_H=box_h, BOX_W=box_w, BLOCK_N=bn, BLOCK_K=bk, **common, **opts)
