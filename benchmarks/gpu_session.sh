@@ -26,6 +26,7 @@ for spec in "$@"; do
     zoo64) cmd="$M --models resnet18,mobilenet_v2 --keep 0.5 --batch 64 --json $OUT/zoo64.json" ;;
     zoo1) cmd="$M --models resnet18,mobilenet_v2 --keep 0.5 --batch 1 --json $OUT/zoo1.json" ;;
     mb1) cmd="$M --models mobilenet_v2 --keep 0.5 --batch 1 --json $OUT/mb1.json" ;;
+    mb64) cmd="$M --models mobilenet_v2 --keep 0.5 --batch 64 --json $OUT/mb64.json" ;;
     r50triton) cmd="$M --models resnet50 --keep 0.5 --batch 64 --lowering triton --json $OUT/r50triton.json" ;;
     r50ln) cmd="$M --models resnet50 --keep 0.5 --batch 64 --masks ln --json $OUT/r50ln.json" ;;
     r50lnlean) cmd="$M --models resnet50 --keep 0.5 --batch 64 --masks ln --variants frz,frzcg,fx,fxcg --json $OUT/r50lnlean.json" ;;

@@ -54,14 +54,15 @@ loop.
 
 TMA launches (kernels/tma.py, Hopper): where the tensors allow a descriptor
 (fp16/bf16, 16-byte aligned rows, no channel scatter), 1x1 convs are also
-offered as a TMA GEMM and other convs as TMA box loads (strided ones read phases of the input), whose zero
-fill outside the image is the padding; the tuner keeps whichever launch is
+offered as a TMA GEMM and other convs as TMA box loads (strided ones read
+phases of the input; on small maps boxes may span images), whose zero fill
+outside the image is the padding; the tuner keeps whichever launch is
 fastest, and a later call whose tensors a descriptor cannot address runs the
 same tile of this kernel instead.
 
 On CUDA, the first call of each shape times a pruned set of (tile config,
-split-K) candidates (`conv_candidates`, `_tune`) and remembers the fastest in
-`tuned`; later calls are one dict lookup. Under the Triton interpreter (no
+split-K) candidates (`conv_candidates`, `_tune`; by CUDA-graph replay, GPU
+time only) and remembers the fastest in `tuned`; later calls are one dict lookup. Under the Triton interpreter (no
 driver, nothing to time) one fixed small config is used.
 """
 from __future__ import annotations
