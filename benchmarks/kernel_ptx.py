@@ -114,7 +114,8 @@ def tma_instructions(kind: str) -> Counter:
         stride = 2 if kind == "box/2" else 1
         box_n = 2 if kind == "box/images" else 1
         box = f"{box_n}, {bh}, {bw}"
-        descs = dict(x_desc=f"tensordesc<fp16[{box_n}, {bh}, 1, {bw}, {bk}]>", w_desc=f"tensordesc<fp16[{bn}, 1, {bk}]>",
+        descs = dict(x_desc=f"tensordesc<fp16[{box_n}, {bh}, 1, {bw}, {bk}]>",
+                     w_desc=f"tensordesc<fp16[{bn}, 1, {bk}]>",
                      out_desc=f"tensordesc<fp16[{box}, {bn}]>", res_desc=f"tensordesc<fp16[{box}, {bn}]>")
         consts = dict(epi, KH=3, KW=3, STRIDE_H=stride, STRIDE_W=stride, PAD_H=1, PAD_W=1, DIL_H=1, DIL_W=1,
                       HAS_BIAS_MAP=False, SPLIT=False, EVEN_CIN=True, BOX_N=box_n, BOX_H=bh, BOX_W=bw, BLOCK_N=bn,
@@ -168,7 +169,8 @@ def main() -> None:
     print(f"_conv2d_kernel, sm90 PTX (triton {triton.__version__}), fp16 64->256 @56x56, 128x128x64 tile, "
           f"8 warps, residual add; occurrences of each instruction in the PTX")
     print(tabulate(rows, headers=["conv", "out_index", *PATTERNS], tablefmt="github"))
-    print("\nkernels/tma.py launches, sm90 PTX (256x128x64 GEMM tile; 3x3 box of 2x64 pixels x 128 channels, stride 1 and 2)")
+    print("\nkernels/tma.py launches, sm90 PTX (256x128x64 GEMM tile; 3x3 box of 2x64 pixels x 128 channels, "
+          "stride 1 and 2; 2 images of 8x8)")
     print(tabulate([[k, *(cases[f"tma {k}"].get(p, 0) for p in TMA_PATTERNS)] for k in TMA_KINDS],
                    headers=["launch", *TMA_PATTERNS], tablefmt="github"))
 

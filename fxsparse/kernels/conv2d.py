@@ -62,8 +62,9 @@ same tile of this kernel instead.
 
 On CUDA, the first call of each shape times a pruned set of (tile config,
 split-K) candidates (`conv_candidates`, `_tune`; by CUDA-graph replay, GPU
-time only) and remembers the fastest in `tuned`; later calls are one dict lookup. Under the Triton interpreter (no
-driver, nothing to time) one fixed small config is used.
+time only) and remembers the fastest in `tuned`; later calls are one dict
+lookup. Under the Triton interpreter (no driver, nothing to time) one fixed
+small config is used.
 """
 from __future__ import annotations
 
@@ -78,9 +79,9 @@ import triton.language as tl
 
 from fxsparse.kernels import tma as tma_launch
 from fxsparse.kernels import tuning_cache
-from fxsparse.kernels.timing import cuda_graph_time_ms
 from fxsparse.kernels.layout import evenly_strided_rows, select_channels
 from fxsparse.kernels.tile import grouped_tile, k_slice, residual_and_activation
+from fxsparse.kernels.timing import cuda_graph_time_ms
 from fxsparse.ops.activations import ACTIVATION_CODES
 from fxsparse.ops.conv2d import TensorCache
 

@@ -12,13 +12,14 @@ before or after the activation). Two launches:
 - **box** (any kernel size and stride): a program computes a BOX_H x BOX_W block of output
   pixels of one image (or of BOX_N consecutive images: `box_shape`). For tap (kh, kw) its
   input is a same-sized block of input pixels sampled every `stride` pixels, starting
-  (kh * dil - pad, kw * dil - pad) from the block's origin: one box load, where the copy engine's zero fill outside the image *is* the conv's
-  zero padding. A box can only address consecutive elements of each dimension, so x is
-  described as [N, H/sh, sh, W/sw, sw*C] (pixel (ih, iw) = (sh*i + ph, sw*j + pw): the row
-  phase ph is a dimension of its own, the column phase pw selects a channel run of the merged
-  last dimension); a tap's phases and offsets are one coordinate each. For stride 1 this is
-  just [N, H, 1, W, C]. The block is a rectangle, so maps whose sides are not multiples of the
-  box compute some rows for nothing (`box_shape` keeps that small).
+  (kh * dil - pad, kw * dil - pad) from the block's origin: one box load, where the copy
+  engine's zero fill outside the image *is* the conv's zero padding. A box can only address
+  consecutive elements of each dimension, so x is described as [N, H/sh, sh, W/sw, sw*C]
+  (pixel (ih, iw) = (sh*i + ph, sw*j + pw): the row phase ph is a dimension of its own, the
+  column phase pw selects a channel run of the merged last dimension); a tap's phases and
+  offsets are one coordinate each. For stride 1 this is just [N, H, 1, W, C]. The block is a
+  rectangle, so maps whose sides are not multiples of the box compute some rows for nothing
+  (`box_shape` keeps that small).
 
 Only for what a descriptor can address (`eligible`): fp16/bf16, channels innermost, 16-byte
 aligned bases and strides, the output written in full (no channel scatter); strided boxes
@@ -322,6 +323,7 @@ def launch(kind: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: 
         out_desc, res_desc, bias_map_ptr=bias_map if bias_map is not None else out,
         ws_ptr=ws if ws is not None else out, K_SPLITS=splits, SPLIT=splits > 1,
         N=n, HO=ho, WO=wo, NCH=nch, CIN=cin, sbc=bm_strides[0], sbh=bm_strides[1], sbw=bm_strides[2],
-        KH=kh, KW=kw, STRIDE_H=int(stride[0]), STRIDE_W=int(stride[1]), EVEN_CIN=cin % bk == 0, PAD_H=int(padding[0]), PAD_W=int(padding[1]), DIL_H=int(dilation[0]),
-        DIL_W=int(dilation[1]), HAS_BIAS_MAP=bias_map is not None,
+        KH=kh, KW=kw, STRIDE_H=int(stride[0]), STRIDE_W=int(stride[1]), EVEN_CIN=cin % bk == 0,
+        PAD_H=int(padding[0]), PAD_W=int(padding[1]), DIL_H=int(dilation[0]), DIL_W=int(dilation[1]),
+        HAS_BIAS_MAP=bias_map is not None,
         BOX_N=box_n, BOX_H=box_h, BOX_W=box_w, BLOCK_N=bn, BLOCK_K=bk, **common, **opts)

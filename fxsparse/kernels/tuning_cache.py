@@ -45,9 +45,7 @@ def signature(candidates: list, timing: str = "") -> str:
     """A short digest of a shape's (config, split_k) candidates and of how they were timed. A
     switch that is off does not count (configs from before it existed are the same launch)."""
     text = json.dumps([[sorted((k, v) for k, v in c.items() if v is not False), s] for c, s in candidates])
-    if timing:
-        text += timing
-    return hashlib.sha1(text.encode()).hexdigest()[:12]
+    return hashlib.sha1((text + timing).encode()).hexdigest()[:12]
 
 
 class TuningCache:
