@@ -22,8 +22,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PATTERNS = ("st.global.v4", "st.global.v2", "st.global.b16", "ld.global.v4", "ld.global.v2", "ld.global.b16",
             "wgmma", "mma.sync", "cp.async")
-_POINTERS = ("x_ptr", "w_ptr", "out_ptr", "ws_ptr", "bias_ptr", "scale_ptr", "shift_ptr", "bias_map_ptr",
-             "res_ptr", "chan_ptr")
+_POINTERS = ("x_ptr", "w_ptr", "out_ptr", "ws_ptr", "arrivals_ptr", "bias_ptr", "scale_ptr", "shift_ptr",
+             "bias_map_ptr", "res_ptr", "chan_ptr")
+_POINTER_TYPES = {"ws_ptr": "*fp32", "bias_map_ptr": "*fp32", "arrivals_ptr": "*i32", "chan_ptr": "*i32"}
+# How split-K slices meet (tile.last_slice_to_arrive): a CTA barrier, then one acquire-release
+# atomic at GPU scope, then the partial sums read through L2.
+SPLIT_PATTERNS = ("bar.sync", "atom.global.gpu.acq_rel.add", "ld.global.cg")
 
 
 class OfflineCompileUnavailable(RuntimeError):
@@ -32,7 +36,7 @@ class OfflineCompileUnavailable(RuntimeError):
 
 def memory_instructions(pointwise: bool = True, out_index: bool = False, residual: bool = True,
                         block=(128, 128, 64), num_warps: int = 8, num_stages: int = 3,
-                        persistent: bool = False) -> Counter:
+                        persistent: bool = False, split: bool = False) -> Counter:
     """Counts of PATTERNS in the sm90 PTX of one fp16 conv launch: 64 -> 256 channels at 56x56
     (channels_last, every stride a multiple of 16, as Triton specializes real launches), 1x1
     (`pointwise`) or 3x3, writing through an output-channel index or not."""
@@ -49,13 +53,13 @@ def memory_instructions(pointwise: bool = True, out_index: bool = False, residua
     cin, cout, hw = 64, 256, 56
     k = 1 if pointwise else 3
     sizes = dict(M=32 * hw * hw, NCH=cout // 2 if out_index else cout, CIN=cin, H=hw, W=hw, HO=hw, WO=hw,
-                 K_SPLITS=1, sxn=hw * hw * cin, sxc=1, sxh=hw * cin, sxw=cin,
+                 K_SPLITS=2 if split else 1, sxn=hw * hw * cin, sxc=1, sxh=hw * cin, sxw=cin,
                  swo=cin * k * k, swc=1, swh=k * cin, sww=cin,
                  son=hw * hw * cout, soc=1, soh=hw * cout, sow=cout,
                  srn=hw * hw * cout, src=1, srh=hw * cout, srw=cout, sbc=0, sbh=0, sbw=0)
     bm, bn, bk = block
     constexprs = dict(KH=k, KW=k, STRIDE_H=1, STRIDE_W=1, PAD_H=k // 2, PAD_W=k // 2, DIL_H=1, DIL_W=1,
-                      SOURCE=0, SPLIT=False, POINTWISE=pointwise, FLAT_X_ROWS=pointwise, FLAT_OUT_ROWS=True, EVEN_K=True, HAS_CHAN_INDEX=out_index,
+                      SOURCE=0, SPLIT=split, POINTWISE=pointwise, FLAT_X_ROWS=pointwise, FLAT_OUT_ROWS=True, EVEN_K=True, HAS_CHAN_INDEX=out_index,
                       HAS_BIAS=True, HAS_SCALE=False, HAS_SHIFT=False, HAS_BIAS_MAP=False,
                       HAS_RESIDUAL=residual, RESIDUAL_AFTER=False, ACTIVATION=1, ACC_TYPE=tl.float32, IEEE=False,
                       DOT_UPCAST=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
@@ -63,7 +67,7 @@ def memory_instructions(pointwise: bool = True, out_index: bool = False, residua
     signature, consts, attrs = {}, {}, {}
     for i, name in enumerate(inspect.signature(_conv2d_kernel.fn).parameters):
         if name in _POINTERS:
-            signature[name] = {"ws_ptr": "*fp32", "chan_ptr": "*i32"}.get(name, "*fp16")
+            signature[name] = _POINTER_TYPES.get(name, "*fp16")
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in constexprs or sizes.get(name) == 1:  # Triton specializes ints equal to 1
             signature[name] = "constexpr"
@@ -78,19 +82,22 @@ def memory_instructions(pointwise: bool = True, out_index: bool = False, residua
                                   options=dict(num_warps=num_warps, num_stages=num_stages))
     except (TypeError, KeyError, AttributeError) as e:  # another Triton's offline API
         raise OfflineCompileUnavailable(f"{type(e).__name__}: {e}") from e
-    ptx = compiled.asm["ptx"]
-    return Counter({p: len(re.findall(re.escape(p) + r"\b", ptx)) for p in PATTERNS})
+    return _count(compiled.asm["ptx"], PATTERNS + SPLIT_PATTERNS)
+
+
+def _count(ptx: str, patterns) -> Counter:
+    return Counter({p: len(re.findall(re.escape(p) + r"\b", ptx)) for p in patterns})
 
 
 TMA_PATTERNS = ("wgmma", "cp.async.bulk.tensor", "ld.shared", "st.shared")
-TMA_KINDS = ("gemm", "box", "box/2", "box/images")
+TMA_KINDS = ("gemm", "box", "box/2", "box/images", "box/split")
 
 
 def tma_instructions(kind: str) -> Counter:
     """Counts of TMA_PATTERNS in the sm90 PTX of a kernels/tma.py launch (fp16, residual, relu):
     "gemm" (1x1, 256x128x64 tile), "box" (3x3, a 2x64-pixel box, 128 channels, 64-deep K) or
     "box/2" (the same box at stride 2, reading phases of the input) or "box/images" (2 images
-    of 8x8 pixels).
+    of 8x8 pixels) or "box/split" (the box with its K loop split).
     Box loads reshaped to GEMM tiles should feed wgmma from shared memory directly: no
     ld.shared/st.shared round trip through registers."""
     import triton
@@ -118,7 +125,7 @@ def tma_instructions(kind: str) -> Counter:
                      w_desc=f"tensordesc<fp16[{bn}, 1, {bk}]>",
                      out_desc=f"tensordesc<fp16[{box}, {bn}]>", res_desc=f"tensordesc<fp16[{box}, {bn}]>")
         consts = dict(epi, KH=3, KW=3, STRIDE_H=stride, STRIDE_W=stride, PAD_H=1, PAD_W=1, DIL_H=1, DIL_W=1,
-                      HAS_BIAS_MAP=False, SPLIT=False, EVEN_CIN=True, BOX_N=box_n, BOX_H=bh, BOX_W=bw, BLOCK_N=bn,
+                      HAS_BIAS_MAP=False, SPLIT=kind == "box/split", EVEN_CIN=True, BOX_N=box_n, BOX_H=bh, BOX_W=bw, BLOCK_N=bn,
                       BLOCK_K=bk)
     signature, constexprs = {}, {}
     for i, name in enumerate(inspect.signature(fn.fn).parameters):
@@ -128,7 +135,7 @@ def tma_instructions(kind: str) -> Counter:
         elif name in descs:
             signature[name] = descs[name]
         elif name.endswith("_ptr"):
-            signature[name] = "*fp32" if name in ("ws_ptr", "bias_map_ptr") else "*fp16"
+            signature[name] = _POINTER_TYPES.get(name, "*fp16")
         else:
             signature[name] = "i32"
     try:
@@ -136,8 +143,7 @@ def tma_instructions(kind: str) -> Counter:
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=3))
     except (TypeError, KeyError, AttributeError, ValueError) as e:  # another Triton's offline API
         raise OfflineCompileUnavailable(f"{type(e).__name__}: {e}") from e
-    ptx = compiled.asm["ptx"]
-    return Counter({p: len(re.findall(re.escape(p) + r"\b", ptx)) for p in TMA_PATTERNS})
+    return _count(compiled.asm["ptx"], TMA_PATTERNS + SPLIT_PATTERNS)
 
 
 def main() -> None:
@@ -159,6 +165,9 @@ def main() -> None:
     c = memory_instructions(pointwise=True, block=(128, 128, 64), num_warps=4, num_stages=3, persistent=True)
     cases["1x1 persistent"] = dict(c)
     rows.append(["1x1 persistent (4 warps)", "no", *(c[p] for p in PATTERNS)])
+    c = memory_instructions(pointwise=False, split=True)
+    cases["3x3 split"] = dict(c)
+    rows.append(["3x3 split-K", "no", *(c[p] for p in PATTERNS)])
     for kind in TMA_KINDS:
         cases[f"tma {kind}"] = dict(tma_instructions(kind))
     if args.json:

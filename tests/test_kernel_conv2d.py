@@ -314,6 +314,25 @@ def test_split_k(request, split_k):
     check(y, oracle(x, w, padding=(1, 1), **epi), torch.float16)
 
 
+def test_split_k_runs_in_one_launch(request, monkeypatch):
+    """The last K slice of each tile reduces the workspace and runs the epilogue: a split conv
+    is one launch of the conv kernel (no reducing launch after it)."""
+    launches = []
+    kernel = K._conv2d_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(K, "_conv2d_kernel", Counting())
+    g = _gen(request)
+    epi = dict(bias=rnd(g, 33), activation="relu")
+    x, w, y = _direct(request, split_k=3, **epi)
+    check(y, oracle(x, w, padding=(1, 1), **epi), torch.float16)
+    assert len(launches) == 1 and launches[0][1] == 3, launches
+
+
 def test_split_k_with_out_index(request):
     g = _gen(request)
     out_index = _perm(g, 40, 33)
@@ -349,6 +368,8 @@ def test_conv_candidates_fit_problem():
     cands = K.conv_candidates(1568, 512, 512, 9, False, 132)
     assert any(s > 1 for _, s in cands)
     assert all(c["BLOCK_M"] < 256 for c, _ in cands)
+    # 256->256 3x3 at 14x14, B=32: 196 tiles of 64x128 fill 1.5 waves: a split is offered too
+    assert {s for c, s in K.conv_candidates(6272, 256, 256, 9, False, 132) if c["BLOCK_M"] == 64} >= {1, 2}
     # a forced factor is the only one offered
     assert {s for _, s in K.conv_candidates(1568, 512, 512, 9, False, 132, split_k=3)} == {3}
 
@@ -655,7 +676,8 @@ def test_box_spanning_images_offered_only_where_it_computes_less():
         return {c["BLOCK_M"] for c, _ in K.conv_candidates(n * ho * wo, 128, 64, 9, False, 132, tma="box",
                                                            box_map=(n, ho, wo)) if c.get("IMAGES")}
 
-    assert images(32, 56, 56) == {128}  # 64-pixel boxes of one image already fit 56x56
+    # 64-pixel boxes of one image already fit 56x56; 128 and 256 (4 x 64) run 8 columns past it
+    assert images(32, 56, 56) == {128, 256}
     assert images(32, 28, 28) == set()
     assert images(32, 7, 7) == {64, 128}
 

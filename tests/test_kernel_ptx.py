@@ -54,3 +54,14 @@ def test_tma_launches_feed_wgmma_from_tma_copies(ptx_counts, kind):
     c = ptx_counts[f"tma {kind}"]
     assert c["cp.async.bulk.tensor"] > 0 and c["wgmma"] > 0, c
     assert c["ld.shared"] == 0 and c["st.shared"] == 0, c
+
+
+@pytest.mark.parametrize("case", ["3x3 split", "tma box/split"])
+def test_split_k_slices_meet_through_one_acquire_release_atomic(ptx_counts, case):
+    """tile.last_slice_to_arrive: the slices' partial-sum stores are fenced by a CTA barrier
+    and one acq_rel atomic at GPU scope, and the last slice reads the others through L2
+    (ld.global.cg), never from a stale L1. Launches that do not split carry no atomic."""
+    c = ptx_counts[case]
+    assert c["atom.global.gpu.acq_rel.add"] == 1 and c["bar.sync"] > 0 and c["ld.global.cg"] > 0, c
+    unsplit = ptx_counts["3x3" if case == "3x3 split" else "tma box"]
+    assert unsplit["atom.global.gpu.acq_rel.add"] == 0 and unsplit["ld.global.cg"] == 0, unsplit

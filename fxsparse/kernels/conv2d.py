@@ -33,15 +33,18 @@ The epilogue runs on the fp32 accumulator:
 and scatters kept column j to output channel out_index[j].
 
 Output channels that `out_index` does not name are written by a second launch
-of the same kernel with SOURCE=2: no K loop, its "channel list" is the
+of the same kernel with SOURCE=1: no K loop, its "channel list" is the
 complement of out_index, and its bias is `fill` indexed by output channel, so
 pruned channels go through the very same residual/activation code.
 
-Split-K (SOURCE=0 with SPLIT and K_SPLITS > 1, then SOURCE=1): when the output
-has too few tiles to fill the GPU and K is long (e.g. 512->512 3x3 at 7x7),
-programs along grid axis 1 each reduce a slice of the K loop into an fp32
-workspace [K_SPLITS, M, NCH]; a second launch sums the slices
-(deterministically) and runs the epilogue.
+Split-K (SPLIT, K_SPLITS > 1): when the output has too few tiles to fill the
+GPU and K is long (e.g. 512->512 3x3 at 7x7), programs along grid axis 1 each
+reduce a slice of the K loop into an fp32 workspace [K_SPLITS, M, NCH] and
+count themselves in on the tile's arrival counter (zeroed per call); the last
+slice of a tile to arrive sums the slices, in slice order (deterministic), from
+L2 and runs the epilogue (tile.last_slice_to_arrive). A second, reducing
+launch read the whole workspace back from DRAM after the last slice was done,
+and cost a launch.
 
 Persistent launches (PERSISTENT, offered for 1x1 convs with one or two K
 steps): a grid of a few programs per SM, each walking tiles in a loop that
@@ -80,7 +83,8 @@ import triton.language as tl
 from fxsparse.kernels import tma as tma_launch
 from fxsparse.kernels import tuning_cache
 from fxsparse.kernels.layout import evenly_strided_rows, select_channels
-from fxsparse.kernels.tile import grouped_tile, k_slice, residual_and_activation
+from fxsparse.kernels.tile import (grouped_tile, k_slice, last_slice_to_arrive, residual_and_activation, split_workspace,
+                                  sum_slices)
 from fxsparse.kernels.timing import cuda_graph_time_ms
 from fxsparse.ops.activations import ACTIVATION_CODES
 from fxsparse.ops.conv2d import TensorCache
@@ -88,14 +92,14 @@ from fxsparse.ops.conv2d import TensorCache
 Tensor = torch.Tensor
 log = logging.getLogger(__name__)
 
-_SRC_CONV, _SRC_WORKSPACE, _SRC_NONE = 0, 1, 2
+_SRC_CONV, _SRC_NONE = 0, 1
 
 
 @triton.jit
 def _conv_tile(
     pid, pid_k,  # this program's output tile and split-K slice
     # pointers
-    x_ptr, w_ptr, out_ptr, ws_ptr,
+    x_ptr, w_ptr, out_ptr, ws_ptr, arrivals_ptr,
     bias_ptr, scale_ptr, shift_ptr, bias_map_ptr, res_ptr, chan_ptr,
     # sizes
     M, NCH, CIN, H, W, HO, WO, K_SPLITS,
@@ -111,8 +115,8 @@ def _conv_tile(
     KH: tl.constexpr, KW: tl.constexpr,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
     DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-    SOURCE: tl.constexpr,  # 0: conv K loop, 1: sum split-K workspace, 2: none (pruned channels)
-    SPLIT: tl.constexpr,  # SOURCE 0: K_SPLITS > 1 slices write partial sums to the workspace
+    SOURCE: tl.constexpr,  # 0: conv K loop, 1: none (the pruned channels' fill)
+    SPLIT: tl.constexpr,  # SOURCE 0: K_SPLITS > 1 slices meet in the workspace (module doc)
     POINTWISE: tl.constexpr,  # 1x1, stride 1, no padding: no spatial masks, no tap arithmetic
     # Rows evenly strided (pixel m at m * stride(3): dense channels_last): addressed without
     # dividing m by the image sizes, which costs ~50 integer divisions per thread and tile.
@@ -187,23 +191,24 @@ def _conv_tile(
                 acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=ACC_TYPE)
             else:
                 acc = tl.dot(a, b, acc, out_dtype=ACC_TYPE)
-    elif SOURCE == 1:
+
+    finish = True
+    if SOURCE == 0 and SPLIT:
+        # Every slice stores its partial sums; the last of the tile's slices to finish sums them
+        # and runs the epilogue (tile.last_slice_to_arrive).
         ws_tile = offs_m.to(tl.int64)[:, None] * NCH + offs_n[None, :]
         ws_mask = mask_m[:, None] & mask_n[None, :]
-        for s in range(K_SPLITS):
-            acc += tl.load(ws_ptr + (s * M).to(tl.int64) * NCH + ws_tile, mask=ws_mask, other=0.0)
-
-    if SOURCE == 0 and SPLIT:
-        # Partial sums only; the SOURCE=1 launch reduces them and runs the epilogue.
-        ws_ptrs = ws_ptr + (pid_k * M).to(tl.int64) * NCH + offs_m.to(tl.int64)[:, None] * NCH + offs_n[None, :]
-        tl.store(ws_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
-    else:
+        tl.store(ws_ptr + (pid_k * M).to(tl.int64) * NCH + ws_tile, acc, mask=ws_mask)
+        finish = last_slice_to_arrive(arrivals_ptr + pid, K_SPLITS)
+    if finish:
+        if SOURCE == 0 and SPLIT:
+            acc = sum_slices(ws_ptr, ws_tile, ws_mask, M, NCH, K_SPLITS).to(ACC_TYPE)
         if HAS_CHAN_INDEX:
             oc = tl.load(chan_ptr + offs_n, mask=mask_n, other=0)
         else:
             oc = offs_n
         z = acc
-        if SOURCE == 2:
+        if SOURCE == 1:
             if HAS_BIAS:  # `fill`, indexed by output channel
                 z += tl.load(bias_ptr + oc, mask=mask_n, other=0.0).to(ACC_TYPE)[None, :]
         else:
@@ -238,7 +243,7 @@ def _conv_tile(
 @triton.jit
 def _conv2d_kernel(
     # pointers
-    x_ptr, w_ptr, out_ptr, ws_ptr,
+    x_ptr, w_ptr, out_ptr, ws_ptr, arrivals_ptr,
     bias_ptr, scale_ptr, shift_ptr, bias_map_ptr, res_ptr, chan_ptr,
     # sizes
     M, NCH, CIN, H, W, HO, WO, K_SPLITS,
@@ -254,8 +259,8 @@ def _conv2d_kernel(
     KH: tl.constexpr, KW: tl.constexpr,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
     DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-    SOURCE: tl.constexpr,  # 0: conv K loop, 1: sum split-K workspace, 2: none (pruned channels)
-    SPLIT: tl.constexpr,  # SOURCE 0: K_SPLITS > 1 slices write partial sums to the workspace
+    SOURCE: tl.constexpr,  # 0: conv K loop, 1: none (the pruned channels' fill)
+    SPLIT: tl.constexpr,  # SOURCE 0: K_SPLITS > 1 slices meet in the workspace (module doc)
     POINTWISE: tl.constexpr,  # 1x1, stride 1, no padding: no spatial masks, no tap arithmetic
     # Rows evenly strided (pixel m at m * stride(3): dense channels_last): addressed without
     # dividing m by the image sizes, which costs ~50 integer divisions per thread and tile.
@@ -280,7 +285,7 @@ def _conv2d_kernel(
         num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(NCH, BLOCK_N)
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
             _conv_tile(tile, 0,
-                x_ptr=x_ptr, w_ptr=w_ptr, out_ptr=out_ptr, ws_ptr=ws_ptr, bias_ptr=bias_ptr,
+                x_ptr=x_ptr, w_ptr=w_ptr, out_ptr=out_ptr, ws_ptr=ws_ptr, arrivals_ptr=arrivals_ptr, bias_ptr=bias_ptr,
                 scale_ptr=scale_ptr, shift_ptr=shift_ptr, bias_map_ptr=bias_map_ptr, res_ptr=res_ptr,
                 chan_ptr=chan_ptr, M=M, NCH=NCH, CIN=CIN, H=H, W=W, HO=HO, WO=WO, K_SPLITS=K_SPLITS,
                 sxn=sxn, sxc=sxc, sxh=sxh, sxw=sxw, swo=swo, swc=swc, swh=swh, sww=sww, son=son,
@@ -295,7 +300,7 @@ def _conv2d_kernel(
                 GROUP_M=GROUP_M)
     else:
         _conv_tile(tl.program_id(0), tl.program_id(1),
-            x_ptr=x_ptr, w_ptr=w_ptr, out_ptr=out_ptr, ws_ptr=ws_ptr, bias_ptr=bias_ptr,
+            x_ptr=x_ptr, w_ptr=w_ptr, out_ptr=out_ptr, ws_ptr=ws_ptr, arrivals_ptr=arrivals_ptr, bias_ptr=bias_ptr,
             scale_ptr=scale_ptr, shift_ptr=shift_ptr, bias_map_ptr=bias_map_ptr, res_ptr=res_ptr,
             chan_ptr=chan_ptr, M=M, NCH=NCH, CIN=CIN, H=H, W=W, HO=HO, WO=WO, K_SPLITS=K_SPLITS,
             sxn=sxn, sxc=sxc, sxh=sxh, sxw=sxw, swo=swo, swc=swc, swh=swh, sww=sww, son=son, soc=soc,
@@ -312,8 +317,8 @@ def _conv2d_kernel(
 # --------------------------------------------------------------------------- configs
 
 _INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=1)
-# Reduce/fill launches are memory-bound and tiny: one fixed config.
-_EPILOGUE_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=1)
+# The fill launch (pruned channels) is memory-bound and tiny: one fixed config.
+_FILL_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=1)
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_K = min(64, Cin rounded up to a power of 2).
 # Taken from what wins on H100 in Inductor's conv/mm autotuning of our layer set (run1 log):
@@ -372,9 +377,12 @@ _POINTWISE_TMA_TILES = [
     (64, 32, 4, 3),
     (128, 16, 4, 3),
 ]
-# Stride-1 convs through TMA box loads (tma.py "box"): BLOCK_M output pixels as a box of one
-# image, whose shape tma.box_shape fits to the map.
+# Convs through TMA box loads (tma.py "box"): BLOCK_M output pixels as a box of one image (or
+# of several: IMAGES), whose shape tma.box_shape fits to the map. 256x128 (190 registers a
+# thread at 8 warps, no spills in sm90 ptxas; one program per SM) halves the weight-tile loads
+# and epilogues per FLOP of the compute-bound large-M layers (the seed layer at B=128).
 _BOX_TMA_TILES = [
+    (256, 128, 8, 3),
     (128, 256, 8, 3),
     (128, 128, 8, 3),
     (128, 128, 4, 3),
@@ -430,8 +438,8 @@ def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms:
       layers (NCH 16..64) get narrow tiles and dense wide layers 128/256-wide ones.
     - BLOCK_M no larger than M needs; 256-row tiles only when there are tiles to spare.
     - Small M, long K (e.g. 512->512 3x3 at 7x7: M = 1568, K = 4608): when a tile count
-      leaves SMs idle, split-K by 2/4/8 so the grid lands between 0.5x and 2x the SM count,
-      keeping >= 4 K steps per slice.
+      leaves SMs idle (fewer than two waves), split-K by 2/4/8 so the grid lands between 0.5x
+      and 4x the SM count, keeping >= 4 K steps per slice.
     `split_k` given: only that factor. `tma`: the TMA launch the tensors allow (tma.eligible:
     "gemm" for 1x1 convs, "box" for the others), whose tiles are offered too; a box tile is
     offered twice where boxes spanning images fit the output map `box_map` (N, HO, WO) with
@@ -450,11 +458,13 @@ def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms:
     max_warps = 8 if pointwise else _max_warps()
 
     def split_factors(n_tiles: int) -> list:
+        # Also where the tiles fill the GPU but leave most of a last wave idle (256->256 at 14x14:
+        # 196 tiles on 132 SMs); the last slice's reduction reads partial sums from L2.
         if split_k is not None:
             return [split_k]
-        if n_tiles >= sms:
+        if n_tiles >= 2 * sms:
             return [1]
-        return [1] + [s for s in (2, 4, 8) if k_iters // s >= 4 and sms // 2 <= n_tiles * s <= 2 * sms]
+        return [1] + [s for s in (2, 4, 8) if k_iters // s >= 4 and sms // 2 <= n_tiles * s <= 4 * sms]
 
     out, seen = [], set()
     for bm, bn, warps, stages in tiles:
@@ -478,8 +488,9 @@ def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms:
                 for bm, bn, warps, stages in _POINTWISE_TMA_TILES if bn in widths and bm <= bm_cap]
     if tma == "box":
         for bm, bn, warps, stages in _BOX_TMA_TILES:
-            if bn in widths and bm <= bm_cap:
-                splits = split_factors(_cdiv(m, bm) * _cdiv(nch, bn))
+            n_tiles = _cdiv(m, bm) * _cdiv(nch, bn)
+            if bn in widths and bm <= bm_cap and (bm < 256 or n_tiles >= 2 * sms):
+                splits = split_factors(n_tiles)
                 out += [(_config(bm, bn, bk, warps, stages, tma=True), s) for s in splits]
                 if box_map is not None and tma_launch.box_shape(bm, *box_map, images=True) != \
                         tma_launch.box_shape(bm, *box_map):
@@ -528,6 +539,14 @@ def _same_output(a: Tensor, b: Tensor) -> bool:
 # How candidates are timed; part of the tuning cache's signature, so that winners chosen by
 # another method are timed again.
 TIMING = "cuda-graph replay"
+# Split-K launches now end in the kernel (the last slice reduces): shapes that offer a split
+# are timed again, those that do not keep their winners.
+SPLIT_K_REDUCTION = "; split-K reduced by the last slice"
+
+
+def _signature(candidates: list) -> str:
+    splits = any(s > 1 for _, s in candidates)
+    return tuning_cache.signature(candidates, TIMING + (SPLIT_K_REDUCTION if splits else ""))
 
 
 def _launch_ms(fn) -> float:
@@ -540,8 +559,7 @@ def _launch_ms(fn) -> float:
 
 
 def _tune(key, candidates, run, out: Tensor, pointwise: bool) -> _Choice:
-    """Times every candidate launch (full launch sequence: conv + split-K reduce) and keeps the
-    fastest. Ours instead of @triton.autotune: split-K is chosen jointly with the tile (a
+    """Times every candidate launch (its whole launch sequence) and keeps the fastest. Ours instead of @triton.autotune: split-K is chosen jointly with the tile (a
     split only pays against the best unsplit tile, not against a fixed one), and the winner
     can be checked before it is trusted.
 
@@ -619,7 +637,7 @@ def _choose_launch(key, device, m, nch, cin, taps, pointwise, split_k, run, out,
         cfg, s = _safe_candidate(candidates)
         return _Choice(cfg, s, [], "untuned (captured)")
     disk = _disk_cache(index)
-    offered = tuning_cache.signature(candidates, TIMING)
+    offered = _signature(candidates)
     cached = disk.get(key, offered) if how == "cache" else None
     if cached is not None:
         tuned[key] = _Choice(cached[0], cached[1], [], "from the tuning cache")
@@ -758,7 +776,7 @@ def conv2d_triton(
         IEEE=x.dtype in (torch.float32, torch.float64),
         DOT_UPCAST=interpret and x.dtype == torch.bfloat16,
     )
-    ecfg = _INTERPRET_CONFIG if interpret else _EPILOGUE_CONFIG
+    fcfg = _INTERPRET_CONFIG if interpret else _FILL_CONFIG
 
     if nch > 0:
         conv_args = dict(
@@ -785,25 +803,20 @@ def conv2d_triton(
                 # a tuned TMA tile for tensors a descriptor cannot address: the same tile here
                 cfg = {k: v for k, v in cfg.items() if k not in ("TMA", "IMAGES")}
             bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-            ws = torch.empty((splits, m, nch), device=x.device, dtype=ws_dtype) if splits > 1 else dummy
             if use_tma:
                 tma_launch.launch(tma, x, weight, bias, scale, shift, bias_map, residual, (sh, sw), (ph, pw), (dh, dw),
-                                  ACTIVATION_CODES[activation], residual_after_activation, out, cfg,
-                                  splits=splits, ws=ws)
+                                  ACTIVATION_CODES[activation], residual_after_activation, out, cfg, splits=splits)
+                return
+            tiles = _cdiv(m, bm) * _cdiv(nch, bn)
+            ws, arrivals = split_workspace(splits, m, nch, tiles, x.device, ws_dtype) if splits > 1 else (dummy, dummy)
+            if cfg.get("PERSISTENT"):  # (absent from configs that predate persistent launches)
+                if splits > 1:
+                    raise ValueError("fxsparse conv2d: a persistent launch does not split K")
+                grid = (_persistent_programs(cfg, tiles, 2 if interpret else _sm_count(_device_index(x.device))), 1)
             else:
-                tiles = _cdiv(m, bm) * _cdiv(nch, bn)
-                if cfg.get("PERSISTENT"):  # (absent from configs that predate persistent launches)
-                    if splits > 1:
-                        raise ValueError("fxsparse conv2d: a persistent launch does not split K")
-                    grid = (_persistent_programs(cfg, tiles, 2 if interpret else _sm_count(_device_index(x.device))), 1)
-                else:
-                    grid = (tiles, splits)
-                _conv2d_kernel[grid](**conv_args, ws_ptr=ws, K_SPLITS=splits, SOURCE=_SRC_CONV, SPLIT=splits > 1,
-                                     EVEN_K=cin % bk == 0, **cfg)
-            if splits > 1:
-                egrid = (_cdiv(m, ecfg["BLOCK_M"]) * _cdiv(nch, ecfg["BLOCK_N"]), 1)
-                _conv2d_kernel[egrid](**conv_args, ws_ptr=ws, K_SPLITS=splits, SOURCE=_SRC_WORKSPACE, SPLIT=True,
-                                      EVEN_K=True, **ecfg)
+                grid = (tiles, splits)
+            _conv2d_kernel[grid](**conv_args, ws_ptr=ws, arrivals_ptr=arrivals, K_SPLITS=splits, SOURCE=_SRC_CONV,
+                                 SPLIT=splits > 1, EVEN_K=cin % bk == 0, **cfg)
 
         if split_k is None:
             split_k = _forced_split()
@@ -823,12 +836,12 @@ def conv2d_triton(
     if out_index is not None and nch < out_channels:
         comp = _complement(out_index, out_channels)
         ncomp = out_channels - nch
-        fill_grid = (_cdiv(m, ecfg["BLOCK_M"]) * _cdiv(ncomp, ecfg["BLOCK_N"]), 1)
+        fill_grid = (_cdiv(m, fcfg["BLOCK_M"]) * _cdiv(ncomp, fcfg["BLOCK_N"]), 1)
         _conv2d_kernel[fill_grid](
-            **common, ws_ptr=dummy,
+            **common, ws_ptr=dummy, arrivals_ptr=dummy,
             bias_ptr=fill if fill is not None else dummy,
             scale_ptr=dummy, shift_ptr=dummy, bias_map_ptr=dummy, chan_ptr=comp,
             NCH=ncomp, CIN=0, K_SPLITS=1, HAS_CHAN_INDEX=True,
             HAS_BIAS=fill is not None, HAS_SCALE=False, HAS_SHIFT=False, HAS_BIAS_MAP=False,
-            SOURCE=_SRC_NONE, SPLIT=False, EVEN_K=True, **ecfg)
+            SOURCE=_SRC_NONE, SPLIT=False, EVEN_K=True, **fcfg)
     return out

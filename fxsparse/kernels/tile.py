@@ -1,8 +1,10 @@
 """Pieces of a tile's work shared by the conv kernels (conv2d.py, tma.py): which tile a program
-owns, which K steps a split-K slice takes, and the epilogue's activation (specialised at
-compile time on its code in `fxsparse.ops.activations.ACTIVATION_CODES`) and residual add."""
+owns, which K steps a split-K slice takes and how the slices meet, and the epilogue's
+activation (specialised at compile time on its code in `fxsparse.ops.activations.ACTIVATION_CODES`)
+and residual add."""
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -31,6 +33,39 @@ def k_slice(k_iters, pid_k, K_SPLITS, SPLIT: tl.constexpr):
         k_lo = 0
         k_hi = k_iters
     return k_lo, k_hi
+
+
+def split_workspace(splits: int, m: int, nch: int, tiles: int, device, dtype=torch.float32):
+    """What a launch of `tiles` output tiles split `splits` ways along K needs: the workspace
+    [splits, m, nch] of partial sums, and one arrival counter per tile, zeroed. Both are the
+    call's own (stream-ordered allocations, a memset node under CUDA graphs), so launches on
+    other streams or in other graphs never share a counter."""
+    ws = torch.empty((splits, m, nch), device=device, dtype=dtype)
+    return ws, torch.zeros(tiles, device=device, dtype=torch.int32)
+
+
+@triton.jit
+def last_slice_to_arrive(arrivals_ptr, K_SPLITS):
+    """Called by a split-K slice once it has stored its partial sums: True in the one slice of
+    the tile that gets there last, which then sums them all and runs the epilogue (no second
+    launch, no second pass over the workspace from DRAM). `arrivals_ptr` points at this tile's
+    counter, zeroed before the launch.
+
+    The barrier orders every thread's partial-sum stores before the counter's release (the
+    increment is one thread's); its acquire, in the last slice, orders the other slices' stores
+    before this program's loads of them (`sum_slices` reads through L2, past the SM's L1)."""
+    tl.debug_barrier()
+    return tl.atomic_add(arrivals_ptr, 1, sem="acq_rel", scope="gpu") == K_SPLITS - 1
+
+
+@triton.jit
+def sum_slices(ws_ptr, offsets, mask, M, NCH, K_SPLITS):
+    """The K slices' partial sums at `offsets` of the workspace [K_SPLITS, M, NCH], added in
+    slice order: the result does not depend on which slice arrived last."""
+    acc = tl.load(ws_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+    for s in range(1, K_SPLITS):
+        acc += tl.load(ws_ptr + (s * M).to(tl.int64) * NCH + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+    return acc
 
 
 # `activation`'s `if ACTIVATION == k` chain is written against these codes.

@@ -37,7 +37,8 @@ import triton
 import triton.language as tl
 
 from fxsparse.kernels.layout import evenly_strided_rows
-from fxsparse.kernels.tile import grouped_tile, k_slice, residual_and_activation
+from fxsparse.kernels.tile import (grouped_tile, k_slice, last_slice_to_arrive, residual_and_activation, split_workspace,
+                                  sum_slices)
 
 Tensor = torch.Tensor
 
@@ -104,7 +105,7 @@ def _gemm_kernel(
 @triton.jit
 def _box_kernel(
     x_desc, w_desc, out_desc, res_desc,
-    bias_ptr, scale_ptr, shift_ptr, bias_map_ptr, ws_ptr,
+    bias_ptr, scale_ptr, shift_ptr, bias_map_ptr, ws_ptr, arrivals_ptr,
     N, HO, WO, NCH, CIN, K_SPLITS,
     sbc, sbh, sbw,
     KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
@@ -112,7 +113,7 @@ def _box_kernel(
     HAS_BIAS: tl.constexpr, HAS_BIAS_MAP: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RESIDUAL_AFTER: tl.constexpr, ACTIVATION: tl.constexpr,
     OUT_BF16: tl.constexpr, DOT_UPCAST: tl.constexpr,
-    SPLIT: tl.constexpr,  # K_SPLITS > 1 slices write fp32 partial sums, as conv2d's SPLIT does
+    SPLIT: tl.constexpr,  # K_SPLITS > 1 slices meet in an fp32 workspace, as conv2d's SPLIT do
     EVEN_CIN: tl.constexpr,  # CIN % BLOCK_K == 0
     BOX_N: tl.constexpr, BOX_H: tl.constexpr, BOX_W: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -165,13 +166,18 @@ def _box_kernel(
     oh = oh0 + (i // BOX_W) % BOX_H
     ow = ow0 + i % BOX_W
     inside = (img < N) & (oh < HO) & (ow < WO)
+    finish = True
     if SPLIT:
-        # Partial sums into the workspace [K_SPLITS, M, NCH] (rows: output pixels in NHWC
-        # order); conv2d's reduce launch sums them and runs the epilogue.
-        m = (img * HO + oh).to(tl.int64) * WO + ow
-        rows = tl.program_id(1).to(tl.int64) * N * HO * WO + m
-        tl.store(ws_ptr + rows[:, None] * NCH + offs_n[None, :], acc, mask=inside[:, None] & mask_n[None, :])
-    else:
+        # Partial sums into the workspace [K_SPLITS, M, NCH] (rows: output pixels in NHWC order);
+        # the tile's last slice to arrive sums them and runs the epilogue, as conv2d's split-K does.
+        rows = N * HO * WO
+        ws_tile = ((img * HO + oh).to(tl.int64) * WO + ow)[:, None] * NCH + offs_n[None, :]
+        ws_mask = inside[:, None] & mask_n[None, :]
+        tl.store(ws_ptr + (tl.program_id(1) * rows).to(tl.int64) * NCH + ws_tile, acc, mask=ws_mask)
+        finish = last_slice_to_arrive(arrivals_ptr + tl.program_id(0), K_SPLITS)
+    if finish:
+        if SPLIT:
+            acc = sum_slices(ws_ptr, ws_tile, ws_mask, rows, NCH, K_SPLITS)
         bias_map = acc
         if HAS_BIAS_MAP:
             bm_ptrs = bias_map_ptr + offs_n[None, :] * sbc + (oh * sbh + ow * sbw)[:, None]
@@ -289,12 +295,11 @@ def _launch_args(bias, scale, shift, residual, activation_code, residual_after_a
 def launch(kind: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
            shift: Optional[Tensor], bias_map: Optional[Tensor], residual: Optional[Tensor], stride, padding, dilation,
            activation_code: int, residual_after_activation: bool, out: Tensor, cfg: dict,
-           splits: int = 1, ws: Optional[Tensor] = None) -> None:
-    """Runs the conv as TMA launch `kind` (what `eligible` said) with tile config `cfg`. With
-    `splits` > 1 (box only) it writes partial sums to `ws` [splits, M, NCH] instead, for the
-    caller's reduce launch."""
-    if splits > 1 and (kind != "box" or ws is None):
-        raise ValueError("fxsparse conv2d: only the box TMA launch splits K, into a workspace")
+           splits: int = 1) -> None:
+    """Runs the conv as TMA launch `kind` (what `eligible` said) with tile config `cfg`, its K
+    loop split `splits` ways (box only)."""
+    if splits > 1 and kind != "box":
+        raise ValueError("fxsparse conv2d: only the box TMA launch splits K")
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     nch, cin, kh, kw = weight.shape
     common = _launch_args(bias, scale, shift, residual, activation_code, residual_after_activation, out)
@@ -317,11 +322,12 @@ def launch(kind: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: 
     res_desc = out_desc if residual is None else TensorDescriptor(residual, *_nhwc(residual), [*box, bn])
     bm_strides = bias_map.stride() if bias_map is not None else (0, 0, 0)
     grid = ((-(-n // box_n)) * (-(-ho // box_h)) * (-(-wo // box_w)) * (-(-nch // bn)), splits)
+    ws, arrivals = split_workspace(splits, n * ho * wo, nch, grid[0], out.device) if splits > 1 else (out, out)
     _box_kernel[grid](
         TensorDescriptor(x, *_phased(x, stride), [box_n, box_h, 1, box_w, bk]),
         TensorDescriptor(weight, [nch, kh * kw, cin], [weight.stride(0), cin, 1], [bn, 1, bk]),
         out_desc, res_desc, bias_map_ptr=bias_map if bias_map is not None else out,
-        ws_ptr=ws if ws is not None else out, K_SPLITS=splits, SPLIT=splits > 1,
+        ws_ptr=ws, arrivals_ptr=arrivals, K_SPLITS=splits, SPLIT=splits > 1,
         N=n, HO=ho, WO=wo, NCH=nch, CIN=cin, sbc=bm_strides[0], sbh=bm_strides[1], sbw=bm_strides[2],
         KH=kh, KW=kw, STRIDE_H=int(stride[0]), STRIDE_W=int(stride[1]), EVEN_CIN=cin % bk == 0,
         PAD_H=int(padding[0]), PAD_W=int(padding[1]), DIL_H=int(dilation[0]), DIL_W=int(dilation[1]),
