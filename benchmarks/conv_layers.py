@@ -24,6 +24,7 @@ import argparse
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -83,11 +84,12 @@ def _op(x, w, bias, stride, padding, in_index, cout, activation):
                                      None, None, None, None, None, activation, False)
 
 
-def run_row(spec, keep_out, keep_in, args, device, started):
+def make_tensors(spec, keep_out, keep_in, device):
+    """One row's inputs, seeded (every script that calls this builds the same tensors): the full
+    input x_full, the compacted input x_c (x_full itself unless keep_in < 1, then its kept channels
+    gathered; in_index names them), the compacted weight w and a bias, channels_last."""
     name, batch, cin, cout, k, hw, s = spec
     dtype = torch.float16 if device == "cuda" else torch.float32
-    method = "graph" if device == "cuda" else "cpu"
-    timing = dict(calls=20) if method == "graph" else dict(repeat=3)
     cout_k = max(1, round(cout * keep_out))
     cin_k = max(1, round(cin * keep_in))
     stride, padding = (s, s), (k // 2, k // 2)
@@ -102,6 +104,33 @@ def run_row(spec, keep_out, keep_in, args, device, started):
     w = (torch.randn(cout_k, cin_k, k, k, device=device, generator=g) / (cin_k * k * k) ** 0.5).to(dtype)
     w = w.contiguous(memory_format=torch.channels_last)
     bias = torch.randn(cout_k, device=device, generator=g).to(dtype)
+    return SimpleNamespace(x_full=x_full, x_c=x_c, in_index=in_index, w=w, bias=bias, stride=stride,
+                           padding=padding, cout_k=cout_k, cin_k=cin_k)
+
+
+def fxsparse_call(t, fused=False):
+    """fxsparse's op as the table times it: the full input (read through in_index), the compacted
+    weight; fused: with the bias and ReLU in its epilogue."""
+    if fused:
+        return lambda: _op(t.x_full, t.w, t.bias, t.stride, t.padding, t.in_index, t.cout_k, "relu")
+    return lambda: _op(t.x_full, t.w, None, t.stride, t.padding, t.in_index, t.cout_k, "none")
+
+
+def cudnn_call(t, fused=False):
+    """cuDNN (channels_last) as the table times it: the compacted input and weight; fused: conv
+    with bias, then ReLU."""
+    if fused:
+        return lambda: torch.relu(F.conv2d(t.x_c, t.w, t.bias, t.stride, t.padding))
+    return lambda: F.conv2d(t.x_c, t.w, None, t.stride, t.padding)
+
+
+def run_row(spec, keep_out, keep_in, args, device, started):
+    name, batch, cin, cout, k, hw, s = spec
+    method = "graph" if device == "cuda" else "cpu"
+    timing = dict(calls=20) if method == "graph" else dict(repeat=3)
+    t = make_tensors(spec, keep_out, keep_in, device)
+    x_full, x_c, in_index, w, bias = t.x_full, t.x_c, t.in_index, t.w, t.bias
+    stride, padding, cout_k, cin_k = t.stride, t.padding, t.cout_k, t.cin_k
     x_nchw, w_nchw = x_c.contiguous(), w.contiguous()
 
     ho = (hw + 2 * padding[0] - k) // s + 1
@@ -121,10 +150,10 @@ def run_row(spec, keep_out, keep_in, args, device, started):
             errors[col] = err
 
     timed("cudnn_nchw_us", lambda: F.conv2d(x_nchw, w_nchw, None, stride, padding))
-    timed("cudnn_cl_us", lambda: F.conv2d(x_c, w, None, stride, padding))
-    timed("cudnn_bias_relu_us", lambda: torch.relu(F.conv2d(x_c, w, bias, stride, padding)))
-    timed("fxsparse_us", lambda: _op(x_full, w, None, stride, padding, in_index, cout_k, "none"))
-    timed("fx_bias_relu_us", lambda: _op(x_full, w, bias, stride, padding, in_index, cout_k, "relu"))
+    timed("cudnn_cl_us", cudnn_call(t))
+    timed("cudnn_bias_relu_us", cudnn_call(t, fused=True))
+    timed("fxsparse_us", fxsparse_call(t))
+    timed("fx_bias_relu_us", fxsparse_call(t, fused=True))
 
     if device == "cuda" and not args.quick:
         elapsed = time.time() - started

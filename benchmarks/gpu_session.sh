@@ -43,6 +43,7 @@ for spec in "$@"; do
     splitr50) cmd="python3 benchmarks/host_split.py --model resnet50 --batch 1 --rounds 5" ;;
     profdense) cmd="python3 benchmarks/host_profile.py --model resnet50 --keep 1.0 --batch 64 --rounds 2" ;;
     tune) cmd="python3 benchmarks/kernel_tune.py --json $OUT/tune.json" ;;
+    ncu) cmd="python3 benchmarks/profile_kernels.py --json $OUT/ncu.json" ;;
     *) echo "unknown stage $stage"; continue ;;
   esac
   echo "=== $stage ($limit s): $cmd"
