@@ -393,17 +393,6 @@ _BOX_TMA_TILES = [
     (64, 32, 4, 4),
     (64, 16, 4, 4),
 ]
-# Deep pipelines for long K loops (offered where there are >= 8 K steps), at any width up to the
-# layer's: cuDNN's sm90 kernels for the 3x3 layers that missed issue 2's bars run one
-# warpgroup per 128x64 or 128x128 tile with ~226 KB of operand stages (ncu, run 39: 512->512 @7
-# as 104 programs of 128x64, no split); ours ran 2-4 stages of 64x128 with barrier and
-# scoreboard stalls. 176-184 KB of shared memory each (sm90 ptxas, triton 3.6).
-_DEEP_BOX_TMA_TILES = [
-    (128, 64, 4, 8),
-    (64, 128, 4, 8),
-    (128, 128, 4, 6),
-    (128, 128, 8, 5),
-]
 _SAFE_TILE = (64, 64, 4, 3)  # the fallback when a tuned 8-warp tile fails its check
 
 
@@ -498,11 +487,9 @@ def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms:
         out += [(_config(bm, bn, bk, warps, stages, tma=True), 1)
                 for bm, bn, warps, stages in _POINTWISE_TMA_TILES if bn in widths and bm <= bm_cap]
     if tma == "box":
-        deep = _DEEP_BOX_TMA_TILES if k_iters >= 8 else []
-        for bm, bn, warps, stages in _BOX_TMA_TILES + deep:
+        for bm, bn, warps, stages in _BOX_TMA_TILES:
             n_tiles = _cdiv(m, bm) * _cdiv(nch, bn)
-            width_ok = bn in widths if stages < 5 else bn <= bn_cap
-            if width_ok and bm <= bm_cap and (bm < 256 or n_tiles >= 2 * sms):
+            if bn in widths and bm <= bm_cap and (bm < 256 or n_tiles >= 2 * sms):
                 splits = split_factors(n_tiles)
                 out += [(_config(bm, bn, bk, warps, stages, tma=True), s) for s in splits]
                 if box_map is not None and tma_launch.box_shape(bm, *box_map, images=True) != \
