@@ -378,11 +378,10 @@ _POINTWISE_TMA_TILES = [
     (128, 16, 4, 3),
 ]
 # Convs through TMA box loads (tma.py "box"): BLOCK_M output pixels as a box of one image (or
-# of several: IMAGES), whose shape tma.box_shape fits to the map. 256x128 (190 registers a
-# thread at 8 warps, no spills in sm90 ptxas; one program per SM) halves the weight-tile loads
-# and epilogues per FLOP of the compute-bound large-M layers (the seed layer at B=128).
+# of several: IMAGES), whose shape tma.box_shape fits to the map. (Measured and dropped, run
+# 40: 256x128 tiles, 156 us against 128x128's 128 us on the seed layer at B=128; 5-8 stage
+# pipelines, 31-119 us against 27 us on 512->512 @7: docs/benchmarks.md, session 7.)
 _BOX_TMA_TILES = [
-    (256, 128, 8, 3),
     (128, 256, 8, 3),
     (128, 128, 8, 3),
     (128, 128, 4, 3),
@@ -488,9 +487,8 @@ def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms:
                 for bm, bn, warps, stages in _POINTWISE_TMA_TILES if bn in widths and bm <= bm_cap]
     if tma == "box":
         for bm, bn, warps, stages in _BOX_TMA_TILES:
-            n_tiles = _cdiv(m, bm) * _cdiv(nch, bn)
-            if bn in widths and bm <= bm_cap and (bm < 256 or n_tiles >= 2 * sms):
-                splits = split_factors(n_tiles)
+            if bn in widths and bm <= bm_cap:
+                splits = split_factors(_cdiv(m, bm) * _cdiv(nch, bn))
                 out += [(_config(bm, bn, bk, warps, stages, tma=True), s) for s in splits]
                 if box_map is not None and tma_launch.box_shape(bm, *box_map, images=True) != \
                         tma_launch.box_shape(bm, *box_map):
