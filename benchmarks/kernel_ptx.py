@@ -90,16 +90,33 @@ def _count(ptx: str, patterns) -> Counter:
 
 
 TMA_PATTERNS = ("wgmma", "cp.async.bulk.tensor", "ld.shared", "st.shared")
-TMA_KINDS = ("gemm", "box", "box/2", "box/images", "box/split")
+TMA_KINDS = ("gemm", "box", "box/2", "box/images", "box/split", "box/row")
 
 
 def tma_instructions(kind: str) -> Counter:
     """Counts of TMA_PATTERNS in the sm90 PTX of a kernels/tma.py launch (fp16, residual, relu):
     "gemm" (1x1, 256x128x64 tile), "box" (3x3, a 2x64-pixel box, 128 channels, 64-deep K) or
     "box/2" (the same box at stride 2, reading phases of the input) or "box/images" (2 images
-    of 8x8 pixels) or "box/split" (the box with its K loop split).
+    of 8x8 pixels) or "box/split" (the box with its K loop split) or "box/row" (one row of 64
+    pixels: the box's leading dimensions all 1).
     Box loads reshaped to GEMM tiles should feed wgmma from shared memory directly: no
     ld.shared/st.shared round trip through registers."""
+    return _count(tma_ptx(kind), TMA_PATTERNS + SPLIT_PATTERNS)
+
+
+def k_loop_sync(ptx: str) -> dict:
+    """What the K loop waits on: the basic block that holds the wgmma instructions, with its
+    wgmma count, the wgmma.wait_group depths it uses, its mbarrier waits (TMA arrivals) and CTA
+    barriers. A loop that waits with depth 1 once per step keeps one step's MMAs in flight
+    while the next step's operands land; depth N-1 after each of N wgmmas does not."""
+    body = max(re.split(r"^\$L__BB\d+_\d+:", ptx, flags=re.M), key=lambda b: b.count("wgmma.mma_async"))
+    depths = re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", body)
+    return {"wgmma": body.count("wgmma.mma_async"), "wait_group": " ".join(depths) or "-",
+            "mbarrier waits": body.count("mbarrier.try_wait"), "bar.sync": len(re.findall(r"bar\.sync\b", body))}
+
+
+def tma_ptx(kind: str) -> str:
+    """The sm90 PTX of one kernels/tma.py launch `kind` (see tma_instructions)."""
     import triton
 
     from fxsparse.kernels import tma
@@ -117,7 +134,8 @@ def tma_instructions(kind: str) -> Counter:
                      out_desc=f"tensordesc<fp16[{bm}, {bn}]>", res_desc=f"tensordesc<fp16[{bm}, {bn}]>")
         consts = dict(epi, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     else:
-        fn, (bh, bw, bn, bk) = tma._box_kernel, ((8, 8) if kind == "box/images" else (2, 64)) + (128, 64)
+        bh, bw = {"box/images": (8, 8), "box/row": (1, 64)}.get(kind, (2, 64))
+        fn, bn, bk = tma._box_kernel, 128, 64
         stride = 2 if kind == "box/2" else 1
         box_n = 2 if kind == "box/images" else 1
         box = f"{box_n}, {bh}, {bw}"
@@ -143,7 +161,7 @@ def tma_instructions(kind: str) -> Counter:
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=3))
     except (TypeError, KeyError, AttributeError, ValueError) as e:  # another Triton's offline API
         raise OfflineCompileUnavailable(f"{type(e).__name__}: {e}") from e
-    return _count(compiled.asm["ptx"], TMA_PATTERNS + SPLIT_PATTERNS)
+    return compiled.asm["ptx"]
 
 
 def main() -> None:
@@ -168,8 +186,11 @@ def main() -> None:
     c = memory_instructions(pointwise=False, split=True)
     cases["3x3 split"] = dict(c)
     rows.append(["3x3 split-K", "no", *(c[p] for p in PATTERNS)])
+    loops = {}
     for kind in TMA_KINDS:
-        cases[f"tma {kind}"] = dict(tma_instructions(kind))
+        ptx = tma_ptx(kind)
+        cases[f"tma {kind}"] = dict(_count(ptx, TMA_PATTERNS + SPLIT_PATTERNS))
+        loops[kind] = cases[f"loop {kind}"] = k_loop_sync(ptx)
     if args.json:
         print(json.dumps(cases))
         return
@@ -182,6 +203,10 @@ def main() -> None:
           "stride 1 and 2; 2 images of 8x8)")
     print(tabulate([[k, *(cases[f"tma {k}"].get(p, 0) for p in TMA_PATTERNS)] for k in TMA_KINDS],
                    headers=["launch", *TMA_PATTERNS], tablefmt="github"))
+    print("\nTheir K loops (the basic block holding the wgmma instructions): wgmma.wait_group depths in "
+          "order, TMA arrivals waited on, CTA barriers")
+    print(tabulate([[k, *loops[k].values()] for k in TMA_KINDS], headers=["launch", *loops["gemm"]],
+                   tablefmt="github"))
 
 
 if __name__ == "__main__":

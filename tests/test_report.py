@@ -205,3 +205,21 @@ def test_report_counts_the_launches_of_the_compiled_code(tmp_path):
     assert triton_convs == len(g["convs"]) >= 3 and sites["fxsparse"] == triton_convs
     assert sites["extern"] == 0  # no conv left to aten
     assert isinstance(g["launches"], int) and g["launches"] >= sum(sites.values())
+
+
+def _many_parameters():
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Conv2d(4, 4, 1) for _ in range(20)]).eval()  # 40 parameters
+
+
+def test_report_suggests_freezing_where_parameters_are_inputs(capsys):
+    """An inference graph traced without freezing takes its 40 parameters as inputs: the report
+    says so and names the setting; traced with freezing, they are constants and it says nothing."""
+    x = torch.randn(1, 4, 5, 5)
+    r = fxsparse.explain(_many_parameters(), x, options={"inductor": False})
+    (note,) = [n for n in r.graphs[0].notes if "freezing" in n]
+    assert note.startswith("40 parameters are graph inputs") and "note: 40 parameters" in capsys.readouterr().out
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(freezing=True):
+        r = fxsparse.explain(_many_parameters(), x, options={"inductor": False})
+    assert not any("freezing" in n for g in r.graphs for n in g.notes)

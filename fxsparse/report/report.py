@@ -94,7 +94,8 @@ def format_table(report: Report) -> str:
                                     "fused", "MACs kept", "reason"])
     totals = [f"graph {g.index} ({g.mode}): {g.rewritten}/{len(g.convs)} convs rewritten, MACs kept "
               f"{_ratio(g.macs_after, g.macs_before)} (ideal {_ratio(g.macs_ideal, g.macs_before)})"
-              + (f", {g.launches} launches" if g.launches is not None else "") for g in report.graphs]
+              + (f", {g.launches} launches" if g.launches is not None else "")
+              + "".join(f"\n  note: {n}" for n in g.notes) for g in report.graphs]
     return table + "\n" + "\n".join(totals)
 
 
