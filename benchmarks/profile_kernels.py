@@ -650,11 +650,15 @@ def export_csv(ncu: str, rep: str, csv_path: str) -> str:
 
 
 def print_tables(kernels, summary, title=None):
-    legend = {k["kernel"]: k["kernel_full"] for k in kernels if k["kernel"] != k.get("kernel_full")}
+    # (one short name can stand for several kernels, e.g. the elementwise kernels of two rows)
+    legend = {}
+    for k in kernels:
+        if k["kernel"] != k.get("kernel_full"):
+            legend.setdefault((k["kernel"], k["kernel_full"]), []).append(f"{k['layer']} {k['impl']}")
     if legend:
         print("\nkernel names:", flush=True)
-        for short, full in legend.items():
-            print(f"  {short}: {full}", flush=True)
+        for (short, full), where in legend.items():
+            print(f"  {short} ({', '.join(where)}): {full}", flush=True)
     if summary:
         common.print_table(summary, SUMMARY_COLUMNS, title="\nper call: CUDA-graph replay (phase 1) vs ncu's kernel "
                                                            "durations (caches flushed, 2 calls averaged)")

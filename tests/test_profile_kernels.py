@@ -189,7 +189,7 @@ def test_help_and_table_from_csv_on_the_cpu(tmp_path):
     conv = next(line for line in body if CONV in line)
     assert "| 21 " in conv and "wait 3, math 3, long_sb 2" in conv
     assert lines[-1].startswith("| 512@7") and "c3x_sm90" in lines[-1]
-    assert f"c3x_sm90_s64x128x16gemm_12..coop_epi_tma: {CUDNN}" in proc.stdout  # the legend
+    assert f"c3x_sm90_s64x128x16gemm_12..coop_epi_tma (512@7 B32 cudnn): {CUDNN}" in proc.stdout  # the legend
     assert '"rows"' in out.read_text()
 
 
