@@ -9,6 +9,8 @@ inside it during ordinary calls of the compiled model. Per call, that gives:
   back graph outputs such as pruned modules' `weight`).
 No profiler runs, so nothing inflates Python calls; the variants alternate in rounds.
 
+"of which gc": time the cyclic garbage collector ran during the timed calls (gc.callbacks).
+
 A plain call's latency (what `do_bench` reports) is the host time *before* the CUDA-graph
 launch plus the device time; host time after the launch overlaps the kernels. So the split is
 also taken at the launch: "before launch" runs from the call to the entry of
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import os
 import statistics
 import sys
@@ -48,6 +51,30 @@ class Clock:
             return out
 
         return run
+
+
+class GcClock:
+    """Seconds the cyclic garbage collector runs while active (gc.callbacks), and how many
+    collections of the oldest generation that took: a process holding many objects (Triton
+    kernels compiled by a tuner, say) pays for each of them in every full collection."""
+
+    def __init__(self):
+        self.seconds, self.full, self._start = 0.0, 0, None
+
+    def _callback(self, phase, info):
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            self.seconds += time.perf_counter() - self._start
+            self.full += info.get("generation") == 2
+            self._start = None
+
+    def __enter__(self):
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self._callback)
 
 
 class LaunchClock:
@@ -166,15 +193,17 @@ def main() -> None:
             err = common.max_abs_err(out, ref)
             for _ in range(20):
                 compiled(x)
-            runs[name] = (compiled, timed, err, {k: [] for k in ("total", "inside", "inductor", "guard")})
+            runs[name] = (compiled, timed, err, {k: [] for k in ("total", "inside", "inductor", "guard", "gc")})
         for _ in range(args.rounds):
             for name, (compiled, timed, _, samples) in runs.items():
                 torch.cuda.synchronize()
                 timed.reset()
-                t = time.perf_counter()
-                for _ in range(args.calls):
-                    compiled(x)
-                total = time.perf_counter() - t
+                with GcClock() as collector:
+                    t = time.perf_counter()
+                    for _ in range(args.calls):
+                        compiled(x)
+                    total = time.perf_counter() - t
+                samples["gc"].append(collector.seconds / args.calls * 1e6)
                 torch.cuda.synchronize()
                 samples["total"].append(total / args.calls * 1e6)
                 for k in ("inside", "inductor", "guard"):
@@ -190,14 +219,23 @@ def main() -> None:
         rows.append(dict(variant=name, total=m["total"], inside=m["inside"], dynamo=m["total"] - m["inside"],
                          inductor=m["inductor"] if fx else None, guard=m["guard"] if fx else None,
                          wrappers=m["inside"] - m["inductor"] - m["guard"] if fx else None,
-                         err=err, **extra))
+                         gc=m["gc"], err=err, **extra))
     print(common.model_run_title(args.model, args.keep, args.batch, how,
-                                 f"host us per call, median of {args.rounds} rounds of {args.calls} calls"))
+                                 f"host us per call, median of {args.rounds} rounds of {args.calls} calls")
+          + f" | FXSPARSE_TUNE={os.environ.get('FXSPARSE_TUNE', 'cache')} | {len(gc.get_objects())} objects "
+          f"tracked by gc, a full collection {_full_collection_ms():.1f} ms")
     common.print_table(rows, [("variant", "variant"), ("total", "host us/call"), ("inside", "inside backend us"),
                               ("inductor", "of which Inductor us"), ("guard", "of which guard us"),
                               ("wrappers", "of which wrappers us"), ("dynamo", "dynamo side us"),
                               ("before", "before launch us"), ("after", "after launch us"),
-                              ("launches", "graph launches/call"), ("plain", "do_bench plain us"), ("err", "err")])
+                              ("launches", "graph launches/call"), ("plain", "do_bench plain us"),
+                              ("gc", "of which gc us"), ("err", "err")])
+
+
+def _full_collection_ms() -> float:
+    t = time.perf_counter()
+    gc.collect()
+    return (time.perf_counter() - t) * 1e3
 
 
 if __name__ == "__main__":
