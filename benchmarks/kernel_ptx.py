@@ -59,7 +59,8 @@ def memory_instructions(pointwise: bool = True, out_index: bool = False, residua
                  srn=hw * hw * cout, src=1, srh=hw * cout, srw=cout, sbc=0, sbh=0, sbw=0)
     bm, bn, bk = block
     constexprs = dict(KH=k, KW=k, STRIDE_H=1, STRIDE_W=1, PAD_H=k // 2, PAD_W=k // 2, DIL_H=1, DIL_W=1,
-                      SOURCE=0, SPLIT=split, POINTWISE=pointwise, FLAT_X_ROWS=pointwise, FLAT_OUT_ROWS=True, EVEN_K=True, HAS_CHAN_INDEX=out_index,
+                      SOURCE=0, SPLIT=split, POINTWISE=pointwise, FLAT_X_ROWS=pointwise, FLAT_OUT_ROWS=True,
+                      EVEN_K=True, HAS_CHAN_INDEX=out_index,
                       HAS_BIAS=True, HAS_SCALE=False, HAS_SHIFT=False, HAS_BIAS_MAP=False,
                       HAS_RESIDUAL=residual, RESIDUAL_AFTER=False, ACTIVATION=1, ACC_TYPE=tl.float32, IEEE=False,
                       DOT_UPCAST=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
@@ -143,8 +144,8 @@ def tma_ptx(kind: str) -> str:
                      w_desc=f"tensordesc<fp16[{bn}, 1, {bk}]>",
                      out_desc=f"tensordesc<fp16[{box}, {bn}]>", res_desc=f"tensordesc<fp16[{box}, {bn}]>")
         consts = dict(epi, KH=3, KW=3, STRIDE_H=stride, STRIDE_W=stride, PAD_H=1, PAD_W=1, DIL_H=1, DIL_W=1,
-                      HAS_BIAS_MAP=False, SPLIT=kind == "box/split", EVEN_CIN=True, BOX_N=box_n, BOX_H=bh, BOX_W=bw, BLOCK_N=bn,
-                      BLOCK_K=bk)
+                      HAS_BIAS_MAP=False, SPLIT=kind == "box/split", EVEN_CIN=True, BOX_N=box_n, BOX_H=bh, BOX_W=bw,
+                      BLOCK_N=bn, BLOCK_K=bk)
     signature, constexprs = {}, {}
     for i, name in enumerate(inspect.signature(fn.fn).parameters):
         if name in consts:

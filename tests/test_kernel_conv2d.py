@@ -683,8 +683,8 @@ def test_box_spanning_images_offered_only_where_it_computes_less():
 
 @pytest.mark.parametrize("split_k", [2, 3])
 def test_tma_box_split_k(request, split_k):
-    """The box launch's K slices write partial sums that conv2d's reduce launch finishes
-    (with the epilogue), as its own split-K does."""
+    """The box launch's K slices meet in the workspace and the last one to arrive runs the
+    epilogue (residual and activation included), as conv2d's own split-K does."""
     g = _gen(request)
     x = rnd(g, 2, 32, 7, 7).contiguous(memory_format=torch.channels_last)
     w = rnd(g, 24, 32, 3, 3, scale=0.1).contiguous(memory_format=torch.channels_last)

@@ -42,9 +42,11 @@ GPU and K is long (e.g. 512->512 3x3 at 7x7), programs along grid axis 1 each
 reduce a slice of the K loop into an fp32 workspace [K_SPLITS, M, NCH] and
 count themselves in on the tile's arrival counter (zeroed per call); the last
 slice of a tile to arrive sums the slices, in slice order (deterministic), from
-L2 and runs the epilogue (tile.last_slice_to_arrive). A second, reducing
-launch read the whole workspace back from DRAM after the last slice was done,
-and cost a launch.
+L2 and runs the epilogue (tile.last_slice_to_arrive), where a second launch
+used to read the whole workspace back. That saved no time on the H100 (the
+7x7 layer took 26.9 us before and after, session 7): the K loop, not the
+reduction, is what limits those layers. One launch per conv remains, after a
+small fill that zeroes the counters.
 
 Persistent launches (PERSISTENT, offered for 1x1 convs with one or two K
 steps): a grid of a few programs per SM, each walking tiles in a loop that
@@ -83,8 +85,8 @@ import triton.language as tl
 from fxsparse.kernels import tma as tma_launch
 from fxsparse.kernels import tuning_cache
 from fxsparse.kernels.layout import evenly_strided_rows, select_channels
-from fxsparse.kernels.tile import (grouped_tile, k_slice, last_slice_to_arrive, residual_and_activation, split_workspace,
-                                  sum_slices)
+from fxsparse.kernels.tile import (grouped_tile, k_slice, last_slice_to_arrive, residual_and_activation,
+                                  split_workspace, sum_slices)
 from fxsparse.kernels.timing import cuda_graph_time_ms
 from fxsparse.ops.activations import ACTIVATION_CODES
 from fxsparse.ops.conv2d import TensorCache
@@ -557,9 +559,10 @@ def _launch_ms(fn) -> float:
 
 
 def _tune(key, candidates, run, out: Tensor, pointwise: bool) -> _Choice:
-    """Times every candidate launch (its whole launch sequence) and keeps the fastest. Ours instead of @triton.autotune: split-K is chosen jointly with the tile (a
-    split only pays against the best unsplit tile, not against a fixed one), and the winner
-    can be checked before it is trusted.
+    """Times every candidate launch (its whole launch sequence) and keeps the fastest. Ours
+    instead of @triton.autotune: split-K is chosen jointly with the tile (a split only pays
+    against the best unsplit tile, not against a fixed one), and the winner can be checked
+    before it is trusted.
 
     The check: 8-warp programs miscompiled the flattened tap loop of Inductor's conv template
     (triton issue 1254; pytorch issue 173068, PRs 177823/183989 cap non-1x1 convs at 4 warps).

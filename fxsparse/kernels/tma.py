@@ -37,8 +37,8 @@ import triton
 import triton.language as tl
 
 from fxsparse.kernels.layout import evenly_strided_rows
-from fxsparse.kernels.tile import (grouped_tile, k_slice, last_slice_to_arrive, residual_and_activation, split_workspace,
-                                  sum_slices)
+from fxsparse.kernels.tile import (grouped_tile, k_slice, last_slice_to_arrive, residual_and_activation,
+                                  split_workspace, sum_slices)
 
 Tensor = torch.Tensor
 
