@@ -88,7 +88,7 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence, opts: Options, index: 
         report.notes.append("an in-place op writes a tensor that other ops also read: channels not "
                             "carried across layers (per-conv compaction only)")
     if inference:
-        report.notes.extend(freezing_hint(example_inputs))
+        report.notes.extend(freezing_hint(example_inputs, _on_cuda(example_inputs)))
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     depends_on = [i for i, p in enumerate(placeholders) if p in cap.read]
     # (attributes: under freezing every statistic is one, and the guard watches them all)
@@ -100,14 +100,15 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence, opts: Options, index: 
 FREEZING_HINT_MIN_PARAMETERS = 32
 
 
-def freezing_hint(example_inputs: Sequence) -> list:
-    """A report note for an inference graph traced without Inductor's freezing, whose
+def freezing_hint(example_inputs: Sequence, on_cuda: bool) -> list:
+    """A report note for a CUDA inference graph traced without Inductor's freezing, whose
     parameters dynamo then marshals as inputs on every call: host time that small batches feel
     (MobileNet-v2 at B=1 on an H100 host: 379 us a call against 275 us with freezing,
     docs/benchmarks.md run 36). fxsparse's guard follows frozen weights (frozen_tensors), so
-    freezing costs no staleness here."""
+    freezing costs no staleness here. Not on the CPU, where frozen convs measured slower per
+    call at small sizes (docs/benchmarks.md, CPU)."""
     params = sum(isinstance(t, torch.nn.Parameter) for t in example_inputs)
-    if params < FREEZING_HINT_MIN_PARAMETERS:
+    if not on_cuda or params < FREEZING_HINT_MIN_PARAMETERS:
         return []
     return [f"{params} parameters are graph inputs: each call passes them through dynamo's wrapper. "
             "Setting torch._inductor.config.freezing = True before compiling (inference, grad off) hands "
