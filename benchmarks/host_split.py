@@ -54,19 +54,18 @@ class Clock:
 
 
 class GcClock:
-    """Seconds the cyclic garbage collector runs while active (gc.callbacks), and how many
-    collections of the oldest generation that took: a process holding many objects (Triton
-    kernels compiled by a tuner, say) pays for each of them in every full collection."""
+    """Seconds the cyclic garbage collector runs while active (gc.callbacks): a process holding
+    many objects (Triton kernels compiled by a tuner, say) pays for each of them in every full
+    collection."""
 
     def __init__(self):
-        self.seconds, self.full, self._start = 0.0, 0, None
+        self.seconds, self._start = 0.0, None
 
     def _callback(self, phase, info):
         if phase == "start":
             self._start = time.perf_counter()
         elif self._start is not None:
             self.seconds += time.perf_counter() - self._start
-            self.full += info.get("generation") == 2
             self._start = None
 
     def __enter__(self):

@@ -94,17 +94,6 @@ TMA_PATTERNS = ("wgmma", "cp.async.bulk.tensor", "ld.shared", "st.shared")
 TMA_KINDS = ("gemm", "box", "box/2", "box/images", "box/split", "box/row")
 
 
-def tma_instructions(kind: str) -> Counter:
-    """Counts of TMA_PATTERNS in the sm90 PTX of a kernels/tma.py launch (fp16, residual, relu):
-    "gemm" (1x1, 256x128x64 tile), "box" (3x3, a 2x64-pixel box, 128 channels, 64-deep K) or
-    "box/2" (the same box at stride 2, reading phases of the input) or "box/images" (2 images
-    of 8x8 pixels) or "box/split" (the box with its K loop split) or "box/row" (one row of 64
-    pixels: the box's leading dimensions all 1).
-    Box loads reshaped to GEMM tiles should feed wgmma from shared memory directly: no
-    ld.shared/st.shared round trip through registers."""
-    return _count(tma_ptx(kind), TMA_PATTERNS + SPLIT_PATTERNS)
-
-
 def k_loop_sync(ptx: str) -> dict:
     """What the K loop waits on: the basic block that holds the wgmma instructions, with its
     wgmma count, the wgmma.wait_group depths it uses, its mbarrier waits (TMA arrivals) and CTA
@@ -117,7 +106,13 @@ def k_loop_sync(ptx: str) -> dict:
 
 
 def tma_ptx(kind: str) -> str:
-    """The sm90 PTX of one kernels/tma.py launch `kind` (see tma_instructions)."""
+    """The sm90 PTX of a kernels/tma.py launch (fp16, residual, relu): "gemm" (1x1, 256x128x64
+    tile), "box" (3x3, a 2x64-pixel box, 128 channels, 64-deep K) or "box/2" (the same box at
+    stride 2, reading phases of the input) or "box/images" (2 images of 8x8 pixels) or
+    "box/split" (the box with its K loop split) or "box/row" (one row of 64 pixels: the box's
+    leading dimensions all 1). main() counts TMA_PATTERNS in it: box loads reshaped to GEMM
+    tiles should feed wgmma from shared memory directly, with no ld.shared/st.shared round
+    trip through registers."""
     import triton
 
     from fxsparse.kernels import tma
