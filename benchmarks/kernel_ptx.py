@@ -91,7 +91,7 @@ def _count(ptx: str, patterns) -> Counter:
 
 
 TMA_PATTERNS = ("wgmma", "cp.async.bulk.tensor", "ld.shared", "st.shared")
-TMA_KINDS = ("gemm", "box", "box/2", "box/images", "box/split", "box/row", "shift")
+TMA_KINDS = ("gemm", "box", "box/2", "box/images", "box/split", "box/row")
 
 
 def k_loop_sync(ptx: str) -> dict:
@@ -110,7 +110,7 @@ def tma_ptx(kind: str) -> str:
     tile), "box" (3x3, a 2x64-pixel box, 128 channels, 64-deep K) or "box/2" (the same box at
     stride 2, reading phases of the input) or "box/images" (2 images of 8x8 pixels) or
     "box/split" (the box with its K loop split) or "box/row" (one row of 64 pixels: the box's
-    leading dimensions all 1) or "shift" (3x3 as shifted row copies, a 128x128x64 tile). main() counts TMA_PATTERNS in it: box loads reshaped to GEMM
+    leading dimensions all 1). main() counts TMA_PATTERNS in it: box loads reshaped to GEMM
     tiles should feed wgmma from shared memory directly, with no ld.shared/st.shared round
     trip through registers."""
     import triton
@@ -129,12 +129,6 @@ def tma_ptx(kind: str) -> str:
         descs = dict(x_desc=f"tensordesc<fp16[{bm}, {bk}]>", w_desc=f"tensordesc<fp16[{bn}, {bk}]>",
                      out_desc=f"tensordesc<fp16[{bm}, {bn}]>", res_desc=f"tensordesc<fp16[{bm}, {bn}]>")
         consts = dict(epi, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
-    elif kind == "shift":
-        fn, (bm, bn, bk) = tma._shift_kernel, (128, 128, 64)
-        descs = dict(x_desc=f"tensordesc<fp16[{bm}, {bk}]>", w_desc=f"tensordesc<fp16[{bn}, 1, {bk}]>",
-                     out_desc=f"tensordesc<fp16[{bm}, {bn}]>", res_desc=f"tensordesc<fp16[{bm}, {bn}]>")
-        consts = dict(epi, KH=3, KW=3, PAD_H=1, PAD_W=1, DIL_H=1, DIL_W=1, HAS_BIAS_MAP=False, SPLIT=False,
-                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     else:
         bh, bw = {"box/images": (8, 8), "box/row": (1, 64)}.get(kind, (2, 64))
         fn, bn, bk = tma._box_kernel, 128, 64

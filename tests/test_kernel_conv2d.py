@@ -516,7 +516,7 @@ def test_tma_pointwise_with_full_epilogue(request, dtype, after):
     x, w, r = _pointwise_tensors(g, 1, 40, 24, (5, 7), dtype, residual=True)
     bias, scale, shift = rnd(g, 24, dtype=dtype), rnd(g, 24, dtype=torch.float32).abs() + 0.5, rnd(g, 24)
     from fxsparse.kernels import tma
-    assert tma.eligible(x, w, torch.empty_like(r), r, None, None, True, (1, 1)) == ("gemm",)
+    assert tma.eligible(x, w, torch.empty_like(r), r, None, None, True, (1, 1)) == "gemm"
     y = _run_pointwise(x, w, r, bias=bias, scale=scale, shift=shift, activation="relu6", after=after)
     ref = oracle(x, w, bias=bias, scale=scale, shift=shift, residual=r, activation="relu6",
                  residual_after_activation=after)
@@ -529,7 +529,7 @@ def test_tma_pointwise_reads_an_aligned_channel_slice(request):
     x, w, _ = _pointwise_tensors(g, 2, 24, 16, (3, 5), torch.float16, x_channels=40, x_first=8)
     from fxsparse.kernels import tma
     assert tma.eligible(x, w, torch.empty(2, 16, 3, 5, dtype=x.dtype).contiguous(
-        memory_format=torch.channels_last), None, None, None, True, (1, 1)) == ("gemm",)
+        memory_format=torch.channels_last), None, None, None, True, (1, 1)) == "gemm"
     check(_run_pointwise(x, w), oracle(x, w), torch.float16)
 
 
@@ -540,7 +540,7 @@ def test_tma_tile_on_tensors_a_descriptor_cannot_address_runs_the_same_tile(requ
     x, w, _ = _pointwise_tensors(g, 2, 24, 16, (3, 5), torch.float16, x_channels=40, x_first=3)
     from fxsparse.kernels import tma
     out = torch.empty(2, 16, 3, 5, dtype=x.dtype).contiguous(memory_format=torch.channels_last)
-    assert tma.eligible(x, w, out, None, None, None, True, (1, 1)) == ()
+    assert tma.eligible(x, w, out, None, None, None, True, (1, 1)) is None
     check(_run_pointwise(x, w), oracle(x, w), torch.float16)
 
 
@@ -552,24 +552,22 @@ def test_tma_eligibility():
 
     x, w, out = cl(2, 16, 4, 4), cl(32, 16, 1, 1), cl(2, 32, 4, 4)
     w3 = cl(32, 16, 3, 3)
-    assert T.eligible(x, w, out, None, None, None, True, (1, 1)) == ("gemm",)
-    assert T.eligible(x, w3, out, None, None, None, False, (1, 1)) == ("box", "shift")
-    assert T.eligible(x, w3, cl(2, 32, 2, 2), None, None, None, False, (1, 1)) == ("box",)  # unpadded: 2x2 out
-    assert T.eligible(x[:, :, :, :3], w3, cl(2, 32, 4, 3), None, None, None, False, (1, 1)) == ("box",)  # rows
-    assert T.eligible(x, w3, cl(2, 32, 2, 2), None, None, None, False, (2, 2)) == ("box",)  # strided
-    assert T.eligible(cl(2, 16, 5, 4), w3, cl(2, 32, 3, 2), None, None, None, False, (2, 2)) == ()  # odd rows
-    assert T.eligible(cl(2, 16, 4, 5), w3, cl(2, 32, 2, 3), None, None, None, False, (1, 2)) == ()  # odd columns
-    assert T.eligible(cl(2, 16, 5, 4), w3, cl(2, 32, 3, 2), None, None, None, False, (1, 2)) == ("box",)
+    assert T.eligible(x, w, out, None, None, None, True, (1, 1)) == "gemm"
+    assert T.eligible(x, w3, out, None, None, None, False, (1, 1)) == "box"
+    assert T.eligible(x, w3, cl(2, 32, 2, 2), None, None, None, False, (2, 2)) == "box"  # strided
+    assert T.eligible(cl(2, 16, 5, 4), w3, cl(2, 32, 3, 2), None, None, None, False, (2, 2)) is None  # odd rows
+    assert T.eligible(cl(2, 16, 4, 5), w3, cl(2, 32, 2, 3), None, None, None, False, (1, 2)) is None  # odd columns
+    assert T.eligible(cl(2, 16, 5, 4), w3, cl(2, 32, 3, 2), None, None, None, False, (1, 2)) == "box"
     # across columns a phase's channel run must end where the pixel does: not in a channel slice
-    assert T.eligible(cl(2, 24, 4, 4)[:, :16], w3, cl(2, 32, 2, 2), None, None, None, False, (1, 2)) == ()
-    assert T.eligible(cl(2, 24, 4, 4)[:, :16], w3, cl(2, 32, 2, 4), None, None, None, False, (2, 1)) == ("box",)
-    assert T.eligible(x, w, out, None, None, torch.zeros(32, 4, 4), True, (1, 1)) == ("box", "shift")  # bias map
-    assert T.eligible(x.float(), w.float(), out.float(), None, None, None, True, (1, 1)) == ()  # fp32
-    assert T.eligible(x, w, out, None, torch.arange(32), None, True, (1, 1)) == ()  # channel scatter
-    assert T.eligible(x.contiguous(), w, out, None, None, None, True, (1, 1)) == ()  # NCHW input
-    assert T.eligible(cl(2, 12, 4, 4), cl(32, 12, 1, 1), out, None, None, None, True, (1, 1)) == ()  # 24 B rows
-    assert T.eligible(cl(2, 12, 4, 4), cl(32, 12, 3, 3), out, None, None, None, False, (1, 1)) == ()
-    assert T.eligible(x, w, cl(2, 36, 4, 4)[:, :32], None, None, None, True, (1, 1)) == ()
+    assert T.eligible(cl(2, 24, 4, 4)[:, :16], w3, cl(2, 32, 2, 2), None, None, None, False, (1, 2)) is None
+    assert T.eligible(cl(2, 24, 4, 4)[:, :16], w3, cl(2, 32, 2, 4), None, None, None, False, (2, 1)) == "box"
+    assert T.eligible(x, w, out, None, None, torch.zeros(32, 4, 4), True, (1, 1)) == "box"  # bias map
+    assert T.eligible(x.float(), w.float(), out.float(), None, None, None, True, (1, 1)) is None  # fp32
+    assert T.eligible(x, w, out, None, torch.arange(32), None, True, (1, 1)) is None  # channel scatter
+    assert T.eligible(x.contiguous(), w, out, None, None, None, True, (1, 1)) is None  # NCHW input
+    assert T.eligible(cl(2, 12, 4, 4), cl(32, 12, 1, 1), out, None, None, None, True, (1, 1)) is None  # 24 B rows
+    assert T.eligible(cl(2, 12, 4, 4), cl(32, 12, 3, 3), out, None, None, None, False, (1, 1)) is None
+    assert T.eligible(x, w, cl(2, 36, 4, 4)[:, :32], None, None, None, True, (1, 1)) is None
 
 
 @pytest.mark.parametrize("n,ho,wo,block_m,want,want_images", [
@@ -591,14 +589,11 @@ def test_tma_candidates_only_where_offered():
     def tma(*shape, **kw):
         return [c for c, _ in K.conv_candidates(*shape, 132, **kw) if c.get("TMA")]
 
-    assert tma(100352, 256, 64, 1, True, tma=("gemm",))
-    assert tma(100352, 256, 64, 9, False, tma=("box",))
+    assert tma(100352, 256, 64, 1, True, tma="gemm")
+    assert tma(100352, 256, 64, 9, False, tma="box")
     assert not tma(100352, 256, 64, 1, True)  # tensors not addressable
-    assert not any(c.get("SHIFT") for c in tma(100352, 256, 64, 9, False, tma=("box",)))
-    shift = [c for c in tma(1568, 512, 512, 9, False, tma=("box", "shift")) if c.get("SHIFT")]
-    assert shift and len(shift) == len(tma(1568, 512, 512, 9, False, tma=("box", "shift"))) // 2
-    assert any(s > 1 for c, s in K.conv_candidates(1568, 512, 512, 9, False, 132, tma=("box",)) if c.get("TMA"))
-    assert all(s == 1 for c, s in K.conv_candidates(1568, 512, 2048, 1, True, 132, tma=("gemm",)) if c.get("TMA"))
+    assert any(s > 1 for c, s in K.conv_candidates(1568, 512, 512, 9, False, 132, tma="box") if c.get("TMA"))
+    assert all(s == 1 for c, s in K.conv_candidates(1568, 512, 2048, 1, True, 132, tma="gemm") if c.get("TMA"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -631,69 +626,12 @@ def test_tma_box_launch(request, dtype, geometry):
     out = torch.full((n, cout, ho, wo), float("nan"), dtype=dtype).contiguous(memory_format=torch.channels_last)
     from fxsparse.kernels import tma
     pointwise = k == 1 and p == 0 and stride == (1, 1)
-    assert tma.eligible(x, w, out, epi["residual"], None, epi["bias_map"], pointwise, stride)[0] == "box"
+    assert tma.eligible(x, w, out, epi["residual"], None, epi["bias_map"], pointwise, stride) == "box"
     cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1, TMA=True)
     y = K.conv2d_triton(x, w, epi["bias"], stride, (p, p), (d, d), None, None, cout, None, epi["scale"],
                         epi["shift"], epi["bias_map"], epi["residual"], epi["activation"], True, out=out, config=cfg)
     ref = oracle(x, w, stride=stride, padding=(p, p), dilation=(d, d), **epi)
     check(y, ref, dtype)
-
-
-_SHIFT_CFG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1, TMA=True, SHIFT=True)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("geometry", [
-    # (cin, cout, (kh, kw), padding, dilation, n, (h, w), split_k)
-    (16, 24, (3, 3), (1, 1), 1, 2, (7, 9), 1),  # rows and channels not multiples of the tile
-    (24, 8, (5, 5), (2, 2), 1, 1, (6, 5), 1),  # 5x5, batch 1; 24 channels: a partial channel block
-    (8, 16, (3, 3), (2, 2), 2, 2, (8, 8), 1),  # dilation
-    (16, 8, (1, 3), (0, 1), 1, 2, (3, 5), 1),  # a 1x3 conv
-    (40, 16, (1, 1), (0, 0), 1, 2, (4, 4), 1),  # 1x1 with a bias map
-    (32, 24, (3, 3), (1, 1), 1, 2, (7, 7), 3),  # split-K
-])
-def test_tma_shift_launch(request, dtype, geometry):
-    """Stride-1 convs through one shifted row copy per tap (tma.py "shift"): rows whose tap
-    leaves their image are zeroed, the copy engine's zeros past the tensor's ends; every
-    epilogue term; outputs NaN-poisoned."""
-    cin, cout, (kh, kw), pad, d, n, hw, split_k = geometry
-    g = _gen(request)
-    x = rnd(g, n, cin, *hw, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    w = rnd(g, cout, cin, kh, kw, dtype=dtype, scale=1 / math.sqrt(cin * kh * kw)).contiguous(
-        memory_format=torch.channels_last)
-    epi = dict(bias=rnd(g, cout, dtype=dtype), scale=rnd(g, cout, dtype=torch.float32).abs() + 0.5,
-               shift=rnd(g, cout), activation="silu", residual_after_activation=False,
-               bias_map=rnd(g, cout, *hw, dtype=torch.float32) if kh * kw == 1 else None,
-               residual=rnd(g, n, cout, *hw, dtype=dtype).contiguous(memory_format=torch.channels_last))
-    out = torch.full((n, cout, *hw), float("nan"), dtype=dtype).contiguous(memory_format=torch.channels_last)
-    from fxsparse.kernels import tma
-    assert tma.eligible(x, w, out, epi["residual"], None, epi["bias_map"], kh * kw == 1, (1, 1)) == ("box", "shift")
-    y = K.conv2d_triton(x, w, epi["bias"], (1, 1), pad, (d, d), None, None, cout, None, epi["scale"], epi["shift"],
-                        epi["bias_map"], epi["residual"], epi["activation"], False, out=out, config=_SHIFT_CFG,
-                        split_k=split_k)
-    check(y, oracle(x, w, padding=pad, dilation=(d, d), **epi), dtype)
-
-
-def test_tma_shift_keeps_the_next_rows_inf_out(request):
-    """A shifted copy of a row's first pixel reads the previous row's last pixel: it must be
-    zeroed before the MMA, or an inf there would turn the sum into inf or NaN. x is a channel
-    slice (channels 8..24 of 40), which the row copy reads in place."""
-    g = _gen(request)
-    full = rnd(g, 1, 40, 4, 5).contiguous(memory_format=torch.channels_last)
-    full[0, 8:24, 1, 4] = float("inf")  # the last pixel of row 1
-    x = full[:, 8:24]
-    w = rnd(g, 8, 16, 3, 3, scale=0.2).abs().contiguous(memory_format=torch.channels_last)
-    out = torch.full((1, 8, 4, 5), float("nan"), dtype=torch.float16).contiguous(memory_format=torch.channels_last)
-    from fxsparse.kernels import tma
-    assert "shift" in tma.eligible(x, w, out, None, None, None, False, (1, 1))
-    y = K.conv2d_triton(x, w, None, (1, 1), (1, 1), (1, 1), None, None, 8, None, None, None, None, None, "none",
-                        False, out=out, config=_SHIFT_CFG)
-    ref = oracle(x, w, padding=(1, 1))
-    reads_it = torch.zeros(4, 5, dtype=torch.bool)
-    reads_it[0:3, 3:5] = True  # the 3x3 neighbourhood of pixel (1, 4)
-    assert torch.isinf(y[0, :, reads_it]).all() and torch.isfinite(y[0, :, ~reads_it]).all()
-    cl = lambda t: t.masked_fill(reads_it, 0).contiguous(memory_format=torch.channels_last)  # noqa: E731
-    check(cl(y), cl(ref), torch.float16)
 
 
 def test_strided_box_keeps_a_neighbours_inf_out_of_a_partial_channel_block(request):
@@ -735,7 +673,7 @@ def test_tma_box_spanning_images(request, stride, split_k):
 
 def test_box_spanning_images_offered_only_where_it_computes_less():
     def images(n, ho, wo):
-        return {c["BLOCK_M"] for c, _ in K.conv_candidates(n * ho * wo, 128, 64, 9, False, 132, tma=("box",),
+        return {c["BLOCK_M"] for c, _ in K.conv_candidates(n * ho * wo, 128, 64, 9, False, 132, tma="box",
                                                            box_map=(n, ho, wo)) if c.get("IMAGES")}
 
     assert images(32, 56, 56) == {128}  # 64-pixel boxes of one image already fit 56x56

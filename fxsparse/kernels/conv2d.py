@@ -407,15 +407,13 @@ def _pow2_at_least(v: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(int(v), 1)))
 
 
-def _config(bm, bn, bk, warps, stages, persistent=False, tma=False, images=False, shift=False) -> dict:
+def _config(bm, bn, bk, warps, stages, persistent=False, tma=False, images=False) -> dict:
     cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages,
                PERSISTENT=persistent)
     if tma:  # (a launch of a tma.py kernel, not _conv2d_kernel: absent elsewhere)
         cfg["TMA"] = True
     if images:  # (a box launch whose boxes span images: tma.box_shape)
         cfg["IMAGES"] = True
-    if shift:  # (tma.py's shift launch, not its box: absent elsewhere)
-        cfg["SHIFT"] = True
     return cfg
 
 
@@ -433,7 +431,7 @@ def _max_warps() -> int:
 
 
 def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms: int,
-                    split_k: Optional[int] = None, tma: tuple = (),
+                    split_k: Optional[int] = None, tma: Optional[str] = None,
                     box_map: Optional[tuple] = None) -> list:
     """(config, split_k) pairs worth timing for one conv shape, pruned by shape class.
 
@@ -443,10 +441,10 @@ def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms:
     - Small M, long K (e.g. 512->512 3x3 at 7x7: M = 1568, K = 4608): when a tile count
       leaves SMs idle, split-K by 2/4/8 so the grid lands between 0.5x and 4x the SM count,
       keeping >= 4 K steps per slice.
-    `split_k` given: only that factor. `tma`: the TMA launches the tensors allow (tma.eligible:
-    "gemm" for 1x1 convs, "box" and maybe "shift" for the others), whose tiles are offered too;
-    a box tile is offered twice where boxes spanning images fit the output map `box_map`
-    (N, HO, WO) with fewer rows computed for nothing.
+    `split_k` given: only that factor. `tma`: the TMA launch the tensors allow (tma.eligible:
+    "gemm" for 1x1 convs, "box" for the others), whose tiles are offered too; a box tile is
+    offered twice where boxes spanning images fit the output map `box_map` (N, HO, WO) with
+    fewer rows computed for nothing.
     """
     bk = min(64, _pow2_at_least(cin))
     k_iters = taps * _cdiv(cin, bk)
@@ -488,16 +486,14 @@ def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms:
         for bm, bn, warps, stages in _POINTWISE_PERSISTENT_TILES:
             if bn in widths and bm <= bm_cap and _cdiv(m, bm) * _cdiv(nch, bn) > 2 * sms:
                 out.append((_config(bm, bn, bk, warps, stages, persistent=True), 1))
-    if "gemm" in tma and split_k in (None, 1):  # (no split-K: a 1x1 conv's K is short)
+    if tma == "gemm" and split_k in (None, 1):  # (no split-K: a 1x1 conv's K is short)
         out += [(_config(bm, bn, bk, warps, stages, tma=True), 1)
                 for bm, bn, warps, stages in _POINTWISE_TMA_TILES if bn in widths and bm <= bm_cap]
-    if "box" in tma:
+    if tma == "box":
         for bm, bn, warps, stages in _BOX_TMA_TILES:
             if bn in widths and bm <= bm_cap:
                 splits = split_factors(_cdiv(m, bm) * _cdiv(nch, bn))
                 out += [(_config(bm, bn, bk, warps, stages, tma=True), s) for s in splits]
-                if "shift" in tma:
-                    out += [(_config(bm, bn, bk, warps, stages, tma=True, shift=True), s) for s in splits]
                 if box_map is not None and tma_launch.box_shape(bm, *box_map, images=True) != \
                         tma_launch.box_shape(bm, *box_map):
                     out += [(_config(bm, bn, bk, warps, stages, tma=True, images=True), s) for s in splits]
@@ -528,7 +524,7 @@ def describe_launch(cfg: dict, split_k: int) -> str:
     """One launch as the tuner tables name it, e.g. "128x128x64 w8 s3 TMA k/4"."""
     return (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}"
             + (" persistent" if cfg.get("PERSISTENT") else "") + (" TMA" if cfg.get("TMA") else "")
-            + (" images" if cfg.get("IMAGES") else "") + (" shift" if cfg.get("SHIFT") else "")
+            + (" images" if cfg.get("IMAGES") else "")
             + (f" k/{split_k}" if split_k > 1 else ""))
 
 
@@ -628,7 +624,7 @@ def _device_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def _choose_launch(key, device, m, nch, cin, taps, pointwise, split_k, run, out, tma=()) -> _Choice:
+def _choose_launch(key, device, m, nch, cin, taps, pointwise, split_k, run, out, tma=None) -> _Choice:
     """The launch for a shape not yet seen by this process: from the disk cache, else timed."""
     index = _device_index(device)
     n, _, ho, wo = out.shape
@@ -799,17 +795,18 @@ def conv2d_triton(
         )
         ws_dtype = torch.float64 if acc_type == tl.float64 else torch.float32
 
-        def tma_kinds() -> tuple:
+        def tma_kind() -> Optional[str]:
             # (a few us of host time: asked only where a TMA launch is offered or chosen)
             return tma_launch.eligible(x, weight, out, residual, out_index, bias_map, pointwise, (sh, sw))
 
         def run(cfg: dict, splits: int) -> None:
-            tma = tma_launch.launch_kind(cfg, tma_kinds(), splits) if cfg.get("TMA") else None
-            if cfg.get("TMA") and tma is None:
+            tma = tma_kind() if cfg.get("TMA") else None
+            use_tma = tma is not None and (splits == 1 or tma == "box")
+            if cfg.get("TMA") and not use_tma:
                 # a tuned TMA tile for tensors a descriptor cannot address: the same tile here
-                cfg = {k: v for k, v in cfg.items() if k not in ("TMA", "IMAGES", "SHIFT")}
+                cfg = {k: v for k, v in cfg.items() if k not in ("TMA", "IMAGES")}
             bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-            if tma is not None:
+            if use_tma:
                 tma_launch.launch(tma, x, weight, bias, scale, shift, bias_map, residual, (sh, sw), (ph, pw), (dh, dw),
                                   ACTIVATION_CODES[activation], residual_after_activation, out, cfg, splits=splits)
                 return
@@ -836,7 +833,7 @@ def conv2d_triton(
             choice = tuned.get(key)
             if choice is None:
                 choice = _choose_launch(key, x.device, m, nch, cin, kh * kw, pointwise, split_k, run, out,
-                                        tma_kinds())
+                                        tma_kind())
             run(choice.config, choice.split_k)
 
     if out_index is not None and nch < out_channels:

@@ -5,7 +5,7 @@ The A and B tiles are loaded, and the finished output tile stored, by TMA descri
 address arithmetic or masks per element, bounds handled by the copy engine (coordinates
 past the tensor, negative ones included, read as zeros; stores past it are dropped). The
 epilogue is the conv kernel's (bias, bias map, folded BatchNorm scale and shift, residual
-before or after the activation). Three launches:
+before or after the activation). Two launches:
 
 - **gemm** (1x1, stride 1, no padding): a plain GEMM over pixel rows,
   out[M, NCH] = x[M, CIN] @ w[NCH, CIN]^T with M = N * H * W.
@@ -20,12 +20,6 @@ before or after the activation). Three launches:
   offsets are one coordinate each. For stride 1 this is just [N, H, 1, W, C]. The block is a
   rectangle, so maps whose sides are not multiples of the box compute some rows for nothing
   (`box_shape` keeps that small).
-- **shift** (stride 1, output the input's size: 3x3 pad 1 and the like): the GEMM's tiles
-  over pixel rows. Output pixel p's tap (kh, kw) reads input pixel p + dh * W + dw, so a
-  tap's A tile is the tile's own rows shifted by one constant: one 2-D copy. Rows whose tap
-  falls outside their image (they read a neighbouring row or image) are zeroed in registers
-  before the MMA, which is the padding. No row is computed for nothing: a 7x7 or 14x14 map
-  in 8x8 boxes computes 31% more rows than it has.
 
 Only for what a descriptor can address (`eligible`): fp16/bf16, channels innermost, 16-byte
 aligned bases and strides, the output written in full (no channel scatter); strided boxes
@@ -199,73 +193,6 @@ def _box_kernel(
             out_desc.store([n0, oh0, ow0, col0], tl.reshape(z.to(tl.float16), (BOX_N, BOX_H, BOX_W, BLOCK_N)))
 
 
-@triton.jit
-def _shift_kernel(
-    x_desc, w_desc, out_desc, res_desc,
-    bias_ptr, scale_ptr, shift_ptr, bias_map_ptr, ws_ptr, arrivals_ptr,
-    M, H, W, NCH, CIN, K_SPLITS,
-    sbc, sbh, sbw,
-    KH: tl.constexpr, KW: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
-    DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_BIAS_MAP: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, RESIDUAL_AFTER: tl.constexpr, ACTIVATION: tl.constexpr,
-    OUT_BF16: tl.constexpr, DOT_UPCAST: tl.constexpr,
-    SPLIT: tl.constexpr,  # as the box launch's
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(NCH, BLOCK_N), GROUP_M)
-    row0 = pid_m * BLOCK_M
-    col0 = pid_n * BLOCK_N
-    rows = row0 + tl.arange(0, BLOCK_M)
-    ow = rows % W
-    oh = (rows // W) % H
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    ci_blocks = tl.cdiv(CIN, BLOCK_K)
-    k_lo, k_hi = k_slice(KH * KW * ci_blocks, tl.program_id(1), K_SPLITS, SPLIT)
-    for k in range(k_lo, k_hi):
-        tap = k // ci_blocks
-        ci = (k - tap * ci_blocks) * BLOCK_K
-        kh = tap // KW
-        dh = kh * DIL_H - PAD_H
-        dw = (tap - kh * KW) * DIL_W - PAD_W
-        a = x_desc.load([row0 + dh * W + dw, ci])
-        # Rows whose tap falls outside their image read a neighbouring row or image (or, past
-        # the tensor, the copy engine's zeros): zeroed here, which is the conv's padding.
-        inside = (oh >= -dh) & (oh < H - dh) & (ow >= -dw) & (ow < W - dw)
-        a = tl.where(inside[:, None], a, 0.0)
-        b = tl.reshape(w_desc.load([col0, tap, ci]), (BLOCK_N, BLOCK_K))
-        if DOT_UPCAST:
-            acc = tl.dot(a.to(tl.float32), b.T.to(tl.float32), acc)
-        else:
-            acc = tl.dot(a, b.T, acc)
-
-    offs_n = col0 + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < NCH
-    finish = True
-    if SPLIT:
-        ws_tile = rows.to(tl.int64)[:, None] * NCH + offs_n[None, :]
-        ws_mask = (rows < M)[:, None] & mask_n[None, :]
-        tl.store(ws_ptr + (tl.program_id(1) * M).to(tl.int64) * NCH + ws_tile, acc, mask=ws_mask)
-        finish = last_slice_to_arrive(arrivals_ptr + tl.program_id(0), K_SPLITS)
-    if finish:
-        if SPLIT:
-            acc = sum_slices(ws_ptr, ws_tile, ws_mask, M, NCH, K_SPLITS)
-        bias_map = acc
-        if HAS_BIAS_MAP:
-            bm_ptrs = bias_map_ptr + offs_n[None, :] * sbc + (oh * sbh + ow * sbw)[:, None]
-            bias_map = tl.load(bm_ptrs, mask=(rows < M)[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-        r = acc
-        if HAS_RESIDUAL:
-            r = res_desc.load([row0, col0]).to(tl.float32)
-        z = _epilogue(acc, offs_n, mask_n, bias_ptr, scale_ptr, shift_ptr, bias_map, r,
-                      HAS_BIAS, HAS_BIAS_MAP, HAS_SCALE, HAS_SHIFT, HAS_RESIDUAL, RESIDUAL_AFTER, ACTIVATION)
-        if OUT_BF16:
-            out_desc.store([row0, col0], z.to(tl.bfloat16))
-        else:
-            out_desc.store([row0, col0], z.to(tl.float16))
-
-
 # --------------------------------------------------------------------------- host side
 
 def _rows(t: Tensor) -> Optional[tuple]:
@@ -307,42 +234,31 @@ def _phased(x: Tensor, stride) -> Optional[tuple]:
 
 
 def eligible(x: Tensor, weight: Tensor, out: Tensor, residual: Optional[Tensor], out_index: Optional[Tensor],
-             bias_map: Optional[Tensor], pointwise: bool, stride) -> tuple:
-    """The TMA launches ("gemm", "box", "shift") that can run this conv: none, ("gemm",) for
-    a 1x1 conv, ("box",), or ("box", "shift") for a stride-1 conv whose output has the input's
-    size and whose pixels are evenly strided rows (see the module doc)."""
+             bias_map: Optional[Tensor], pointwise: bool, stride) -> Optional[str]:
+    """Which TMA launch ("gemm" or "box") can run this conv, or None (see the module doc)."""
     if TensorDescriptor is None or out_index is not None:
-        return ()
+        return None
     if x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype or out.dtype != x.dtype:
-        return ()
+        return None
     if residual is not None and residual.dtype != x.dtype:
-        return ()
+        return None
     nch, cin, kh, kw = weight.shape
     swo, swc, swh, sww = weight.stride()
     if (swc != 1 and cin > 1) or (kh * kw > 1 and (swh != kw * cin or sww != cin)):
-        return ()  # the weight as [NCH, KH*KW, CIN] with channels innermost
+        return None  # the weight as [NCH, KH*KW, CIN] with channels innermost
     if not _addressable(weight, swo, *((cin,) if kh * kw > 1 else ())):
-        return ()
-    tensors = (x, out) + ((residual,) if residual is not None else ())
-    rows = all(r is not None and _addressable(t, r[2]) for t, r in ((t, _rows(t)) for t in tensors))
-    if pointwise and bias_map is None:
-        return ("gemm",) if rows else ()
-    if _phased(x, stride) is None or any(_nhwc(t) is None for t in tensors[1:]):
-        return ()
-    same_size = tuple(out.shape[2:]) == tuple(x.shape[2:])
-    return ("box", "shift") if rows and same_size and tuple(stride) == (1, 1) else ("box",)
-
-
-def launch_kind(cfg: dict, kinds: tuple, splits: int) -> Optional[str]:
-    """Which of the launches `kinds` (what `eligible` said) runs tile config `cfg` split
-    `splits` ways, or None where none can (then conv2d.py runs the same tile itself)."""
-    if not cfg.get("TMA"):
         return None
-    if cfg.get("SHIFT"):
-        return "shift" if "shift" in kinds else None
-    if "gemm" in kinds:
-        return "gemm" if splits == 1 else None
-    return "box" if "box" in kinds else None
+    if pointwise and bias_map is None:
+        for t in (x, out) + ((residual,) if residual is not None else ()):
+            r = _rows(t)
+            if r is None or not _addressable(t, r[2]):
+                return None
+        return "gemm"
+    if _phased(x, stride) is None:
+        return None
+    if any(_nhwc(t) is None for t in (out,) + ((residual,) if residual is not None else ())):
+        return None
+    return "box"
 
 
 def box_shape(block_m: int, n: int, ho: int, wo: int, images: bool = False) -> tuple:
@@ -381,9 +297,9 @@ def launch(kind: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: 
            activation_code: int, residual_after_activation: bool, out: Tensor, cfg: dict,
            splits: int = 1) -> None:
     """Runs the conv as TMA launch `kind` (what `eligible` said) with tile config `cfg`, its K
-    loop split `splits` ways (box and shift only)."""
-    if splits > 1 and kind == "gemm":
-        raise ValueError("fxsparse conv2d: the TMA GEMM does not split K")
+    loop split `splits` ways (box only)."""
+    if splits > 1 and kind != "box":
+        raise ValueError("fxsparse conv2d: only the box TMA launch splits K")
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     nch, cin, kh, kw = weight.shape
     common = _launch_args(bias, scale, shift, residual, activation_code, residual_after_activation, out)
@@ -401,9 +317,6 @@ def launch(kind: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: 
             out_desc, res_desc, M=m, NCH=nch, CIN=cin, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **common, **opts)
         return
     n, _, ho, wo = out.shape
-    if kind == "shift":
-        _launch_shift(x, weight, bias_map, residual, padding, dilation, out, cfg, splits, common, opts)
-        return
     box = box_n, box_h, box_w = box_shape(bm, n, ho, wo, cfg.get("IMAGES", False))
     out_desc = TensorDescriptor(out, *_nhwc(out), [*box, bn])
     res_desc = out_desc if residual is None else TensorDescriptor(residual, *_nhwc(residual), [*box, bn])
@@ -420,24 +333,3 @@ def launch(kind: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: 
         PAD_H=int(padding[0]), PAD_W=int(padding[1]), DIL_H=int(dilation[0]), DIL_W=int(dilation[1]),
         HAS_BIAS_MAP=bias_map is not None,
         BOX_N=box_n, BOX_H=box_h, BOX_W=box_w, BLOCK_N=bn, BLOCK_K=bk, **common, **opts)
-
-
-def _launch_shift(x, weight, bias_map, residual, padding, dilation, out, cfg, splits, common, opts) -> None:
-    """The "shift" launch: x, out and the residual as [pixels, channels] row matrices."""
-    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    nch, cin, kh, kw = weight.shape
-    n, _, h, w = out.shape
-    m = n * h * w
-    out_desc = TensorDescriptor(out, [m, nch], [_rows(out)[2], 1], [bm, bn])
-    res_desc = out_desc if residual is None else TensorDescriptor(residual, [m, nch], [_rows(residual)[2], 1], [bm, bn])
-    bm_strides = bias_map.stride() if bias_map is not None else (0, 0, 0)
-    grid = ((-(-m // bm)) * (-(-nch // bn)), splits)
-    ws, arrivals = split_workspace(splits, m, nch, grid[0], out.device) if splits > 1 else (out, out)
-    _shift_kernel[grid](
-        TensorDescriptor(x, [m, cin], [_rows(x)[2], 1], [bm, bk]),
-        TensorDescriptor(weight, [nch, kh * kw, cin], [weight.stride(0), cin, 1], [bn, 1, bk]),
-        out_desc, res_desc, bias_map_ptr=bias_map if bias_map is not None else out,
-        ws_ptr=ws, arrivals_ptr=arrivals, K_SPLITS=splits, SPLIT=splits > 1,
-        M=m, H=h, W=w, NCH=nch, CIN=cin, sbc=bm_strides[0], sbh=bm_strides[1], sbw=bm_strides[2],
-        KH=kh, KW=kw, PAD_H=int(padding[0]), PAD_W=int(padding[1]), DIL_H=int(dilation[0]), DIL_W=int(dilation[1]),
-        HAS_BIAS_MAP=bias_map is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **common, **opts)
