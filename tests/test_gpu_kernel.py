@@ -192,6 +192,40 @@ def test_tma_box_launches(dtype, geometry):
     assert rel_l2(y, cudnn_oracle(x, w, **kw)) < REL_L2[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("geometry", [
+    # (n, cin, cout, k, hw, padding, dilation, BLOCK_M, BLOCK_N, warps, stages, stride)
+    (8, 64, 128, 3, 56, 1, 1, 128, 128, 8, 4, 1),
+    (32, 512, 512, 3, 7, 1, 1, 64, 128, 4, 6, 1),  # boxes of 8 images x 1x8
+    (30, 512, 512, 3, 7, 1, 1, 128, 256, 8, 3, 1),  # 30 images: the last group runs past the batch
+    (4, 96, 72, 3, 29, 1, 1, 128, 64, 4, 6, 1),  # partial boxes and channel tiles, 96 = 64 + 32 channels
+    (4, 64, 48, 5, 20, 2, 1, 64, 64, 4, 8, 1),
+    (4, 32, 32, 3, 20, 2, 2, 128, 32, 4, 4, 1),  # dilation
+    (8, 128, 128, 3, 56, 1, 1, 128, 128, 8, 4, 2),  # ResNet-50's strided 3x3
+    (8, 256, 512, 1, 28, 0, 1, 128, 128, 8, 4, 2),  # its strided 1x1 shortcut
+    (1, 64, 16, 3, 9, 1, 1, 64, 16, 4, 8, 1),  # batch 1, 16 channels
+])
+def test_box_ws_launches(dtype, geometry):
+    """The warp-specialised box launch (kernels/box_ws.py, Gluon) with every epilogue term."""
+    from fxsparse.kernels import box_ws, tma
+    if not box_ws.usable(torch.device(DEV)):
+        pytest.skip("needs an sm90 device and Gluon's Hopper API")
+    n, cin, cout, k, hw, p, d, bm, bn, warps, stages, s = geometry
+    x, w, g = make(n, cin, cout, k, hw, dtype)
+    ho = (hw + 2 * p - d * (k - 1) - 1) // s + 1
+    r = lambda *s: torch.randn(*s, device=DEV, generator=g).to(dtype)  # noqa: E731
+    kw = dict(stride=(s, s), padding=(p, p), dilation=(d, d), bias=r(cout), scale=r(cout), shift=r(cout),
+              activation="silu", residual=r(n, cout, ho, ho).contiguous(memory_format=torch.channels_last))
+    out = torch.full((n, cout, ho, ho), float("nan"), device=DEV, dtype=dtype).contiguous(
+        memory_format=torch.channels_last)
+    assert tma.eligible(x, w, out, kw["residual"], None, None, False, (s, s)) == "box"
+    assert tma.warp_specialisable(x, w, None, (s, s), min(64, cin))
+    cfg = K._config(bm, bn, min(64, cin), warps, stages, tma=True, images=True, ws=True)
+    y = K.conv2d_triton(x, w, kw["bias"], [s, s], [p, p], [d, d], None, None, cout, None, kw["scale"], kw["shift"],
+                        None, kw["residual"], "silu", False, out=out, config=cfg)
+    assert rel_l2(y, cudnn_oracle(x, w, **kw)) < REL_L2[dtype]
+
+
 @pytest.mark.parametrize("split_k", [1, 2, 4])
 def test_split_k_forced(split_k):
     x, w, g = make(32, 256, 128, 3, 7, torch.float16)

@@ -394,6 +394,16 @@ _BOX_TMA_TILES = [
     (64, 32, 4, 4),
     (64, 16, 4, 4),
 ]
+# The same boxes warp-specialised (box_ws.py, sm90): one program per SM of deep operand stages,
+# as cuDNN's sm90 kernels run (session 7's profile).
+_BOX_WS_TILES = [
+    (128, 256, 8, 3),
+    (128, 128, 8, 4),
+    (128, 128, 4, 4),
+    (128, 64, 4, 6),
+    (64, 128, 4, 6),
+    (64, 64, 4, 8),
+]
 _SAFE_TILE = (64, 64, 4, 3)  # the fallback when a tuned 8-warp tile fails its check
 
 
@@ -407,13 +417,15 @@ def _pow2_at_least(v: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(int(v), 1)))
 
 
-def _config(bm, bn, bk, warps, stages, persistent=False, tma=False, images=False) -> dict:
+def _config(bm, bn, bk, warps, stages, persistent=False, tma=False, images=False, ws=False) -> dict:
     cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages,
                PERSISTENT=persistent)
     if tma:  # (a launch of a tma.py kernel, not _conv2d_kernel: absent elsewhere)
         cfg["TMA"] = True
     if images:  # (a box launch whose boxes span images: tma.box_shape)
         cfg["IMAGES"] = True
+    if ws:  # (a warp-specialised box launch: box_ws.py)
+        cfg["WS"] = True
     return cfg
 
 
@@ -432,7 +444,7 @@ def _max_warps() -> int:
 
 def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms: int,
                     split_k: Optional[int] = None, tma: Optional[str] = None,
-                    box_map: Optional[tuple] = None) -> list:
+                    box_map: Optional[tuple] = None, ws: bool = False) -> list:
     """(config, split_k) pairs worth timing for one conv shape, pruned by shape class.
 
     - BLOCK_N: the power of two covering NCH (capped at 256) and half of it, so compacted
@@ -444,7 +456,8 @@ def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms:
     `split_k` given: only that factor. `tma`: the TMA launch the tensors allow (tma.eligible:
     "gemm" for 1x1 convs, "box" for the others), whose tiles are offered too; a box tile is
     offered twice where boxes spanning images fit the output map `box_map` (N, HO, WO) with
-    fewer rows computed for nothing.
+    fewer rows computed for nothing. `ws`: box tiles are also offered warp-specialised
+    (tma.warp_specialisable), unsplit, in boxes spanning images where that computes fewer rows.
     """
     bk = min(64, _pow2_at_least(cin))
     k_iters = taps * _cdiv(cin, bk)
@@ -497,6 +510,9 @@ def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms:
                 if box_map is not None and tma_launch.box_shape(bm, *box_map, images=True) != \
                         tma_launch.box_shape(bm, *box_map):
                     out += [(_config(bm, bn, bk, warps, stages, tma=True, images=True), s) for s in splits]
+        if ws and split_k in (None, 1):
+            out += [(_config(bm, bn, bk, warps, stages, tma=True, images=True, ws=True), 1)
+                    for bm, bn, warps, stages in _BOX_WS_TILES if bn in widths and bm <= bm_cap]
     if not out:  # tiny problems: the smallest tile always fits
         out.append((_config(64, 16, bk, 4, 3), split_k or 1))
     return out
@@ -524,7 +540,7 @@ def describe_launch(cfg: dict, split_k: int) -> str:
     """One launch as the tuner tables name it, e.g. "128x128x64 w8 s3 TMA k/4"."""
     return (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}"
             + (" persistent" if cfg.get("PERSISTENT") else "") + (" TMA" if cfg.get("TMA") else "")
-            + (" images" if cfg.get("IMAGES") else "")
+            + (" images" if cfg.get("IMAGES") else "") + (" WS" if cfg.get("WS") else "")
             + (f" k/{split_k}" if split_k > 1 else ""))
 
 
@@ -587,7 +603,7 @@ def _tune(key, candidates, run, out: Tensor, pointwise: bool) -> _Choice:
     if ms == float("inf"):
         raise RuntimeError("fxsparse.conv2d: every tile config failed to run")
     note = ""
-    kind = ("persistent" if cfg.get("PERSISTENT") else "TMA" if cfg.get("TMA")
+    kind = ("persistent" if cfg.get("PERSISTENT") else "warp-specialised" if cfg.get("WS") else "TMA" if cfg.get("TMA")
             else "8-warp" if cfg["num_warps"] > 4 and not pointwise else None)
     if kind is not None:
         safe = next(((c, k) for c, k, t in timings if _is_safe(c) and t < float("inf")), None)
@@ -624,11 +640,11 @@ def _device_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def _choose_launch(key, device, m, nch, cin, taps, pointwise, split_k, run, out, tma=None) -> _Choice:
+def _choose_launch(key, device, m, nch, cin, taps, pointwise, split_k, run, out, tma=None, ws=False) -> _Choice:
     """The launch for a shape not yet seen by this process: from the disk cache, else timed."""
     index = _device_index(device)
     n, _, ho, wo = out.shape
-    candidates = conv_candidates(m, nch, cin, taps, pointwise, _sm_count(index), split_k, tma, (n, ho, wo))
+    candidates = conv_candidates(m, nch, cin, taps, pointwise, _sm_count(index), split_k, tma, (n, ho, wo), ws)
     how = tuning_cache.mode()
     if how == "off":
         cfg, s = _safe_candidate(candidates)
@@ -799,12 +815,17 @@ def conv2d_triton(
             # (a few us of host time: asked only where a TMA launch is offered or chosen)
             return tma_launch.eligible(x, weight, out, residual, out_index, bias_map, pointwise, (sh, sw))
 
+        def warp_specialisable() -> bool:
+            return tma_launch.warp_specialisable(x, weight, bias_map, (sh, sw), min(64, _pow2_at_least(cin)))
+
         def run(cfg: dict, splits: int) -> None:
             tma = tma_kind() if cfg.get("TMA") else None
             use_tma = tma is not None and (splits == 1 or tma == "box")
             if cfg.get("TMA") and not use_tma:
                 # a tuned TMA tile for tensors a descriptor cannot address: the same tile here
-                cfg = {k: v for k, v in cfg.items() if k not in ("TMA", "IMAGES")}
+                cfg = {k: v for k, v in cfg.items() if k not in ("TMA", "IMAGES", "WS")}
+            elif cfg.get("WS") and not (tma == "box" and splits == 1 and warp_specialisable()):
+                cfg = {k: v for k, v in cfg.items() if k != "WS"}  # the same box, not warp-specialised
             bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
             if use_tma:
                 tma_launch.launch(tma, x, weight, bias, scale, shift, bias_map, residual, (sh, sw), (ph, pw), (dh, dw),
@@ -832,8 +853,9 @@ def conv2d_triton(
                    split_k)
             choice = tuned.get(key)
             if choice is None:
+                tma = tma_kind()
                 choice = _choose_launch(key, x.device, m, nch, cin, kh * kw, pointwise, split_k, run, out,
-                                        tma_kind())
+                                        tma, tma == "box" and warp_specialisable())
             run(choice.config, choice.split_k)
 
     if out_index is not None and nch < out_channels:

@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fxsparse.kernels import box_ws
 from fxsparse.kernels.layout import evenly_strided_rows
 from fxsparse.kernels.tile import (grouped_tile, k_slice, last_slice_to_arrive, residual_and_activation,
                                   split_workspace, sum_slices)
@@ -261,6 +262,15 @@ def eligible(x: Tensor, weight: Tensor, out: Tensor, residual: Optional[Tensor],
     return "box"
 
 
+def warp_specialisable(x: Tensor, weight: Tensor, bias_map: Optional[Tensor], stride, block_k: int) -> bool:
+    """Whether a box launch (what `eligible` said) of these tensors may run warp-specialised
+    (box_ws.py): an sm90 device with Gluon's Hopper API, no bias map, and no strided box
+    whose channel run reaches into the next phase (the WS launch has no register pass to mask
+    them in)."""
+    return (box_ws.usable(x.device) and bias_map is None
+            and (int(stride[1]) == 1 or weight.shape[1] % block_k == 0))
+
+
 def box_shape(block_m: int, n: int, ho: int, wo: int, images: bool = False) -> tuple:
     """The (BOX_N, BOX_H, BOX_W) of `block_m` output pixels (powers of two) that computes the
     fewest rows for nothing over n images of ho x wo (ties: the wider box, whose rows are
@@ -318,6 +328,12 @@ def launch(kind: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: 
         return
     n, _, ho, wo = out.shape
     box = box_n, box_h, box_w = box_shape(bm, n, ho, wo, cfg.get("IMAGES", False))
+    if cfg.get("WS"):
+        if splits > 1 or bias_map is not None:
+            raise ValueError("fxsparse conv2d: the warp-specialised box launch takes no split-K or bias map")
+        box_ws.launch(x, *_phased(x, stride), weight, bias, scale, shift, residual, stride, padding, dilation,
+                      activation_code, residual_after_activation, out, cfg, box)
+        return
     out_desc = TensorDescriptor(out, *_nhwc(out), [*box, bn])
     res_desc = out_desc if residual is None else TensorDescriptor(residual, *_nhwc(residual), [*box, bn])
     bm_strides = bias_map.stride() if bias_map is not None else (0, 0, 0)

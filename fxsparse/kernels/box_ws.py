@@ -1,0 +1,207 @@
+"""The box launch of tma.py, warp-specialised for Hopper (Gluon).
+
+Triton 3.6-3.9 compile `tl.range(..., warp_specialize=True)` on sm90 to the same K loop as
+without it: every warp both issues the next step's TMA copies and runs the MMAs, with CTA
+barriers between, which Nsight Compute names as the top stall of the box launch (session 7,
+docs/benchmarks.md). Here the partitions are written out in Gluon, as CUTLASS's sm90
+warp-specialised GEMMs do it:
+
+- a **loader** warp walks the K steps (tap, channel block) and issues one TMA box copy of x
+  and one of the weight into a ring of STAGES shared-memory slots, each slot with a "ready"
+  barrier (the copies' bytes arrive) and an "empty" barrier (the MMAs are done with it);
+- the **MMA** warpgroups (the kernel's num_warps) wait on "ready", issue the step's wgmma
+  asynchronously, keep one step in flight, and free the slot of the step before.
+
+The box geometry (strided phases, boxes spanning images, zero fill as padding) is tma.py's;
+the epilogue (bias, folded BatchNorm, residual, activation) runs on the accumulator with
+pointer loads and stores. Offered by conv2d.py's tuner beside the other launches where `usable`
+says so: an sm90 device, a Gluon with this API, and a conv the box launch takes without a bias
+map or split-K.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+
+from fxsparse.kernels.tile import residual_and_activation
+
+Tensor = torch.Tensor
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                                  warpgroup_mma, warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+    # triton 3.6 names the TMA copy into shared memory async_copy_global_to_shared; 3.9 async_load
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+except ImportError:  # pragma: no cover - a Triton without Gluon's Hopper API: never offered
+    gluon = None
+
+
+def available() -> bool:
+    return gluon is not None
+
+
+if gluon is not None:
+
+    @gluon.jit
+    def _load_partition(x_desc, w_desc, a_bufs, b_bufs, ready, empty, n0, oh0, ow0, col0, CIN, k_iters, ci_blocks,
+                        KH: gl.constexpr, KW: gl.constexpr, STRIDE_H: gl.constexpr, STRIDE_W: gl.constexpr,
+                        PAD_H: gl.constexpr, PAD_W: gl.constexpr, DIL_H: gl.constexpr, DIL_W: gl.constexpr,
+                        BLOCK_K: gl.constexpr):
+        STAGES: gl.constexpr = a_bufs.shape[0]
+        # (as tma._box_kernel: offsets lifted by whole strides so // and % see no negative value)
+        LIFT_H: gl.constexpr = (PAD_H + STRIDE_H - 1) // STRIDE_H
+        LIFT_W: gl.constexpr = (PAD_W + STRIDE_W - 1) // STRIDE_W
+        for k in range(k_iters):
+            s = k % STAGES
+            mbarrier.wait(empty.index(s), ((k // STAGES) & 1) ^ 1)
+            tap = k // ci_blocks
+            ci = (k - tap * ci_blocks) * BLOCK_K
+            kh = tap // KW
+            kw = tap - kh * KW
+            th = kh * DIL_H - PAD_H + LIFT_H * STRIDE_H
+            tw = kw * DIL_W - PAD_W + LIFT_W * STRIDE_W
+            ready_s = ready.index(s)
+            mbarrier.expect(ready_s, x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+            _tma_load(
+                x_desc, [n0, oh0 + th // STRIDE_H - LIFT_H, th % STRIDE_H, ow0 + tw // STRIDE_W - LIFT_W,
+                         (tw % STRIDE_W) * CIN + ci], ready_s, a_bufs.index(s))
+            _tma_load(w_desc, [col0, tap, ci], ready_s, b_bufs.index(s))
+
+    @gluon.jit
+    def _mma_partition(a_bufs, b_bufs, ready, empty, k_iters, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                       BLOCK_K: gl.constexpr, acc_layout: gl.constexpr):
+        STAGES: gl.constexpr = a_bufs.shape[0]
+        acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, acc_layout)
+        for k in range(k_iters):
+            s = k % STAGES
+            mbarrier.wait(ready.index(s), (k // STAGES) & 1)
+            a = a_bufs.index(s).reshape((BLOCK_M, BLOCK_K))
+            b = b_bufs.index(s).reshape((BLOCK_N, BLOCK_K)).permute((1, 0))
+            acc = warpgroup_mma(a, b, acc, is_async=True)
+            # one step's MMAs stay in flight; the step before is done with its slot
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            mbarrier.arrive(empty.index((k + STAGES - 1) % STAGES), count=1, pred=k > 0)
+        # (a tuple: triton 3.6 flattens the default partition's results as one)
+        return (warpgroup_mma_wait(num_outstanding=0, deps=(acc,)),)
+
+    @gluon.jit
+    def _box_ws_kernel(
+        x_desc, w_desc, out_ptr, res_ptr, bias_ptr, scale_ptr, shift_ptr,
+        N, HO, WO, NCH, CIN,
+        son, soh, sow, srn, srh, srw,
+        KH: gl.constexpr, KW: gl.constexpr, STRIDE_H: gl.constexpr, STRIDE_W: gl.constexpr,
+        PAD_H: gl.constexpr, PAD_W: gl.constexpr, DIL_H: gl.constexpr, DIL_W: gl.constexpr,
+        HAS_BIAS: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_SHIFT: gl.constexpr,
+        HAS_RESIDUAL: gl.constexpr, RESIDUAL_AFTER: gl.constexpr, ACTIVATION: gl.constexpr,
+        BOX_N: gl.constexpr, BOX_H: gl.constexpr, BOX_W: gl.constexpr, BLOCK_N: gl.constexpr,
+        BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        BLOCK_M: gl.constexpr = BOX_N * BOX_H * BOX_W
+        boxes_w = gl.cdiv(WO, BOX_W)
+        boxes_per_image = gl.cdiv(HO, BOX_H) * boxes_w
+        # grouped tile order (tile.grouped_tile): GROUP_M row tiles share a weight column tile in L2
+        num_pid_m = gl.cdiv(N, BOX_N) * boxes_per_image
+        num_pid_n = gl.cdiv(NCH, BLOCK_N)
+        pid = gl.program_id(0)
+        in_group = GROUP_M * num_pid_n
+        first_m = (pid // in_group) * GROUP_M
+        group_m = min(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % in_group) % group_m
+        pid_n = (pid % in_group) // group_m
+        n0 = (pid_m // boxes_per_image) * BOX_N
+        box = pid_m % boxes_per_image
+        oh0 = (box // boxes_w) * BOX_H
+        ow0 = (box % boxes_w) * BOX_W
+        col0 = pid_n * BLOCK_N
+
+        a_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
+        b_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        fence_async_shared()
+
+        ci_blocks = gl.cdiv(CIN, BLOCK_K)
+        k_iters = KH * KW * ci_blocks
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                             instr_shape=[16, BLOCK_N, 16])
+        results = gl.warp_specialize([
+            (_mma_partition, (a_bufs, b_bufs, ready, empty, k_iters, BLOCK_M, BLOCK_N, BLOCK_K, acc_layout)),
+            (_load_partition, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, n0, oh0, ow0, col0, CIN, k_iters,
+                               ci_blocks, KH, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, BLOCK_K)),
+        ], [1], [40])
+        acc = results[0]
+
+        # Epilogue in a layout whose threads hold 8 consecutive channels (16-byte accesses).
+        out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BLOCK_N // 8), BLOCK_N // 8], [num_warps, 1],
+                                                    [1, 0])
+        z = gl.convert_layout(acc, out_layout)
+        offs_n = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_layout))
+        mask_n = offs_n < NCH
+        i = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
+        img = n0 + i // (BOX_H * BOX_W)
+        oh = oh0 + (i // BOX_W) % BOX_H
+        ow = ow0 + i % BOX_W
+        inside = (img < N) & (oh < HO) & (ow < WO)
+        mask = inside[:, None] & mask_n[None, :]
+        if HAS_BIAS:
+            z += gl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(gl.float32)[None, :]
+        if HAS_SCALE:
+            z *= gl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(gl.float32)[None, :]
+        if HAS_SHIFT:
+            z += gl.load(shift_ptr + offs_n, mask=mask_n, other=0.0).to(gl.float32)[None, :]
+        r = z
+        if HAS_RESIDUAL:
+            r_rows = img.to(gl.int64) * srn + oh * srh + ow * srw
+            r = gl.load(res_ptr + r_rows[:, None] + offs_n[None, :], mask=mask, other=0.0).to(gl.float32)
+        z = residual_and_activation(z, r, HAS_RESIDUAL, RESIDUAL_AFTER, ACTIVATION)
+        o_rows = img.to(gl.int64) * son + oh * soh + ow * sow
+        gl.store(out_ptr + o_rows[:, None] + offs_n[None, :], z.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def usable(device: torch.device) -> bool:
+    """Gluon's Hopper API is importable and the device is an sm90."""
+    return gluon is not None and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
+def _layout(block_shape, dtype) -> "gl.NVMMASharedLayout":
+    inner_bytes = block_shape[-1] * (2 if dtype in (torch.float16, torch.bfloat16) else 4)
+    return gl.NVMMASharedLayout(swizzle_byte_width=min(128, inner_bytes), element_bitwidth=16,
+                                rank=len(block_shape))
+
+
+def launch(x: Tensor, x_shape: list, x_strides: list, weight: Tensor, bias: Optional[Tensor],
+           scale: Optional[Tensor], shift: Optional[Tensor], residual: Optional[Tensor], stride, padding, dilation,
+           activation_code: int, residual_after_activation: bool, out: Tensor, cfg: dict,
+           box: tuple) -> None:
+    """Runs the conv (what tma.eligible called "box", without a bias map) with tile `cfg`
+    and box shape `box` = (BOX_N, BOX_H, BOX_W); x as tma._phased describes it."""
+    bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
+    nch, cin, kh, kw = weight.shape
+    n, _, ho, wo = out.shape
+    box_n, box_h, box_w = box
+    x_block = [box_n, box_h, 1, box_w, bk]
+    w_block = [bn, 1, bk]
+    x_desc = GluonDescriptor(x, x_shape, x_strides, x_block, _layout(x_block, x.dtype))
+    w_desc = GluonDescriptor(weight, [nch, kh * kw, cin], [weight.stride(0), cin, 1], w_block,
+                             _layout(w_block, weight.dtype))
+    dummy = out
+    res = residual if residual is not None else dummy
+    grid = ((-(-n // box_n)) * (-(-ho // box_h)) * (-(-wo // box_w)) * (-(-nch // bn)),)
+    _box_ws_kernel[grid](
+        x_desc, w_desc, out, res, bias if bias is not None else dummy, scale if scale is not None else dummy,
+        shift if shift is not None else dummy,
+        n, ho, wo, nch, cin, out.stride(0), out.stride(2), out.stride(3), res.stride(0), res.stride(2), res.stride(3),
+        KH=kh, KW=kw, STRIDE_H=int(stride[0]), STRIDE_W=int(stride[1]), PAD_H=int(padding[0]),
+        PAD_W=int(padding[1]), DIL_H=int(dilation[0]), DIL_W=int(dilation[1]),
+        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+        HAS_RESIDUAL=residual is not None, RESIDUAL_AFTER=bool(residual_after_activation), ACTIVATION=activation_code,
+        BOX_N=box_n, BOX_H=box_h, BOX_W=box_w, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.get("GROUP_M", 8),
+        STAGES=cfg["num_stages"], num_warps=cfg["num_warps"])
