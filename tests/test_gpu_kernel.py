@@ -204,6 +204,8 @@ def test_tma_box_launches(dtype, geometry):
     (8, 128, 128, 3, 56, 1, 1, 128, 128, 8, 4, 2),  # ResNet-50's strided 3x3
     (8, 256, 512, 1, 28, 0, 1, 128, 128, 8, 4, 2),  # its strided 1x1 shortcut
     (1, 64, 16, 3, 9, 1, 1, 64, 16, 4, 8, 1),  # batch 1, 16 channels
+    (8, 64, 256, 1, 28, 0, 1, 128, 128, 4, 4, 1),  # a 1x1 conv (the TMA GEMM's) as boxes
+    (64, 64, 128, 3, 56, 1, 1, 128, 128, 4, 4, 1),  # 1568 tiles: each program walks ~12
 ])
 def test_box_ws_launches(dtype, geometry):
     """The warp-specialised box launch (kernels/box_ws.py, Gluon) with every epilogue term."""
@@ -218,8 +220,9 @@ def test_box_ws_launches(dtype, geometry):
               activation="silu", residual=r(n, cout, ho, ho).contiguous(memory_format=torch.channels_last))
     out = torch.full((n, cout, ho, ho), float("nan"), device=DEV, dtype=dtype).contiguous(
         memory_format=torch.channels_last)
-    assert tma.eligible(x, w, out, kw["residual"], None, None, False, (s, s)) == "box"
-    assert tma.warp_specialisable(x, w, None, (s, s), min(64, cin))
+    pointwise = k == 1 and s == 1
+    assert tma.eligible(x, w, out, kw["residual"], None, None, pointwise, (s, s)) == ("gemm" if pointwise else "box")
+    assert tma.warp_specialisable(x, w, out, kw["residual"], None, (s, s), min(64, cin))
     cfg = K._config(bm, bn, min(64, cin), warps, stages, tma=True, images=True, ws=True)
     y = K.conv2d_triton(x, w, kw["bias"], [s, s], [p, p], [d, d], None, None, cout, None, kw["scale"], kw["shift"],
                         None, kw["residual"], "silu", False, out=out, config=cfg)

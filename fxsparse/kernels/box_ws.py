@@ -20,6 +20,7 @@ map or split-K.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -48,51 +49,112 @@ def available() -> bool:
 if gluon is not None:
 
     @gluon.jit
-    def _load_partition(x_desc, w_desc, a_bufs, b_bufs, ready, empty, n0, oh0, ow0, col0, CIN, k_iters, ci_blocks,
+    def _tile_origin(tile, N, HO, WO, NCH, BOX_N: gl.constexpr, BOX_H: gl.constexpr, BOX_W: gl.constexpr,
+                     BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
+        """(first image, first output row, first output column, first channel) of output tile
+        `tile`, in tile.grouped_tile's order: GROUP_M row tiles share a weight column tile in L2."""
+        boxes_w = gl.cdiv(WO, BOX_W)
+        boxes_per_image = gl.cdiv(HO, BOX_H) * boxes_w
+        num_pid_m = gl.cdiv(N, BOX_N) * boxes_per_image
+        in_group = GROUP_M * gl.cdiv(NCH, BLOCK_N)
+        first_m = (tile // in_group) * GROUP_M
+        group_m = min(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % in_group) % group_m
+        pid_n = (tile % in_group) // group_m
+        box = pid_m % boxes_per_image
+        return ((pid_m // boxes_per_image) * BOX_N, (box // boxes_w) * BOX_H, (box % boxes_w) * BOX_W,
+                pid_n * BLOCK_N)
+
+    @gluon.jit
+    def _load_partition(x_desc, w_desc, a_bufs, b_bufs, ready, empty, N, HO, WO, NCH, CIN, num_tiles,
                         KH: gl.constexpr, KW: gl.constexpr, STRIDE_H: gl.constexpr, STRIDE_W: gl.constexpr,
                         PAD_H: gl.constexpr, PAD_W: gl.constexpr, DIL_H: gl.constexpr, DIL_W: gl.constexpr,
-                        BLOCK_K: gl.constexpr):
+                        BOX_N: gl.constexpr, BOX_H: gl.constexpr, BOX_W: gl.constexpr, BLOCK_N: gl.constexpr,
+                        BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr):
         STAGES: gl.constexpr = a_bufs.shape[0]
         # (as tma._box_kernel: offsets lifted by whole strides so // and % see no negative value)
         LIFT_H: gl.constexpr = (PAD_H + STRIDE_H - 1) // STRIDE_H
         LIFT_W: gl.constexpr = (PAD_W + STRIDE_W - 1) // STRIDE_W
-        for k in range(k_iters):
-            s = k % STAGES
-            mbarrier.wait(empty.index(s), ((k // STAGES) & 1) ^ 1)
-            tap = k // ci_blocks
-            ci = (k - tap * ci_blocks) * BLOCK_K
-            kh = tap // KW
-            kw = tap - kh * KW
-            th = kh * DIL_H - PAD_H + LIFT_H * STRIDE_H
-            tw = kw * DIL_W - PAD_W + LIFT_W * STRIDE_W
-            ready_s = ready.index(s)
-            mbarrier.expect(ready_s, x_desc.block_type.nbytes + w_desc.block_type.nbytes)
-            _tma_load(
-                x_desc, [n0, oh0 + th // STRIDE_H - LIFT_H, th % STRIDE_H, ow0 + tw // STRIDE_W - LIFT_W,
-                         (tw % STRIDE_W) * CIN + ci], ready_s, a_bufs.index(s))
-            _tma_load(w_desc, [col0, tap, ci], ready_s, b_bufs.index(s))
+        ci_blocks = gl.cdiv(CIN, BLOCK_K)
+        k_iters = KH * KW * ci_blocks
+        step = 0
+        for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            n0, oh0, ow0, col0 = _tile_origin(tile, N, HO, WO, NCH, BOX_N, BOX_H, BOX_W, BLOCK_N, GROUP_M)
+            for k in range(k_iters):
+                s = step % STAGES
+                mbarrier.wait(empty.index(s), ((step // STAGES) & 1) ^ 1)
+                tap = k // ci_blocks
+                ci = (k - tap * ci_blocks) * BLOCK_K
+                kh = tap // KW
+                kw = tap - kh * KW
+                th = kh * DIL_H - PAD_H + LIFT_H * STRIDE_H
+                tw = kw * DIL_W - PAD_W + LIFT_W * STRIDE_W
+                ready_s = ready.index(s)
+                mbarrier.expect(ready_s, x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+                _tma_load(x_desc, [n0, oh0 + th // STRIDE_H - LIFT_H, th % STRIDE_H, ow0 + tw // STRIDE_W - LIFT_W,
+                                   (tw % STRIDE_W) * CIN + ci], ready_s, a_bufs.index(s))
+                _tma_load(w_desc, [col0, tap, ci], ready_s, b_bufs.index(s))
+                step += 1
 
     @gluon.jit
-    def _mma_partition(a_bufs, b_bufs, ready, empty, k_iters, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                       BLOCK_K: gl.constexpr, acc_layout: gl.constexpr):
+    def _mma_partition(a_bufs, b_bufs, ready, empty, out_ptr, res_ptr, bias_ptr, scale_ptr, shift_ptr,
+                       N, HO, WO, NCH, CIN, num_tiles, son, soh, sow, srn, srh, srw,
+                       KH: gl.constexpr, KW: gl.constexpr,
+                       HAS_BIAS: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_SHIFT: gl.constexpr,
+                       HAS_RESIDUAL: gl.constexpr, RESIDUAL_AFTER: gl.constexpr, ACTIVATION: gl.constexpr,
+                       BOX_N: gl.constexpr, BOX_H: gl.constexpr, BOX_W: gl.constexpr, BLOCK_N: gl.constexpr,
+                       BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, num_warps: gl.constexpr):
         STAGES: gl.constexpr = a_bufs.shape[0]
-        acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, acc_layout)
-        for k in range(k_iters):
-            s = k % STAGES
-            mbarrier.wait(ready.index(s), (k // STAGES) & 1)
-            a = a_bufs.index(s).reshape((BLOCK_M, BLOCK_K))
-            b = b_bufs.index(s).reshape((BLOCK_N, BLOCK_K)).permute((1, 0))
-            acc = warpgroup_mma(a, b, acc, is_async=True)
-            # one step's MMAs stay in flight; the step before is done with its slot
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-            mbarrier.arrive(empty.index((k + STAGES - 1) % STAGES), count=1, pred=k > 0)
-        # (a tuple: triton 3.6 flattens the default partition's results as one)
-        return (warpgroup_mma_wait(num_outstanding=0, deps=(acc,)),)
+        BLOCK_M: gl.constexpr = BOX_N * BOX_H * BOX_W
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                             instr_shape=[16, BLOCK_N, 16])
+        # The epilogue's layout: each thread holds 8 consecutive channels (16-byte accesses).
+        out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BLOCK_N // 8), BLOCK_N // 8], [num_warps, 1],
+                                                    [1, 0])
+        k_iters = KH * KW * gl.cdiv(CIN, BLOCK_K)
+        step = 0
+        for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, acc_layout)
+            for k in range(k_iters):
+                s = step % STAGES
+                mbarrier.wait(ready.index(s), (step // STAGES) & 1)
+                a = a_bufs.index(s).reshape((BLOCK_M, BLOCK_K))
+                b = b_bufs.index(s).reshape((BLOCK_N, BLOCK_K)).permute((1, 0))
+                acc = warpgroup_mma(a, b, acc, is_async=True)
+                # one step's MMAs stay in flight; the step before is done with its slot
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+                mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES), count=1, pred=k > 0)
+                step += 1
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES), count=1)
+            # The loader already fills the freed slots with the next tile's operands.
+            n0, oh0, ow0, col0 = _tile_origin(tile, N, HO, WO, NCH, BOX_N, BOX_H, BOX_W, BLOCK_N, GROUP_M)
+            z = gl.convert_layout(acc, out_layout)
+            offs_n = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_layout))
+            mask_n = offs_n < NCH
+            i = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
+            img = n0 + i // (BOX_H * BOX_W)
+            oh = oh0 + (i // BOX_W) % BOX_H
+            ow = ow0 + i % BOX_W
+            mask = ((img < N) & (oh < HO) & (ow < WO))[:, None] & mask_n[None, :]
+            if HAS_BIAS:
+                z += gl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(gl.float32)[None, :]
+            if HAS_SCALE:
+                z *= gl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(gl.float32)[None, :]
+            if HAS_SHIFT:
+                z += gl.load(shift_ptr + offs_n, mask=mask_n, other=0.0).to(gl.float32)[None, :]
+            r = z
+            if HAS_RESIDUAL:
+                r_rows = img.to(gl.int64) * srn + oh * srh + ow * srw
+                r = gl.load(res_ptr + r_rows[:, None] + offs_n[None, :], mask=mask, other=0.0).to(gl.float32)
+            z = residual_and_activation(z, r, HAS_RESIDUAL, RESIDUAL_AFTER, ACTIVATION)
+            o_rows = img.to(gl.int64) * son + oh * soh + ow * sow
+            gl.store(out_ptr + o_rows[:, None] + offs_n[None, :], z.to(out_ptr.dtype.element_ty), mask=mask)
 
     @gluon.jit
     def _box_ws_kernel(
         x_desc, w_desc, out_ptr, res_ptr, bias_ptr, scale_ptr, shift_ptr,
-        N, HO, WO, NCH, CIN,
+        N, HO, WO, NCH, CIN, num_tiles,
         son, soh, sow, srn, srh, srw,
         KH: gl.constexpr, KW: gl.constexpr, STRIDE_H: gl.constexpr, STRIDE_W: gl.constexpr,
         PAD_H: gl.constexpr, PAD_W: gl.constexpr, DIL_H: gl.constexpr, DIL_W: gl.constexpr,
@@ -101,24 +163,9 @@ if gluon is not None:
         BOX_N: gl.constexpr, BOX_H: gl.constexpr, BOX_W: gl.constexpr, BLOCK_N: gl.constexpr,
         BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
     ):
-        BLOCK_M: gl.constexpr = BOX_N * BOX_H * BOX_W
-        boxes_w = gl.cdiv(WO, BOX_W)
-        boxes_per_image = gl.cdiv(HO, BOX_H) * boxes_w
-        # grouped tile order (tile.grouped_tile): GROUP_M row tiles share a weight column tile in L2
-        num_pid_m = gl.cdiv(N, BOX_N) * boxes_per_image
-        num_pid_n = gl.cdiv(NCH, BLOCK_N)
-        pid = gl.program_id(0)
-        in_group = GROUP_M * num_pid_n
-        first_m = (pid // in_group) * GROUP_M
-        group_m = min(num_pid_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % in_group) % group_m
-        pid_n = (pid % in_group) // group_m
-        n0 = (pid_m // boxes_per_image) * BOX_N
-        box = pid_m % boxes_per_image
-        oh0 = (box // boxes_w) * BOX_H
-        ow0 = (box % boxes_w) * BOX_W
-        col0 = pid_n * BLOCK_N
-
+        """Persistent: each program walks tiles pid, pid + programs, ... The two partitions walk
+        the same tiles and K steps; a running step count keeps their ring slots and barrier
+        phases in step across tiles."""
         a_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
         b_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -127,48 +174,36 @@ if gluon is not None:
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
         fence_async_shared()
-
-        ci_blocks = gl.cdiv(CIN, BLOCK_K)
-        k_iters = KH * KW * ci_blocks
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                             instr_shape=[16, BLOCK_N, 16])
-        results = gl.warp_specialize([
-            (_mma_partition, (a_bufs, b_bufs, ready, empty, k_iters, BLOCK_M, BLOCK_N, BLOCK_K, acc_layout)),
-            (_load_partition, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, n0, oh0, ow0, col0, CIN, k_iters,
-                               ci_blocks, KH, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, BLOCK_K)),
+        gl.warp_specialize([
+            (_mma_partition, (a_bufs, b_bufs, ready, empty, out_ptr, res_ptr, bias_ptr, scale_ptr, shift_ptr,
+                              N, HO, WO, NCH, CIN, num_tiles, son, soh, sow, srn, srh, srw, KH, KW,
+                              HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RESIDUAL, RESIDUAL_AFTER, ACTIVATION,
+                              BOX_N, BOX_H, BOX_W, BLOCK_N, BLOCK_K, GROUP_M, num_warps)),
+            (_load_partition, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, N, HO, WO, NCH, CIN, num_tiles,
+                               KH, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+                               BOX_N, BOX_H, BOX_W, BLOCK_N, BLOCK_K, GROUP_M)),
         ], [1], [40])
-        acc = results[0]
-
-        # Epilogue in a layout whose threads hold 8 consecutive channels (16-byte accesses).
-        out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BLOCK_N // 8), BLOCK_N // 8], [num_warps, 1],
-                                                    [1, 0])
-        z = gl.convert_layout(acc, out_layout)
-        offs_n = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_layout))
-        mask_n = offs_n < NCH
-        i = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
-        img = n0 + i // (BOX_H * BOX_W)
-        oh = oh0 + (i // BOX_W) % BOX_H
-        ow = ow0 + i % BOX_W
-        inside = (img < N) & (oh < HO) & (ow < WO)
-        mask = inside[:, None] & mask_n[None, :]
-        if HAS_BIAS:
-            z += gl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(gl.float32)[None, :]
-        if HAS_SCALE:
-            z *= gl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(gl.float32)[None, :]
-        if HAS_SHIFT:
-            z += gl.load(shift_ptr + offs_n, mask=mask_n, other=0.0).to(gl.float32)[None, :]
-        r = z
-        if HAS_RESIDUAL:
-            r_rows = img.to(gl.int64) * srn + oh * srh + ow * srw
-            r = gl.load(res_ptr + r_rows[:, None] + offs_n[None, :], mask=mask, other=0.0).to(gl.float32)
-        z = residual_and_activation(z, r, HAS_RESIDUAL, RESIDUAL_AFTER, ACTIVATION)
-        o_rows = img.to(gl.int64) * son + oh * soh + ow * sow
-        gl.store(out_ptr + o_rows[:, None] + offs_n[None, :], z.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def usable(device: torch.device) -> bool:
     """Gluon's Hopper API is importable and the device is an sm90."""
     return gluon is not None and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _programs(cfg: dict, device: torch.device) -> int:
+    """A persistent grid: as many programs as the SMs hold at once by shared memory: the
+    operand stages, and the epilogue's layout change of the accumulator (half its fp32 size
+    in the compiled kernels)."""
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    smem = (bm + bn) * cfg["BLOCK_K"] * 2 * cfg["num_stages"] + bm * bn * 2 + 1024
+    per_sm = max(1, min(2, (227 * 1024) // smem))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return per_sm * _sm_count(index)
 
 
 def _layout(block_shape, dtype) -> "gl.NVMMASharedLayout":
@@ -194,11 +229,11 @@ def launch(x: Tensor, x_shape: list, x_strides: list, weight: Tensor, bias: Opti
                              _layout(w_block, weight.dtype))
     dummy = out
     res = residual if residual is not None else dummy
-    grid = ((-(-n // box_n)) * (-(-ho // box_h)) * (-(-wo // box_w)) * (-(-nch // bn)),)
-    _box_ws_kernel[grid](
+    tiles = (-(-n // box_n)) * (-(-ho // box_h)) * (-(-wo // box_w)) * (-(-nch // bn))
+    _box_ws_kernel[(min(tiles, _programs(cfg, out.device)),)](
         x_desc, w_desc, out, res, bias if bias is not None else dummy, scale if scale is not None else dummy,
         shift if shift is not None else dummy,
-        n, ho, wo, nch, cin, out.stride(0), out.stride(2), out.stride(3), res.stride(0), res.stride(2), res.stride(3),
+        n, ho, wo, nch, cin, tiles, out.stride(0), out.stride(2), out.stride(3), res.stride(0), res.stride(2), res.stride(3),
         KH=kh, KW=kw, STRIDE_H=int(stride[0]), STRIDE_W=int(stride[1]), PAD_H=int(padding[0]),
         PAD_W=int(padding[1]), DIL_H=int(dilation[0]), DIL_W=int(dilation[1]),
         HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,

@@ -456,8 +456,8 @@ def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms:
     `split_k` given: only that factor. `tma`: the TMA launch the tensors allow (tma.eligible:
     "gemm" for 1x1 convs, "box" for the others), whose tiles are offered too; a box tile is
     offered twice where boxes spanning images fit the output map `box_map` (N, HO, WO) with
-    fewer rows computed for nothing. `ws`: box tiles are also offered warp-specialised
-    (tma.warp_specialisable), unsplit, in boxes spanning images where that computes fewer rows.
+    fewer rows computed for nothing. `ws`: boxes are also offered warp-specialised
+    (tma.warp_specialisable; 1x1 convs too), unsplit, their shape as boxes spanning images.
     """
     bk = min(64, _pow2_at_least(cin))
     k_iters = taps * _cdiv(cin, bk)
@@ -510,9 +510,9 @@ def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms:
                 if box_map is not None and tma_launch.box_shape(bm, *box_map, images=True) != \
                         tma_launch.box_shape(bm, *box_map):
                     out += [(_config(bm, bn, bk, warps, stages, tma=True, images=True), s) for s in splits]
-        if ws and split_k in (None, 1):
-            out += [(_config(bm, bn, bk, warps, stages, tma=True, images=True, ws=True), 1)
-                    for bm, bn, warps, stages in _BOX_WS_TILES if bn in widths and bm <= bm_cap]
+    if ws and split_k in (None, 1):
+        out += [(_config(bm, bn, bk, warps, stages, tma=True, images=True, ws=True), 1)
+                for bm, bn, warps, stages in _BOX_WS_TILES if bn in widths and bm <= bm_cap]
     if not out:  # tiny problems: the smallest tile always fits
         out.append((_config(64, 16, bk, 4, 3), split_k or 1))
     return out
@@ -816,7 +816,8 @@ def conv2d_triton(
             return tma_launch.eligible(x, weight, out, residual, out_index, bias_map, pointwise, (sh, sw))
 
         def warp_specialisable() -> bool:
-            return tma_launch.warp_specialisable(x, weight, bias_map, (sh, sw), min(64, _pow2_at_least(cin)))
+            return tma_launch.warp_specialisable(x, weight, out, residual, bias_map, (sh, sw),
+                                                 min(64, _pow2_at_least(cin)))
 
         def run(cfg: dict, splits: int) -> None:
             tma = tma_kind() if cfg.get("TMA") else None
@@ -824,7 +825,7 @@ def conv2d_triton(
             if cfg.get("TMA") and not use_tma:
                 # a tuned TMA tile for tensors a descriptor cannot address: the same tile here
                 cfg = {k: v for k, v in cfg.items() if k not in ("TMA", "IMAGES", "WS")}
-            elif cfg.get("WS") and not (tma == "box" and splits == 1 and warp_specialisable()):
+            elif cfg.get("WS") and not (splits == 1 and warp_specialisable()):
                 cfg = {k: v for k, v in cfg.items() if k != "WS"}  # the same box, not warp-specialised
             bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
             if use_tma:
@@ -855,7 +856,7 @@ def conv2d_triton(
             if choice is None:
                 tma = tma_kind()
                 choice = _choose_launch(key, x.device, m, nch, cin, kh * kw, pointwise, split_k, run, out,
-                                        tma, tma == "box" and warp_specialisable())
+                                        tma, tma is not None and warp_specialisable())
             run(choice.config, choice.split_k)
 
     if out_index is not None and nch < out_channels:

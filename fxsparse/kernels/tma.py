@@ -262,12 +262,14 @@ def eligible(x: Tensor, weight: Tensor, out: Tensor, residual: Optional[Tensor],
     return "box"
 
 
-def warp_specialisable(x: Tensor, weight: Tensor, bias_map: Optional[Tensor], stride, block_k: int) -> bool:
-    """Whether a box launch (what `eligible` said) of these tensors may run warp-specialised
-    (box_ws.py): an sm90 device with Gluon's Hopper API, no bias map, and no strided box
-    whose channel run reaches into the next phase (the WS launch has no register pass to mask
-    them in)."""
-    return (box_ws.usable(x.device) and bias_map is None
+def warp_specialisable(x: Tensor, weight: Tensor, out: Tensor, residual: Optional[Tensor],
+                       bias_map: Optional[Tensor], stride, block_k: int) -> bool:
+    """Whether a conv that a TMA launch can run (what `eligible` said) may run as a
+    warp-specialised box launch (box_ws.py): an sm90 device with Gluon's Hopper API, tensors a
+    box addresses, no bias map, and no strided box whose channel run reaches into the next
+    phase (the WS launch has no register pass to mask them)."""
+    return (box_ws.usable(x.device) and bias_map is None and _phased(x, stride) is not None
+            and all(_nhwc(t) is not None for t in (out,) + ((residual,) if residual is not None else ()))
             and (int(stride[1]) == 1 or weight.shape[1] % block_k == 0))
 
 
@@ -310,6 +312,14 @@ def launch(kind: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: 
     loop split `splits` ways (box only)."""
     if splits > 1 and kind != "box":
         raise ValueError("fxsparse conv2d: only the box TMA launch splits K")
+    if cfg.get("WS"):
+        if splits > 1 or bias_map is not None:
+            raise ValueError("fxsparse conv2d: the warp-specialised box launch takes no split-K or bias map")
+        n, _, ho, wo = out.shape
+        box_ws.launch(x, *_phased(x, stride), weight, bias, scale, shift, residual, stride, padding, dilation,
+                      activation_code, residual_after_activation, out, cfg,
+                      box_shape(cfg["BLOCK_M"], n, ho, wo, cfg.get("IMAGES", False)))
+        return
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     nch, cin, kh, kw = weight.shape
     common = _launch_args(bias, scale, shift, residual, activation_code, residual_after_activation, out)
@@ -328,12 +338,6 @@ def launch(kind: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: 
         return
     n, _, ho, wo = out.shape
     box = box_n, box_h, box_w = box_shape(bm, n, ho, wo, cfg.get("IMAGES", False))
-    if cfg.get("WS"):
-        if splits > 1 or bias_map is not None:
-            raise ValueError("fxsparse conv2d: the warp-specialised box launch takes no split-K or bias map")
-        box_ws.launch(x, *_phased(x, stride), weight, bias, scale, shift, residual, stride, padding, dilation,
-                      activation_code, residual_after_activation, out, cfg, box)
-        return
     out_desc = TensorDescriptor(out, *_nhwc(out), [*box, bn])
     res_desc = out_desc if residual is None else TensorDescriptor(residual, *_nhwc(residual), [*box, bn])
     bm_strides = bias_map.stride() if bias_map is not None else (0, 0, 0)
