@@ -92,6 +92,8 @@ def _count(ptx: str, patterns) -> Counter:
 
 TMA_PATTERNS = ("wgmma", "cp.async.bulk.tensor", "ld.shared", "st.shared")
 TMA_KINDS = ("gemm", "box", "box/2", "box/images", "box/split", "box/row")
+# Warp specialisation on sm90: the partitions hand registers to each other (setmaxnreg).
+WS_PATTERNS = ("setmaxnreg",)
 
 
 def k_loop_sync(ptx: str) -> dict:
@@ -160,6 +162,52 @@ def tma_ptx(kind: str) -> str:
     return compiled.asm["ptx"]
 
 
+def ws_ptx() -> str:
+    """The sm90 PTX of the warp-specialised box launch (kernels/box_ws.py, Gluon): 3x3, a box of
+    2 images x 8x8 pixels, 128 channels, 64-deep K, 4 MMA warps, 4 stages, residual and relu."""
+    import torch
+    import triton
+
+    from fxsparse.kernels import box_ws
+
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.experimental.gluon._runtime import GluonASTSource
+        from triton.runtime.jit import mangle_type
+    except ImportError as e:
+        raise OfflineCompileUnavailable(str(e)) from e
+    if not box_ws.available():
+        raise OfflineCompileUnavailable("this Triton has no Gluon Hopper API")
+    (bn_img, bh, bw), bn, bk, warps, stages = (2, 8, 8), 128, 64, 4, 4
+    x = torch.zeros(8, 56, 1, 56, 64, dtype=torch.float16)  # [N, H, phase, W, C] (tma._phased)
+    w = torch.zeros(bn, 9, 64, dtype=torch.float16)
+    x_block, w_block = [bn_img, bh, 1, bw, bk], [bn, 1, bk]
+    descs = dict(x_desc=box_ws.GluonDescriptor(x, list(x.shape), list(x.stride()), x_block,
+                                               box_ws._layout(x_block, x.dtype)),
+                 w_desc=box_ws.GluonDescriptor(w, list(w.shape), list(w.stride()), w_block,
+                                               box_ws._layout(w_block, w.dtype)))
+    consts = dict(KH=3, KW=3, STRIDE_H=1, STRIDE_W=1, PAD_H=1, PAD_W=1, DIL_H=1, DIL_W=1, HAS_BIAS=True,
+                  HAS_SCALE=False, HAS_SHIFT=False, HAS_RESIDUAL=True, RESIDUAL_AFTER=False, ACTIVATION=1,
+                  BOX_N=bn_img, BOX_H=bh, BOX_W=bw, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, STAGES=stages,
+                  num_warps=warps)
+    fn = box_ws._box_ws_kernel
+    signature, constexprs = {}, {}
+    for i, name in enumerate(inspect.signature(fn.fn).parameters):
+        if name in consts:
+            signature[name] = "constexpr"
+            constexprs[(i,)] = consts[name]
+        elif name in descs:
+            signature[name] = mangle_type(descs[name])
+        else:
+            signature[name] = "*fp16" if name.endswith("_ptr") else "i32"
+    try:
+        src = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs={})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+    except (TypeError, KeyError, AttributeError, ValueError) as e:  # another Triton's offline API
+        raise OfflineCompileUnavailable(f"{type(e).__name__}: {e}") from e
+    return compiled.asm["ptx"]
+
+
 def main() -> None:
     import argparse
     import json
@@ -187,6 +235,9 @@ def main() -> None:
         ptx = tma_ptx(kind)
         cases[f"tma {kind}"] = dict(_count(ptx, TMA_PATTERNS + SPLIT_PATTERNS))
         loops[kind] = cases[f"loop {kind}"] = k_loop_sync(ptx)
+    ptx = ws_ptx()
+    cases["tma box/ws"] = dict(_count(ptx, TMA_PATTERNS + SPLIT_PATTERNS + WS_PATTERNS))
+    loops["box/ws"] = cases["loop box/ws"] = k_loop_sync(ptx)
     if args.json:
         print(json.dumps(cases))
         return
@@ -201,7 +252,7 @@ def main() -> None:
                    headers=["launch", *TMA_PATTERNS], tablefmt="github"))
     print("\nTheir K loops (the basic block holding the wgmma instructions): wgmma.wait_group depths in "
           "order, TMA arrivals waited on, CTA barriers")
-    print(tabulate([[k, *loops[k].values()] for k in TMA_KINDS], headers=["launch", *loops["gemm"]],
+    print(tabulate([[k, *loops[k].values()] for k in TMA_KINDS + ("box/ws",)], headers=["launch", *loops["gemm"]],
                    tablefmt="github"))
 
 

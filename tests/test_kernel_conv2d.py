@@ -671,6 +671,23 @@ def test_tma_box_spanning_images(request, stride, split_k):
                     residual_after_activation=True), torch.float16)
 
 
+def test_warp_specialised_boxes_offered_unsplit_and_only_where_allowed():
+    """box_ws.py's launch: offered (unsplit, boxes spanning images) only where conv2d says the
+    tensors and device allow it, for 3x3 and 1x1 convs; never on the CPU."""
+    def ws(*shape, **kw):
+        return [(c, s) for c, s in K.conv_candidates(*shape, 132, **kw) if c.get("WS")]
+
+    assert not ws(1568, 512, 512, 9, False, tma="box")
+    offered = ws(1568, 512, 512, 9, False, tma="box", ws=True)
+    assert offered and all(s == 1 and c["TMA"] and c["IMAGES"] for c, s in offered)
+    assert ws(100352, 256, 64, 1, True, tma="gemm", ws=True)
+    assert not ws(1568, 512, 512, 9, False, tma="box", ws=True, split_k=2)
+    from fxsparse.kernels import tma
+    x = torch.zeros(2, 64, 8, 8, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    w = torch.zeros(64, 64, 3, 3, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    assert not tma.warp_specialisable(x, w, x, None, None, (1, 1), 64)  # a CPU tensor
+
+
 def test_box_spanning_images_offered_only_where_it_computes_less():
     def images(n, ho, wo):
         return {c["BLOCK_M"] for c, _ in K.conv_candidates(n * ho * wo, 128, 64, 9, False, 132, tma="box",

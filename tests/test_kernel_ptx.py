@@ -80,3 +80,12 @@ def test_tma_k_loop_keeps_a_step_of_wgmma_in_flight(ptx_counts, kind):
     docs/benchmarks.md (session 7) compares the multi-dimensional box's against."""
     loop = ptx_counts[f"loop {kind}"]
     assert loop["wgmma"] >= 4 and loop["wait_group"] == "1" and loop["mbarrier waits"] == 1, loop
+
+
+def test_warp_specialised_box_launch_splits_loader_and_mma_warps(ptx_counts):
+    """kernels/box_ws.py (Gluon) builds for sm90 with real warp specialisation: the partitions
+    trade registers (setmaxnreg), and the MMA warps' K loop waits on one TMA arrival per step,
+    keeps one step of wgmma in flight, and issues no TMA copy itself (the loader warp does)."""
+    c, loop = ptx_counts["tma box/ws"], ptx_counts["loop box/ws"]
+    assert c["setmaxnreg"] > 0 and c["cp.async.bulk.tensor"] > 0 and c["wgmma"] > 0, c
+    assert loop["wgmma"] >= 4 and loop["wait_group"] == "1" and loop["mbarrier waits"] == 1, loop

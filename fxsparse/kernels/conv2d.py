@@ -403,6 +403,8 @@ _BOX_WS_TILES = [
     (128, 64, 4, 6),
     (64, 128, 4, 6),
     (64, 64, 4, 8),
+    (128, 32, 4, 8),
+    (128, 16, 4, 8),
 ]
 _SAFE_TILE = (64, 64, 4, 3)  # the fallback when a tuned 8-warp tile fails its check
 
