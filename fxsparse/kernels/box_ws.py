@@ -196,12 +196,12 @@ def _sm_count(device_index: int) -> int:
 
 
 def _programs(cfg: dict, device: torch.device) -> int:
-    """A persistent grid: as many programs as the SMs hold at once by shared memory: the
-    operand stages, and the epilogue's layout change of the accumulator (half its fp32 size
-    in the compiled kernels)."""
+    """A persistent grid: as many programs as the SMs hold at once. One, unless registers are
+    capped (cfg "maxnreg") and shared memory fits two: the operand stages, and the epilogue's
+    layout change of the accumulator (half its fp32 size in the compiled kernels)."""
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     smem = (bm + bn) * cfg["BLOCK_K"] * 2 * cfg["num_stages"] + bm * bn * 2 + 1024
-    per_sm = max(1, min(2, (227 * 1024) // smem))
+    per_sm = max(1, min(2, (227 * 1024) // smem)) if cfg.get("maxnreg") else 1
     index = device.index if device.index is not None else torch.cuda.current_device()
     return per_sm * _sm_count(index)
 
@@ -239,4 +239,5 @@ def launch(x: Tensor, x_shape: list, x_strides: list, weight: Tensor, bias: Opti
         HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
         HAS_RESIDUAL=residual is not None, RESIDUAL_AFTER=bool(residual_after_activation), ACTIVATION=activation_code,
         BOX_N=box_n, BOX_H=box_h, BOX_W=box_w, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.get("GROUP_M", 8),
-        STAGES=cfg["num_stages"], num_warps=cfg["num_warps"])
+        STAGES=cfg["num_stages"], num_warps=cfg["num_warps"],
+        **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))

@@ -395,16 +395,19 @@ _BOX_TMA_TILES = [
     (64, 16, 4, 4),
 ]
 # The same boxes warp-specialised (box_ws.py, sm90): one program per SM of deep operand stages,
-# as cuDNN's sm90 kernels run (session 7's profile).
+# as cuDNN's sm90 kernels run (session 7's profile); or two of shallow ones, registers capped
+# at 128 a thread (maxnreg), whose epilogues overlap each other's K loops.
 _BOX_WS_TILES = [
-    (128, 256, 8, 3),
-    (128, 128, 8, 4),
-    (128, 128, 4, 4),
-    (128, 64, 4, 6),
-    (64, 128, 4, 6),
-    (64, 64, 4, 8),
-    (128, 32, 4, 8),
-    (128, 16, 4, 8),
+    (128, 256, 8, 3, None),
+    (128, 128, 8, 4, None),
+    (128, 128, 4, 4, None),
+    (128, 128, 4, 2, 128),
+    (128, 64, 4, 6, None),
+    (128, 64, 4, 3, 128),
+    (64, 128, 4, 6, None),
+    (64, 64, 4, 8, None),
+    (128, 32, 4, 8, None),
+    (128, 16, 4, 8, None),
 ]
 _SAFE_TILE = (64, 64, 4, 3)  # the fallback when a tuned 8-warp tile fails its check
 
@@ -419,7 +422,8 @@ def _pow2_at_least(v: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(int(v), 1)))
 
 
-def _config(bm, bn, bk, warps, stages, persistent=False, tma=False, images=False, ws=False) -> dict:
+def _config(bm, bn, bk, warps, stages, persistent=False, tma=False, images=False, ws=False,
+            maxnreg=None) -> dict:
     cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages,
                PERSISTENT=persistent)
     if tma:  # (a launch of a tma.py kernel, not _conv2d_kernel: absent elsewhere)
@@ -428,6 +432,8 @@ def _config(bm, bn, bk, warps, stages, persistent=False, tma=False, images=False
         cfg["IMAGES"] = True
     if ws:  # (a warp-specialised box launch: box_ws.py)
         cfg["WS"] = True
+    if maxnreg:  # (registers a thread may hold: two programs per SM)
+        cfg["maxnreg"] = maxnreg
     return cfg
 
 
@@ -513,8 +519,8 @@ def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms:
                         tma_launch.box_shape(bm, *box_map):
                     out += [(_config(bm, bn, bk, warps, stages, tma=True, images=True), s) for s in splits]
     if ws and split_k in (None, 1):
-        out += [(_config(bm, bn, bk, warps, stages, tma=True, images=True, ws=True), 1)
-                for bm, bn, warps, stages in _BOX_WS_TILES if bn in widths and bm <= bm_cap]
+        out += [(_config(bm, bn, bk, warps, stages, tma=True, images=True, ws=True, maxnreg=regs), 1)
+                for bm, bn, warps, stages, regs in _BOX_WS_TILES if bn in widths and bm <= bm_cap]
     if not out:  # tiny problems: the smallest tile always fits
         out.append((_config(64, 16, bk, 4, 3), split_k or 1))
     return out
@@ -543,6 +549,7 @@ def describe_launch(cfg: dict, split_k: int) -> str:
     return (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}"
             + (" persistent" if cfg.get("PERSISTENT") else "") + (" TMA" if cfg.get("TMA") else "")
             + (" images" if cfg.get("IMAGES") else "") + (" WS" if cfg.get("WS") else "")
+            + (f" r{cfg['maxnreg']}" if cfg.get("maxnreg") else "")
             + (f" k/{split_k}" if split_k > 1 else ""))
 
 
@@ -826,9 +833,10 @@ def conv2d_triton(
             use_tma = tma is not None and (splits == 1 or tma == "box")
             if cfg.get("TMA") and not use_tma:
                 # a tuned TMA tile for tensors a descriptor cannot address: the same tile here
-                cfg = {k: v for k, v in cfg.items() if k not in ("TMA", "IMAGES", "WS")}
+                cfg = {k: v for k, v in cfg.items() if k not in ("TMA", "IMAGES", "WS", "maxnreg")}
             elif cfg.get("WS") and not (splits == 1 and warp_specialisable()):
-                cfg = {k: v for k, v in cfg.items() if k != "WS"}  # the same box, not warp-specialised
+                # the same box, not warp-specialised
+                cfg = {k: v for k, v in cfg.items() if k not in ("WS", "maxnreg")}
             bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
             if use_tma:
                 tma_launch.launch(tma, x, weight, bias, scale, shift, bias_map, residual, (sh, sw), (ph, pw), (dh, dw),
