@@ -181,11 +181,10 @@ def ws_ptx() -> str:
     (bn_img, bh, bw), bn, bk, warps, stages = (2, 8, 8), 128, 64, 4, 4
     x = torch.zeros(8, 56, 1, 56, 64, dtype=torch.float16)  # [N, H, phase, W, C] (tma._phased)
     w = torch.zeros(bn, 9, 64, dtype=torch.float16)
-    x_block, w_block = [bn_img, bh, 1, bw, bk], [bn, 1, bk]
-    descs = dict(x_desc=box_ws.GluonDescriptor(x, list(x.shape), list(x.stride()), x_block,
-                                               box_ws._layout(x_block, x.dtype)),
-                 w_desc=box_ws.GluonDescriptor(w, list(w.shape), list(w.stride()), w_block,
-                                               box_ws._layout(w_block, w.dtype)))
+    out = torch.zeros(8, 56, 56, bn, dtype=torch.float16)
+    x_block, w_block, out_block = [bn_img, bh, 1, bw, bk], [bn, 1, bk], [bn_img, bh, bw, bn]
+    descs = {name: box_ws.GluonDescriptor(t, list(t.shape), list(t.stride()), block, box_ws._layout(block, t.dtype))
+             for name, t, block in (("x_desc", x, x_block), ("w_desc", w, w_block), ("out_desc", out, out_block))}
     consts = dict(KH=3, KW=3, STRIDE_H=1, STRIDE_W=1, PAD_H=1, PAD_W=1, DIL_H=1, DIL_W=1, HAS_BIAS=True,
                   HAS_SCALE=False, HAS_SHIFT=False, HAS_RESIDUAL=True, RESIDUAL_AFTER=False, ACTIVATION=1,
                   BOX_N=bn_img, BOX_H=bh, BOX_W=bw, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, STAGES=stages,

@@ -13,8 +13,8 @@ warp-specialised GEMMs do it:
   asynchronously, keep one step in flight, and free the slot of the step before.
 
 The box geometry (strided phases, boxes spanning images, zero fill as padding) is tma.py's;
-the epilogue (bias, folded BatchNorm, residual, activation) runs on the accumulator with
-pointer loads and stores. Offered by conv2d.py's tuner beside the other launches where `usable`
+the epilogue (bias, folded BatchNorm, residual, activation) runs on the accumulator, and the
+output tile leaves by a TMA store while the next tile's K loop runs. Offered by conv2d.py's tuner beside the other launches where `usable`
 says so: an sm90 device, a Gluon with this API, and a conv the box launch takes without a bias
 map or split-K.
 """
@@ -36,8 +36,10 @@ try:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                                   warpgroup_mma, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
-    # triton 3.6 names the TMA copy into shared memory async_copy_global_to_shared; 3.9 async_load
+    # triton 3.6 names the TMA copies async_copy_global_to_shared / async_copy_shared_to_global;
+    # 3.9 async_load / async_store
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 except ImportError:  # pragma: no cover - a Triton without Gluon's Hopper API: never offered
     gluon = None
 
@@ -97,8 +99,8 @@ if gluon is not None:
                 step += 1
 
     @gluon.jit
-    def _mma_partition(a_bufs, b_bufs, ready, empty, out_ptr, res_ptr, bias_ptr, scale_ptr, shift_ptr,
-                       N, HO, WO, NCH, CIN, num_tiles, son, soh, sow, srn, srh, srw,
+    def _mma_partition(a_bufs, b_bufs, ready, empty, out_desc, c_smem, res_ptr, bias_ptr, scale_ptr, shift_ptr,
+                       N, HO, WO, NCH, CIN, num_tiles, srn, srh, srw,
                        KH: gl.constexpr, KW: gl.constexpr,
                        HAS_BIAS: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_SHIFT: gl.constexpr,
                        HAS_RESIDUAL: gl.constexpr, RESIDUAL_AFTER: gl.constexpr, ACTIVATION: gl.constexpr,
@@ -108,9 +110,6 @@ if gluon is not None:
         BLOCK_M: gl.constexpr = BOX_N * BOX_H * BOX_W
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                              instr_shape=[16, BLOCK_N, 16])
-        # The epilogue's layout: each thread holds 8 consecutive channels (16-byte accesses).
-        out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BLOCK_N // 8), BLOCK_N // 8], [num_warps, 1],
-                                                    [1, 0])
         k_iters = KH * KW * gl.cdiv(CIN, BLOCK_K)
         step = 0
         for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
@@ -129,14 +128,9 @@ if gluon is not None:
             mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES), count=1)
             # The loader already fills the freed slots with the next tile's operands.
             n0, oh0, ow0, col0 = _tile_origin(tile, N, HO, WO, NCH, BOX_N, BOX_H, BOX_W, BLOCK_N, GROUP_M)
-            z = gl.convert_layout(acc, out_layout)
-            offs_n = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_layout))
+            offs_n = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
             mask_n = offs_n < NCH
-            i = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
-            img = n0 + i // (BOX_H * BOX_W)
-            oh = oh0 + (i // BOX_W) % BOX_H
-            ow = ow0 + i % BOX_W
-            mask = ((img < N) & (oh < HO) & (ow < WO))[:, None] & mask_n[None, :]
+            z = acc
             if HAS_BIAS:
                 z += gl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(gl.float32)[None, :]
             if HAS_SCALE:
@@ -145,17 +139,28 @@ if gluon is not None:
                 z += gl.load(shift_ptr + offs_n, mask=mask_n, other=0.0).to(gl.float32)[None, :]
             r = z
             if HAS_RESIDUAL:
+                i = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
+                img = n0 + i // (BOX_H * BOX_W)
+                oh = oh0 + (i // BOX_W) % BOX_H
+                ow = ow0 + i % BOX_W
+                mask = ((img < N) & (oh < HO) & (ow < WO))[:, None] & mask_n[None, :]
                 r_rows = img.to(gl.int64) * srn + oh * srh + ow * srw
                 r = gl.load(res_ptr + r_rows[:, None] + offs_n[None, :], mask=mask, other=0.0).to(gl.float32)
             z = residual_and_activation(z, r, HAS_RESIDUAL, RESIDUAL_AFTER, ACTIVATION)
-            o_rows = img.to(gl.int64) * son + oh * soh + ow * sow
-            gl.store(out_ptr + o_rows[:, None] + offs_n[None, :], z.to(out_ptr.dtype.element_ty), mask=mask)
+            # The output leaves by a TMA store (rows past the map or batch are dropped by the copy
+            # engine) that runs on while the next tile's K loop does; its buffer is reused only
+            # once the store before has read it.
+            tma.store_wait(0)
+            c_smem.reshape((BLOCK_M, BLOCK_N)).store(z.to(c_smem.dtype))
+            fence_async_shared()
+            _tma_store(out_desc, [n0, oh0, ow0, col0], c_smem)
+        tma.store_wait(0)
 
     @gluon.jit
     def _box_ws_kernel(
-        x_desc, w_desc, out_ptr, res_ptr, bias_ptr, scale_ptr, shift_ptr,
+        x_desc, w_desc, out_desc, res_ptr, bias_ptr, scale_ptr, shift_ptr,
         N, HO, WO, NCH, CIN, num_tiles,
-        son, soh, sow, srn, srh, srw,
+        srn, srh, srw,
         KH: gl.constexpr, KW: gl.constexpr, STRIDE_H: gl.constexpr, STRIDE_W: gl.constexpr,
         PAD_H: gl.constexpr, PAD_W: gl.constexpr, DIL_H: gl.constexpr, DIL_W: gl.constexpr,
         HAS_BIAS: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_SHIFT: gl.constexpr,
@@ -168,6 +173,7 @@ if gluon is not None:
         phases in step across tiles."""
         a_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
         b_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+        c_smem = gl.allocate_shared_memory(out_desc.dtype, out_desc.block_type.shape, out_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
@@ -175,8 +181,8 @@ if gluon is not None:
             mbarrier.init(empty.index(i), count=1)
         fence_async_shared()
         gl.warp_specialize([
-            (_mma_partition, (a_bufs, b_bufs, ready, empty, out_ptr, res_ptr, bias_ptr, scale_ptr, shift_ptr,
-                              N, HO, WO, NCH, CIN, num_tiles, son, soh, sow, srn, srh, srw, KH, KW,
+            (_mma_partition, (a_bufs, b_bufs, ready, empty, out_desc, c_smem, res_ptr, bias_ptr, scale_ptr,
+                              shift_ptr, N, HO, WO, NCH, CIN, num_tiles, srn, srh, srw, KH, KW,
                               HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RESIDUAL, RESIDUAL_AFTER, ACTIVATION,
                               BOX_N, BOX_H, BOX_W, BLOCK_N, BLOCK_K, GROUP_M, num_warps)),
             (_load_partition, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, N, HO, WO, NCH, CIN, num_tiles,
@@ -197,8 +203,8 @@ def _sm_count(device_index: int) -> int:
 
 def _programs(cfg: dict, device: torch.device) -> int:
     """A persistent grid: as many programs as the SMs hold at once. One, unless registers are
-    capped (cfg "maxnreg") and shared memory fits two: the operand stages, and the epilogue's
-    layout change of the accumulator (half its fp32 size in the compiled kernels)."""
+    capped (cfg "maxnreg") and shared memory fits two: the operand stages and the output
+    tile."""
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     smem = (bm + bn) * cfg["BLOCK_K"] * 2 * cfg["num_stages"] + bm * bn * 2 + 1024
     per_sm = max(1, min(2, (227 * 1024) // smem)) if cfg.get("maxnreg") else 1
@@ -224,16 +230,19 @@ def launch(x: Tensor, x_shape: list, x_strides: list, weight: Tensor, bias: Opti
     box_n, box_h, box_w = box
     x_block = [box_n, box_h, 1, box_w, bk]
     w_block = [bn, 1, bk]
+    out_block = [box_n, box_h, box_w, bn]
     x_desc = GluonDescriptor(x, x_shape, x_strides, x_block, _layout(x_block, x.dtype))
+    out_desc = GluonDescriptor(out, [n, ho, wo, nch], [out.stride(0), out.stride(2), out.stride(3), 1], out_block,
+                               _layout(out_block, out.dtype))
     w_desc = GluonDescriptor(weight, [nch, kh * kw, cin], [weight.stride(0), cin, 1], w_block,
                              _layout(w_block, weight.dtype))
     dummy = out
     res = residual if residual is not None else dummy
     tiles = (-(-n // box_n)) * (-(-ho // box_h)) * (-(-wo // box_w)) * (-(-nch // bn))
     _box_ws_kernel[(min(tiles, _programs(cfg, out.device)),)](
-        x_desc, w_desc, out, res, bias if bias is not None else dummy, scale if scale is not None else dummy,
+        x_desc, w_desc, out_desc, res, bias if bias is not None else dummy, scale if scale is not None else dummy,
         shift if shift is not None else dummy,
-        n, ho, wo, nch, cin, tiles, out.stride(0), out.stride(2), out.stride(3), res.stride(0), res.stride(2), res.stride(3),
+        n, ho, wo, nch, cin, tiles, res.stride(0), res.stride(2), res.stride(3),
         KH=kh, KW=kw, STRIDE_H=int(stride[0]), STRIDE_W=int(stride[1]), PAD_H=int(padding[0]),
         PAD_W=int(padding[1]), DIL_H=int(dilation[0]), DIL_W=int(dilation[1]),
         HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
