@@ -445,6 +445,11 @@ def _persistent_programs(cfg: dict, tiles: int, sms: int) -> int:
     return max(1, min(tiles, per_sm * sms))
 
 
+def _warp_specialised_offered() -> bool:
+    # FXSPARSE_CONV_WS=0 leaves box_ws.py's launches out of the candidates (A/B measurements).
+    return os.environ.get("FXSPARSE_CONV_WS", "1") != "0"
+
+
 def _max_warps() -> int:
     # FXSPARSE_CONV_MAX_WARPS=4 keeps every tap-loop (non-1x1) kernel at 4 warps (see _tune).
     return int(os.environ.get("FXSPARSE_CONV_MAX_WARPS", "8"))
@@ -866,7 +871,7 @@ def conv2d_triton(
             if choice is None:
                 tma = tma_kind()
                 choice = _choose_launch(key, x.device, m, nch, cin, kh * kw, pointwise, split_k, run, out,
-                                        tma, tma is not None and warp_specialisable())
+                                        tma, tma is not None and _warp_specialised_offered() and warp_specialisable())
             run(choice.config, choice.split_k)
 
     if out_index is not None and nch < out_channels:
