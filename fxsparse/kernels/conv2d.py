@@ -61,9 +61,11 @@ TMA launches (kernels/tma.py, Hopper): where the tensors allow a descriptor
 (fp16/bf16, 16-byte aligned rows, no channel scatter), 1x1 convs are also
 offered as a TMA GEMM and other convs as TMA box loads (strided ones read
 phases of the input; on small maps boxes may span images), whose zero fill
-outside the image is the padding; the tuner keeps whichever launch is
-fastest, and a later call whose tensors a descriptor cannot address runs the
-same tile of this kernel instead.
+outside the image is the padding; on sm90 the same boxes are also offered
+warp-specialised (kernels/box_ws.py, Gluon: a loader warp and MMA
+warpgroups, persistent), which is what brought the dense layers level with
+cuDNN. The tuner keeps whichever launch is fastest, and a later call whose
+tensors a descriptor cannot address runs the same tile of this kernel instead.
 
 On CUDA, the first call of each shape times a pruned set of (tile config,
 split-K) candidates (`conv_candidates`, `_tune`; by CUDA-graph replay, GPU
