@@ -107,6 +107,22 @@ def k_loop_sync(ptx: str) -> dict:
             "mbarrier waits": body.count("mbarrier.try_wait"), "bar.sync": len(re.findall(r"bar\.sync\b", body))}
 
 
+def _descriptor_signature(fn, consts: dict, descs: dict) -> tuple:
+    """(signature, constexprs) for Triton's offline compile of a launch of `fn`: `consts` by
+    name, tensor descriptors typed as `descs` says, pointers fp16 (or as _POINTER_TYPES), the
+    rest i32."""
+    signature, constexprs = {}, {}
+    for i, name in enumerate(inspect.signature(fn.fn).parameters):
+        if name in consts:
+            signature[name] = "constexpr"
+            constexprs[(i,)] = consts[name]
+        elif name in descs:
+            signature[name] = descs[name]
+        else:
+            signature[name] = _POINTER_TYPES.get(name, "*fp16") if name.endswith("_ptr") else "i32"
+    return signature, constexprs
+
+
 def tma_ptx(kind: str) -> str:
     """The sm90 PTX of a kernels/tma.py launch (fp16, residual, relu): "gemm" (1x1, 256x128x64
     tile), "box" (3x3, a 2x64-pixel box, 128 channels, 64-deep K) or "box/2" (the same box at
@@ -143,17 +159,7 @@ def tma_ptx(kind: str) -> str:
         consts = dict(epi, KH=3, KW=3, STRIDE_H=stride, STRIDE_W=stride, PAD_H=1, PAD_W=1, DIL_H=1, DIL_W=1,
                       HAS_BIAS_MAP=False, SPLIT=kind == "box/split", EVEN_CIN=True, BOX_N=box_n, BOX_H=bh, BOX_W=bw,
                       BLOCK_N=bn, BLOCK_K=bk)
-    signature, constexprs = {}, {}
-    for i, name in enumerate(inspect.signature(fn.fn).parameters):
-        if name in consts:
-            signature[name] = "constexpr"
-            constexprs[(i,)] = consts[name]
-        elif name in descs:
-            signature[name] = descs[name]
-        elif name.endswith("_ptr"):
-            signature[name] = _POINTER_TYPES.get(name, "*fp16")
-        else:
-            signature[name] = "i32"
+    signature, constexprs = _descriptor_signature(fn, consts, descs)
     try:
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs={})
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=3))
@@ -190,15 +196,7 @@ def ws_ptx() -> str:
                   BOX_N=bn_img, BOX_H=bh, BOX_W=bw, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, STAGES=stages,
                   num_warps=warps)
     fn = box_ws._box_ws_kernel
-    signature, constexprs = {}, {}
-    for i, name in enumerate(inspect.signature(fn.fn).parameters):
-        if name in consts:
-            signature[name] = "constexpr"
-            constexprs[(i,)] = consts[name]
-        elif name in descs:
-            signature[name] = mangle_type(descs[name])
-        else:
-            signature[name] = "*fp16" if name.endswith("_ptr") else "i32"
+    signature, constexprs = _descriptor_signature(fn, consts, {k: mangle_type(d) for k, d in descs.items()})
     try:
         src = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs={})
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))

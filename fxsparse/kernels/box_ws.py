@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import triton
 
-from fxsparse.kernels.tile import residual_and_activation
+from fxsparse.kernels.tile import box_tap, grouped_tile, residual_and_activation
 
 Tensor = torch.Tensor
 
@@ -54,15 +54,10 @@ if gluon is not None:
     def _tile_origin(tile, N, HO, WO, NCH, BOX_N: gl.constexpr, BOX_H: gl.constexpr, BOX_W: gl.constexpr,
                      BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
         """(first image, first output row, first output column, first channel) of output tile
-        `tile`, in tile.grouped_tile's order: GROUP_M row tiles share a weight column tile in L2."""
+        `tile`, in grouped order: GROUP_M row tiles share a weight column tile in L2."""
         boxes_w = gl.cdiv(WO, BOX_W)
         boxes_per_image = gl.cdiv(HO, BOX_H) * boxes_w
-        num_pid_m = gl.cdiv(N, BOX_N) * boxes_per_image
-        in_group = GROUP_M * gl.cdiv(NCH, BLOCK_N)
-        first_m = (tile // in_group) * GROUP_M
-        group_m = min(num_pid_m - first_m, GROUP_M)
-        pid_m = first_m + (tile % in_group) % group_m
-        pid_n = (tile % in_group) // group_m
+        pid_m, pid_n = grouped_tile(tile, gl.cdiv(N, BOX_N) * boxes_per_image, gl.cdiv(NCH, BLOCK_N), GROUP_M)
         box = pid_m % boxes_per_image
         return ((pid_m // boxes_per_image) * BOX_N, (box // boxes_w) * BOX_H, (box % boxes_w) * BOX_W,
                 pid_n * BLOCK_N)
@@ -74,9 +69,6 @@ if gluon is not None:
                         BOX_N: gl.constexpr, BOX_H: gl.constexpr, BOX_W: gl.constexpr, BLOCK_N: gl.constexpr,
                         BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr):
         STAGES: gl.constexpr = a_bufs.shape[0]
-        # (as tma._box_kernel: offsets lifted by whole strides so // and % see no negative value)
-        LIFT_H: gl.constexpr = (PAD_H + STRIDE_H - 1) // STRIDE_H
-        LIFT_W: gl.constexpr = (PAD_W + STRIDE_W - 1) // STRIDE_W
         ci_blocks = gl.cdiv(CIN, BLOCK_K)
         k_iters = KH * KW * ci_blocks
         step = 0
@@ -85,16 +77,11 @@ if gluon is not None:
             for k in range(k_iters):
                 s = step % STAGES
                 mbarrier.wait(empty.index(s), ((step // STAGES) & 1) ^ 1)
-                tap = k // ci_blocks
-                ci = (k - tap * ci_blocks) * BLOCK_K
-                kh = tap // KW
-                kw = tap - kh * KW
-                th = kh * DIL_H - PAD_H + LIFT_H * STRIDE_H
-                tw = kw * DIL_W - PAD_W + LIFT_W * STRIDE_W
+                tap, ci, dh, phase_h, dw, chan = box_tap(k, ci_blocks, CIN, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W,
+                                                         DIL_H, DIL_W, BLOCK_K)
                 ready_s = ready.index(s)
                 mbarrier.expect(ready_s, x_desc.block_type.nbytes + w_desc.block_type.nbytes)
-                _tma_load(x_desc, [n0, oh0 + th // STRIDE_H - LIFT_H, th % STRIDE_H, ow0 + tw // STRIDE_W - LIFT_W,
-                                   (tw % STRIDE_W) * CIN + ci], ready_s, a_bufs.index(s))
+                _tma_load(x_desc, [n0, oh0 + dh, phase_h, ow0 + dw, chan], ready_s, a_bufs.index(s))
                 _tma_load(w_desc, [col0, tap, ci], ready_s, b_bufs.index(s))
                 step += 1
 

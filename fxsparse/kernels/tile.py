@@ -1,7 +1,7 @@
-"""Pieces of a tile's work shared by the conv kernels (conv2d.py, tma.py): which tile a program
-owns, which K steps a split-K slice takes and how the slices meet, and the epilogue's
-activation (specialised at compile time on its code in `fxsparse.ops.activations.ACTIVATION_CODES`)
-and residual add."""
+"""Pieces of a tile's work shared by the conv kernels (conv2d.py, tma.py, box_ws.py): which tile a
+program owns, where a box launch's K step reads, which K steps a split-K slice takes and how the
+slices meet, and the epilogue's activation (specialised at compile time on its code in
+`fxsparse.ops.activations.ACTIVATION_CODES`) and residual add."""
 from __future__ import annotations
 
 import torch
@@ -33,6 +33,25 @@ def k_slice(k_iters, pid_k, K_SPLITS, SPLIT: tl.constexpr):
         k_lo = 0
         k_hi = k_iters
     return k_lo, k_hi
+
+
+@triton.jit
+def box_tap(k, ci_blocks, CIN, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+            PAD_H: tl.constexpr, PAD_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+            BLOCK_K: tl.constexpr):
+    """K step k of a box launch (taps outer, channel blocks inner): its tap, first channel, and
+    where its input box starts in x as tma._phased describes it, relative to the output box's
+    origin: (row steps, row phase, column steps, channel of the merged last dimension)."""
+    # A tap's input offset kh * DIL_H - PAD_H = STRIDE_H * row step + row phase. Lifted by a
+    # whole number of strides first, so that // and % (which truncate) see no negative value.
+    LIFT_H: tl.constexpr = (PAD_H + STRIDE_H - 1) // STRIDE_H
+    LIFT_W: tl.constexpr = (PAD_W + STRIDE_W - 1) // STRIDE_W
+    tap = k // ci_blocks
+    ci = (k - tap * ci_blocks) * BLOCK_K
+    kh = tap // KW
+    th = kh * DIL_H - PAD_H + LIFT_H * STRIDE_H
+    tw = (tap - kh * KW) * DIL_W - PAD_W + LIFT_W * STRIDE_W
+    return tap, ci, th // STRIDE_H - LIFT_H, th % STRIDE_H, tw // STRIDE_W - LIFT_W, (tw % STRIDE_W) * CIN + ci
 
 
 def split_workspace(splits: int, m: int, nch: int, tiles: int, device, dtype=torch.float32):

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from fxsparse.kernels import box_ws
 from fxsparse.kernels.layout import evenly_strided_rows
-from fxsparse.kernels.tile import (grouped_tile, k_slice, last_slice_to_arrive, residual_and_activation,
+from fxsparse.kernels.tile import (box_tap, grouped_tile, k_slice, last_slice_to_arrive, residual_and_activation,
                                   split_workspace, sum_slices)
 
 Tensor = torch.Tensor
@@ -120,10 +120,6 @@ def _box_kernel(
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BOX_N * BOX_H * BOX_W
-    # A tap's input offset kh * DIL_H - PAD_H = STRIDE_H * row step + row phase. Lifted by a
-    # whole number of strides first, so that // and % (which truncate) see no negative value.
-    LIFT_H: tl.constexpr = (PAD_H + STRIDE_H - 1) // STRIDE_H
-    LIFT_W: tl.constexpr = (PAD_W + STRIDE_W - 1) // STRIDE_W
     # Across columns a box of channel run `phase` may reach past CIN into the next phase's
     # channels: zero weights meet them, but a non-finite input there would still poison the sum.
     MASK_CHANNELS: tl.constexpr = STRIDE_W > 1 and not EVEN_CIN
@@ -142,15 +138,9 @@ def _box_kernel(
     ci_blocks = tl.cdiv(CIN, BLOCK_K)
     k_lo, k_hi = k_slice(KH * KW * ci_blocks, tl.program_id(1), K_SPLITS, SPLIT)
     for k in range(k_lo, k_hi):
-        tap = k // ci_blocks
-        ci = (k - tap * ci_blocks) * BLOCK_K
-        kh = tap // KW
-        kw = tap - kh * KW
-        th = kh * DIL_H - PAD_H + LIFT_H * STRIDE_H
-        tw = kw * DIL_W - PAD_W + LIFT_W * STRIDE_W
-        phase_w = tw % STRIDE_W
-        a = x_desc.load([n0, oh0 + th // STRIDE_H - LIFT_H, th % STRIDE_H, ow0 + tw // STRIDE_W - LIFT_W,
-                         phase_w * CIN + ci])
+        tap, ci, dh, phase_h, dw, chan = box_tap(k, ci_blocks, CIN, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W,
+                                                 DIL_H, DIL_W, BLOCK_K)
+        a = x_desc.load([n0, oh0 + dh, phase_h, ow0 + dw, chan])
         a = tl.reshape(a, (BLOCK_M, BLOCK_K))
         if MASK_CHANNELS:
             a = tl.where((ci + tl.arange(0, BLOCK_K) < CIN)[None, :], a, 0.0)
