@@ -119,6 +119,9 @@ def main(argv=None) -> None:
     for r in rows:
         r.append(f"{base / float(r[1]):.2f}x")
     print(fxsparse.report.current_report(None))
+    if device == "cuda":
+        print("\nconv launches chosen by the tuner:")
+        print(fxsparse.report.format_chosen_launches())
     print()
     print(tabulate(rows, headers=["model", "ms / call (median)", "first call s", "max |err| vs eager",
                                   "speed vs inductor"]))
