@@ -189,7 +189,7 @@ def ws_ptx() -> str:
     w = torch.zeros(bn, 9, 64, dtype=torch.float16)
     out = torch.zeros(8, 56, 56, bn, dtype=torch.float16)
     x_block, w_block, out_block = [bn_img, bh, 1, bw, bk], [bn, 1, bk], [bn_img, bh, bw, bn]
-    descs = {name: box_ws.GluonDescriptor(t, list(t.shape), list(t.stride()), block, box_ws._layout(block, t.dtype))
+    descs = {name: box_ws.GluonDescriptor(t, list(t.shape), list(t.stride()), block, box_ws._layout(block))
              for name, t, block in (("x_desc", x, x_block), ("w_desc", w, w_block), ("out_desc", out, out_block))}
     consts = dict(KH=3, KW=3, STRIDE_H=1, STRIDE_W=1, PAD_H=1, PAD_W=1, DIL_H=1, DIL_W=1, HAS_BIAS=True,
                   HAS_SCALE=False, HAS_SHIFT=False, HAS_RESIDUAL=True, RESIDUAL_AFTER=False, ACTIVATION=1,

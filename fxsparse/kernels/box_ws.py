@@ -12,11 +12,16 @@ warp-specialised GEMMs do it:
 - the **MMA** warpgroups (the kernel's num_warps) wait on "ready", issue the step's wgmma
   asynchronously, keep one step in flight, and free the slot of the step before.
 
-The box geometry (strided phases, boxes spanning images, zero fill as padding) is tma.py's;
-the epilogue (bias, folded BatchNorm, residual, activation) runs on the accumulator, and the
-output tile leaves by a TMA store while the next tile's K loop runs. Offered by conv2d.py's tuner beside the other launches where `usable`
-says so: an sm90 device, a Gluon with this API, and a conv the box launch takes without a bias
-map or split-K.
+The grid is persistent (one program per SM; two where registers are capped and shared memory
+allows): both partitions walk the program's tiles in the same order, so the loader fills the
+next tile's slots while the MMA warps run the epilogue. The box geometry (strided phases, boxes
+spanning images, zero fill as padding) is tma.py's; the epilogue (bias, folded BatchNorm,
+residual, activation) runs on the accumulator, and the output tile leaves by a TMA store while
+the next tile's K loop runs.
+
+Offered by conv2d.py's tuner beside the other launches where tma.warp_specialisable says so: an
+sm90 device, a Gluon with this API, and a conv a box addresses, without a bias map or split-K.
+Measured in docs/benchmarks.md, session 8 (runs 48-54).
 """
 from __future__ import annotations
 
@@ -199,9 +204,9 @@ def _programs(cfg: dict, device: torch.device) -> int:
     return per_sm * _sm_count(index)
 
 
-def _layout(block_shape, dtype) -> "gl.NVMMASharedLayout":
-    inner_bytes = block_shape[-1] * (2 if dtype in (torch.float16, torch.bfloat16) else 4)
-    return gl.NVMMASharedLayout(swizzle_byte_width=min(128, inner_bytes), element_bitwidth=16,
+def _layout(block_shape) -> "gl.NVMMASharedLayout":
+    """The shared-memory layout of a TMA block of fp16/bf16: the widest swizzle its rows fill."""
+    return gl.NVMMASharedLayout(swizzle_byte_width=min(128, block_shape[-1] * 2), element_bitwidth=16,
                                 rank=len(block_shape))
 
 
@@ -218,11 +223,11 @@ def launch(x: Tensor, x_shape: list, x_strides: list, weight: Tensor, bias: Opti
     x_block = [box_n, box_h, 1, box_w, bk]
     w_block = [bn, 1, bk]
     out_block = [box_n, box_h, box_w, bn]
-    x_desc = GluonDescriptor(x, x_shape, x_strides, x_block, _layout(x_block, x.dtype))
+    x_desc = GluonDescriptor(x, x_shape, x_strides, x_block, _layout(x_block))
     out_desc = GluonDescriptor(out, [n, ho, wo, nch], [out.stride(0), out.stride(2), out.stride(3), 1], out_block,
-                               _layout(out_block, out.dtype))
+                               _layout(out_block))
     w_desc = GluonDescriptor(weight, [nch, kh * kw, cin], [weight.stride(0), cin, 1], w_block,
-                             _layout(w_block, weight.dtype))
+                             _layout(w_block))
     dummy = out
     res = residual if residual is not None else dummy
     tiles = (-(-n // box_n)) * (-(-ho // box_h)) * (-(-wo // box_w)) * (-(-nch // bn))
