@@ -158,6 +158,29 @@ def test_tma_pointwise_tiles(dtype, tile, after):
     assert rel_l2(y, cudnn_oracle(x, w, **kw)) < REL_L2[dtype]
 
 
+def _epilogue_case(n, cin, cout, k, hw, p, d, s, dtype, activation):
+    """A conv of this geometry with every epilogue term: x, w, the conv and epilogue arguments as
+    cudnn_oracle takes them (bias, folded BatchNorm scale and shift, a residual added before
+    `activation`), and a NaN-poisoned channels_last output."""
+    x, w, g = make(n, cin, cout, k, hw, dtype)
+    ho = (hw + 2 * p - d * (k - 1) - 1) // s + 1
+    r = lambda *shape: torch.randn(*shape, device=DEV, generator=g).to(dtype)  # noqa: E731
+    kw = dict(stride=(s, s), padding=(p, p), dilation=(d, d), bias=r(cout), scale=r(cout), shift=r(cout),
+              activation=activation, residual=r(n, cout, ho, ho).contiguous(memory_format=torch.channels_last))
+    out = torch.full((n, cout, ho, ho), float("nan"), device=DEV, dtype=dtype).contiguous(
+        memory_format=torch.channels_last)
+    return x, w, kw, out
+
+
+def _check_case(x, w, kw, out, cfg):
+    """Runs _epilogue_case's conv with tile config `cfg` into `out` and compares with cuDNN."""
+    y = K.conv2d_triton(x, w, kw["bias"], list(kw["stride"]), list(kw["padding"]), list(kw["dilation"]), None, None,
+                        w.shape[0], None, kw["scale"], kw["shift"], None, kw["residual"], kw["activation"], False,
+                        out=out, config=cfg)
+    assert y is out
+    assert rel_l2(y, cudnn_oracle(x, w, **kw)) < REL_L2[x.dtype]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("geometry", [
     # (n, cin, cout, k, hw, padding, dilation, BLOCK_M, BLOCK_N, warps, stages, stride)
@@ -177,19 +200,10 @@ def test_tma_box_launches(dtype, geometry):
     """Convs through TMA box loads (kernels/tma.py "box") with every epilogue term; boxes of one
     image, or spanning images where the geometry ends in True."""
     n, cin, cout, k, hw, p, d, bm, bn, warps, stages, s, *images = geometry
-    x, w, g = make(n, cin, cout, k, hw, dtype)
-    ho = (hw + 2 * p - d * (k - 1) - 1) // s + 1
-    r = lambda *s: torch.randn(*s, device=DEV, generator=g).to(dtype)  # noqa: E731
-    kw = dict(stride=(s, s), padding=(p, p), dilation=(d, d), bias=r(cout), scale=r(cout), shift=r(cout),
-              activation="relu", residual=r(n, cout, ho, ho).contiguous(memory_format=torch.channels_last))
-    out = torch.full((n, cout, ho, ho), float("nan"), device=DEV, dtype=dtype).contiguous(
-        memory_format=torch.channels_last)
+    x, w, kw, out = _epilogue_case(n, cin, cout, k, hw, p, d, s, dtype, "relu")
     from fxsparse.kernels import tma
     assert tma.eligible(x, w, out, kw["residual"], None, None, False, (s, s)) == "box"
-    cfg = K._config(bm, bn, 64, warps, stages, tma=True, images=bool(images))
-    y = K.conv2d_triton(x, w, kw["bias"], [s, s], [p, p], [d, d], None, None, cout, None, kw["scale"], kw["shift"],
-                        None, kw["residual"], "relu", False, out=out, config=cfg)
-    assert rel_l2(y, cudnn_oracle(x, w, **kw)) < REL_L2[dtype]
+    _check_case(x, w, kw, out, K._config(bm, bn, 64, warps, stages, tma=True, images=bool(images)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -213,20 +227,12 @@ def test_box_ws_launches(dtype, geometry):
     if not box_ws.usable(torch.device(DEV)):
         pytest.skip("needs an sm90 device and Gluon's Hopper API")
     n, cin, cout, k, hw, p, d, bm, bn, warps, stages, s = geometry
-    x, w, g = make(n, cin, cout, k, hw, dtype)
-    ho = (hw + 2 * p - d * (k - 1) - 1) // s + 1
-    r = lambda *s: torch.randn(*s, device=DEV, generator=g).to(dtype)  # noqa: E731
-    kw = dict(stride=(s, s), padding=(p, p), dilation=(d, d), bias=r(cout), scale=r(cout), shift=r(cout),
-              activation="silu", residual=r(n, cout, ho, ho).contiguous(memory_format=torch.channels_last))
-    out = torch.full((n, cout, ho, ho), float("nan"), device=DEV, dtype=dtype).contiguous(
-        memory_format=torch.channels_last)
+    x, w, kw, out = _epilogue_case(n, cin, cout, k, hw, p, d, s, dtype, "silu")
     pointwise = k == 1 and s == 1
-    assert tma.eligible(x, w, out, kw["residual"], None, None, pointwise, (s, s)) == ("gemm" if pointwise else "box")
-    assert tma.warp_specialisable(x, w, out, kw["residual"], None, (s, s), min(64, cin))
-    cfg = K._config(bm, bn, min(64, cin), warps, stages, tma=True, images=True, ws=True)
-    y = K.conv2d_triton(x, w, kw["bias"], [s, s], [p, p], [d, d], None, None, cout, None, kw["scale"], kw["shift"],
-                        None, kw["residual"], "silu", False, out=out, config=cfg)
-    assert rel_l2(y, cudnn_oracle(x, w, **kw)) < REL_L2[dtype]
+    kind = tma.eligible(x, w, out, kw["residual"], None, None, pointwise, (s, s))
+    assert kind == ("gemm" if pointwise else "box")
+    assert tma.warp_specialisable(kind, x, w, out, kw["residual"], None, (s, s), min(64, cin))
+    _check_case(x, w, kw, out, K._config(bm, bn, min(64, cin), warps, stages, tma=True, images=True, ws=True))
 
 
 @pytest.mark.parametrize("split_k", [1, 2, 4])

@@ -685,7 +685,7 @@ def test_warp_specialised_boxes_offered_unsplit_and_only_where_allowed():
     from fxsparse.kernels import tma
     x = torch.zeros(2, 64, 8, 8, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
     w = torch.zeros(64, 64, 3, 3, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
-    assert not tma.warp_specialisable(x, w, x, None, None, (1, 1), 64)  # a CPU tensor
+    assert not tma.warp_specialisable("box", x, w, x, None, None, (1, 1), 64)  # a CPU tensor
 
 
 def test_box_spanning_images_offered_only_where_it_computes_less():

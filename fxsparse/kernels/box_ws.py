@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 import triton
 
-from fxsparse.kernels.tile import box_tap, grouped_tile, residual_and_activation
+from fxsparse.kernels.tile import box_pixels, box_tap, box_tile_origin, residual_and_activation, sm_count
 
 Tensor = torch.Tensor
 
@@ -56,18 +56,6 @@ def available() -> bool:
 if gluon is not None:
 
     @gluon.jit
-    def _tile_origin(tile, N, HO, WO, NCH, BOX_N: gl.constexpr, BOX_H: gl.constexpr, BOX_W: gl.constexpr,
-                     BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
-        """(first image, first output row, first output column, first channel) of output tile
-        `tile`, in grouped order: GROUP_M row tiles share a weight column tile in L2."""
-        boxes_w = gl.cdiv(WO, BOX_W)
-        boxes_per_image = gl.cdiv(HO, BOX_H) * boxes_w
-        pid_m, pid_n = grouped_tile(tile, gl.cdiv(N, BOX_N) * boxes_per_image, gl.cdiv(NCH, BLOCK_N), GROUP_M)
-        box = pid_m % boxes_per_image
-        return ((pid_m // boxes_per_image) * BOX_N, (box // boxes_w) * BOX_H, (box % boxes_w) * BOX_W,
-                pid_n * BLOCK_N)
-
-    @gluon.jit
     def _load_partition(x_desc, w_desc, a_bufs, b_bufs, ready, empty, N, HO, WO, NCH, CIN, num_tiles,
                         KH: gl.constexpr, KW: gl.constexpr, STRIDE_H: gl.constexpr, STRIDE_W: gl.constexpr,
                         PAD_H: gl.constexpr, PAD_W: gl.constexpr, DIL_H: gl.constexpr, DIL_W: gl.constexpr,
@@ -78,7 +66,7 @@ if gluon is not None:
         k_iters = KH * KW * ci_blocks
         step = 0
         for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-            n0, oh0, ow0, col0 = _tile_origin(tile, N, HO, WO, NCH, BOX_N, BOX_H, BOX_W, BLOCK_N, GROUP_M)
+            n0, oh0, ow0, col0 = box_tile_origin(tile, N, HO, WO, NCH, BOX_N, BOX_H, BOX_W, BLOCK_N, GROUP_M)
             for k in range(k_iters):
                 s = step % STAGES
                 mbarrier.wait(empty.index(s), ((step // STAGES) & 1) ^ 1)
@@ -119,7 +107,7 @@ if gluon is not None:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES), count=1)
             # The loader already fills the freed slots with the next tile's operands.
-            n0, oh0, ow0, col0 = _tile_origin(tile, N, HO, WO, NCH, BOX_N, BOX_H, BOX_W, BLOCK_N, GROUP_M)
+            n0, oh0, ow0, col0 = box_tile_origin(tile, N, HO, WO, NCH, BOX_N, BOX_H, BOX_W, BLOCK_N, GROUP_M)
             offs_n = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
             mask_n = offs_n < NCH
             z = acc
@@ -131,11 +119,9 @@ if gluon is not None:
                 z += gl.load(shift_ptr + offs_n, mask=mask_n, other=0.0).to(gl.float32)[None, :]
             r = z
             if HAS_RESIDUAL:
-                i = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
-                img = n0 + i // (BOX_H * BOX_W)
-                oh = oh0 + (i // BOX_W) % BOX_H
-                ow = ow0 + i % BOX_W
-                mask = ((img < N) & (oh < HO) & (ow < WO))[:, None] & mask_n[None, :]
+                img, oh, ow, inside = box_pixels(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout)),
+                                                 n0, oh0, ow0, N, HO, WO, BOX_H, BOX_W)
+                mask = inside[:, None] & mask_n[None, :]
                 r_rows = img.to(gl.int64) * srn + oh * srh + ow * srw
                 r = gl.load(res_ptr + r_rows[:, None] + offs_n[None, :], mask=mask, other=0.0).to(gl.float32)
             z = residual_and_activation(z, r, HAS_RESIDUAL, RESIDUAL_AFTER, ACTIVATION)
@@ -184,13 +170,18 @@ if gluon is not None:
 
 
 def usable(device: torch.device) -> bool:
-    """Gluon's Hopper API is importable and the device is an sm90."""
-    return gluon is not None and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+    """Gluon's Hopper API is importable and the device is an sm90 (asked on every launch that
+    may take this one: the device's answer is cached)."""
+    return gluon is not None and device.type == "cuda" and _is_sm90(_index(device))
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _is_sm90(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] == 9
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _programs(cfg: dict, device: torch.device) -> int:
@@ -200,8 +191,7 @@ def _programs(cfg: dict, device: torch.device) -> int:
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     smem = (bm + bn) * cfg["BLOCK_K"] * 2 * cfg["num_stages"] + bm * bn * 2 + 1024
     per_sm = max(1, min(2, (227 * 1024) // smem)) if cfg.get("maxnreg") else 1
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return per_sm * _sm_count(index)
+    return per_sm * sm_count(_index(device))
 
 
 def _layout(block_shape) -> "gl.NVMMASharedLayout":

@@ -88,7 +88,7 @@ from fxsparse.kernels import tma as tma_launch
 from fxsparse.kernels import tuning_cache
 from fxsparse.kernels.layout import evenly_strided_rows, select_channels
 from fxsparse.kernels.tile import (grouped_tile, k_slice, last_slice_to_arrive, residual_and_activation,
-                                  split_workspace, sum_slices)
+                                  sm_count, split_workspace, sum_slices)
 from fxsparse.kernels.timing import cuda_graph_time_ms
 from fxsparse.ops.activations import ACTIVATION_CODES
 from fxsparse.ops.conv2d import TensorCache
@@ -535,11 +535,6 @@ def conv_candidates(m: int, nch: int, cin: int, taps: int, pointwise: bool, sms:
 
 # --------------------------------------------------------------------------- tuning
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 class _Choice:
     """The tuned launch of one conv shape: tile config and split-K factor, with its timings."""
     __slots__ = ("config", "split_k", "timings", "note")
@@ -660,7 +655,7 @@ def _choose_launch(key, device, m, nch, cin, taps, pointwise, split_k, run, out,
     """The launch for a shape not yet seen by this process: from the disk cache, else timed."""
     index = _device_index(device)
     n, _, ho, wo = out.shape
-    candidates = conv_candidates(m, nch, cin, taps, pointwise, _sm_count(index), split_k, tma, (n, ho, wo), ws)
+    candidates = conv_candidates(m, nch, cin, taps, pointwise, sm_count(index), split_k, tma, (n, ho, wo), ws)
     how = tuning_cache.mode()
     if how == "off":
         cfg, s = _safe_candidate(candidates)
@@ -831,8 +826,8 @@ def conv2d_triton(
             # (a few us of host time: asked only where a TMA launch is offered or chosen)
             return tma_launch.eligible(x, weight, out, residual, out_index, bias_map, pointwise, (sh, sw))
 
-        def warp_specialisable() -> bool:
-            return tma_launch.warp_specialisable(x, weight, out, residual, bias_map, (sh, sw),
+        def warp_specialisable(tma: Optional[str]) -> bool:
+            return tma_launch.warp_specialisable(tma, x, weight, out, residual, bias_map, (sh, sw),
                                                  min(64, _pow2_at_least(cin)))
 
         def run(cfg: dict, splits: int) -> None:
@@ -841,7 +836,7 @@ def conv2d_triton(
             if cfg.get("TMA") and not use_tma:
                 # a tuned TMA tile for tensors a descriptor cannot address: the same tile here
                 cfg = {k: v for k, v in cfg.items() if k not in ("TMA", "IMAGES", "WS", "maxnreg")}
-            elif cfg.get("WS") and not (splits == 1 and warp_specialisable()):
+            elif cfg.get("WS") and not (splits == 1 and warp_specialisable(tma)):
                 # the same box, not warp-specialised
                 cfg = {k: v for k, v in cfg.items() if k not in ("WS", "maxnreg")}
             bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
@@ -854,7 +849,7 @@ def conv2d_triton(
             if cfg.get("PERSISTENT"):  # (absent from configs that predate persistent launches)
                 if splits > 1:
                     raise ValueError("fxsparse conv2d: a persistent launch does not split K")
-                grid = (_persistent_programs(cfg, tiles, 2 if interpret else _sm_count(_device_index(x.device))), 1)
+                grid = (_persistent_programs(cfg, tiles, 2 if interpret else sm_count(_device_index(x.device))), 1)
             else:
                 grid = (tiles, splits)
             _conv2d_kernel[grid](**conv_args, ws_ptr=ws, arrivals_ptr=arrivals, K_SPLITS=splits, SOURCE=_SRC_CONV,
@@ -873,7 +868,7 @@ def conv2d_triton(
             if choice is None:
                 tma = tma_kind()
                 choice = _choose_launch(key, x.device, m, nch, cin, kh * kw, pointwise, split_k, run, out,
-                                        tma, tma is not None and _warp_specialised_offered() and warp_specialisable())
+                                        tma, _warp_specialised_offered() and warp_specialisable(tma))
             run(choice.config, choice.split_k)
 
     if out_index is not None and nch < out_channels:

@@ -4,6 +4,8 @@ slices meet, and the epilogue's activation (specialised at compile time on its c
 `fxsparse.ops.activations.ACTIVATION_CODES`) and residual add."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -52,6 +54,34 @@ def box_tap(k, ci_blocks, CIN, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_
     th = kh * DIL_H - PAD_H + LIFT_H * STRIDE_H
     tw = (tap - kh * KW) * DIL_W - PAD_W + LIFT_W * STRIDE_W
     return tap, ci, th // STRIDE_H - LIFT_H, th % STRIDE_H, tw // STRIDE_W - LIFT_W, (tw % STRIDE_W) * CIN + ci
+
+
+@triton.jit
+def box_tile_origin(tile, N, HO, WO, NCH, BOX_N: tl.constexpr, BOX_H: tl.constexpr, BOX_W: tl.constexpr,
+                    BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(first image, first output row, first output column, first channel) of a box launch's
+    output tile `tile`, in grouped_tile's order."""
+    boxes_w = tl.cdiv(WO, BOX_W)
+    boxes_per_image = tl.cdiv(HO, BOX_H) * boxes_w
+    pid_m, pid_n = grouped_tile(tile, tl.cdiv(N, BOX_N) * boxes_per_image, tl.cdiv(NCH, BLOCK_N), GROUP_M)
+    box = pid_m % boxes_per_image
+    return ((pid_m // boxes_per_image) * BOX_N, (box // boxes_w) * BOX_H, (box % boxes_w) * BOX_W,
+            pid_n * BLOCK_N)
+
+
+@triton.jit
+def box_pixels(i, n0, oh0, ow0, N, HO, WO, BOX_H: tl.constexpr, BOX_W: tl.constexpr):
+    """(image, output row, output column, inside the output) of row i of a box tile whose
+    origin is (n0, oh0, ow0): rows run over images, then box rows, then box columns."""
+    img = n0 + i // (BOX_H * BOX_W)
+    oh = oh0 + (i // BOX_W) % BOX_H
+    ow = ow0 + i % BOX_W
+    return img, oh, ow, (img < N) & (oh < HO) & (ow < WO)
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def split_workspace(splits: int, m: int, nch: int, tiles: int, device, dtype=torch.float32):

@@ -38,8 +38,8 @@ import triton.language as tl
 
 from fxsparse.kernels import box_ws
 from fxsparse.kernels.layout import evenly_strided_rows
-from fxsparse.kernels.tile import (box_tap, grouped_tile, k_slice, last_slice_to_arrive, residual_and_activation,
-                                  split_workspace, sum_slices)
+from fxsparse.kernels.tile import (box_pixels, box_tap, box_tile_origin, grouped_tile, k_slice, last_slice_to_arrive,
+                                  residual_and_activation, split_workspace, sum_slices)
 
 Tensor = torch.Tensor
 
@@ -123,15 +123,7 @@ def _box_kernel(
     # Across columns a box of channel run `phase` may reach past CIN into the next phase's
     # channels: zero weights meet them, but a non-finite input there would still poison the sum.
     MASK_CHANNELS: tl.constexpr = STRIDE_W > 1 and not EVEN_CIN
-    boxes_w = tl.cdiv(WO, BOX_W)
-    boxes_per_image = tl.cdiv(HO, BOX_H) * boxes_w
-    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(N, BOX_N) * boxes_per_image, tl.cdiv(NCH, BLOCK_N),
-                                GROUP_M)
-    n0 = (pid_m // boxes_per_image) * BOX_N
-    box = pid_m % boxes_per_image
-    oh0 = (box // boxes_w) * BOX_H
-    ow0 = (box % boxes_w) * BOX_W
-    col0 = pid_n * BLOCK_N
+    n0, oh0, ow0, col0 = box_tile_origin(tl.program_id(0), N, HO, WO, NCH, BOX_N, BOX_H, BOX_W, BLOCK_N, GROUP_M)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # One flattened loop over (tap, channel block), as in conv2d: one loop to pipeline.
@@ -152,11 +144,7 @@ def _box_kernel(
 
     offs_n = col0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < NCH
-    i = tl.arange(0, BLOCK_M)
-    img = n0 + i // (BOX_H * BOX_W)
-    oh = oh0 + (i // BOX_W) % BOX_H
-    ow = ow0 + i % BOX_W
-    inside = (img < N) & (oh < HO) & (ow < WO)
+    img, oh, ow, inside = box_pixels(tl.arange(0, BLOCK_M), n0, oh0, ow0, N, HO, WO, BOX_H, BOX_W)
     finish = True
     if SPLIT:
         # Partial sums into the workspace [K_SPLITS, M, NCH] (rows: output pixels in NHWC order);
@@ -252,15 +240,19 @@ def eligible(x: Tensor, weight: Tensor, out: Tensor, residual: Optional[Tensor],
     return "box"
 
 
-def warp_specialisable(x: Tensor, weight: Tensor, out: Tensor, residual: Optional[Tensor],
+def warp_specialisable(kind: Optional[str], x: Tensor, weight: Tensor, out: Tensor, residual: Optional[Tensor],
                        bias_map: Optional[Tensor], stride, block_k: int) -> bool:
-    """Whether a conv that a TMA launch can run (what `eligible` said) may run as a
-    warp-specialised box launch (box_ws.py): an sm90 device with Gluon's Hopper API, tensors a
-    box addresses, no bias map, and no strided box whose channel run reaches into the next
-    phase (the WS launch has no register pass to mask them)."""
-    return (box_ws.usable(x.device) and bias_map is None and _phased(x, stride) is not None
-            and all(_nhwc(t) is not None for t in (out,) + ((residual,) if residual is not None else ()))
-            and (int(stride[1]) == 1 or weight.shape[1] % block_k == 0))
+    """Whether a conv that TMA launch `kind` can run (what `eligible` said) may run as a
+    warp-specialised box launch (box_ws.py): an sm90 device with Gluon's Hopper API, no bias
+    map, no strided box whose channel run reaches into the next phase (the WS launch has no
+    register pass to mask them), and tensors a box addresses (`eligible` checked them for
+    "box"; a 1x1 conv's "gemm" read them as rows)."""
+    if kind is None or bias_map is not None or not box_ws.usable(x.device):
+        return False
+    if int(stride[1]) > 1 and weight.shape[1] % block_k:
+        return False
+    return kind == "box" or (_phased(x, stride) is not None and all(
+        _nhwc(t) is not None for t in (out,) + ((residual,) if residual is not None else ())))
 
 
 def box_shape(block_m: int, n: int, ho: int, wo: int, images: bool = False) -> tuple:
