@@ -1,6 +1,6 @@
 """Does one torch.profiler session slow later plain calls in the same process? (H100 check)
 
-    PYTHONPATH=. python benchmarks/profiler_residue.py --model mobilenet_v2 --batch 1
+    PYTHONPATH=. python tools/profiler_residue.py --model mobilenet_v2 --batch 1
 """
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # common.py and models.py live there
+sys.path.insert(0, ROOT)
 
 import common  # noqa: E402
 import models  # noqa: E402

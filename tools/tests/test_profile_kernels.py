@@ -1,4 +1,4 @@
-"""benchmarks/profile_kernels.py without a GPU: ncu's raw CSV parsed into the table's rows, the
+"""tools/profile_kernels.py without a GPU: ncu's raw CSV parsed into the table's rows, the
 metric choice, and the script's CPU entry points (--help, --from-csv)."""
 import csv
 import io
@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 import profile_kernels as PK  # noqa: E402
 
@@ -171,7 +171,7 @@ def test_metric_choice_and_refusals():
 
 def _run(*args):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "profile_kernels.py"), *args], cwd=ROOT,
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "profile_kernels.py"), *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=180)
 
 

@@ -16,7 +16,7 @@ launch plus the device time; host time after the launch overlaps the kernels. So
 also taken at the launch: "before launch" runs from the call to the entry of
 `CUDAGraph.replay`, "after launch" from there to the call's return.
 
-    PYTHONPATH=. python benchmarks/host_split.py --model mobilenet_v2 --batch 1
+    PYTHONPATH=. python tools/host_split.py --model mobilenet_v2 --batch 1
 """
 from __future__ import annotations
 
@@ -30,8 +30,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # common.py and models.py live there
+sys.path.insert(0, ROOT)
 
 import common  # noqa: E402
 import models  # noqa: E402

@@ -21,8 +21,8 @@ prints one line per (row, implementation, kernel), the 2 calls' launches of a ke
 every kernel a call launches gets its line (a split-K helper launch, row 5's gather, cuDNN's
 separate ReLU on row 4).
 
-    PYTHONPATH=. python3 benchmarks/profile_kernels.py [--rows 1,2,...] [--json out.json]
-    python3 benchmarks/profile_kernels.py --from-csv out.raw.csv     # table from an earlier run
+    PYTHONPATH=. python3 tools/profile_kernels.py [--rows 1,2,...] [--json out.json]
+    python3 tools/profile_kernels.py --from-csv out.raw.csv     # table from an earlier run
 
 Next to --json it leaves the report (`.ncu-rep`, for the Nsight Compute GUI), the raw CSV and
 ncu's log. ncu runs with --clock-control none (the card's own clocks, as the timings) and
@@ -50,7 +50,7 @@ from typing import Dict, List, Optional, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # common.py and conv_layers.py live there
 sys.path.insert(0, ROOT)
 
 import common  # noqa: E402
@@ -692,7 +692,7 @@ def main(argv=None) -> int:
             return 1
         print_tables(kernels, summarize(kernels, {}, {}), title=f"from {args.from_csv}")
         if args.json:
-            common.write_json(args.json, kernels, dict(script="benchmarks/profile_kernels.py", from_csv=args.from_csv))
+            common.write_json(args.json, kernels, dict(script="tools/profile_kernels.py", from_csv=args.from_csv))
         return 0
 
     import torch
@@ -731,7 +731,7 @@ def main(argv=None) -> int:
 
     phase1 = run_phase1(rows, log)
     env = common.environment()
-    meta = dict(env, script="benchmarks/profile_kernels.py", ncu=version, ncu_path=ncu, metrics_dropped=dropped,
+    meta = dict(env, script="tools/profile_kernels.py", ncu=version, ncu_path=ncu, metrics_dropped=dropped,
                 query=query_log, cache_control=args.cache_control, clock_control="none", calls_per_range=CALLS,
                 phase1=phase1, rows={label(r, i): ROWS[r - 1][0] for r in rows for i in IMPLS})
     try:

@@ -2,7 +2,7 @@
 sm90, built offline by Triton's own compiler (its bundled ptxas), and how its global memory
 accesses are vectorized (`st.global.v4` moves 16 bytes, `st.global.b16` one fp16).
 
-    PYTHONPATH=. python benchmarks/kernel_ptx.py
+    PYTHONPATH=. python tools/kernel_ptx.py
 
 Tile-level facts (vector widths, wgmma vs mma, async copies) need no device; timings do
 (`benchmarks/kernel_tune.py`, `conv_layers.py` on the GPU). Triton's offline compile API moved

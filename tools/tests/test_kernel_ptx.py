@@ -1,5 +1,5 @@
 """The conv kernel's global memory accesses stay vectorized on Hopper: checked on the sm90 PTX
-that Triton builds offline (no GPU needed; benchmarks/kernel_ptx.py, run in a subprocess
+that Triton builds offline (no GPU needed; tools/kernel_ptx.py, run in a subprocess
 because this test process runs Triton in its interpreter)."""
 import json
 import os
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def ptx_counts():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "kernel_ptx.py"), "--json"],
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "kernel_ptx.py"), "--json"],
                          capture_output=True, text=True, env=env, timeout=600)
     if run.returncode != 0:
         if "OfflineCompileUnavailable" in run.stderr:

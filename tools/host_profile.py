@@ -2,7 +2,7 @@
 freezing + reduce-overhead, on the same masked model (on a machine without a GPU: the host
 cost per call alone, fp32, without the CUDA-graph variants).
 
-    PYTHONPATH=. python benchmarks/host_profile.py --model resnet50 --keep 0.5 --batch 1
+    PYTHONPATH=. python tools/host_profile.py --model resnet50 --keep 0.5 --batch 1
 
 Per variant: the plain call timed on the host (perf_counter over many calls, then one
 synchronize: the host-side cost when the GPU keeps up), the same with do_bench (device
@@ -24,8 +24,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # common.py and models.py live there
+sys.path.insert(0, ROOT)
 
 import common  # noqa: E402
 import models  # noqa: E402
