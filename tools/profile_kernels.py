@@ -1,6 +1,5 @@
-"""Nsight Compute counters of fxsparse's conv kernels vs cuDNN's on the rows missing issue 2's bars.
-
-What limits the layer rows that miss issue 2's targets, profiled rather than argued.
+"""Nsight Compute counters of fxsparse's conv kernels vs cuDNN's on chosen layer-table rows:
+what limits a row slower than cuDNN, profiled rather than argued.
 
 Rows (benchmarks/conv_layers.py shapes, fp16, channels_last; built by its `make_tensors`, called
 exactly as its table times them, `fxsparse_call` / `cudnn_call`):

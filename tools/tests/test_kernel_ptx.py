@@ -42,8 +42,8 @@ def test_dense_tile_moves_16_bytes_per_access(ptx_counts):
 def test_persistent_launch_compiles_for_hopper_and_stays_vectorized(ptx_counts):
     """The tile loop flattened with the K loop (tl.range flatten) builds for sm90, still on
     wgmma and 16-byte stores. Triton 3.9 also pipelines its loads (async copies); triton 3.6
-    (the GPU machine's) builds it without them (seen offline, session 7), which is why the
-    tuner offers it beside the one-tile launches and keeps it only where it wins."""
+    builds it without them, which is why the tuner offers it beside the one-tile launches and
+    keeps it only where it wins."""
     import triton
 
     p = ptx_counts["1x1 persistent"]
@@ -76,8 +76,8 @@ def test_split_k_slices_meet_through_one_acquire_release_atomic(ptx_counts, case
 @pytest.mark.parametrize("kind", ["gemm", "box/row"])
 def test_tma_k_loop_keeps_a_step_of_wgmma_in_flight(ptx_counts, kind):
     """The TMA GEMM's K loop, and a box's whose leading dimensions are 1, wait once per step
-    for the TMA arrival and keep one step's wgmma group in flight (wait_group 1): the loop
-    docs/benchmarks.md (session 7) compares the multi-dimensional box's against."""
+    for the TMA arrival and keep one step's wgmma group in flight (wait_group 1), the loop
+    that the multi-dimensional box's (two arrival waits) is compared against."""
     loop = ptx_counts[f"loop {kind}"]
     assert loop["wgmma"] >= 4 and loop["wait_group"] == "1" and loop["mbarrier waits"] == 1, loop
 
