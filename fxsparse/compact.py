@@ -99,7 +99,7 @@ def compact(model: nn.Module, *example_inputs, **options) -> fx.GraphModule:
     first = next(t for t in inputs if isinstance(t, torch.Tensor))
     backend_opts = opts.backend_options(first.dtype, first.is_cuda)
     with _eval_mode(model):
-        expected = _eager(model, trace_inputs)
+        expected = _eager_without_state_writes(model, trace_inputs)
         small = _trace_and_build(model, trace_inputs, backend_opts, opts.dynamic_batch, expected)
         if opts.check:
             check_exact(small, model, trace_inputs, expected)
@@ -160,6 +160,38 @@ def _eval_mode(model: nn.Module):
 def _eager(model, inputs):
     with torch.no_grad():
         return model(*inputs)
+
+
+def _model_state(model: nn.Module) -> dict:
+    """Every tensor the modules hold (parameters, buffers, plain tensor attributes such as
+    prune's recomputed `weight`), by (module, name)."""
+    state = {}
+    for path, m in model.named_modules():
+        tensors = {**m._parameters, **m._buffers,
+                   **{k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)}}
+        for name, t in tensors.items():
+            if t is not None:
+                state[(path, name)] = t
+    return state
+
+
+def _eager_without_state_writes(model: nn.Module, inputs: Sequence):
+    """The eval-mode output; a forward that changes the model's state (a counter, a cache) is an
+    error (a standalone module cannot reproduce it), and the state is put back as it was."""
+    before = {k: t.detach().clone() for k, t in _model_state(model).items()}
+    expected = _eager(model, inputs)
+    after = _model_state(model)
+    changed = [k for k, t in before.items() if k not in after or after[k].shape != t.shape
+               or not torch.equal(after[k].detach(), t)] + [k for k in after if k not in before]
+    if changed:
+        with torch.no_grad():
+            for k in changed:
+                if k in after and k in before and after[k].shape == before[k].shape:
+                    after[k].copy_(before[k])
+        names = ", ".join(".".join(filter(None, k)) for k in changed[:5])
+        raise CompactError(f"fxsparse.compact: the forward writes model state ({names}), which a standalone "
+                           "module cannot reproduce")
+    return expected
 
 
 # -- tracing -------------------------------------------------------------------------------
