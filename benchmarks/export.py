@@ -12,9 +12,10 @@ wall-clock per run; "compact vs X" = X ms / compact ms; err = max |ORT output of
 masked eager output| / max(1, max |masked eager output|); size = the .onnx files.
 
 GPU (--gpu): fp16, channels_last, per batch: AOTInductor packages (aoti_compile_and_package,
-aoti_load_package) of the compact model (lowering "aten" and "auto"), of the masked model and
-of Torch-Pruning's physically pruned model (where torch_pruning imports), and
-torch.compile(backend="fxsparse") on the masked model. ms = median plain call
+aoti_load_package, one static-shape package per batch) of the compact model (lowering "auto";
+--lowerings auto,aten adds aten), of Torch-Pruning's physically pruned model (where
+torch_pruning imports; --with-masked adds the masked model), and torch.compile(backend="fxsparse")
+on the masked model. ms = median plain call
 (triton.testing.do_bench: host time included); err = max |out - masked eager fp16 out|.
 """
 from __future__ import annotations
@@ -51,7 +52,7 @@ GPU_COLUMNS = [
     ("aoti_tp", "AOTI TP-pruned ms"),
     ("compact_vs_fx", "compact auto vs fxsparse"), ("compact_vs_tp", "compact auto vs TP"),
     ("err_compact_auto", "compact auto err"), ("err_compact_aten", "compact aten err"),
-    ("err_fx_compile", "fxsparse err"), ("err_tp", "TP err"),
+    ("err_fx_compile", "fxsparse err"), ("err_masked", "AOTI masked err"), ("err_tp", "TP err"),
 ]
 
 
@@ -143,7 +144,7 @@ def aoti_package(module, x: torch.Tensor, path: str):
         return torch._inductor.aoti_load_package(torch._inductor.aoti_compile_and_package(ep, package_path=path))
 
 
-def gpu_rows(name: str, keep: float, batches: list) -> list:
+def gpu_rows(name: str, keep: float, batches: list, lowerings: list, with_masked: bool) -> list:
     _, shape = models.build(name)
     masked, pruned, how = masked_model(name, keep, torch.randn(1, *shape))
     to_gpu = lambda m: m.to("cuda", torch.half).to(memory_format=torch.channels_last)  # noqa: E731
@@ -157,22 +158,23 @@ def gpu_rows(name: str, keep: float, batches: list) -> list:
         row = {"model": name, "keep": keep, "batch": batch, "masks": how}
         runs = {}
         with tempfile.TemporaryDirectory() as d:
-            for lowering in ("auto", "aten"):
-                small = fxsparse.compact(masked, x if batch > 1 else x.expand(2, *x.shape[1:]).contiguous(
-                    memory_format=torch.channels_last), lowering=lowering)
+            for lowering in lowerings:  # "auto" times each conv chain at this batch
+                small = fxsparse.compact(masked, x, lowering=lowering)
                 runs[f"aoti_compact_{lowering}"] = aoti_package(small, x, os.path.join(d, f"compact_{lowering}.pt2"))
-            runs["aoti_masked"] = aoti_package(copy.deepcopy(masked), x, os.path.join(d, "masked.pt2"))
+            if with_masked:
+                runs["aoti_masked"] = aoti_package(copy.deepcopy(masked), x, os.path.join(d, "masked.pt2"))
             if pruned is not None:
                 runs["aoti_tp"] = aoti_package(pruned, x, os.path.join(d, "tp.pt2"))
             torch._dynamo.reset()
             runs["fx_compile"] = torch.compile(masked, backend="fxsparse")
             for label, fn in runs.items():
+                err_key = "err_" + label.replace("aoti_", "")
                 with torch.no_grad():
-                    out = fn(x)
-                    row[f"err_{label.replace('aoti_', '')}"] = common.max_abs_err(out, ref)
+                    row[err_key] = common.max_abs_err(fn(x), ref)
                     row[label], e = common.try_time(lambda fn=fn: fn(x), "plain")
                 if e:
                     row[f"{label}_error"] = e
+                print(f"{name} B={batch} {label}: {row[label]} ms, err {row[err_key]:.3g}", flush=True)
         row["compact_vs_fx"] = common.ratio(row.get("fx_compile"), row.get("aoti_compact_auto"))
         row["compact_vs_tp"] = common.ratio(row.get("aoti_tp"), row.get("aoti_compact_auto"))
         rows.append(row)
@@ -188,6 +190,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", default=None, help="comma-separated batch sizes (CPU: 1,8; GPU: 1,64)")
     parser.add_argument("--threads", default="1,0", help="ORT intra-op threads, 0 = all cores")
     parser.add_argument("--gpu", action="store_true", help="AOTInductor on CUDA, fp16")
+    parser.add_argument("--lowerings", default="auto", help="GPU: compact lowerings to package (auto,aten)")
+    parser.add_argument("--with-masked", action="store_true", help="GPU: also package the masked model")
     parser.add_argument("--quick", action="store_true", help="test-sized: small ResNet, B=8, CPU")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -196,7 +200,8 @@ def main(argv=None) -> None:
         names, args.batch = ["small_resnet"], args.batch or "8"
     if args.gpu:
         batches = [int(b) for b in (args.batch or "1,64").split(",")]
-        rows = [r for n in names for r in gpu_rows(n, args.keep, batches)]
+        rows = [r for n in names for r in gpu_rows(n, args.keep, batches, args.lowerings.split(","),
+                                                   args.with_masked)]
         columns, how = GPU_COLUMNS, "AOTInductor / torch.compile plain call, fp16, CUDA"
     else:
         torch.set_num_threads(max(1, os.cpu_count() or 1))

@@ -34,6 +34,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
+from fxsparse.backend import rewrite
 from fxsparse.graph.capture import placeholder_source
 from fxsparse.kernels.layout import relayout, select_channels
 from fxsparse.options import Options
@@ -83,7 +84,7 @@ class CompactOptions:
 
 
 # max |compact - eager| allowed at construction, relative to max(1, max |eager|)
-CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9, torch.float16: 3e-2, torch.bfloat16: 1e-1}
 
 
 def compact(model: nn.Module, *example_inputs, **options) -> fx.GraphModule:
@@ -114,9 +115,13 @@ def compact(model: nn.Module, *example_inputs, **options) -> fx.GraphModule:
 def _checked_inputs(model, example_inputs) -> tuple:
     if not isinstance(model, nn.Module):
         raise TypeError(f"fxsparse.compact: model must be a torch.nn.Module, got {type(model).__name__}")
-    if not any(isinstance(t, torch.Tensor) for t in example_inputs):
+    if not example_inputs:
         raise ValueError("fxsparse.compact: pass the model's example inputs (at least one tensor): "
                          "fxsparse.compact(model, x)")
+    others = [type(t).__name__ for t in example_inputs if not isinstance(t, torch.Tensor)]
+    if others:  # dynamo would bake their values in, and the module would ignore new ones
+        raise ValueError(f"fxsparse.compact: example inputs must be tensors, got {others}; bind other "
+                         "arguments in a wrapper module (its forward taking tensors only)")
     return tuple(example_inputs)
 
 
@@ -206,8 +211,6 @@ _fresh = itertools.count()
 def _trace_and_build(model, inputs: tuple, opts: Options, dynamic_batch: bool, expected) -> fx.GraphModule:
     """Runs the stages inside a dynamo backend (dynamo's source metadata, which tells
     parameters from inputs, exists only there) and builds the module from their graph."""
-    from fxsparse.backend import rewrite
-
     built = []
 
     def backend(gm, graph_inputs):
@@ -230,6 +233,9 @@ def _trace_and_build(model, inputs: tuple, opts: Options, dynamic_batch: bool, e
         with torch.no_grad():
             torch.compile(fn, backend=backend, fullgraph=True, dynamic=None if dynamic_batch else False)(
                 model, *traced)
+    except torch.fx.experimental.symbolic_shapes.ConstraintViolationError as e:
+        raise CompactError("fxsparse.compact: the forward does not hold for every batch size (it specialises "
+                           f"on dim 0 of an input); pass dynamic_batch=False:\n{e}") from e
     except torch._dynamo.exc.Unsupported as e:
         raise CompactError("fxsparse.compact: the model's forward does not trace as one graph "
                            f"(graph break), so it cannot be compacted as a whole:\n{e}") from e

@@ -246,6 +246,27 @@ def test_bad_arguments():
         fxsparse.compact(model)
     with pytest.raises(TypeError, match="nn.Module"):
         fxsparse.compact(lambda t: t, x)
+    with pytest.raises(ValueError, match="must be tensors"):
+        fxsparse.compact(model, x, 3)
+
+
+class BatchSpecific(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        y = self.c(x)
+        return y.reshape(2, -1) if x.shape[0] == 2 else y.flatten(1)
+
+
+def test_batch_specialisation_is_an_error_unless_static():
+    model = BatchSpecific().eval()
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(CompactError, match="dynamic_batch=False"):
+        fxsparse.compact(model, x)
+    small = fxsparse.compact(model, x, dynamic_batch=False)
+    torch.testing.assert_close(small(x), model(x))
 
 
 def test_static_batch():
@@ -340,6 +361,21 @@ def test_aot_inductor_cpu(tmp_path):
     path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "small.pt2"))
     runner = torch._inductor.aoti_load_package(path)
     assert_exact(runner, model, x.shape, batches=(1, 5), tol=1e-4)
+
+
+@pytest.mark.slow
+def test_aot_inductor_packages_the_fused_op(tmp_path):
+    """Lowering "triton" keeps torch.ops.fxsparse.conv2d (here its CPU reference): torch.export
+    carries it (fake kernel) and AOTInductor calls it through its proxy executor."""
+    model, x = small_resnet(0.5)
+    small = fxsparse.compact(model, x, lowering="triton")
+    assert "torch.ops.fxsparse.conv2d" in small.code
+    ep = torch.export.export(small, (x,), dynamic_shapes=batch_dim())
+    assert any("fxsparse.conv2d" in str(n.target) for n in ep.graph.nodes)
+    assert_exact(ep.module(), model, x.shape, batches=(1, 4))
+    runner = torch._inductor.aoti_load_package(
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "fused.pt2")))
+    assert_exact(runner, model, x.shape, batches=(1, 4), tol=1e-4)
 
 
 # -- the benchmark's test-sized form -------------------------------------------------------------
