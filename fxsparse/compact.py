@@ -34,7 +34,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from fxsparse.backend import rewrite
+from fxsparse.backend import graph_output_count, rewrite
 from fxsparse.graph.capture import placeholder_source
 from fxsparse.kernels.layout import relayout, select_channels
 from fxsparse.options import Options
@@ -311,7 +311,7 @@ class ModuleBuilder:
         lowered_ph = self.lowered.graph.find_nodes(op="placeholder")
         dynamo_ph = self.dynamo_gm.graph.find_nodes(op="placeholder")
         names = ["x"] if len(self.call_inputs) == 1 else [f"x{i}" for i in range(len(self.call_inputs))]
-        call_ph = [self.graph.placeholder(n) for n in names]
+        call_ph = self.call_placeholders = [self.graph.placeholder(n) for n in names]
         user = {}  # lowered placeholder -> call placeholder
         sizes = []
         for new, old, value in zip(lowered_ph, dynamo_ph, self.graph_inputs):
@@ -400,15 +400,47 @@ class ModuleBuilder:
             self.const(keep.reshape(shape), "keep"), picked, self.const(fill.to(x_dtype).reshape(shape), "fill")))
 
     def emit_output(self, n: fx.Node) -> None:
+        """The model's return value. Dynamo's graph also returns what the forward writes back to
+        the model (prune's recomputed `weight`), and the lowering hands parameter-only outputs
+        over as constants; each value the model returns is matched to the graph output that
+        computes it (equal on the example inputs; check_exact confirms on others)."""
         outs = n.args[0]
-        outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+        computed = iter(list(outs) if isinstance(outs, (tuple, list)) else [outs])
+        candidates = []  # (emitted node or constant tensor, its value on the example inputs)
+        for i in range(graph_output_count(self.dynamo_gm)):
+            if i in self.rw.constant_outputs:
+                t = self.rw.constant_outputs[i]
+                candidates.append((t, t))
+            else:
+                a = next(computed)
+                candidates.append((a, self.values.get(a) if isinstance(a, fx.Node) else a))
         leaves, spec = pytree.tree_flatten(self.expected)
-        if len(outs) != len(leaves):
-            raise CompactError(
-                f"fxsparse.compact: the traced graph returns {len(outs)} values where the model returns "
-                f"{len(leaves)}: its forward writes model state (an attribute or buffer), which a "
-                "standalone module cannot reproduce")
-        self.graph.output(pytree.tree_unflatten([fx.node.map_arg(a, lambda x: self.env[x]) for a in outs], spec))
+        used: set = set()
+        self.graph.output(pytree.tree_unflatten([self.output_for(leaf, candidates, used) for leaf in leaves], spec))
+
+    def output_for(self, leaf, candidates: list, used: set):
+        if not isinstance(leaf, torch.Tensor):
+            return leaf
+        for t, p in zip(self.call_inputs, self.call_placeholders):
+            if _same_tensor(leaf, t):  # an input returned as it is: not a graph output
+                return p
+        fits = [(float((v.float() - leaf.float()).abs().max()) if v.numel() else 0.0, i)
+                for i, (_, v) in enumerate(candidates) if i not in used and isinstance(v, torch.Tensor)
+                and v.shape == leaf.shape and v.dtype == leaf.dtype]
+        if not fits:
+            raise CompactError(f"fxsparse.compact: the model returns a {tuple(leaf.shape)} {leaf.dtype} tensor "
+                               "that the traced graph does not compute")
+        _, i = min(fits)
+        used.add(i)
+        value = candidates[i][0]
+        if isinstance(value, fx.Node):
+            return self.env[value]
+        return self.const(value, "output")
+
+
+def _same_tensor(a: torch.Tensor, b) -> bool:
+    return (isinstance(b, torch.Tensor) and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and a.storage_offset() == b.storage_offset() and a.shape == b.shape and a.stride() == b.stride())
 
 
 def _is_global(placeholder: fx.Node) -> bool:

@@ -76,6 +76,21 @@ def test_exact_and_smaller(name, masks):
     assert rewritten, str(small.report)
 
 
+def test_channels_last_with_relayouts():
+    """Per-conv masks that disagree across residual adds need channel moves (relayouts) between
+    layouts; in channels_last memory format, from a batch-1 example."""
+    model, shape = M.build("resnet")
+    M.MASKS["ln0"](model)
+    model = model.to(memory_format=torch.channels_last)
+    x = fresh(shape, 0, 1).to(memory_format=torch.channels_last)
+    small = fxsparse.compact(model, x)
+    assert "torch.where" in small.code  # the relayouts, as gather + where
+    for b in (1, 3):
+        y = fresh(shape, 60 + b, b).to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            torch.testing.assert_close(small(y), model(y), rtol=0, atol=1e-5 * max(1.0, float(model(y).abs().max())))
+
+
 def test_channel_groups_resnet_shrinks_and_folds_batchnorm():
     """Torch-Pruning-style consistent groups with random BatchNorm statistics: pruned channels
     carry constants (folded into biases), and every parameter holds only kept channels."""
@@ -234,6 +249,32 @@ def test_state_writes_are_an_error_and_state_is_restored():
     with pytest.raises(CompactError, match=r"writes model state \(calls\)"):
         fxsparse.compact(model, torch.randn(2, 3, 4, 4))
     assert float(model.calls) == 0.0
+
+
+class TupleOut(nn.Module):
+    """Returns a dict holding the logits, a parameter-only tensor and the input itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 4, 1)
+        self.scale = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        y = self.c2(torch.relu(self.c1(x)))
+        return {"y": y, "pair": (self.scale * 2, x)}
+
+
+def test_structured_outputs_with_constant_and_input():
+    torch.manual_seed(0)
+    model = TupleOut().eval()
+    prune.ln_structured(model.c1, "weight", amount=0.5, n=1, dim=0)
+    small = fxsparse.compact(model, torch.randn(2, 3, 5, 5))
+    x = fresh((3, 3, 5, 5), 70)
+    got, want = small(x), model(x)
+    torch.testing.assert_close(got["y"], want["y"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got["pair"][0], want["pair"][0], rtol=0, atol=0)
+    assert got["pair"][1] is x or torch.equal(got["pair"][1], x)
 
 
 def test_bad_arguments():
