@@ -34,7 +34,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from fxsparse.backend import graph_output_count, rewrite
+from fxsparse.backend import freezing_hint, graph_output_count, rewrite
 from fxsparse.graph.capture import placeholder_source
 from fxsparse.kernels.layout import relayout, select_channels
 from fxsparse.options import Options
@@ -126,7 +126,7 @@ def _checked_inputs(model, example_inputs) -> tuple:
 
 
 def _batch_of(inputs: Sequence, batch: int) -> tuple:
-    """The inputs with `batch` rows (repeating row 0 as needed): fresh tensors, same memory format."""
+    """The inputs with `batch` rows (their rows repeated in turn): new tensors, same memory format."""
     out = []
     for t in inputs:
         if isinstance(t, torch.Tensor):
@@ -216,6 +216,9 @@ def _trace_and_build(model, inputs: tuple, opts: Options, dynamic_batch: bool, e
     def backend(gm, graph_inputs):
         with torch.no_grad():
             rw = rewrite(gm, graph_inputs, opts, 0)
+        # (advice on compiling: the compact module is not compiled by fxsparse)
+        hints = freezing_hint(graph_inputs, True)
+        rw.report.notes = [n for n in rw.report.notes if n not in hints]
         built.append(ModuleBuilder(gm, rw, graph_inputs, traced, expected).build())
         return gm.forward
 
