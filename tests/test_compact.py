@@ -113,6 +113,18 @@ def test_sparsify_groups_half_the_parameters():
     assert sum(p.numel() for p in small.parameters()) < 0.4 * sum(p.numel() for p in model.parameters())
 
 
+def test_torchvision_resnet18_groups():
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = tv.models.resnet18(num_classes=10).eval()
+    randomize_batchnorm(model)
+    x = fresh((2, 3, 32, 32), 0)
+    fxsparse.sparsify(model, 0.5, kind="channel", example_inputs=(x,), skip_stem=False)
+    small = fxsparse.compact(model, x)
+    assert_exact(small, model, x.shape, batches=(1, 3), tol=1e-4)
+    assert compact_size(small) < 0.4 * dense_size(model)
+
+
 def test_owns_its_tensors():
     """No tensor of the compact module shares storage with the model: changing or deleting
     the model afterwards changes nothing."""
