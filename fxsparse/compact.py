@@ -10,15 +10,23 @@ they emit then becomes a module of its own: every tensor it reads is a copy of o
 uses (kept channels, folded BatchNorm, bias maps), registered as a parameter or buffer; the
 model's own tensors are no longer referenced; channel moves are emitted as plain
 `index_select` / `where` ops, so with lowering "aten" (the default off CUDA) the module holds
-torch ops only: torch.export, torch.onnx.export(dynamo=True), AOTInductor and
-torch.save/torch.load take it as any other module, and loading it needs neither the model's
-code nor fxsparse. Lowering "triton"/"auto" (CUDA, fp16/bf16) keeps `torch.ops.fxsparse.conv2d`
+torch ops only: torch.export, torch.onnx.export(dynamo=True), AOTInductor and torch.save take
+it as any other module, and what they write loads without the model's code. Lowering "triton"/"auto" (CUDA, fp16/bf16) keeps `torch.ops.fxsparse.conv2d`
 where it is faster: an opaque custom op (with its fake kernel), which export carries and
 AOTInductor calls through its proxy executor, so the loading process must `import fxsparse`.
 
+Shipping it (the .pt2 of torch.export loads with neither fxsparse nor the model's code):
+    ep = torch.export.export(small, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(ep, "small.pt2");  torch.export.load("small.pt2").module()(x)
+    torch.onnx.export(small, (x,), dynamo=True).save("small.onnx")         # onnxruntime
+    torch._inductor.aoti_compile_and_package(ep)  ->  aoti_load_package    # C++ / Python
+    torch.save(small, "small.pt");  torch.load("small.pt", weights_only=False)   # needs fxsparse
+    small.state_dict()   # loads into fxsparse.compact(model, x) of the same model
+
 What the stages leave dense (dynamic weights, ops fxsparse does not understand) stays dense
 and exact, and the report says why. The result is checked against the eager model on the
-example inputs (and on one batch size more) before it is returned: a mismatch is an error.
+example inputs (and on one batch size more) before it is returned: a mismatch is an error,
+as are a graph break (named) and a forward that writes model state.
 """
 from __future__ import annotations
 
