@@ -125,6 +125,42 @@ def test_torchvision_resnet18_groups():
     assert compact_size(small) < 0.4 * dense_size(model)
 
 
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = M.ConvBNReLU(3, 8)
+        self.b = M.ConvBNReLU(5, 8)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, a, b):
+        return self.head(self.a(a) + self.b(b))
+
+
+def test_two_inputs_dynamic_batch():
+    torch.manual_seed(0)
+    model = M.randomize_bn(TwoInputs()).eval()
+    M.filter_groups(model, group=2)
+    small = fxsparse.compact(model, fresh((2, 3, 6, 6), 0), fresh((2, 5, 6, 6), 1))
+    ep = torch.export.export(small, (fresh((2, 3, 6, 6), 0), fresh((2, 5, 6, 6), 1)),
+                             dynamic_shapes=({0: torch.export.Dim("batch")}, {0: torch.export.Dim("batch")}))
+    for b in (1, 4):
+        a, c = fresh((b, 3, 6, 6), 80 + b), fresh((b, 5, 6, 6), 90 + b)
+        with torch.no_grad():
+            want = model(a, c)
+        torch.testing.assert_close(small(a, c), want, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ep.module()(a, c), want, rtol=0, atol=1e-5)
+
+
+def test_under_inductor_freezing():
+    """With torch._inductor.config.freezing (grad off), dynamo hands parameters over as graph
+    attributes rather than inputs: the same compact module."""
+    model, x = small_resnet(0.5)
+    with torch._inductor.config.patch(freezing=True):
+        small = fxsparse.compact(model, x)
+    assert_exact(small, model, x.shape)
+    assert compact_size(small) < 0.4 * dense_size(model)
+
+
 def test_owns_its_tensors():
     """No tensor of the compact module shares storage with the model: changing or deleting
     the model afterwards changes nothing."""
