@@ -481,7 +481,7 @@ def test_export_benchmark_quick(tmp_path):
 
     rows = json.loads(out.read_text())["rows"]
     assert rows and all(r["err"] <= 1e-4 for r in rows), rows
-    assert all(r["size_ratio"] <= 0.55 for r in rows), rows
+    assert all(r["size_ratio"] <= 0.55 and r["size_ratio_baked"] <= 0.55 for r in rows), rows
     assert proc.stdout.strip().splitlines()[-1].startswith("|"), "the table must be printed last"
 
 
