@@ -390,6 +390,7 @@ class ModuleBuilder:
                 self.env[n] = self.graph.node_copy(n, lambda a: self.env[a])
         fold_constants(self.graph, self.root, self.const)
         gm = fx.GraphModule(self.root, self.graph, class_name="CompactModule")
+        self.rw.report.notes.extend(restored_notes(self.lowered.graph))
         gm.report = Report([self.rw.report])
         return gm
 
@@ -447,6 +448,29 @@ class ModuleBuilder:
         if isinstance(value, fx.Node):
             return self.env[value]
         return self.const(value, "output")
+
+
+# ops that read a compacted layout as it is stored (the lowering's own, and channel-aware ones)
+_READS_LAYOUTS = {torch.add, torch.conv2d, torch.nn.functional.linear, relayout, select_channels}
+
+
+def restored_notes(graph: fx.Graph) -> list:
+    """A report note naming the ops before which removed channels are put back (full width,
+    holding their constants): ops the propagation does not carry channels through, and the
+    model's outputs."""
+    readers = set()
+    for n in graph.nodes:
+        if n.target is relayout:
+            for u in n.users:
+                if u.op == "output":
+                    readers.add("the model's output")
+                elif u.target not in _READS_LAYOUTS and "fxsparse" not in str(u.target):
+                    readers.add(str(getattr(u.target, "__name__", u.target)))
+    if not readers:
+        return []
+    return ["removed channels are put back (full width, holding their constant values) before "
+            + ", ".join(sorted(readers)) + ": channels are not carried through them, so the layers "
+            "around them keep those channels"]
 
 
 def _same_tensor(a: torch.Tensor, b) -> bool:

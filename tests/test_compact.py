@@ -263,6 +263,7 @@ def test_unknown_op_keeps_every_channel_it_reads():
     rows, small = dense_case(UnknownOp)
     assert rows["c1"].kept_out_channels == 4
     assert rows["c2"].kept_in_channels == rows["c2"].in_channels == 8, str(small.report)
+    assert any("put back" in n and "roll" in n for n in small.report.graphs[0].notes), str(small.report)
 
 
 class GraphBreak(nn.Module):
