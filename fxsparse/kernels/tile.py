@@ -1,7 +1,7 @@
 """Pieces of a tile's work shared by the conv kernels (conv2d.py, tma.py, box_ws.py): which tile a
 program owns, where a box launch's K step reads, which K steps a split-K slice takes and how the
 slices meet, and the epilogue's activation (specialised at compile time on its code in
-`fxsparse.ops.activations.ACTIVATION_CODES`) and residual add."""
+`fxsparse.kernels.activations.ACTIVATION_CODES`) and residual add."""
 from __future__ import annotations
 
 import functools
@@ -10,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fxsparse.ops.activations import ACTIVATION_CODES
+from fxsparse.kernels.activations import ACTIVATION_CODES
+
 
 @triton.jit
 def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
@@ -121,7 +122,7 @@ def sum_slices(ws_ptr, offsets, mask, M, NCH, K_SPLITS):
 _KERNEL_ACTIVATIONS = ("none", "relu", "relu6", "silu", "gelu", "gelu_tanh", "hardswish",
                        "hardsigmoid", "sigmoid", "tanh")
 assert {n: i for i, n in enumerate(_KERNEL_ACTIVATIONS)} == ACTIVATION_CODES, (
-    "fxsparse.kernels.tile: activation table out of sync with fxsparse.ops.activations")
+    "fxsparse.kernels.tile: activation table out of sync with fxsparse.kernels.activations")
 
 
 @triton.jit
