@@ -155,15 +155,16 @@ class Selector:
             if cached is not None and cached.get("pick") in runs:
                 self.picks[key] = cached["pick"]
                 return cached["pick"], {}
-        times = {}
+        times, errors = {}, []
         for name in names:
             try:
                 times[name] = timer(name, runs[name]) if timer is not None else timing.gpu_time_ms(
                     runs[name], graphed=graphed)
             except Exception as e:  # noqa: BLE001 - a run that fails is not chosen
                 log.debug("fxsparse: %s failed while timing %r: %s", name, key, e)
+                errors.append(e)
         if not times:
-            raise RuntimeError(f"fxsparse: every alternative failed for {key!r}")
+            raise errors[0]
         best = min(times, key=times.get)
         if persist:
             self.picks[key] = best
