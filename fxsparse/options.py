@@ -97,7 +97,7 @@ class KernelSettings:
     # time every shape again; "off": no timing, a safe launch (quick test runs)      env FXSPARSE_TUNE
     tune: str = "cache"
     # time only this many of a shape's candidate launches, best ranked first (0: all)  env FXSPARSE_TUNE_TOP
-    tune_top: int = 8
+    tune_top: int = 12
     # where tuned launches are kept (None: ~/.cache/fxsparse)                        env FXSPARSE_CACHE_DIR
     cache_dir: Optional[str] = None
     # offer the warp-specialised (Gluon, sm90) box launches                          env FXSPARSE_CONV_WS

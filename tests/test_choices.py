@@ -89,16 +89,16 @@ def test_candidates_are_ranked_and_include_every_eligible_kind():
     assert est == sorted(est)
 
 
-def test_ranking_prefers_full_waves_and_the_measured_best_kinds():
+def test_ranking_prefers_the_measured_best_kinds_and_fitting_tiles():
     """On a dense 3x3 at 56x56 (the layer table's seed layer) the warp-specialised box ranks above
-    the pointer kernel's same tile; on 7x7 maps a tile count that fills the SMs beats one that
-    leaves most idle."""
+    the TMA box, and that above the pointer kernel, for the same tile; a tile twice as wide as the
+    kept channels ranks below the one that fits them."""
     p = problem(n=16, hw=56, cin=64, cout=128)
     cfg = C.tile_config(128, 128, 64, 4, 4)
     assert C.WS_BOX.estimate(p, cfg, 1) < C.TMA_BOX.estimate(p, cfg, 1) < C.POINTER.estimate(p, cfg, 1)
-    small = problem()
-    assert C.POINTER.estimate(small, C.tile_config(64, 64, 64, 4, 4), 1) < \
-        C.POINTER.estimate(small, C.tile_config(128, 256, 64, 8, 3), 1)
+    narrow = problem(n=16, hw=56, cin=64, cout=32)
+    assert C.POINTER.estimate(narrow, C.tile_config(128, 32, 64, 4, 4), 1) < \
+        C.POINTER.estimate(narrow, C.tile_config(128, 64, 64, 4, 4), 1)
 
 
 def test_safe_launch_is_a_4_warp_pointer_tile():

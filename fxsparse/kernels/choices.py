@@ -112,8 +112,9 @@ class Choice:
         """Writes the conv's kept channels into call.out."""
         raise NotImplementedError
 
-    # Efficiency against the tensor cores' peak by launch kind, from the tuner's logs; `estimate`'s
-    # ranking only needs it to order kinds and tiles, not to predict times.
+    # Relative efficiency by launch kind, fitted on the tuner's logs (kernel_tune runs of the layer
+    # table: with `settings.tune_top` = 12 the best-ranked candidates held every logged winner);
+    # the ranking only needs it to order kinds and tiles, not to predict times.
     efficiency = 0.5
 
     def estimate(self, problem: ConvProblem, config: dict, split_k: int) -> float:
@@ -123,6 +124,7 @@ class Choice:
         tiles = _cdiv(problem.m, bm) * _cdiv(problem.out_channels, bn)
         slots = problem.sms * self.per_sm(config)
         k_steps = _cdiv(problem.taps * _cdiv(problem.in_channels, bk), split_k)
+        # under one wave, by its fraction (fitted: counting a whole tile's time there ranked worse)
         waves = _cdiv(tiles * split_k, slots) if tiles * split_k > slots else tiles * split_k / slots
         size = (bm * bn / (128.0 * 128.0)) ** 0.2
         warps = 1.0 if config["num_warps"] == 8 or bm * bn <= 128 * 64 else 0.9
@@ -130,9 +132,9 @@ class Choice:
         return waves * bm * bn * k_steps * bk * split / (self.efficiency * size * warps)
 
     def per_sm(self, config: dict) -> int:
-        """Programs an SM holds at once, by the shared memory of their operand stages."""
-        stage = (config["BLOCK_M"] + config["BLOCK_N"]) * config["BLOCK_K"] * 2
-        return max(1, min(4, (227 * 1024) // (stage * max(1, config["num_stages"]))))
+        """Tiles an SM works on at once: one (deep pipelines fill its shared memory), two where
+        registers are capped (box_ws.programs). Counting programs by shared memory ranked worse."""
+        return 2 if config.get("maxnreg") else 1
 
     def describe(self, config: dict, split_k: int = 1) -> str:
         return (f"{config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']} w{config['num_warps']} "
@@ -146,7 +148,7 @@ class Choice:
 class Pointer(Choice):
     name = "pointer"
     splits = True
-    efficiency = 0.62
+    efficiency = 0.5
 
     def eligible(self, problem, call=None) -> bool:
         return True
@@ -201,7 +203,7 @@ class TmaGemm(Choice):
 class TmaBox(Choice):
     name = "tma_box"
     splits = True
-    efficiency = 0.72
+    efficiency = 0.6
 
     def eligible(self, problem, call=None) -> bool:
         return call is not None and _tma_kind(call) == "box"
@@ -232,13 +234,6 @@ class WsBox(Choice):
         bk = block_k(problem.in_channels)
         return [(tile_config(bm, bn, bk, w, s, regs), 1) for bm, bn, w, s, regs in WS_BOX_TILES
                 if _fits(problem, bm, bn)]
-
-    def per_sm(self, config: dict) -> int:
-        return 2 if config.get("maxnreg") else 1  # a persistent grid (box_ws.programs)
-
-    def estimate(self, problem, config, split_k) -> float:
-        # persistent: a program walks its tiles, so the last wave is a fraction of a tile loop
-        return super().estimate(problem, config, split_k) * (1.0 if problem.batch > 1 else 1.1)
 
     def run(self, call, config, split_k=1) -> None:
         tma.launch_ws(call, config)
