@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 
 import fxsparse.ops  # noqa: E402,F401
+from fxsparse.kernels.problem import ConvArgs  # noqa: E402
 
 # name, batch, cin, cout, kernel, H=W, stride
 LAYERS = [
@@ -80,8 +81,8 @@ def _inductor_max_autotune(stride, padding):
 
 
 def _op(x, w, bias, stride, padding, in_index, cout, activation):
-    return torch.ops.fxsparse.conv2d(x, w, bias, list(stride), list(padding), [1, 1], in_index, None, cout,
-                                     None, None, None, None, None, activation, False)
+    return torch.ops.fxsparse.conv2d(*ConvArgs.of(x, w, bias, stride, padding, in_index=in_index, out_channels=cout,
+                                                  activation=activation))
 
 
 def make_tensors(spec, keep_out, keep_in, device):
