@@ -173,7 +173,7 @@ def table_main(args) -> int:
                     new = selector.chosen()[before:]
                     cache = disk_cache(torch.cuda.current_device())
                     if os.path.exists(cache.path):
-                        table_file = os.path.join(args.table_dir, os.path.basename(cache.shipped))
+                        table_file = os.path.join(args.table_dir, os.path.basename(cache.path).replace("conv2d-tuning-", ""))
                         entries = merge_into_table(cache.path, table_file)
                     else:
                         entries = 0

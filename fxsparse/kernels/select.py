@@ -188,10 +188,14 @@ def _device_index(device: torch.device) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _disk_cache(name: str, capability: tuple, sms: int, cache_dir: Optional[str]) -> tuning_cache.TuningCache:
+def _disk_cache(name: str, capability: tuple, sms: int, cache_dir: Optional[str],
+                shipped: bool) -> tuning_cache.TuningCache:
     import triton
 
-    return tuning_cache.TuningCache.for_device(name, capability, sms, triton.__version__, cache_dir)
+    cache = tuning_cache.TuningCache.for_device(name, capability, sms, triton.__version__, cache_dir)
+    if not shipped:
+        cache.shipped = None
+    return cache
 
 
 def disk_cache(device_index: int) -> tuning_cache.TuningCache:
@@ -199,8 +203,9 @@ def disk_cache(device_index: int) -> tuning_cache.TuningCache:
     from fxsparse.options import kernel_settings
 
     props = torch.cuda.get_device_properties(device_index)
-    return _disk_cache(props.name, (props.major, props.minor), props.multi_processor_count,
-                       kernel_settings().cache_dir)
+    settings = kernel_settings()
+    return _disk_cache(props.name, (props.major, props.minor), props.multi_processor_count, settings.cache_dir,
+                       settings.shipped_table)
 
 
 selector = Selector()
