@@ -2,12 +2,13 @@
 the same masked model, cold and warm.
 
     PYTHONPATH=. python benchmarks/compile_time.py [--models resnet50,resnet18,mobilenet_v2] [--keep 0.5]
-        [--batch 64] [--no-table]
+        [--batch 64] [--no-table] [--workers 8]
 
 Each measurement runs in a fresh process (Python, torch and the model already loaded when the clock
 starts; the clock covers the first call: tracing, compiling, tuning, running). Cold: empty
 TRITON_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR and FXSPARSE_CACHE_DIR (fxsparse still reads the table of
-tuned launches shipped with it; --no-table adds a column without it). Warm: a second process on
+tuned launches shipped with it; --no-table adds a column without it, --workers N one compiling each
+shape's candidates on N threads, and without the table where --no-table). Warm: a second process on
 the caches the cold one filled. fxsparse's columns also say where its first call went: seconds in
 the selector's timing of launches (`tune s`, shapes timed / read from the shipped table) and of the
 lowering's triton-vs-aten choices (`pick s`). The table is printed last.
@@ -79,9 +80,10 @@ def child(args) -> None:
 
 
 def measure(backend: str, model: str, keep: float, batch: int, dirs: dict, table: bool, timeout: float,
-            device: str = "cuda") -> dict:
+            device: str = "cuda", workers: int = 0) -> dict:
     env = dict(os.environ, TRITON_CACHE_DIR=dirs["triton"], TORCHINDUCTOR_CACHE_DIR=dirs["inductor"],
                FXSPARSE_CACHE_DIR=dirs["fxsparse"], FXSPARSE_SHIPPED_TABLE="1" if table else "0",
+               FXSPARSE_COMPILE_WORKERS=str(workers),
                PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
     env.pop("FXSPARSE_TUNE", None)
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--backend", backend, "--model", model,
@@ -106,6 +108,8 @@ def main(argv=None) -> int:
     p.add_argument("--keep", type=float, default=0.5)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--no-table", action="store_true", help="also fxsparse cold without the shipped table")
+    p.add_argument("--workers", type=int, default=0,
+                   help="also fxsparse cold with this many compile threads (settings.compile_workers)")
     p.add_argument("--timeout", type=float, default=300, help="seconds a single measurement may take")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--backend", help=argparse.SUPPRESS)
@@ -135,6 +139,10 @@ def main(argv=None) -> int:
             bare = measure("fxsparse", model, args.keep, args.batch, fresh_dirs(), False, args.timeout, args.device)
             row["fx_cold_bare"], row["bare_tune_s"], row["bare_timed"] = (bare.get("compile_s"), bare.get("tune_s"),
                                                                           bare.get("timed"))
+        if args.workers:
+            par = measure("fxsparse", model, args.keep, args.batch, fresh_dirs(), not args.no_table, args.timeout,
+                          args.device, args.workers)
+            row["fx_cold_par"], row["par_tune_s"] = par.get("compile_s"), par.get("tune_s")
         row["cold_ratio"] = common.ratio(row.get("fx_cold"), row.get("ind_cold"))
         row["warm_ratio"] = common.ratio(row.get("fx_warm"), row.get("ind_warm"))
         print(row, flush=True)
@@ -147,6 +155,8 @@ def main(argv=None) -> int:
                ("warm_timed", "warm: timed")]
     if args.no_table:
         columns += [("fx_cold_bare", "fx cold, no table s"), ("bare_tune_s", "tune s"), ("bare_timed", "timed")]
+    if args.workers:
+        columns += [("fx_cold_par", f"fx cold, {args.workers} compile threads s"), ("par_tune_s", "tune s")]
     columns.append(("note", "note"))
     common.print_table(rows, columns, title=f"\ncompile time of the first call | {env['device']} | torch {env['torch']} "
                                             f"| triton {env['triton']} | fp16 channels_last, no_grad")

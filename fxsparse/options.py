@@ -102,6 +102,9 @@ class KernelSettings:
     cache_dir: Optional[str] = None
     # read the table of tuned launches shipped with fxsparse beneath that cache       env FXSPARSE_SHIPPED_TABLE
     shipped_table: bool = True
+    # compile a shape's candidates on this many threads before timing them (0: one by one, as
+    # they are timed)                                                                env FXSPARSE_COMPILE_WORKERS
+    compile_workers: int = 0
     # offer the warp-specialised (Gluon, sm90) box launches                          env FXSPARSE_CONV_WS
     conv_ws: bool = True
     # most warps of a tap-loop (non-1x1) launch: 4 or 8                               env FXSPARSE_CONV_MAX_WARPS
@@ -113,7 +116,7 @@ class KernelSettings:
 
 
 _ENV = {"tune": "FXSPARSE_TUNE", "tune_top": "FXSPARSE_TUNE_TOP", "cache_dir": "FXSPARSE_CACHE_DIR",
-        "shipped_table": "FXSPARSE_SHIPPED_TABLE",
+        "shipped_table": "FXSPARSE_SHIPPED_TABLE", "compile_workers": "FXSPARSE_COMPILE_WORKERS",
         "conv_ws": "FXSPARSE_CONV_WS", "conv_max_warps": "FXSPARSE_CONV_MAX_WARPS", "split_k": "FXSPARSE_SPLIT_K",
         "native_guard": "FXSPARSE_NATIVE_GUARD"}
 _configured: dict = {}
@@ -122,7 +125,7 @@ _configured: dict = {}
 def _from_env(name: str, text: str):
     if name in ("conv_ws", "native_guard", "shipped_table"):
         return text != "0"
-    if name in ("tune_top", "conv_max_warps"):
+    if name in ("tune_top", "conv_max_warps", "compile_workers"):
         return int(text)
     if name == "split_k":
         return max(1, int(text)) if text else None
@@ -134,13 +137,15 @@ def _from_env(name: str, text: str):
 def _check_setting(name: str, value) -> None:
     bad = {"tune": value not in TUNE_MODES,
            "tune_top": isinstance(value, bool) or not isinstance(value, int) or value < 0,
+           "compile_workers": isinstance(value, bool) or not isinstance(value, int) or value < 0,
            "cache_dir": value is not None and not isinstance(value, (str, os.PathLike)),
            "conv_ws": not isinstance(value, bool), "native_guard": not isinstance(value, bool),
            "shipped_table": not isinstance(value, bool),
            "conv_max_warps": value not in (4, 8),
            "split_k": value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1)}
     if bad[name]:
-        allowed = {"tune": ", ".join(TUNE_MODES), "tune_top": "an int >= 0", "cache_dir": "a path or None",
+        allowed = {"tune": ", ".join(TUNE_MODES), "tune_top": "an int >= 0", "compile_workers": "an int >= 0",
+                   "cache_dir": "a path or None",
                    "conv_ws": "True or False", "native_guard": "True or False", "shipped_table": "True or False",
                    "conv_max_warps": "4 or 8",
                    "split_k": "an int >= 1 or None"}[name]

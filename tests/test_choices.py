@@ -273,3 +273,37 @@ def test_chooser_asks_the_selector(monkeypatch):
     with choose.override(lambda name, s, fn: (fn(), 1.0 if name == "aten" else 2.0)[1]) as chooser:
         d = chooser.choose(prob)
     assert asked == [("chain", shape)] and d.lowering == "aten" and d.aten_us == 1.0
+
+
+def test_compile_ahead_launches_every_candidate_once_each_kernel_first_alone(monkeypatch):
+    import contextlib
+    import threading
+
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    order, lock = [], threading.Lock()
+
+    class Recording(C.Choice):
+        def __init__(self, name):
+            self.name = name
+
+        def run(self, call, config, split_k=1):
+            with lock:
+                order.append((self.name, config["BLOCK_M"], threading.current_thread() is threading.main_thread()))
+            if config["BLOCK_M"] == 32:
+                raise RuntimeError("out of shared memory")  # skipped here, met again when timed
+
+    a, b = Recording("a"), Recording("b")
+    cands = [(a, {"BLOCK_M": m}, 1) for m in (64, 128, 32)] + [(b, {"BLOCK_M": m}, 1) for m in (64, 256)]
+    call = call_of(cl(1, 16, 4, 4), cl(16, 16, 3, 3), cl(1, 16, 4, 4))
+    S.compile_ahead(call, cands, workers=3)
+    assert sorted(order[:2]) == [("a", 64, True), ("b", 64, True)]  # each kernel's first, alone
+    assert sorted((n, m) for n, m, _ in order) == sorted((c.name, cfg["BLOCK_M"]) for c, cfg, _ in cands)
+    assert all(not main for _, _, main in order[2:])
+
+
+def test_compile_workers_setting(monkeypatch):
+    monkeypatch.setenv("FXSPARSE_COMPILE_WORKERS", "8")
+    assert options.kernel_settings().compile_workers == 8
+    with pytest.raises(ValueError):
+        options.configure(compile_workers=-1)

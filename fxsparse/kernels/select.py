@@ -97,8 +97,10 @@ class Selector:
             sel = Selection(C.BY_NAME[cached["choice"]], dict(cached["config"]), int(cached["split_k"]),
                             note="from the " + cached.get("source", "tuning cache"))
         else:
-            top = settings.tune_top or len(cands)
-            sel = self.tune(problem, call, cands[:top])
+            top = cands[:settings.tune_top or len(cands)]
+            if settings.compile_workers > 1:
+                compile_ahead(call, top, settings.compile_workers)
+            sel = self.tune(problem, call, top)
             cache.put(repr(problem), dict(choice=sel.choice.name, config=sel.config, split_k=sel.split_k), offered)
         self.table[problem] = sel
         return problem, sel
@@ -181,6 +183,33 @@ class Selector:
         """Empties this process's tables (the disk cache stays): the next call of each shape looks again."""
         self.table.clear()
         self.picks.clear()
+
+
+def _warm(call: ConvCall, cand: tuple) -> None:
+    choice, cfg, s = cand
+    try:
+        with torch.cuda.device(call.x.device):  # (the current device is per thread)
+            choice.run(call, cfg, s)
+    except Exception as e:  # noqa: BLE001 - the timing loop meets the same failure and skips it
+        log.debug("fxsparse: compiling %s failed: %s", choice.describe(cfg, s), e)
+
+
+def compile_ahead(call: ConvCall, cands: list, workers: int) -> None:
+    """Compiles (by a first launch) every candidate on `workers` threads, as Inductor compiles its
+    autotuning choices in parallel: Triton's compile runs mostly outside the GIL (the MLIR passes,
+    ptxas), so each shape's compiles overlap. Each kernel's first candidate runs alone first, so
+    that its per-device caches exist before threads share them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    firsts = {}
+    for cand in cands:
+        firsts.setdefault(cand[0].name, cand)
+    for cand in firsts.values():
+        _warm(call, cand)
+    rest = [c for c in cands if not any(c is f for f in firsts.values())]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(lambda c: _warm(call, c), rest))
+    torch.cuda.synchronize(call.x.device)
 
 
 def _device_index(device: torch.device) -> int:
