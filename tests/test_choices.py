@@ -294,7 +294,8 @@ def test_compile_ahead_launches_every_candidate_once_each_kernel_first_alone(mon
                 raise RuntimeError("out of shared memory")  # skipped here, met again when timed
 
     a, b = Recording("a"), Recording("b")
-    cands = [(a, {"BLOCK_M": m}, 1) for m in (64, 128, 32)] + [(b, {"BLOCK_M": m}, 1) for m in (64, 256)]
+    cands = [(a, C.tile_config(m, 16, 16, 4, 3), 1) for m in (64, 128, 32)] + \
+        [(b, C.tile_config(m, 16, 16, 4, 3), 1) for m in (64, 256)]
     call = call_of(cl(1, 16, 4, 4), cl(16, 16, 3, 3), cl(1, 16, 4, 4))
     S.compile_ahead(call, cands, workers=3)
     assert sorted(order[:2]) == [("a", 64, True), ("b", 64, True)]  # each kernel's first, alone
