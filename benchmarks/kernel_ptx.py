@@ -1,4 +1,4 @@
-"""What the conv kernel compiles to on Hopper, without a GPU: the PTX of `_conv2d_kernel` for
+"""What the conv kernel compiles to on Hopper, without a GPU: the PTX of `pointer.conv_kernel` for
 sm90, built offline by Triton's own compiler (its bundled ptxas), and how its global memory
 accesses are vectorized (`st.global.v4` moves 16 bytes, `st.global.b16` one fp16).
 
