@@ -26,7 +26,7 @@ K = pytest.importorskip("fxsparse.kernels.conv2d")
 from fxsparse.kernels import choices as C  # noqa: E402
 from fxsparse.kernels import pointer  # noqa: E402
 from fxsparse.kernels.layout import evenly_strided_rows  # noqa: E402
-from fxsparse.kernels.problem import ConvArgs, ConvProblem  # noqa: E402
+from fxsparse.kernels.problem import ConvArgs  # noqa: E402
 from fxsparse.kernels.select import Selection  # noqa: E402
 
 
@@ -34,11 +34,6 @@ def launch(name, cfg, split_k=1):
     """A fixed launch of implementation `name` (choices.BY_NAME), bypassing the selector."""
     return Selection(C.BY_NAME[name], dict(cfg), split_k)
 
-
-def problem(n=2, h=7, w=7, cin=16, cout=32, k=3, stride=1, sms=132, split_k=None):
-    pad = k // 2 if stride == 1 or k > 1 else 0
-    return ConvProblem(n, h, w, cin, cout, (k, k), (stride, stride), (pad, pad), (1, 1), "float16", 1, 1, sms,
-                       split_k)
 
 @pytest.fixture(autouse=True)
 def _poison(poisoned_kernel_outputs):

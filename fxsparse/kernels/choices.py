@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import triton
 
-from fxsparse.kernels import box_ws, pointer, tma
+from fxsparse.kernels import pointer, tma
 from fxsparse.kernels.activations import ACTIVATIONS
 from fxsparse.kernels.layout import relayout, select_channels
 from fxsparse.kernels.problem import ConvCall, ConvProblem
@@ -330,4 +330,4 @@ def select_input(x: Tensor, in_index: Tensor, plan: tuple) -> Tensor:
 
 
 __all__ = ["ATEN", "BY_NAME", "Choice", "KERNELS", "POINTER", "TMA_BOX", "TMA_GEMM", "WS_BOX", "candidates",
-           "box_ws", "is_safe", "safe_launch", "select_input", "tile_config"]
+           "is_safe", "safe_launch", "select_input", "tile_config"]
