@@ -63,7 +63,7 @@ def test_split_k_slices_meet_through_one_acquire_release_atomic(ptx_counts, case
 def test_tma_k_loop_keeps_a_step_of_wgmma_in_flight(ptx_counts, kind):
     """The TMA GEMM's K loop, and a box's whose leading dimensions are 1, wait once per step
     for the TMA arrival and keep one step's wgmma group in flight (wait_group 1): the loop
-    docs/benchmarks.md (session 7) compares the multi-dimensional box's against."""
+    docs/benchmarks.md compares the multi-dimensional box's against."""
     loop = ptx_counts[f"loop {kind}"]
     assert loop["wgmma"] >= 4 and loop["wait_group"] == "1" and loop["mbarrier waits"] == 1, loop
 
