@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -50,6 +52,7 @@ def test_conv_layers_compare_reads_two_runs(tmp_path):
     assert last.startswith("| geomean") and "1.25" in last
 
 
+@pytest.mark.slow
 def test_compile_time_runs_on_the_cpu():
     """benchmarks/compile_time.py end to end on a small ResNet (its GPU run is the same code)."""
     proc = _run("compile_time.py", "--models", "small_resnet", "--batch", "2", "--device", "cpu", timeout=900)
