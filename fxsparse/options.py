@@ -167,6 +167,22 @@ def kernel_settings() -> KernelSettings:
     return KernelSettings(**values)
 
 
+def split_k_setting() -> Optional[int]:
+    """settings.split_k alone: read on every conv call, where building the whole settings would
+    cost microseconds of host time a call."""
+    if "split_k" in _configured:
+        return _configured["split_k"]
+    text = os.environ.get(_ENV["split_k"])
+    if not text:
+        return None
+    try:
+        value = _from_env("split_k", text)
+    except ValueError:
+        raise ValueError(f"fxsparse: {_ENV['split_k']}={text!r} is not a valid split_k") from None
+    _check_setting("split_k", value)
+    return value
+
+
 class configure:
     """Sets kernel settings for the process (`fxsparse.options.configure(tune="off")`), or for a block
     (`with configure(conv_ws=False): ...`, restored after). An unknown name or a bad value is an error."""

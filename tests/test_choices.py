@@ -308,3 +308,28 @@ def test_compile_workers_setting(monkeypatch):
     assert options.kernel_settings().compile_workers == 8
     with pytest.raises(ValueError):
         options.configure(compile_workers=-1)
+
+
+def test_a_chosen_launch_is_found_again_without_building_settings(monkeypatch):
+    """The per-call path (every conv call on CUDA) is one dict lookup: no settings, no problem built."""
+    x, w3, out = cl(2, 16, 4, 4), cl(32, 16, 3, 3), cl(2, 32, 4, 4)
+    monkeypatch.setattr(S, "sm_count", lambda index: 132)
+    monkeypatch.setattr(S, "_device_index", lambda device: 0)
+    sel = S.Selector()
+    with options.configure(tune="off"):
+        first = sel.launch(call_of(x, w3, out))
+        again = sel.launch(call_of(x, w3, out))  # (from the table; remembered for the per-call lookup)
+    monkeypatch.setattr(options, "kernel_settings", lambda: pytest.fail("settings built on the per-call path"))
+    assert sel.launch(call_of(x, w3, out)) == first == again
+
+
+def test_split_k_setting_alone(monkeypatch):
+    monkeypatch.delenv("FXSPARSE_SPLIT_K", raising=False)
+    assert options.split_k_setting() is None
+    monkeypatch.setenv("FXSPARSE_SPLIT_K", "3")
+    assert options.split_k_setting() == 3
+    with options.configure(split_k=2):
+        assert options.split_k_setting() == 2
+    monkeypatch.setenv("FXSPARSE_SPLIT_K", "x")
+    with pytest.raises(ValueError, match="FXSPARSE_SPLIT_K"):
+        options.split_k_setting()

@@ -102,7 +102,13 @@ class Choice:
     splits = False  # whether its configs split K
 
     def eligible(self, problem: ConvProblem, call: Optional[ConvCall] = None) -> bool:
+        """Whether it is offered for `problem` (and `call`'s tensors, where addressing matters)."""
         raise NotImplementedError
+
+    def addressable(self, call: ConvCall) -> bool:
+        """Whether a launch chosen for this shape can run on `call`'s tensors (asked on every call
+        of a chosen launch: tensor checks only)."""
+        return True
 
     def configs(self, problem: ConvProblem) -> list:
         """[(config, split_k)] worth timing for `problem`."""
@@ -190,7 +196,10 @@ class TmaGemm(Choice):
     efficiency = 0.8
 
     def eligible(self, problem, call=None) -> bool:
-        return problem.pointwise and problem.split_k in (None, 1) and call is not None and _tma_kind(call) == "gemm"
+        return problem.pointwise and problem.split_k in (None, 1) and call is not None and self.addressable(call)
+
+    def addressable(self, call) -> bool:
+        return _tma_kind(call) == "gemm"
 
     def configs(self, problem) -> list:
         bk = block_k(problem.in_channels)
@@ -206,7 +215,10 @@ class TmaBox(Choice):
     efficiency = 0.6
 
     def eligible(self, problem, call=None) -> bool:
-        return call is not None and _tma_kind(call) == "box"
+        return call is not None and self.addressable(call)
+
+    def addressable(self, call) -> bool:
+        return _tma_kind(call) == "box"
 
     def configs(self, problem) -> list:
         bk = block_k(problem.in_channels)
@@ -226,9 +238,11 @@ class WsBox(Choice):
 
         if call is None or problem.split_k not in (None, 1) or not kernel_settings().conv_ws:
             return False
-        return tma.warp_specialisable(
-            _tma_kind(call), call.x, call.weight, call.out, call.residual, call.bias_map, call.stride,
-            block_k(problem.in_channels))
+        return self.addressable(call)
+
+    def addressable(self, call) -> bool:
+        return tma.warp_specialisable(_tma_kind(call), call.x, call.weight, call.out, call.residual, call.bias_map,
+                                      call.stride, block_k(call.weight.shape[1]))
 
     def configs(self, problem) -> list:
         bk = block_k(problem.in_channels)

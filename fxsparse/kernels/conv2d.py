@@ -19,6 +19,7 @@ from fxsparse.kernels import pointer
 from fxsparse.kernels.problem import ConvArgs, ConvCall, output_size
 from fxsparse.kernels.select import Selection, selector
 from fxsparse.kernels.tensor_cache import TensorCache
+from fxsparse.options import split_k_setting
 
 Tensor = torch.Tensor
 
@@ -81,9 +82,9 @@ def _call(args: ConvArgs, out: Optional[Tensor]) -> ConvCall:
                     stride, padding, dilation, args.activation, bool(args.residual_after_activation))
 
 
-def _runnable(sel: Selection, call: ConvCall, problem) -> Selection:
+def _runnable(sel: Selection, call: ConvCall) -> Selection:
     """`sel`, or the same tile of the pointer kernel where this call's tensors do not allow it."""
-    if sel.choice is C.POINTER or sel.choice.eligible(problem, call):
+    if sel.choice is C.POINTER or sel.choice.addressable(call):
         return sel
     cfg = {k: v for k, v in sel.config.items() if k != "maxnreg"}
     return Selection(C.POINTER, cfg, sel.split_k if sel.choice.splits else 1, "as the pointer kernel")
@@ -103,19 +104,15 @@ def conv2d_triton(args: ConvArgs, *, out: Optional[Tensor] = None, launch: Optio
         return out
     if nch > 0:
         if split_k is None:
-            from fxsparse.options import kernel_settings
-
-            split_k = kernel_settings().split_k
+            split_k = split_k_setting()
         if launch is None and not out.is_cuda:  # the interpreter: one small tile, nothing to time
             cfg = dict(pointer.INTERPRET_CONFIG, BLOCK_K=C.block_k(call.weight.shape[1]))
             launch = Selection(C.POINTER, cfg, split_k or 1)
         if launch is None:
-            problem, launch = selector.launch(call, split_k)
-        else:
-            problem = call.problem(1, split_k)  # (only asked what the tensors allow)
-            if split_k is not None and launch.split_k != split_k:
-                launch = Selection(launch.choice, launch.config, split_k, launch.note)
-        launch = _runnable(launch, call, problem)
+            launch = selector.launch(call, split_k)[1]
+        elif split_k is not None and launch.split_k != split_k:
+            launch = Selection(launch.choice, launch.config, split_k, launch.note)
+        launch = _runnable(launch, call)
         launch.choice.run(call, launch.config, launch.split_k)
     if args.out_index is not None and nch < args.out_channels:
         pointer.launch_fill(call, _complement(args.out_index, args.out_channels))

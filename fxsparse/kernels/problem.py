@@ -72,6 +72,12 @@ class ConvCall:
         kh, kw = self.weight.shape[2:]
         return kh == 1 and kw == 1 and self.stride == (1, 1) and self.padding == (0, 0)
 
+    def key(self, split_k: Optional[int] = None) -> tuple:
+        """What `problem` is made of, as a plain tuple: the selector's per-call lookup."""
+        x, w = self.x, self.weight
+        return (x.shape, w.shape, self.stride, self.padding, self.dilation, x.dtype, x.stride(1), w.stride(1),
+                x.device, split_k)
+
     def problem(self, sms: int, split_k: Optional[int] = None) -> "ConvProblem":
         n, _, h, w = self.x.shape
         nch, cin, kh, kw = self.weight.shape

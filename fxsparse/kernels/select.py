@@ -71,16 +71,22 @@ class Selector:
     def __init__(self):
         self.table: dict = {}  # ConvProblem -> Selection, this process's choices in first-run order
         self.picks: dict = {}  # key -> name, pick()'s choices
+        self._seen: dict = {}  # a call's key tuple -> (ConvProblem, Selection, table): the per-call lookup
 
     # ---------------------------------------------------------------- the op's launch
     def launch(self, call: ConvCall, split_k: Optional[int] = None) -> tuple:
         """(problem, Selection) for `call` on CUDA: remembered, cached or timed."""
+        key = call.key(split_k)
+        hit = self._seen.get(key)
+        if hit is not None and hit[2] is self.table:  # (a table swapped out, as tests do, is not consulted)
+            return hit[:2]
         from fxsparse.options import kernel_settings
 
         index = _device_index(call.x.device)
         problem = call.problem(sm_count(index), split_k)
         sel = self.table.get(problem)
         if sel is not None:
+            self._seen[key] = (problem, sel, self.table)
             return problem, sel
         settings = kernel_settings()
         if settings.tune == "off":
@@ -103,6 +109,7 @@ class Selector:
             sel = self.tune(problem, call, top)
             cache.put(repr(problem), dict(choice=sel.choice.name, config=sel.config, split_k=sel.split_k), offered)
         self.table[problem] = sel
+        self._seen[key] = (problem, sel, self.table)
         return problem, sel
 
     def tune(self, problem: ConvProblem, call: ConvCall, cands: list) -> Selection:
@@ -183,6 +190,7 @@ class Selector:
         """Empties this process's tables (the disk cache stays): the next call of each shape looks again."""
         self.table.clear()
         self.picks.clear()
+        self._seen.clear()
 
 
 def _warm(call: ConvCall, cand: tuple) -> None:
