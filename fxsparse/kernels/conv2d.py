@@ -70,8 +70,9 @@ def _call(args: ConvArgs, out: Optional[Tensor]) -> ConvCall:
     if args.in_index is not None:
         x = select_channels(x, args.in_index)
     n, _, h, w = x.shape
-    kh, kw = weight.shape[2:]
-    stride, padding, dilation = (tuple(int(v) for v in t) for t in (args.stride, args.padding, args.dilation))
+    _, _, kh, kw = weight.shape
+    s, p, d = args.stride, args.padding, args.dilation
+    stride, padding, dilation = (int(s[0]), int(s[1])), (int(p[0]), int(p[1])), (int(d[0]), int(d[1]))
     shape = (n, args.out_channels, output_size(h, kh, stride[0], padding[0], dilation[0]),
              output_size(w, kw, stride[1], padding[1], dilation[1]))
     if out is None:

@@ -44,7 +44,7 @@ def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-@dataclass
+@dataclass(slots=True)
 class ConvCall:
     """One call's tensors as a launch takes them: `x` already holds only the channels the weight reads
     (in_index applied), `out` is the output the launch writes in full."""
