@@ -10,9 +10,10 @@ launch kind.
     PYTHONPATH=. python benchmarks/kernel_tune.py [--layers 512,seed] [--keeps 1,0.25]
 
 Table mode: compiles each masked model (benchmarks/models.py's masks) with backend="fxsparse" at
-each batch, timing every candidate of every conv shape in a fresh cache, and merges the winners
-(and the lowering's triton/aten picks) into the device's table under --table-dir, after each model
-(a model that does not fit the --budget-s is left for the next call). Prints winners by launch kind.
+each batch, timing every candidate of every conv shape the table does not hold yet, and merges the
+winners (and the lowering's triton/aten picks) into the device's table under --table-dir after each
+model (one that does not fit --budget-s is left for the next call, which adds to the same table).
+Prints winners by launch kind.
 
     PYTHONPATH=. python benchmarks/kernel_tune.py --write-table --models resnet50,resnet18,mobilenet_v2 \\
         --keep 0.5,1.0 --batch 1,32,64 --table-dir fxsparse/kernels/tuned
@@ -151,7 +152,9 @@ def table_main(args) -> int:
     started = time.time()
     cache_dir = tempfile.mkdtemp(prefix="fxsparse-table-")
     rows, table_file = [], None
-    with options.configure(tune="always", tune_top=args.top, cache_dir=cache_dir):
+    # A fresh cache over the table as it is: shapes the table already holds (for the candidates
+    # offered now) are not timed again, so calls under a time limit add to it one after another.
+    with options.configure(tune="cache", tune_top=args.top, cache_dir=cache_dir, shipped_table=True):
         for model in args.models.split(","):
             for keep in (float(k) for k in args.keep.split(",")):
                 for batch in (int(b) for b in args.batch.split(",")):
