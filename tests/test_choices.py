@@ -333,3 +333,24 @@ def test_split_k_setting_alone(monkeypatch):
     monkeypatch.setenv("FXSPARSE_SPLIT_K", "x")
     with pytest.raises(ValueError, match="FXSPARSE_SPLIT_K"):
         options.split_k_setting()
+
+
+def test_aten_choice_computes_the_op_and_the_lowerings_stand_in():
+    """choices.ATEN: "aten" epilogue = the op's exact result (the reference formula); "fused" = cuDNN
+    plus one elementwise pass, what the lowering times for its aten path (scatter without a fill
+    included)."""
+    from fxsparse.lowering.choose import aten_call
+    from fxsparse.ops import ConvArgs, conv2d_reference
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 5, 5, generator=g)
+    w = torch.randn(4, 3, 3, 3, generator=g)
+    args = ConvArgs.of(x, w, torch.randn(4, generator=g), padding=(1, 1), in_index=torch.tensor([5, 0, 2]),
+                       out_index=torch.tensor([1, 4, 5, 6]), out_channels=7, fill=torch.randn(7, generator=g),
+                       bias_map=torch.randn(4, 5, 5, generator=g), residual=torch.randn(2, 7, 5, 5, generator=g),
+                       activation="silu", residual_after_activation=True)
+    exact = C.ATEN.compute(aten_call(args), "aten")
+    torch.testing.assert_close(exact, conv2d_reference(args), rtol=1e-5, atol=1e-5)
+    no_fill = args._replace(fill=None, bias_map=None, residual=None, activation="none")
+    stand_in = C.ATEN.compute(aten_call(no_fill), "fused")
+    assert stand_in.shape == (2, 7, 5, 5)

@@ -34,7 +34,7 @@ import torch
 
 from fxsparse.kernels import choices, timing
 from fxsparse.kernels.layout import select_channels
-from fxsparse.kernels.problem import ConvArgs, ConvCall
+from fxsparse.kernels.problem import ConvArgs, ConvCall, output_size
 from fxsparse.kernels.select import selector
 from fxsparse.ops.conv2d import triton_interpreter_on
 
@@ -158,9 +158,15 @@ class ChainProblem:
 
 
 def aten_call(args: ConvArgs) -> ConvCall:
-    """The tensors of `args` as the aten choice reads them (its output is computed, not written)."""
+    """The tensors of `args` as the aten choice reads them (its output is computed, not written: `out`
+    only carries the output's shape)."""
     x = args.x if args.in_index is None else select_channels(args.x, args.in_index)
-    return ConvCall(x, args.weight, args.bias, args.bias_map, args.residual, args.out_index, args.fill, x,
+    n, _, h, w = x.shape
+    kh, kw = args.weight.shape[2:]
+    hw = [output_size(size, k, s, p, d) for size, k, s, p, d in
+          zip((h, w), (kh, kw), args.stride, args.padding, args.dilation)]
+    out = torch.empty((n, args.out_channels, *hw), device="meta")
+    return ConvCall(x, args.weight, args.bias, args.bias_map, args.residual, args.out_index, args.fill, out,
                     tuple(args.stride), tuple(args.padding), tuple(args.dilation), args.activation,
                     args.residual_after_activation)
 
