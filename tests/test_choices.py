@@ -354,3 +354,31 @@ def test_aten_choice_computes_the_op_and_the_lowerings_stand_in():
     no_fill = args._replace(fill=None, bias_map=None, residual=None, activation="none")
     stand_in = C.ATEN.compute(aten_call(no_fill), "fused")
     assert stand_in.shape == (2, 7, 5, 5)
+
+
+def test_prefetch_runs_in_the_background_and_wait_finishes_it(monkeypatch):
+    """selector.prefetch (settings.compile_workers): a call of the op compiles on a background thread;
+    `wait` (at the next op call or timing on the main thread) finishes every pending one, and a
+    prefetch thread that reaches `wait` itself does not wait on itself."""
+    import threading
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    sel = S.Selector()
+    started, release, done = threading.Event(), threading.Event(), []
+
+    def run():
+        started.set()
+        assert release.wait(10)
+        sel.wait()  # on the prefetch thread: returns at once
+        done.append(threading.current_thread().name)
+
+    def broken():
+        raise RuntimeError("no such launch")
+
+    sel.prefetch(run, 2)
+    sel.prefetch(broken, 2)  # a failure is left to the main thread's own call
+    assert started.wait(10) and not done
+    release.set()
+    sel.wait()
+    assert len(done) == 1 and done[0].startswith("fxsparse-compile") and not sel._pending

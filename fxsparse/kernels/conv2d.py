@@ -65,7 +65,8 @@ def _new_output(shape, x: Tensor) -> Tensor:
     return torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
 
 
-def _call(args: ConvArgs, out: Optional[Tensor]) -> ConvCall:
+def conv_call(args: ConvArgs, out: Optional[Tensor] = None) -> ConvCall:
+    """`args` as the launches take them (the kept input channels read, the output allocated)."""
     x, weight = args.x, args.weight
     if args.in_index is not None:
         x = select_channels(x, args.in_index)
@@ -97,7 +98,7 @@ def conv2d_triton(args: ConvArgs, *, out: Optional[Tensor] = None, launch: Optio
 
     `out` (tests): a preallocated output, written in full. `launch` (tests, benchmarks): a fixed
     Selection, bypassing the selector. `split_k`: a forced split-K factor (default: the setting)."""
-    call = _call(args, out)
+    call = conv_call(args, out)
     out = call.out
     n, _, ho, wo = out.shape
     nch = call.weight.shape[0]
@@ -110,6 +111,8 @@ def conv2d_triton(args: ConvArgs, *, out: Optional[Tensor] = None, launch: Optio
             cfg = dict(pointer.INTERPRET_CONFIG, BLOCK_K=C.block_k(call.weight.shape[1]))
             launch = Selection(C.POINTER, cfg, split_k or 1)
         if launch is None:
+            if selector._pending:
+                selector.wait()
             launch = selector.launch(call, split_k)[1]
         elif split_k is not None and launch.split_k != split_k:
             launch = Selection(launch.choice, launch.config, split_k, launch.note)

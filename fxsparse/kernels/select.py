@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -72,6 +73,8 @@ class Selector:
         self.table: dict = {}  # ConvProblem -> Selection, this process's choices in first-run order
         self.picks: dict = {}  # key -> name, pick()'s choices
         self._seen: dict = {}  # a call's key tuple -> (ConvProblem, Selection, table): the per-call lookup
+        self._pool = None  # prefetch's threads
+        self._pending: list = []  # prefetch's futures
 
     # ---------------------------------------------------------------- the op's launch
     def launch(self, call: ConvCall, split_k: Optional[int] = None) -> tuple:
@@ -98,11 +101,8 @@ class Selector:
         cands = C.candidates(problem, call)
         offered = _signature(cands)
         cache = disk_cache(index)
-        cached = cache.get(repr(problem), offered) if settings.tune == "cache" else None
-        if cached is not None and cached.get("choice") in C.BY_NAME:
-            sel = Selection(C.BY_NAME[cached["choice"]], dict(cached["config"]), int(cached["split_k"]),
-                            note="from the " + cached.get("source", "tuning cache"))
-        else:
+        sel = self._cached(problem, cands, index) if settings.tune == "cache" else None
+        if sel is None:
             top = cands[:settings.tune_top or len(cands)]
             if settings.compile_workers > 1:
                 compile_ahead(call, top, settings.compile_workers)
@@ -112,9 +112,53 @@ class Selector:
         self._seen[key] = (problem, sel, self.table)
         return problem, sel
 
+    def _cached(self, problem: ConvProblem, cands: list, index: int) -> Optional[Selection]:
+        """The disk cache's launch for `problem` if it was chosen among `cands`, else None."""
+        cached = disk_cache(index).get(repr(problem), _signature(cands))
+        if cached is None or cached.get("choice") not in C.BY_NAME:
+            return None
+        return Selection(C.BY_NAME[cached["choice"]], dict(cached["config"]), int(cached["split_k"]),
+                         note="from the " + cached.get("source", "tuning cache"))
+
+    def known(self, call: ConvCall, split_k: Optional[int] = None) -> bool:
+        """Whether `launch(call)` would find its launch without timing anything."""
+        from fxsparse.options import kernel_settings
+
+        if self._seen.get(call.key(split_k), (None, None, None))[2] is self.table:
+            return True
+        index = _device_index(call.x.device)
+        problem = call.problem(sm_count(index), split_k)
+        settings = kernel_settings()
+        if problem in self.table or settings.tune == "off":
+            return True
+        return settings.tune == "cache" and self._cached(problem, C.candidates(problem, call), index) is not None
+
+    # ---------------------------------------------------------------- compiling ahead of the first call
+    def prefetch(self, run: Callable[[], object], workers: int, device: Optional[torch.device] = None) -> None:
+        """Runs `run` (a call of the op whose launch is `known`) on a background thread, so that its
+        launch compiles while the graph's compile goes on; `wait` (at the next op call or timing on
+        the main thread) finishes them all before anything else runs or is timed."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fxsparse-compile",
+                                            initializer=_mark_worker)
+        self._pending.append(self._pool.submit(_quietly, run, device))
+
+    def wait(self) -> None:
+        """Finishes the prefetched compiles (a no-op on a prefetch thread, or with none pending)."""
+        if not self._pending or getattr(_worker, "on", False):
+            return
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+        if not torch.cuda.is_current_stream_capturing():
+            torch.cuda.synchronize()
+
     def tune(self, problem: ConvProblem, call: ConvCall, cands: list) -> Selection:
         """Times `cands` (each whole launch, compiled before its timing) and keeps the fastest,
         checked where its kind calls for it."""
+        self.wait()  # (no timing beside background compiles)
         timings = []
         for choice, cfg, s in cands:
             try:
@@ -164,6 +208,7 @@ class Selector:
             if cached is not None and cached.get("pick") in runs:
                 self.picks[key] = cached["pick"]
                 return cached["pick"], {}
+        self.wait()
         times, errors = {}, []
         for name in names:
             try:
@@ -191,6 +236,24 @@ class Selector:
         self.table.clear()
         self.picks.clear()
         self._seen.clear()
+
+
+_worker = threading.local()
+
+
+def _mark_worker() -> None:
+    _worker.on = True
+
+
+def _quietly(run: Callable[[], object], device: Optional[torch.device]) -> None:
+    try:
+        if device is None:
+            run()
+        else:
+            with torch.cuda.device(device):  # (the current device is per thread)
+                run()
+    except Exception as e:  # noqa: BLE001 - the same call on the main thread meets it and reports it
+        log.debug("fxsparse: compiling ahead failed: %s", e)
 
 
 def _warm(call: ConvCall, cand: tuple) -> None:

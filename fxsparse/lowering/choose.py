@@ -27,7 +27,7 @@ fp16/bf16 inference on CUDA outside the Triton interpreter.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -106,6 +106,7 @@ class ChainProblem:
     out_index: Optional[torch.Tensor]
     fill: Optional[torch.Tensor]
     out_hw: tuple
+    fused_args: Optional[ConvArgs] = field(default=None, repr=False)  # the op's arguments, once candidates() ran
 
     @property
     def has_epilogue(self) -> bool:
@@ -147,6 +148,8 @@ class ChainProblem:
         aten = ConvArgs(x, w_a, b_a, stride, padding, dilation, self.in_index, self.out_index if scatter else None,
                         s.out_stored if scatter else w_a.shape[0], self.fill if scatter else None,
                         None if m_a is None else m_a.to(dtype), residual, s.activation, s.residual_after_activation)
+
+        self.fused_args = fused
 
         def triton():
             return torch.ops.fxsparse.conv2d.default(*fused)
@@ -224,6 +227,8 @@ class Chooser:
         except Exception as e:  # noqa: BLE001 - any failure keeps the fused op
             return Decision("triton", f"timing failed ({type(e).__name__}: {e}): triton")
         if not times:
+            if name == "triton":
+                _compile_ahead(problem, cands["triton"])
             return Decision(name, f"from the tuning cache: {name}", measured=True)
         t, a = times.get("triton"), times.get("aten")
         if timer is None:
@@ -233,6 +238,17 @@ class Chooser:
         reason = f"measured: triton {t:.1f} us vs aten+epilogue {a:.1f} us" if a is not None else \
             f"measured: triton {t:.1f} us (aten failed)"
         return Decision(name, reason, t, a, measured=True)
+
+
+def _compile_ahead(problem: ChainProblem, run: Callable[[], object]) -> None:
+    """With settings.compile_workers > 1, the fused op's launch for this chain, known without timing,
+    compiles on a background thread while the rest of the graph is lowered and compiled."""
+    from fxsparse.kernels.conv2d import conv_call
+    from fxsparse.options import kernel_settings
+
+    workers = kernel_settings().compile_workers
+    if workers > 1 and problem.weight.is_cuda and selector.known(conv_call(problem.fused_args)):
+        selector.prefetch(run, workers, problem.weight.device)
 
 
 _current = Chooser(cuda_timer)
