@@ -7,8 +7,10 @@ the same masked model, cold and warm.
 Each measurement runs in a fresh process (Python, torch and the model already loaded when the clock
 starts; the clock covers the first call: tracing, compiling, tuning, running). Cold: empty
 TRITON_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR and FXSPARSE_CACHE_DIR (fxsparse still reads the table of
-tuned launches shipped with it; --no-table adds a column without it, --workers N one compiling each
-shape's candidates on N threads, and without the table where --no-table). Warm: a second process on
+tuned launches shipped with it; --no-table adds a column without it; --workers N one with
+settings.compile_workers = N: each shape's candidates compiled on N threads before timing, and the
+launches the cache holds compiled on background threads during the graph's compile). Warm: a second
+process on
 the caches the cold one filled. fxsparse's columns also say where its first call went: seconds in
 the selector's timing of launches (`tune s`, shapes timed / read from the shipped table) and of the
 lowering's triton-vs-aten choices (`pick s`). The table is printed last.
