@@ -382,7 +382,7 @@ class Lowering:
         in_index = None if positions is None else self.const(positions.to(like.device), "in_index")
         return self.graph.call_function(torch.ops.fxsparse.conv2d.default, (
             x, w_node, b_node, list(conv.stride), list(conv.padding), list(conv.dilation),
-            in_index, out_index, len(out_layout.kept), fill, None, None, m_node, residual,
+            in_index, out_index, len(out_layout.kept), fill, m_node, residual,
             act, chain.residual_after_activation))
 
     def emit_aten_conv(self, plan, conv, x, positions, w_node, b_node, m_node) -> fx.Node:

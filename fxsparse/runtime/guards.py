@@ -51,7 +51,9 @@ def _storage_or_none(t: torch.Tensor):
 @functools.lru_cache(maxsize=None)
 def native_checker():
     """The compiled VersionGuard module, or None (then ValueGuard checks in Python)."""
-    if os.environ.get("FXSPARSE_NATIVE_GUARD", "1") == "0":
+    from fxsparse.options import kernel_settings
+
+    if not kernel_settings().native_guard:
         return None
     try:
         from torch.utils.cpp_extension import load
