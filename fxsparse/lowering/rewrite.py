@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from fxsparse.compaction.propagate import CONST_DTYPE, ConvPlan, Layout, Propagation
-from fxsparse.graph.capture import OpView
+from fxsparse.graph.capture import OpView, written_args
 from fxsparse.kernels.layout import relayout, select_channels
 from fxsparse.lowering import choose
 from fxsparse.lowering.fusion import Chain, plan_chains
@@ -144,9 +144,9 @@ class Lowering:
     @staticmethod
     def drop_unused_weight_math(graph: fx.Graph) -> None:
         """Removes copied parameter-only nodes (`mask * weight_orig`) that nothing reads any more.
-        (Not a general DCE: an unused in-place op may still write a tensor others read.)"""
+        (Not a general DCE: an unused in-place op writes a tensor others read, or a buffer.)"""
         for node in reversed(list(graph.nodes)):
-            if node.meta.get("_fxsparse_param_only") and not node.users:
+            if node.meta.get("_fxsparse_param_only") and not node.users and not written_args(node):
                 graph.erase_node(node)
 
     def emit(self, n: fx.Node) -> None:
