@@ -17,6 +17,7 @@ from . import report
 from .backend import fxsparse_backend
 from .nn.sparsify import sparsify
 from .report.explain import explain
+from .runtime import refresh
 
 __version__ = "0.1.0"
 

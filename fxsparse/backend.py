@@ -194,9 +194,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, opts: Options):
             fn = rw.gm.forward
         _record(report, rw.report, opts)
         fn = with_constant_outputs(fn, rw.constant_outputs, graph_output_count(gm))
-        if not opts.guard_values:
-            return fn, ValueGuard((), inputs)
-        return fn, ValueGuard(rw.depends_on, inputs, list(rw.constant_outputs.values()) + rw.counters + rw.frozen)
+        return fn, ValueGuard(rw.depends_on, inputs, list(rw.constant_outputs.values()) + rw.counters + rw.frozen,
+                              check=opts.guard_check())
 
     return GuardedGraph(build, example_inputs)
 

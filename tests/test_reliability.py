@@ -80,3 +80,111 @@ def test_buffers_written_in_forward_follow_eager(mode, name):
             assert_state_equal(model, ref)
     if name == "chain" and mode != "eval":
         assert int(model[0][1].num_batches_tracked) == 4
+
+
+# -- writes through `.data`: invisible to the version guard, seen by refresh() and "content" --------
+
+def _zero_channel_model():
+    model, shape = M.build("chain")
+    return M.zero_channels(model), shape  # zeros written into plain Parameters (no mask)
+
+
+def _masked_model():
+    model, shape = M.build("chain")
+    return M.custom_out(model), shape
+
+
+# (model builder, the write): each bypasses `_version` (a `.data` view counts its own writes)
+DATA_WRITES = {
+    "weight.data.mul_": (_zero_channel_model, lambda m: m[1][0].weight.data.mul_(2)),
+    "weight.data.copy_": (_zero_channel_model, lambda m: m[1][0].weight.data.copy_(torch.randn_like(m[1][0].weight))),
+    "zero channel filled through .data[...]": (_zero_channel_model, lambda m: m[0][0].weight.data[0].fill_(0.5)),
+    "bias.data.add_": (_zero_channel_model, lambda m: m[3].bias.data.add_(1)),
+    "bn.running_var.data.fill_": (_masked_model, lambda m: m[0][1].running_var.data.fill_(3.0)),
+    "bn.weight.data.mul_": (_masked_model, lambda m: m[1][1].weight.data.mul_(-2)),
+    "mask.data[:] = 1": (_masked_model, lambda m: m[0][0].weight_mask.data.__setitem__(slice(None), 1)),
+    "weight_orig.data.mul_": (_masked_model, lambda m: m[1][0].weight_orig.data.mul_(2)),
+    "weight.numpy() written": (_zero_channel_model, lambda m: m[1][0].weight.detach().numpy().__imul__(2)),
+    "untyped_storage().copy_": (_zero_channel_model, lambda m: m[1][0].weight.untyped_storage().copy_(
+        torch.randn_like(m[1][0].weight).untyped_storage())),
+    # aten's train-mode batch_norm writes the running statistics with no version bump, and
+    # outside the module nothing bumps num_batches_tracked either
+    "F.batch_norm(training=True) on a module's running buffers": (_masked_model, lambda m: F.batch_norm(
+        torch.randn(4, 8, 8, 8), m[0][1].running_mean, m[0][1].running_var, training=True, momentum=0.5)),
+}
+
+
+def _compile_and_write(kind, **options):
+    build, write = DATA_WRITES[kind]
+    model, shape = build()
+    c = compiled(model, **options)
+    with torch.no_grad():
+        assert_matches(c, model, shape)
+        write(model)
+    return model, c, shape
+
+
+@pytest.mark.parametrize("kind", list(DATA_WRITES))
+def test_data_write_then_refresh_is_fresh(kind):
+    import fxsparse
+
+    model, c, shape = _compile_and_write(kind)
+    assert fxsparse.refresh(model) == 1  # the one compiled graph reading the model's values
+    with torch.no_grad():
+        assert_matches(c, model, shape, seeds=(31, 32))
+
+
+@pytest.mark.parametrize("kind", list(DATA_WRITES))
+def test_content_guard_sees_every_data_write(kind):
+    model, c, shape = _compile_and_write(kind, guard_values="content")
+    with torch.no_grad():
+        assert_matches(c, model, shape, seeds=(31, 32))
+
+
+def test_refresh_targets_the_models_graphs_only():
+    import fxsparse
+    from fxsparse.backend import fxsparse_backend
+
+    graphs = {}
+
+    def keeping(key):
+        def backend(gm, example_inputs):
+            graphs[key] = fxsparse_backend(gm, example_inputs, options={"inductor": False})
+            return graphs[key]
+        return backend
+
+    (a, shape), (b, _) = _zero_channel_model(), _masked_model()
+    ca, cb = (torch.compile(m, backend=keeping(k), fullgraph=True) for k, m in (("a", a), ("b", b)))
+    with torch.no_grad():
+        assert_matches(ca, a, shape)
+        assert_matches(cb, b, shape)
+        a[1][0].weight.data.mul_(2)
+    assert fxsparse.refresh(ca) == 1  # what torch.compile returned names its module
+    with torch.no_grad():
+        assert_matches(ca, a, shape, seeds=(31,))
+        assert_matches(cb, b, shape, seeds=(31,))
+    assert (graphs["a"].recompactions, graphs["b"].recompactions) == (1, 0)
+    assert fxsparse.refresh(b) == 1
+    with torch.no_grad():
+        cb(torch.randn(shape))
+    assert (graphs["a"].recompactions, graphs["b"].recompactions) == (1, 1)
+    assert fxsparse.refresh() >= 2  # every compiled graph still alive
+    with pytest.raises(TypeError, match="nn.Module"):
+        fxsparse.refresh(a[1][0].weight)
+
+
+def test_refresh_recompacts_even_without_the_guard():
+    import fxsparse
+
+    model, c, shape = _compile_and_write("weight.data.mul_", guard_values=False)
+    assert fxsparse.refresh(model) == 1
+    with torch.no_grad():
+        assert_matches(c, model, shape, seeds=(31,))
+
+
+@pytest.mark.parametrize("bad", ["contents", 1, 1.0, None, "version"])
+def test_guard_values_rejects_anything_else(bad):
+    from fxsparse.options import Options
+
+    with pytest.raises(ValueError, match="guard_values must be True, False or \"content\""):
+        Options.parse({"guard_values": bad})
