@@ -188,3 +188,57 @@ def test_guard_values_rejects_anything_else(bad):
 
     with pytest.raises(ValueError, match="guard_values must be True, False or \"content\""):
         Options.parse({"guard_values": bad})
+
+
+# -- masks that remove every channel ------------------------------------------------------------
+
+def _mask_all(model, name, dim):
+    conv = dict(model.named_modules())[name]
+    prune.custom_from_mask(conv, "weight", torch.zeros_like(conv.weight) if dim is None else
+                           M.channel_mask(conv.weight, **{dim: range(conv.weight.shape[0 if dim == "out" else 1])}))
+
+
+# (zoo model, conv, which channels): every output channel, every input channel, both
+ALL_CHANNELS = {
+    "chain: every output of the middle conv": ("chain", "1.0", "out"),
+    "chain: every input of the middle conv": ("chain", "1.0", "inp"),
+    "chain: all of the head conv": ("chain", "3", None),
+    "chain: every output of the first conv": ("chain", "0.0", "out"),
+    "resnet: every output of a block's conv2 (before the residual add)": ("resnet", "layer1.0.conv2", "out"),
+    "mobilenet: every channel of the depthwise conv": ("mobilenet", "conv.1.0", None),
+    "mobilenet: every output of the expansion": ("mobilenet", "conv.0.0", "out"),
+}
+
+
+def _all_channels_model(case):
+    name, conv, dim = ALL_CHANNELS[case]
+    model, shape = M.build(name)
+    _mask_all(model, conv, dim)
+    return model, shape
+
+
+@pytest.mark.parametrize("lowering", ["aten", "triton"])
+@pytest.mark.parametrize("case", list(ALL_CHANNELS))
+def test_every_channel_removed_inference(case, lowering):
+    model, shape = _all_channels_model(case)
+    c = compiled(model, lowering=lowering)
+    with torch.no_grad():
+        assert_matches(c, model, shape, seeds=(1, 2))
+
+
+@pytest.mark.parametrize("case", list(ALL_CHANNELS))
+def test_every_channel_removed_training(case):
+    (model, shape), (ref, _) = _all_channels_model(case), _all_channels_model(case)
+    ref.load_state_dict(model.state_dict())
+    model.train(), ref.train()
+    c = compiled(model)
+    for s in range(2):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(s))
+        got, want = c(x), ref(x)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        got.square().sum().backward()
+        want.square().sum().backward()
+    grads = {k: p.grad for k, p in model.named_parameters()}
+    for k, p in ref.named_parameters():
+        torch.testing.assert_close(grads[k], p.grad, rtol=1e-4, atol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+    assert_state_equal(model, ref)

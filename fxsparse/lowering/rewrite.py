@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from fxsparse.compaction.propagate import CONST_DTYPE, ConvPlan, Layout, Propagation
+from fxsparse.compaction.propagate import CONST_DTYPE, ConvPlan, Layout, Propagation, at_least_one
 from fxsparse.graph.capture import OpView, written_args
 from fxsparse.kernels.layout import relayout, select_channels
 from fxsparse.lowering import choose
@@ -434,8 +434,8 @@ class Lowering:
 
     def emit_training_conv(self, n: fx.Node, v: OpView, sp: ConvSparsity) -> fx.Node:
         conv = v.conv
-        kept_out = (~sp.zero_rows).nonzero().flatten()
-        kept_in = (~sp.zero_cols).nonzero().flatten()
+        kept_out = at_least_one(~sp.zero_rows).nonzero().flatten()
+        kept_in = at_least_one(~sp.zero_cols).nonzero().flatten()
         dev = self._device(conv.input)
         w = self.env[conv.weight]
         x = self.env[conv.input]
