@@ -242,3 +242,16 @@ def test_every_channel_removed_training(case):
     for k, p in ref.named_parameters():
         torch.testing.assert_close(grads[k], p.grad, rtol=1e-4, atol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
     assert_state_equal(model, ref)
+
+
+# -- float64: folded in the model's precision ----------------------------------------------------
+
+@pytest.mark.parametrize("mask", ["custom_out", "custom_in", "zeros"])
+@pytest.mark.parametrize("name", ["chain", "resnet", "mobilenet", "dense", "bias", "poolhead"])
+def test_float64_model_matches_to_fp64_rounding(name, mask):
+    model, shape = M.build(name)
+    M.MASKS[mask](model)
+    model.double()
+    c = compiled(model)
+    with torch.no_grad():
+        assert_matches(c, model, shape, rtol=1e-12, atol=1e-12, dtype=torch.float64)

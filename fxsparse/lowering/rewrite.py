@@ -250,7 +250,8 @@ class Lowering:
         identity_in = len(positions) == len(x_layout.kept) and torch.equal(positions, torch.arange(len(positions)))
         w_t = weight.to(device, dtype).contiguous(memory_format=torch.channels_last)
         b_t = None if bias is None else bias.to(device, dtype)
-        m_t = None if bias_map is None else bias_map.to(device, torch.float32)
+        # (fp32 at least: the fused op's accumulator; a float64 model's own precision)
+        m_t = None if bias_map is None else bias_map.to(device, torch.promote_types(dtype, torch.float32))
         lowering = self.conv_backend if not plan.depthwise else "aten"
         choice = None
         if lowering == "auto":
