@@ -255,3 +255,54 @@ def test_float64_model_matches_to_fp64_rounding(name, mask):
     c = compiled(model)
     with torch.no_grad():
         assert_matches(c, model, shape, rtol=1e-12, atol=1e-12, dtype=torch.float64)
+
+
+# -- what users read is true ----------------------------------------------------------------------
+
+def test_after_dump_annotates_compacted_shapes(tmp_path):
+    """Every tensor annotation in graph_N.after.py is the shape the rewritten graph computes."""
+    import re
+
+    model, shape = M.build("chain")
+    M.group_prune(model, [([0, 2, 5], ["0.0"], ["0.1"], ["1.0"]), ([1, 3, 4, 9], ["1.0"], ["1.1"], ["2.0"])])
+    c = M.compile_model(model, tmp_path)
+    with torch.no_grad():
+        assert_matches(c, model, shape)
+    text = M.after_graph(tmp_path)
+    assert "shapes not annotated" not in text
+    assert re.search(r"f32\[2, 5, 8, 8\]", text), "conv 0 keeps 5 of its 8 channels"
+    assert re.search(r"f32\[2, 12, 8, 8\]", text), "conv 1 keeps 12 of its 16 channels"
+    assert not re.search(r"f32\[2, 8, 8, 8\].*conv", text), "no compacted conv is annotated with its full width"
+
+
+# -- dynamic shapes --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["chain", "resnet"])
+def test_dynamic_shapes_one_graph_exact_and_reported(name, tmp_path):
+    from fxsparse.backend import fxsparse_backend
+
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(fxsparse_backend(gm, example_inputs, {"inductor": False, "dump_dir": str(tmp_path)}))
+        return graphs[-1]
+
+    model, shape = M.build(name)
+    M.custom_out(model)
+    c = torch.compile(model, backend=counting, dynamic=True, fullgraph=True)
+    _, ch, h, w = shape
+    # (without duck sizing: dynamo would give batch 3 and the 3 input channels one symbol)
+    with torch.no_grad(), torch.fx.experimental._config.patch(use_duck_shape=False):
+        for size in [(3, ch, h, w), (4, ch, h, w), (3, ch, h + 4, w + 2)]:
+            assert_matches(c, model, size, seeds=(sum(size),))
+        assert len(graphs) == 1, "one compiled graph serves every batch and spatial size"
+        assert_matches(c, model, (1, ch, h, w))  # dynamo specialises size 1: a graph of its own
+        assert_matches(c, model, (4, ch, h + 2, w + 4))
+        assert all(g.recompactions == 0 for g in graphs), "the guard holds while no value changes"
+        for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.eps = 0.25  # (dynamo passes float attributes as fresh tensors: the guard compares values)
+        assert_matches(c, model, (3, ch, h, w), seeds=(5,))
+    rows = M.report(tmp_path)["graphs"][-1]["convs"]
+    rewritten = [r for r in rows if r["lowering"] != "unchanged"]
+    assert rewritten and all(r["macs_before"] > r["macs_after"] > 0 for r in rewritten)
+    assert all(any("symbolic" in note for note in r["notes"]) for r in rows)

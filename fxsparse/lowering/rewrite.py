@@ -458,12 +458,12 @@ class Lowering:
 
     # -- records ----------------------------------------------------------------------
     def _macs(self, sp: ConvSparsity, cin_per_group: int, cout: int) -> int:
-        """Multiply-accumulates per sample (0 where the output's spatial size is symbolic)."""
-        out = self._example(sp.view.node)
-        if not all(isinstance(s, int) for s in out.shape[2:]):
+        """Multiply-accumulates per sample, at the example input's size where the graph's is symbolic."""
+        h, w = (size_hint(s) for s in self._example(sp.view.node).shape[2:4])
+        if h is None or w is None:
             return 0
         kh, kw = sp.kernel_size
-        return int(out.shape[2] * out.shape[3]) * cout * cin_per_group * kh * kw
+        return h * w * cout * cin_per_group * kh * kw
 
     def _record(self, sp, kin, kout, ideal_in, ideal_out, lowering, reason, fused=(),
                 computed_out: Optional[int] = None) -> ConvRecord:
@@ -477,7 +477,14 @@ class Lowering:
             tuple(sp.kernel_size), tuple(conv.stride) if conv else (), groups, lowering, reason,
             sp.kind, sp.source, self._macs(sp, sp.in_channels // max(groups, 1), sp.out_channels) if conv else 0,
             self._macs(sp, kin, computed_out or kout) if conv else 0, self._macs(sp, ideal_in, ideal_out) if conv else 0,
-            list(fused), list(sp.notes))
+            list(fused), list(sp.notes) + self._symbolic_note(sp))
+
+    def _symbolic_note(self, sp) -> list:
+        sizes = self._example(sp.view.node).shape[2:4]
+        if all(isinstance(s, int) for s in sizes):
+            return []
+        return [f"spatial size symbolic ({' x '.join(map(str, sizes))}): MACs counted at the example input's "
+                f"{' x '.join(str(size_hint(s)) for s in sizes)}"]
 
     def record_unchanged(self, n, sp: ConvSparsity) -> None:
         reason = sp.reason
@@ -510,6 +517,14 @@ class Lowering:
         if zero:
             record.notes.append(f"the conv also computes {zero} zero filter rows: it writes the residual "
                                 f"add's {kout + zero}-channel layout directly (no scatter)")
+
+
+def size_hint(size) -> Optional[int]:
+    """An int size, or the example's value of a symbolic one (None where it has none)."""
+    if isinstance(size, int):
+        return size
+    hint = getattr(getattr(size, "node", None), "hint", None)
+    return int(hint) if hint is not None else None
 
 
 def keep_dynamo_metadata(dynamo_gm: fx.GraphModule, gm: fx.GraphModule) -> None:

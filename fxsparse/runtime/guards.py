@@ -114,7 +114,7 @@ class ValueGuard:
     are still recorded, for refresh())."""
 
     def __init__(self, positions: Sequence[int], args: Sequence, held: Sequence[torch.Tensor] = (),
-                 check: str = "version"):
+                 check: str = "version", scalars: Sequence[int] = ()):
         self.positions = tuple(positions)
         self._pick = operator.itemgetter(*self.positions) if len(self.positions) > 1 else (
             (lambda a, i=self.positions[0]: (a[i],)) if self.positions else (lambda a: ()))
@@ -129,6 +129,8 @@ class ValueGuard:
         self.held_footprints = list(map(_footprint, self.held))
         self._storages = [_storage_or_none(t) for t in self.tensors + self.held]  # (see the module doc)
         self.check = check
+        # positions of 0-d tensors dynamo makes anew each call (floats under dynamic shapes): their values
+        self.scalars = [(i, args[i].item()) for i in scalars]
         self.content = ContentCheck(self.tensors + self.held) if check == "content" else None
         native = native_checker() if check != "off" else None
         self._native = native.VersionGuard(list(self.positions), self.tensors + self.held) if native else None
@@ -137,6 +139,8 @@ class ValueGuard:
         if self.check == "off":
             return True
         if not self._versions_hold(args):
+            return False
+        if self.scalars and not all(i < len(args) and args[i].item() == v for i, v in self.scalars):
             return False
         return self.content is None or self.content.unchanged()
 
