@@ -306,3 +306,76 @@ def test_dynamic_shapes_one_graph_exact_and_reported(name, tmp_path):
     rewritten = [r for r in rows if r["lowering"] != "unchanged"]
     assert rewritten and all(r["macs_before"] > r["macs_after"] > 0 for r in rewritten)
     assert all(any("symbolic" in note for note in r["notes"]) for r in rows)
+
+
+def test_explain_names_a_left_alone_convs_geometry():
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.t = nn.ConvTranspose2d(8, 6, (3, 2), stride=2, groups=2)
+            self.d = nn.Conv1d(6, 5, 3, stride=2)
+
+        def forward(self, x):
+            y = self.t(torch.relu(self.a(x)))
+            return self.d(y.flatten(2))
+
+    model = Mixed().eval()
+    prune.custom_from_mask(model.a, "weight", M.channel_mask(model.a.weight, out=[1, 5]))
+    report = __import__("fxsparse").explain(model, torch.randn(2, 3, 6, 6))
+    rows = {c.name: c for g in report.graphs for c in g.convs}
+    t, d = rows["t"], rows["d"]
+    assert (t.in_channels, t.out_channels, t.kernel_size, t.stride) == (8, 6, (3, 2), (2, 2))
+    assert (d.in_channels, d.out_channels, d.kernel_size, d.stride) == (6, 5, (3,), (2,))
+    assert t.lowering == d.lowering == "unchanged"
+    assert "transposed conv" in t.reason and "conv1d" in d.reason
+    assert "8->6" in str(report) and "3x2" in str(report)
+
+
+class Padded(nn.Module):
+    def __init__(self, mode):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode=mode, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.b = nn.Conv2d(8, 6, 3, padding=2, dilation=2, padding_mode=mode)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+@pytest.mark.parametrize("lowering", ["aten", "triton"])
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_padding_modes_rewritten_exactly(mode, lowering, tmp_path):
+    model = M.randomize_bn(Padded(mode)).eval()
+    prune.custom_from_mask(model.a[0], "weight", M.channel_mask(model.a[0].weight, out=[0, 3, 4]))
+    prune.custom_from_mask(model.b, "weight", M.channel_mask(model.b.weight, out=[2], inp=[1]))
+    c = M.compile_model(model, tmp_path, lowering=lowering)
+    with torch.no_grad():
+        assert_matches(c, model, (2, 3, 7, 6))
+    rows = M.conv_rows(tmp_path)
+    assert rows["a.0"]["lowering"] != "unchanged" and rows["a.0"]["kept_out_channels"] == 5
+
+
+def test_bad_option_error_names_it_at_the_first_call():
+    c = torch.compile(nn.Conv2d(3, 4, 3), backend="fxsparse", options={"lowerin": "aten"})  # no error yet
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match=r"unknown option\(s\) \['lowerin'\]; allowed"):
+        c(torch.randn(1, 3, 5, 5))
+
+
+# -- inf and NaN in the input: exact where eager's result is finite ----------------------------------
+
+@pytest.mark.parametrize("name", ["chain", "resnet"])
+def test_inf_input_agrees_wherever_eager_is_finite(name):
+    model, shape = M.build(name)
+    M.custom_out(model)
+    c = compiled(model)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    x[0, :, 1, 2] = float("inf")  # the first sample only: the second stays finite throughout
+    x[0, 1, 5, 5] = float("-inf")
+    with torch.no_grad():
+        got, want = c(x), model(x)
+    finite = torch.isfinite(want)
+    assert finite.any() and not finite.all()
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    # pruned channels are not computed (as after physical pruning): no NaN eager would not have
+    assert bool((~torch.isfinite(got) <= ~finite).all())

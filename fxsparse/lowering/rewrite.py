@@ -31,7 +31,7 @@ from fxsparse.graph.capture import OpView, written_args
 from fxsparse.kernels.layout import relayout, select_channels
 from fxsparse.lowering import choose
 from fxsparse.lowering.fusion import Chain, plan_chains
-from fxsparse.sparsity.read import ConvSparsity, evaluate, param_only
+from fxsparse.sparsity.read import ConvSparsity, evaluate, other_conv_geometry, param_only
 
 
 @dataclass
@@ -474,7 +474,8 @@ class Lowering:
         return ConvRecord(
             sp.name, sp.in_channels, sp.out_channels,
             sp.in_channels if lowering == "unchanged" else (kout if groups > 1 else kin), kout,
-            tuple(sp.kernel_size), tuple(conv.stride) if conv else (), groups, lowering, reason,
+            tuple(sp.kernel_size), tuple(conv.stride) if conv else other_conv_geometry(sp.view.node)[3], groups,
+            lowering, reason,
             sp.kind, sp.source, self._macs(sp, sp.in_channels // max(groups, 1), sp.out_channels) if conv else 0,
             self._macs(sp, kin, computed_out or kout) if conv else 0, self._macs(sp, ideal_in, ideal_out) if conv else 0,
             list(fused), list(sp.notes) + self._symbolic_note(sp))
