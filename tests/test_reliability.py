@@ -379,3 +379,18 @@ def test_inf_input_agrees_wherever_eager_is_finite(name):
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
     # pruned channels are not computed (as after physical pruning): no NaN eager would not have
     assert bool((~torch.isfinite(got) <= ~finite).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["weight.data.mul_", "mask.data[:] = 1", "bn.running_var.data.fill_"])
+def test_content_guard_on_cuda_under_cuda_graphs(kind):
+    build, write = DATA_WRITES[kind]
+    model, shape = build()
+    model = model.cuda().half()
+    c = torch.compile(model, backend="fxsparse", options={"guard_values": "content"})
+    x = torch.randn(shape, device="cuda", dtype=torch.half)
+    with torch.no_grad():
+        for _ in range(3):  # warm: CUDA graphs recorded
+            torch.testing.assert_close(c(x), model(x), rtol=2e-2, atol=2e-2)
+        write(model)
+        torch.testing.assert_close(c(x).clone(), model(x), rtol=2e-2, atol=2e-2)

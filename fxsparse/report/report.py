@@ -125,6 +125,8 @@ def readable_with_computed_shapes(gm: fx.GraphModule, inputs) -> str:
     are propagated anew (fake tensors, from `inputs`) for the print only. Where that fails,
     the code is printed with no shapes rather than wrong ones."""
     saved = {n: dict(n.meta) for n in gm.graph.nodes}
+    # (nodes the rewrite made without a value, its own gathers and fills, stay unannotated)
+    annotated = [n for n in gm.graph.nodes if any(k in n.meta for k in _VALUE_KEYS)]
     try:
         for n in gm.graph.nodes:
             for k in _VALUE_KEYS:
@@ -132,6 +134,9 @@ def readable_with_computed_shapes(gm: fx.GraphModule, inputs) -> str:
         header = ""
         try:
             _propagate_fake_values(gm, inputs)
+            values = {n: n.meta.pop("val", None) for n in gm.graph.nodes}
+            for n in annotated:
+                n.meta["val"] = values[n]
         except Exception as e:  # noqa: BLE001 - an op without a fake kernel: print without shapes
             for n in gm.graph.nodes:
                 for k in _VALUE_KEYS:
