@@ -394,3 +394,16 @@ def test_content_guard_on_cuda_under_cuda_graphs(kind):
             torch.testing.assert_close(c(x), model(x), rtol=2e-2, atol=2e-2)
         write(model)
         torch.testing.assert_close(c(x).clone(), model(x), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("mode", ["train_grad", "eval"])
+def test_buffers_written_in_forward_through_inductor(mode):
+    model, ref, shape = twins("mutates")
+    model.train(mode != "eval")
+    ref.train(mode != "eval")
+    c = torch.compile(model, backend="fxsparse", fullgraph=True)
+    with torch.set_grad_enabled(mode == "train_grad"):
+        for s in range(3):
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(s))
+            torch.testing.assert_close(c(x), ref(x), rtol=1e-5, atol=1e-5)
+            assert_state_equal(model, ref)
