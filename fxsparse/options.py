@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import Optional, Union
 
 # torch.compile's modes; each maps to Inductor settings (torch._inductor.list_mode_options)
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -27,14 +27,20 @@ class Options:
     # run the compiled graph under CUDA graphs: None = on for CUDA inference with static shapes
     cudagraphs: Optional[bool] = None
     # check before every call that no folded weight, mask or statistic changed (and recompact if
-    # one did); False promises, as Inductor's `freezing` does, that they never change after
-    # compiling, and saves the check (about 60 us a call for a ResNet-50 on the H100's host)
-    guard_values: bool = True
+    # one did): True compares identity, version counter and storage; "content" also compares
+    # their bytes with a copy (sees writes through `.data`, at the cost of reading every folded
+    # tensor each call); False promises, as Inductor's `freezing` does, that they never change
+    # after compiling, and saves the check (fxsparse.refresh still recompacts on request)
+    guard_values: Union[bool, str] = True
     # where graph dumps and report.json go (also env FXSPARSE_DUMP_DIR)
     dump_dir: Optional[str] = None
     # torch.compile's `mode`, applied to the Inductor half; "reduce-overhead" and "max-autotune"
     # turn CUDA graphs on unless `cudagraphs` says otherwise
     mode: str = "default"
+
+    def guard_check(self) -> str:
+        """ValueGuard's `check` for this option: "version", "content" or "off"."""
+        return {True: "version", False: "off", "content": "content"}[self.guard_values]
 
     def inductor_patches(self) -> dict:
         """Inductor config for the rest of the graph, from `mode` (without its cudagraphs key)."""
@@ -69,7 +75,10 @@ def _check(name: str, value) -> None:
     if name in _CHOICES:
         if value not in _CHOICES[name]:
             raise ValueError(f"fxsparse: option {name}={value!r} is not one of {list(_CHOICES[name])}")
-    elif name in ("propagate", "inductor", "guard_values"):
+    elif name == "guard_values":
+        if not (isinstance(value, bool) or isinstance(value, str) and value == "content"):
+            raise ValueError(f"fxsparse: option guard_values must be True, False or \"content\", got {value!r}")
+    elif name in ("propagate", "inductor"):
         if not isinstance(value, bool):
             raise ValueError(f"fxsparse: option {name} must be True or False, got {value!r}")
     elif name == "cudagraphs":
