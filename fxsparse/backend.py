@@ -116,8 +116,8 @@ FREEZING_HINT_MIN_PARAMETERS = 32
 def freezing_hint(example_inputs: Sequence, on_cuda: bool) -> list:
     """A report note for a CUDA inference graph traced without Inductor's freezing, whose
     parameters dynamo then marshals as inputs on every call: host time that small batches feel
-    (MobileNet-v2 at B=1 on an H100 host: 379 us a call against 275 us with freezing,
-    docs/benchmarks.md run 36). fxsparse's guard follows frozen weights (frozen_tensors), so
+    (MobileNet-v2 at B=1 on an H100: 377 us of host time a call against 288 us with freezing,
+    docs/benchmarks.md). fxsparse's guard follows frozen weights (frozen_tensors), so
     freezing costs no staleness here. Not on the CPU, where frozen convs measured slower per
     call at small sizes (docs/benchmarks.md, CPU)."""
     params = sum(isinstance(t, torch.nn.Parameter) for t in example_inputs)

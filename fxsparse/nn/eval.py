@@ -57,7 +57,7 @@ def benchmark_module(module: Callable, x: Tensor, iters: int = 50, warmup: int =
 
     CUDA input: `calls_per_graph` calls captured in one CUDA graph, the median of
     `triton.testing.do_bench` on its replay divided by the calls (kernel time, launch gaps
-    hidden: the method of anchors.md); `cuda_graph=False` times the plain call with do_bench
+    hidden); `cuda_graph=False` times the plain call with do_bench
     (host overhead included). CPU input: the median wall-clock time of `iters` plain calls.
     """
     was_training = getattr(module, "training", None)
