@@ -52,6 +52,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from fxsparse.compaction.rules import channel_count, rule_for
 from fxsparse.graph.capture import Capture, OpView
 from fxsparse.sparsity.read import ConvSparsity, evaluate, param_only
 
@@ -122,19 +123,6 @@ class Storage:
         return self.multiple > 1 and 0 < unused and (unused < self.multiple or 8 * unused <= stored)
 
 
-def channel_count(node) -> Optional[int]:
-    """Channels of a 4-D activation (dim 1) or a 2-D feature matrix; None for anything else."""
-    val = node.meta.get("example_value") if isinstance(node, fx.Node) else None
-    if not isinstance(val, torch.Tensor) or val.dim() not in (2, 4) or not val.is_floating_point():
-        return None
-    c = val.shape[1]
-    if isinstance(c, torch.SymInt):
-        # dynamic=True makes an input's channel dim symbolic too, though the weights it meets
-        # specialise it: the shape env then knows its value
-        c = c.node.maybe_as_int()
-    return c if isinstance(c, int) else None
-
-
 @dataclass
 class ConvPlan:
     """How one conv runs: its compacted weight, which input channels it reads and what constants it folds."""
@@ -146,6 +134,15 @@ class ConvPlan:
     bias: Optional[torch.Tensor]  # [kept_out], with folded constants
     bias_map: Optional[torch.Tensor]  # [kept_out, Ho, Wo] where constant inputs meet padding
     depthwise: bool = False
+
+
+@dataclass
+class LinearPlan:
+    """How a linear on the channel dim runs: it reads `in_channels_used` of its input stored as
+    `in_layout` (the other channels' constants fold into its bias) and writes `out_layout`."""
+    in_layout: Layout
+    out_layout: Layout
+    in_channels_used: torch.Tensor
 
 
 class Propagation:
@@ -163,6 +160,8 @@ class Propagation:
         self.conv_plans: dict = {}
         self.linear_plans: dict = {}
         self.materialize: dict = {}  # (node, user) -> Layout the user needs (full where unknown)
+        self.stopped: dict = {}  # node -> why it read compacted inputs at full width
+        self.ruled: set = set()
         self._memo: dict = {}
 
     # -- helpers ------------------------------------------------------------------------
@@ -198,42 +197,12 @@ class Propagation:
         self.live[node] |= True if mask is None else mask
 
     def _pull_liveness(self, n: fx.Node) -> None:
-        if n.op == "output" or n.op == "placeholder":
-            for a in n.all_input_nodes:
-                self._need(a)
-            return
         v = self.view(n)
-        out_live = self.live.get(n)
-        kind = v.kind if v is not None else "unknown"
-        if not self.enabled or out_live is None and kind not in ("linear",):
+        if n.op in ("output", "placeholder") or v is None or not self.enabled:
             for a in n.all_input_nodes:
                 self._need(a)
             return
-        if kind == "conv2d" and self.rewritable(n) and v.conv.groups == 1:
-            self._need(v.conv.input, ~self.sparsity[n].zero_cols)
-            self._need_rest(n, v.conv.input)
-        elif kind == "conv2d" and self.rewritable(n) and self.is_depthwise(n):
-            self._need(v.conv.input, out_live & ~self.sparsity[n].zero_rows)
-            self._need_rest(n, v.conv.input)
-        elif kind in ("batch_norm", "pointwise", "pool", "flatten") and v.channel_input is not None:
-            self._need(v.channel_input, out_live)
-            self._need_rest(n, v.channel_input)
-        elif kind == "add":
-            self._need(v.args["a"], out_live)
-            self._need(v.args["b"], out_live)
-        elif kind == "cat":
-            start = 0
-            for t in v.args["tensors"]:
-                c = channel_count(t)
-                self._need(t, out_live[start:start + c])
-                start += c
-        elif kind == "linear" and self._foldable_linear(v):
-            w = self.value(v.args["weight"])
-            self._need(v.args["input"], (w != 0).any(0).cpu())
-            self._need_rest(n, v.args["input"])
-        else:
-            for a in n.all_input_nodes:
-                self._need(a)
+        rule_for(v).live(self, n, v, self.live.get(n))
 
     def _need_rest(self, n, channel_input) -> None:
         for a in n.all_input_nodes:
@@ -300,78 +269,69 @@ class Propagation:
 
     def _run_layouts_once(self) -> None:
         self.layout, self.conv_plans, self.linear_plans, self.materialize = {}, {}, {}, {}
+        self.stopped = {}
+        self.ruled = set()  # nodes whose layout their channel rule made (lowering emits them by it)
         for n in self.cap.gm.graph.nodes:
             c = channel_count(n)
             if c is not None:
                 self.layout[n] = self._layout_of(n, c)
             elif n.op in ("call_function", "call_method"):
-                # no channel result (a size, a tuple, ...): it sees its inputs at full width
-                self._materialize_inputs(n)
+                # no channel result (a size, a tuple, ...): by default it sees its inputs at
+                # full width
+                v = self.view(n)
+                rule_for(v).no_result(self, n, v)
 
     def input_layout(self, node) -> Layout:
         return self.layout.get(node) or Layout.full(channel_count(node))
 
     def _layout_of(self, n: fx.Node, c: int) -> Layout:
         v = self.view(n)
-        if v is None:
+        rule = rule_for(v)
+        if v is None or not (self.enabled or rule.when_disabled):
             return self._plan_unknown(n, c)
-        kind = v.kind
         # disabled, a conv still compacts itself (inference: its weight was evaluated); every
         # other op then reads its output restored to full width
-        if kind == "conv2d" and self.rewritable(n) and (v.conv.groups == 1 or self.is_depthwise(n)) and (
-                self.enabled or self.sparsity[n].weight is not None):
-            return self._plan_conv(n, v)
-        if not self.enabled:
-            return self._plan_unknown(n, c)
-        if kind == "batch_norm" and self._foldable_bn(v):
-            lin = self.input_layout(v.args["input"])
-            a, b = self.bn_affine(v)
-            return Layout(c, lin.kept, lin.const * a + b)
-        if kind == "pointwise":
-            lin = self.input_layout(v.node.args[0])
-            const = v.fn(lin.const.reshape(1, -1, 1, 1)).reshape(-1).to(CONST_DTYPE)
-            return Layout(c, lin.kept, const)
-        if kind == "add":
-            la, lb = self.input_layout(v.args["a"]), self.input_layout(v.args["b"])
-            kept = la.kept_mask() | lb.kept_mask()
-            if n in self.widen:
-                kept = kept | self.widen[n]
-            return Layout(c, self.storage.round(kept).nonzero().flatten(), la.const + lb.const)
-        if kind == "cat":
-            kept, const, start = [], [], 0
-            for t in v.args["tensors"]:
-                lt = self.input_layout(t)
-                kept.append(lt.kept + start)
-                const.append(lt.const)
-                start += lt.channels
-            return Layout(c, torch.cat(kept), torch.cat(const))
-        if kind == "pool":
-            lin = self.input_layout(v.args["input"])
-            if self._uniform_pool(v):
-                return Layout(c, lin.kept, lin.const.clone())
-            self.materialize[(v.args["input"], n)] = self._physical(lin, v.args["input"])
-            return Layout(c, self.materialize[(v.args["input"], n)].kept, lin.const.clone())
-        if kind == "flatten":
-            lin = self.input_layout(v.args["input"])
-            return Layout(c, lin.kept, lin.const.clone())
-        if kind == "linear" and self._foldable_linear(v):
-            self.linear_plans[n] = self.input_layout(v.args["input"])
-            return Layout.full(c)
-        return self._plan_unknown(n, c)
+        out = rule.layout(self, n, v, c)
+        if isinstance(out, str):
+            return self._plan_unknown(n, c, out if self.enabled else None)
+        self.ruled.add(n)
+        return out
 
     def _physical(self, lin: Layout, node) -> Layout:
         """The layout storing every live channel of `node` (constants materialised)."""
         keep = lin.kept_mask() | self.live.get(node, torch.ones(lin.channels, dtype=torch.bool))
         return Layout(lin.channels, self.storage.round(keep).nonzero().flatten(), lin.const.clone())
 
-    def _plan_unknown(self, n: fx.Node, c: int) -> Layout:
-        self._materialize_inputs(n)
+    def _plan_unknown(self, n: fx.Node, c: int, why: Optional[str] = None) -> Layout:
+        self._materialize_inputs(n, why)
         return Layout.full(c)
 
-    def _materialize_inputs(self, n: fx.Node) -> None:
+    def _materialize_inputs(self, n: fx.Node, why: Optional[str] = None) -> None:
         for a in n.all_input_nodes:
             if a in self.layout and not self.layout[a].is_full:
                 self.materialize[(a, n)] = Layout.full(self.layout[a].channels)
+                if self.enabled:
+                    self.stopped[n] = why or rule_for(self.view(n)).why(self.view(n)) if self.view(n) else n.name
+
+    def stop_notes(self) -> list:
+        """One line per op that read compacted channels at full width, and why."""
+        return [f"channels restored to full width before {why}" for why in dict.fromkeys(self.stopped.values())]
+
+    def _plan_linear(self, n: fx.Node, v: OpView, c: int) -> Layout:
+        """A linear on the channel dim as a 1x1 conv: output channels whose weight row is zero
+        (or that nobody needs) are its bias; input channels it does not store are folded into
+        the bias."""
+        w = self.value(v.args["weight"]).detach()
+        b = v.args.get("bias")
+        bias = torch.zeros(c, dtype=CONST_DTYPE) if b is None else self.value(b).detach().to("cpu", CONST_DTYPE)
+        live = self.live.get(n, torch.ones(c, dtype=torch.bool))
+        zero_rows = ~(w != 0).any(1).cpu()
+        kept_out = self.storage.round(live & ~zero_rows).nonzero().flatten()
+        lin = self.input_layout(v.args["input"])
+        # every stored input is read (an unused one through a zero column): liveness already
+        # keeps the producer from storing channels no consumer uses
+        self.linear_plans[n] = LinearPlan(lin, Layout(c, kept_out, bias.clone()), lin.kept)
+        return self.linear_plans[n].out_layout
 
     def _foldable_bn(self, v: OpView) -> bool:
         a = v.args

@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 
 from fxsparse.compaction.propagate import CONST_DTYPE, ConvPlan, Layout, Propagation
+from fxsparse.compaction.rules import SKIP, channel_axis, rule_for
 from fxsparse.graph.capture import OpView
 from fxsparse.kernels.layout import relayout, select_channels
 from fxsparse.lowering import choose
@@ -107,12 +108,16 @@ class Lowering:
         # a channel `have` does not store holds have's constant (want's constants describe
         # the consumer's result, e.g. a residual sum, not this operand)
         like = self._example(old)
-        return self.graph.call_function(relayout, (
+        axis = channel_axis(old)
+        if axis != 1 and like.dim() != 2:  # channels-last activation (after a permute)
+            new = self.graph.call_method("movedim", (new, axis, 1))
+        out = self.graph.call_function(relayout, (
             new,
             self.const(have.positions_of(src_ids).to(like.device), "src_pos"),
             self.const(want.positions_of(src_ids).to(like.device), "dst_pos"),
             self.const(have.const[want.kept].to(like.dtype).to(like.device), "fill"),
         ))
+        return out if axis == 1 or like.dim() == 2 else self.graph.call_method("movedim", (out, 1, axis))
 
     def read_for(self, old, user) -> fx.Node:
         """`old` as `user` needs it: materialised where the propagation said so."""
@@ -167,21 +172,14 @@ class Lowering:
         self.emit_node(n)
 
     def emit_node(self, n: fx.Node) -> None:
-        """`n` by its own handler, outside any chain."""
+        """`n` by its own handler (its op's channel rule, compaction/rules.py), outside any chain."""
         v = self.cap.views.get(n)
-        kind = v.kind if v is not None else "unknown"
-        if kind in ("conv2d", "conv_other"):
-            self.env[n] = self.emit_conv(n, v)
-        elif n in self.prop.linear_plans:
-            self.env[n] = self.emit_linear(n, v)
-        elif kind == "batch_norm" and n in self.prop.layout and self.prop._foldable_bn(v) and self.prop.enabled:
-            self.env[n] = self.emit_affine_bn(n, v)
-        elif kind == "add" and n in self.prop.layout and self.prop.enabled:
-            want = self.prop.layout[n]
-            self.env[n] = self.graph.call_function(
-                torch.add, (self.read(v.args["a"], want), self.read(v.args["b"], want)))
-        else:
-            self.env[n] = self.copy(n)
+        rule = rule_for(v)
+        by_rule = rule.when_disabled or self.prop.enabled and (n in self.prop.ruled or n not in self.prop.layout)
+        out = rule.emit(self, n, v) if v is not None and by_rule else None
+        if out is SKIP:
+            return
+        self.env[n] = self.copy(n) if out is None else out
         self.env[n].meta["example_value"] = n.meta.get("example_value")
 
     def copy(self, n: fx.Node) -> fx.Node:
@@ -410,16 +408,21 @@ class Lowering:
         return val.device if isinstance(val, torch.Tensor) else "cpu"
 
     def emit_linear(self, n: fx.Node, v: OpView) -> fx.Node:
-        lin: Layout = self.prop.linear_plans[n]
+        """A linear on the channel dim, compacted as a 1x1 conv: rows of its kept outputs, columns
+        of its stored inputs, the other inputs' constants folded into the bias."""
+        plan = self.prop.linear_plans[n]
+        lin, out = plan.in_layout, plan.out_layout
         w = evaluate(v.args["weight"], self.cap).detach()
         b = v.args.get("bias")
         b = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if b is None else evaluate(b, self.cap).detach()
+        rows = out.kept.to(w.device)
         dropped = ~lin.kept_mask()
-        folded = w.to(CONST_DTYPE)[:, dropped].cpu() @ lin.const[dropped]
-        w_k = w[:, lin.kept]
-        b_k = (b.to("cpu", CONST_DTYPE) + folded).to(b.device, b.dtype)
+        folded = w.to(CONST_DTYPE)[rows][:, dropped].cpu() @ lin.const[dropped]
+        w_k = w[rows][:, plan.in_channels_used.to(w.device)]
+        b_k = (b[rows].to("cpu", CONST_DTYPE) + folded).to(b.device, b.dtype)
+        x = self.read(v.args["input"], lin)
         return self.graph.call_function(torch.nn.functional.linear, (
-            self.read(v.args["input"]), self.const(w_k.contiguous(), "linear_weight"), self.const(b_k, "linear_bias")))
+            x, self.const(w_k.contiguous(), "linear_weight"), self.const(b_k, "linear_bias")))
 
     def emit_affine_bn(self, n: fx.Node, v: OpView) -> fx.Node:
         """A BatchNorm that follows no conv (e.g. after a concat), run on its kept channels."""
