@@ -87,6 +87,7 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence, opts: Options, index: 
     if inference and opts.propagate and not enabled:
         report.notes.append("an in-place op writes a tensor that other ops also read: channels not "
                             "carried across layers (per-conv compaction only)")
+    report.notes.extend(prop.stop_notes())
     if inference:
         report.notes.extend(freezing_hint(example_inputs, _on_cuda(example_inputs)))
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]

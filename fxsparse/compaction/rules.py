@@ -299,9 +299,10 @@ class Mul(Rule):
     scale): a per-channel affine."""
 
     def operands(self, v):
+        """(the channel operand, the parameter operand or None for a gate of two channel tensors)."""
         a, b = v.args["a"], v.args["b"]
         if channel_count(a) is not None and channel_count(b) is not None:
-            return a, b
+            return a, None
         if channel_count(b) is not None:
             a, b = b, a
         return a, None if channel_count(b) is not None else b
@@ -333,10 +334,10 @@ class Mul(Rule):
     def live(self, prop, n, v, out_live):
         if out_live is None:
             return super().live(prop, n, v, out_live)
-        x, other = self.operands(v)
+        x, p = self.operands(v)
         prop._need(x, out_live)
-        if other is None:
-            prop._need(v.args["b"] if v.args["a"] is x else v.args["a"], out_live)
+        if p is None:
+            prop._need(v.args["b"], out_live)
         else:
             prop._need_rest(n, x)
 
