@@ -17,7 +17,7 @@ import torch.nn.utils.prune as prune
 
 import zoo_models as Z
 from models import compile_model, fresh_dynamo, report  # noqa: F401
-from fxsparse.compaction.groups import channel_groups, group_importance
+from fxsparse.compaction.groups import channel_groups, group_importance, zero_input_channels
 
 FAMILIES = sorted(Z.FAMILIES)
 
@@ -47,7 +47,9 @@ def group_masks(model: nn.Module, shape, keep: float = 0.5) -> dict:
                 mask(m.module, "weight")[idx] = 0
                 if getattr(mods[m.module], "bias", None) is not None:
                     mask(m.module, "bias")[idx] = 0
-            elif m.kind in ("conv_in", "linear_in"):
+            elif m.kind == "conv_in":
+                zero_input_channels(mask(m.module, "weight"), mods[m.module].groups, idx)
+            elif m.kind == "linear_in":
                 mask(m.module, "weight")[:, idx] = 0
     return masks
 
@@ -77,10 +79,13 @@ def physical_macs(model, shape) -> int:
     total, hooks = [0], []
 
     def hook(m, inp, out):
-        w = m.weight.detach()
-        kout = int((w.flatten(1) != 0).any(1).sum())
-        kin = m.in_channels // m.groups if m.groups > 1 else int((w.transpose(0, 1).flatten(1) != 0).any(1).sum())
-        total[0] += out.shape[2] * out.shape[3] * kout * kin * w.shape[2] * w.shape[3]
+        # a grouped conv keeps as many rows and columns in every group as in its fullest
+        nz = (m.weight.detach() != 0).flatten(2).any(2)  # [Cout, Cin / groups]
+        g = m.groups if m.groups < m.in_channels else 1  # (depthwise: one input per row)
+        rows = nz.any(1).reshape(g, -1)
+        kout = g * int(rows.sum(1).max())
+        kin = 1 if m.groups == m.in_channels > 1 else int(nz.reshape(g, -1, nz.shape[1]).any(1).sum(1).max())
+        total[0] += out.shape[2] * out.shape[3] * kout * kin * m.weight.shape[2] * m.weight.shape[3]
 
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
@@ -186,3 +191,54 @@ def test_layer_norm_over_kept_channels_matches_layer_norm():
     got = layer_norm_kept(full[..., kept], c, float(const[dropped].sum()), float((const[dropped] ** 2).sum()),
                           w[kept], b[kept], 1e-6)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# -- the real torchvision models (where torchvision imports) ---------------------------------------
+
+TORCHVISION = {  # name: (builder arguments, input size)
+    "resnet50": ({}, 64), "resnext50_32x4d": ({}, 64), "wide_resnet50_2": ({}, 64),
+    "mobilenet_v2": ({}, 64), "mobilenet_v3_large": ({}, 64), "efficientnet_b0": ({}, 64),
+    "regnet_y_400mf": ({}, 64), "densenet121": ({}, 64), "vgg11_bn": ({}, 32), "googlenet": ({"aux_logits": False, "init_weights": True}, 64),
+    "shufflenet_v2_x1_0": ({}, 64), "convnext_tiny": ({}, 64),
+}
+
+
+def torchvision_model(name: str):
+    tv = pytest.importorskip("torchvision")
+    if name.startswith("fpn_"):  # a detection backbone with its feature pyramid
+        from torchvision.models.detection.backbone_utils import mobilenet_backbone, resnet_fpn_backbone
+        if name == "fpn_resnet50":
+            model = resnet_fpn_backbone(backbone_name="resnet50", weights=None, trainable_layers=5)
+        else:
+            model = mobilenet_backbone(backbone_name="mobilenet_v3_large", weights=None, fpn=True, trainable_layers=6)
+        return Z.randomize(model).eval(), (1, 3, 128, 128)
+    kwargs, size = TORCHVISION[name]
+    torch.manual_seed(0)
+    model = tv.models.get_model(name, weights=None, **kwargs)
+    return Z.randomize(model).eval(), (1, 3, size, size)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["groups", "values", "ln_structured"])
+@pytest.mark.parametrize("name", sorted(TORCHVISION) + ["fpn_resnet50", "fpn_mobilenet_v3"])
+def test_torchvision_family(name, how, tmp_path, fresh_dynamo):
+    model, shape = torchvision_model(name)
+    if how == "ln_structured":
+        ln_every_conv(model)
+    else:
+        (apply_masks if how == "groups" else zero_values)(model, group_masks(model, shape))
+    with torch.no_grad():
+        compiled = compile_model(model, tmp_path, fullgraph=False)
+        for seed in (11, 12):
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+            got, want = compiled(x), model(x)
+            if isinstance(want, dict):
+                got, want = list(got.values()), list(want.values())
+            assert_close_outputs(got, want, tol=1e-4)
+    rep = report(tmp_path)
+    after = sum(g["macs_after"] for g in rep["graphs"])
+    assert after < sum(g["macs_before"] for g in rep["graphs"])
+    if how != "ln_structured":
+        physical = physical_macs(model, shape)
+        notes = [n for g in rep["graphs"] for n in g["notes"]]
+        assert after <= 1.05 * physical, f"{name}/{how}: {after} MACs against {physical} physical; {notes}"

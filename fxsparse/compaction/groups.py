@@ -6,7 +6,8 @@ no_grad, the mode restored after); every call node is classified by
 `fxsparse.graph.capture.view` and its channel rule (compaction/rules.py, `Rule.couple`) joins
 (tensor, channel) positions in a union-find:
 
-    conv2d (groups=1)   output channel c of the conv <-> member (conv, "conv_out", c)
+    conv2d (groups=1,   output channel c of the conv <-> member (conv, "conv_out", c)
+    or grouped)
                         input channel c of its input <-> member (conv, "conv_in", c)
                         (input and output channels are NOT coupled)
     depthwise conv      input c <-> output c <-> (conv, "conv_out", c)
@@ -280,14 +281,12 @@ class _Builder:
         if self.first_conv is None:
             self.first_conv = path
         cin, cout = self.count(g, x), self.count(g, n)
-        if conv.groups == 1:
-            self.uf.union_ranges(pn, self.member(path, "conv_out", cout), cout)
-            self.uf.union_ranges(px, self.member(path, "conv_in", cin), cin)
-        elif conv.groups == cin == cout:  # depthwise: channel c in -> channel c out
+        if conv.groups == cin == cout and cin > 1:  # depthwise: channel c in -> channel c out
             self.uf.union_ranges(pn, self.member(path, "conv_out", cout), cout)
             self.uf.union_ranges(px, pn, cout)
-        else:
-            self.block_all(g, n, f"grouped conv {path} (groups={conv.groups})")
+        else:  # a grouped conv's input channel c is column c % (cin / groups) of its group's rows
+            self.uf.union_ranges(pn, self.member(path, "conv_out", cout), cout)
+            self.uf.union_ranges(px, self.member(path, "conv_in", cin), cin)
 
     # groups ------------------------------------------------------------------------------
     def groups(self) -> list:
@@ -345,6 +344,30 @@ def _effective_weight(module: nn.Module, name: str = "weight") -> Optional[torch
     return getattr(module, name, None)
 
 
+def grouped_columns(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped conv's weight [Cout, Cin / groups, kh, kw] as [Cout, Cin, kh, kw], zero where a
+    row's group does not read the input channel: column c is input channel c (conv_in indices)."""
+    if groups == 1:
+        return weight
+    cout, ig = weight.shape[:2]
+    og = cout // groups
+    out = weight.new_zeros((cout, ig * groups) + tuple(weight.shape[2:]))
+    for i in range(groups):
+        out[i * og:(i + 1) * og, i * ig:(i + 1) * ig] = weight[i * og:(i + 1) * og]
+    return out
+
+
+def zero_input_channels(mask: torch.Tensor, groups: int, channels) -> None:
+    """Zeroes input channels `channels` (conv_in indices) in a conv weight mask: column c for
+    groups=1, column c % (Cin / groups) of c's group's rows for a grouped conv."""
+    if groups == 1:
+        mask[:, channels] = 0
+        return
+    ig, og = mask.shape[1], mask.shape[0] // groups
+    for c in torch.as_tensor(channels).flatten().tolist():
+        mask[c // ig * og:(c // ig + 1) * og, c % ig] = 0
+
+
 @torch.no_grad()
 def group_importance(group: ChannelGroup, p: float = 1) -> torch.Tensor:
     """Importance of each channel of the group: the sum over its members of |w|^p of the weights
@@ -365,7 +388,7 @@ def group_importance(group: ChannelGroup, p: float = 1) -> torch.Tensor:
             if m.kind in PRODUCER_KINDS:
                 w = w[idx].abs().pow(p).flatten(1).sum(1)
             elif m.kind == "conv_in":
-                w = w[:, idx].abs().pow(p).transpose(0, 1).flatten(1).sum(1)
+                w = grouped_columns(w, getattr(mod, "groups", 1))[:, idx].abs().pow(p).transpose(0, 1).flatten(1).sum(1)
             elif m.kind == "linear_in":
                 w = w[:, idx].abs().pow(p).sum(0)
             else:
@@ -374,4 +397,5 @@ def group_importance(group: ChannelGroup, p: float = 1) -> torch.Tensor:
     return total
 
 
-__all__ = ["ChannelGroup", "GroupMember", "channel_groups", "first_conv", "group_importance", "trace_graphs"]
+__all__ = ["ChannelGroup", "GroupMember", "channel_groups", "first_conv", "group_importance", "grouped_columns",
+           "trace_graphs", "zero_input_channels"]

@@ -134,6 +134,7 @@ class ConvPlan:
     bias: Optional[torch.Tensor]  # [kept_out], with folded constants
     bias_map: Optional[torch.Tensor]  # [kept_out, Ho, Wo] where constant inputs meet padding
     depthwise: bool = False
+    groups: int = 1  # a grouped conv: in_channels_used is per group (repeats pad short groups)
 
 
 @dataclass
@@ -355,7 +356,7 @@ class Propagation:
     @staticmethod
     def _uniform_pool(v: OpView) -> bool:
         a = v.args
-        if a["pool"] in ("adaptive", "max"):
+        if a["pool"] in ("adaptive", "max", "interpolate"):  # (interpolation weights sum to 1)
             return True
         return a["pool"] == "avg" and (a["padding"] in (0, (0, 0), [0, 0]) or not a["count_include_pad"])
 
@@ -370,6 +371,8 @@ class Propagation:
         live_out = self.live.get(n, torch.ones(sp.out_channels, dtype=torch.bool))
         if self.is_depthwise(n):
             return self._plan_depthwise(n, v, sp, lin, weight, bias, live_out)
+        if conv.groups > 1:
+            return self._plan_grouped(n, v, sp, lin, weight, bias, live_out)
         kept_out = self.storage.round(live_out & ~sp.zero_rows).nonzero().flatten()
         out_const = torch.zeros(sp.out_channels, dtype=CONST_DTYPE) if bias is None else bias.clone()
         used = ~sp.zero_cols
@@ -426,6 +429,97 @@ class Propagation:
             sp, lin, Layout(sp.out_channels, kept_out, out_const), kept_out, weight[kept_out],
             None if bias is None else bias[kept_out], None, depthwise=True)
         return Layout(sp.out_channels, kept_out, out_const)
+
+    def _plan_grouped(self, n, v, sp, lin, weight, bias, live_out) -> Layout:
+        """A grouped conv compacted group by group into a grouped conv of the same group count:
+        each group keeps as many output rows and input columns as its fullest group (a group
+        with fewer computes some of its own channels anyway, and reads a repeated input through
+        zero columns). Input channels it does not store are constants folded into the bias (or
+        a bias map where the conv pads)."""
+        conv, g = v.conv, v.conv.groups
+        og, ig = sp.out_channels // g, sp.in_channels // g
+        x = conv.input
+        nz = weight.ne(0).flatten(2).any(2).cpu()  # [Cout, Cin / groups]
+        want = (live_out & ~sp.zero_rows).reshape(g, og)
+        rows = self._pad_per_group(want)  # [g, k] output channel ids
+        used = torch.stack([nz[rows[i]].any(0) for i in range(g)])  # [g, ig] local columns
+        stored = lin.kept_mask().reshape(g, ig)
+        const = lin.const.reshape(g, ig)
+        const_in = used & ~stored & (const != 0)
+        bias_k = (torch.zeros(sp.out_channels, dtype=CONST_DTYPE) if bias is None else bias.clone())[rows.flatten()]
+        bias_map = None
+        if bool(const_in.any()):
+            folded = self._fold_grouped(weight, rows, const_in, const, x, conv)
+            if folded is None:  # symbolic size and padding: read them materialised instead
+                need = lin.kept_mask() | const_in.flatten()
+                lin = Layout(lin.channels, need.nonzero().flatten(), lin.const)
+                self.materialize[(x, n)] = lin
+                stored = lin.kept_mask().reshape(g, ig)
+            else:
+                bias_k, bias_map = bias_k + folded[0], folded[1]
+        read = used & stored
+        if not bool(read.any()):  # nothing to read: one stored (or materialised) channel, zero columns
+            read = stored.clone() if bool(stored.any()) else read
+            if not bool(read.any()):
+                lin = Layout(lin.channels, torch.tensor([0]), lin.const)
+                self.materialize[(x, n)] = lin
+                read = lin.kept_mask().reshape(g, ig)
+        cols = self._pad_per_group(read, fill_from=lin.kept)  # [g, j] input channel ids
+        j = cols.shape[1]
+        w = torch.zeros((rows.numel(), j) + tuple(weight.shape[2:]), dtype=weight.dtype, device=weight.device)
+        for i in range(g):  # the first read[i].sum() columns are the group's own; the rest pad
+            real = int(read[i].sum())
+            w[i * rows.shape[1]:(i + 1) * rows.shape[1], :real] = weight[rows[i]][:, cols[i][:real] - i * ig]
+        kept_out = rows.flatten()
+        order = kept_out.argsort()
+        if not torch.equal(order, torch.arange(len(order))):
+            raise AssertionError("grouped conv rows out of order")  # groups are ascending ranges
+        out_layout = Layout(sp.out_channels, kept_out,
+                            torch.zeros(sp.out_channels, dtype=CONST_DTYPE) if bias is None else bias.clone())
+        self.conv_plans[n] = ConvPlan(sp, lin, out_layout, cols.flatten(), w, bias_k, bias_map, groups=g)
+        return out_layout
+
+    @staticmethod
+    def _pad_per_group(want: torch.Tensor, fill_from: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[groups, k] channel ids: each group's wanted channels (ascending), padded to the most
+        any group wants with its own other channels (rows: computed anyway) or, for inputs
+        (`fill_from`: the stored channels), with a repeat of one stored channel."""
+        g, per = want.shape
+        k = max(int(want.sum(1).max()), 1)
+        out = []
+        for i in range(g):
+            ids = want[i].nonzero().flatten()
+            if fill_from is None:
+                extra = (~want[i]).nonzero().flatten()[: k - len(ids)]
+                ids = torch.cat([ids, extra]).sort().values
+            else:
+                pad = ids[:1] if len(ids) else fill_from[:1] - i * per
+                ids = torch.cat([ids, pad.repeat(k - len(ids))])
+            out.append(ids + i * per)
+        return torch.stack(out)
+
+    def _fold_grouped(self, weight, rows, const_in, const, x, conv):
+        """Contribution of a grouped conv's constant inputs to its kept rows: (bias, map or None)."""
+        g = conv.groups
+        image_c = torch.where(const_in, const, torch.zeros((), dtype=CONST_DTYPE)).reshape(1, -1, 1, 1)
+        w = weight.to("cpu", CONST_DTYPE)
+        if conv.padding == (0, 0):
+            per_row = w.sum((2, 3))  # [Cout, ig]
+            vals = image_c.reshape(g, -1)
+            og = w.shape[0] // g
+            contrib = (per_row.reshape(g, og, -1) * vals.reshape(g, 1, -1)).sum(2).reshape(-1)
+            return contrib[rows.flatten()], None
+        shape = x.meta["example_value"].shape
+        h, wd = shape[2], shape[3]
+        if not isinstance(h, int) or not isinstance(wd, int):
+            return None
+        image = image_c.expand(1, image_c.shape[1], h, wd)
+        bmap = torch.nn.functional.conv2d(image, w, None, conv.stride, conv.padding, conv.dilation, g)[0]
+        bmap = bmap[rows.flatten()]
+        uniform = bmap.amax((1, 2))
+        if torch.equal(bmap.amin((1, 2)), uniform):
+            return uniform, None
+        return torch.zeros(bmap.shape[0], dtype=CONST_DTYPE), bmap
 
     def run(self) -> "Propagation":
         self.run_liveness()

@@ -546,15 +546,26 @@ class Conv(Rule):
             if prop.is_depthwise(n):
                 prop._need(v.conv.input, out_live & ~prop.sparsity[n].zero_rows)
                 return prop._need_rest(n, v.conv.input)
+            if prop.sparsity[n].weight is not None:  # grouped: a group's inputs feed its rows only
+                prop._need(v.conv.input, self.grouped_inputs(prop.sparsity[n], v.conv.groups, out_live))
+                return prop._need_rest(n, v.conv.input)
         super().live(prop, n, v, out_live)
+
+    @staticmethod
+    def grouped_inputs(sp, groups: int, out_live) -> torch.Tensor:
+        """Input channels of a grouped conv that its live, non-zero rows read."""
+        nz = sp.weight.ne(0).flatten(2).any(2).cpu() & (out_live & ~sp.zero_rows).reshape(-1, 1)
+        og = sp.out_channels // groups
+        return nz.reshape(groups, og, -1).any(1).reshape(-1)
 
     def layout(self, prop, n, v, c):
         if not prop.rewritable(n):
             return f"conv {n.name}: {prop.sparsity[n].reason}" if n in prop.sparsity else self.why(v)
-        if v.conv.groups != 1 and not prop.is_depthwise(n):
-            return f"grouped conv {n.name} (groups={v.conv.groups}): left to aten"
-        if not prop.enabled and prop.sparsity[n].weight is None:
-            return "propagation off"
+        if prop.sparsity[n].weight is None or v.conv.groups > 1 and not prop.enabled and not prop.is_depthwise(n):
+            return f"conv {n.name}: weight not evaluated (training)" if prop.sparsity[n].weight is None \
+                else "propagation off"
+        if v.conv.groups > 1 and channel_count(v.conv.input) is None:
+            return f"grouped conv {n.name} (groups={v.conv.groups}) on an input of unknown channels"
         return prop._plan_conv(n, v)
 
     def couple(self, b, g, n, v, values):
@@ -565,6 +576,8 @@ class Conv(Rule):
 
 
 class OtherConv(Rule):
+    when_disabled = True  # (emit: the report's row, with its reason)
+
     def why(self, v):
         return f"{v.args.get('reason', 'conv')} {v.node.name}"
 

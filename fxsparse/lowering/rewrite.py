@@ -249,7 +249,7 @@ class Lowering:
         w_t = weight.to(device, dtype).contiguous(memory_format=torch.channels_last)
         b_t = None if bias is None else bias.to(device, dtype)
         m_t = None if bias_map is None else bias_map.to(device, torch.float32)
-        lowering = self.conv_backend if not plan.depthwise else "aten"
+        lowering = self.conv_backend if not (plan.depthwise or plan.groups > 1) else "aten"
         choice = None
         if lowering == "auto":
             decision = self.choose_lowering(chain, x_layout, None if identity_in else positions, w_t, b_t, m_t, like)
@@ -316,7 +316,8 @@ class Lowering:
         if chain.add is not None:
             return self.prop.layout[chain.add]
         own = self.prop.layout[chain.anchor]
-        if self.prop.conv_plans[chain.conv].depthwise or len(chain.anchor.users) != 1:
+        plan = self.prop.conv_plans[chain.conv]
+        if plan.depthwise or plan.groups > 1 or len(chain.anchor.users) != 1:
             return own  # (a depthwise conv's filters are its channels: no rows to add)
         (user,) = chain.anchor.users
         v = self.cap.views.get(user)
@@ -386,7 +387,7 @@ class Lowering:
     def emit_aten_conv(self, plan, conv, x, positions, w_node, b_node, m_node) -> fx.Node:
         if positions is not None:
             x = self.graph.call_function(select_channels, (x, self.const(positions.to(self._device(x)), "in_index")))
-        groups = len(plan.out_layout.kept) if plan.depthwise else 1
+        groups = len(plan.out_layout.kept) if plan.depthwise else plan.groups
         out = self.graph.call_function(torch.conv2d, (
             x, w_node, b_node, conv.stride, conv.padding, conv.dilation, groups))
         if m_node is not None:
@@ -500,6 +501,8 @@ class Lowering:
         kout = len(plan.out_layout.kept)
         if plan.depthwise:  # one input channel per output channel
             kin = ideal_in = 1
+        elif plan.groups > 1:  # input channels per group, padded to the fullest group
+            kin = ideal_in = plan.weight.shape[1]
         else:
             kin = len(plan.in_channels_used)
             ideal_layout = self.prop.layout.get(self.cap.views[chain.conv].conv.input)
