@@ -37,7 +37,7 @@ import torch.nn as nn
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))  # the YOLO-style detector
+sys.path.append(os.path.join(os.path.dirname(HERE), "tests"))  # the YOLO-style detector (after benchmarks/models.py)
 
 import common  # noqa: E402
 import models as M  # noqa: E402

@@ -242,3 +242,41 @@ def test_torchvision_family(name, how, tmp_path, fresh_dynamo):
         physical = physical_macs(model, shape)
         notes = [n for g in rep["graphs"] for n in g["notes"]]
         assert after <= 1.05 * physical, f"{name}/{how}: {after} MACs against {physical} physical; {notes}"
+
+
+class _FrozenBatchNorm(nn.Module):
+    """torchvision.ops.FrozenBatchNorm2d (detection backbones): x * scale + shift, both computed
+    from buffers and shaped (1, C, 1, 1)."""
+
+    def __init__(self, c):
+        super().__init__()
+        g = torch.Generator().manual_seed(c)
+        for name, v in (("weight", torch.rand(c, generator=g) + 0.5), ("bias", torch.randn(c, generator=g)),
+                        ("running_mean", torch.randn(c, generator=g)), ("running_var", torch.rand(c, generator=g) + 0.5)):
+            self.register_buffer(name, v)
+
+    def forward(self, x):
+        scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + 1e-5).rsqrt()
+        shift = self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale
+        return x * scale + shift
+
+
+def test_frozen_batch_norm_and_spatial_mean_carry_channels(tmp_path, fresh_dynamo):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _FrozenBatchNorm(8), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1),
+                          _FrozenBatchNorm(6))
+    head = nn.Linear(6, 3)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = model, head
+
+        def forward(self, x):
+            return self.head(self.body(x).mean([2, 3]))
+
+    net = Net().eval()
+    ln_every_conv(net)
+    rep = compile_and_check(net, (2, 3, 8, 8), tmp_path)
+    rows = {c["name"]: c for g in rep["graphs"] for c in g["convs"]}
+    assert rows["body.3"]["kept_in_channels"] == 4, rows  # the first conv's 4 kept channels only
+    assert not [n for g in rep["graphs"] for n in g["notes"] if "full width" in n]

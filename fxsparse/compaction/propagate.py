@@ -356,7 +356,7 @@ class Propagation:
     @staticmethod
     def _uniform_pool(v: OpView) -> bool:
         a = v.args
-        if a["pool"] in ("adaptive", "max", "interpolate"):  # (interpolation weights sum to 1)
+        if a["pool"] in ("adaptive", "max", "interpolate", "mean"):  # (interpolation weights sum to 1)
             return True
         return a["pool"] == "avg" and (a["padding"] in (0, (0, 0), [0, 0]) or not a["count_include_pad"])
 

@@ -293,15 +293,23 @@ class Add(Rule):
 
 
 class Mul(Rule):
+    op = torch.mul
+
     """a * b. Both channel tensors of one channel count (a squeeze-excite gate: (N,C,H,W) *
     (N,C,1,1)): channel c of each gives channel c; a channel that is the constant 0 in either
     operand is 0. Else one operand is a parameter broadcast along the channel dim only (a layer
     scale): a per-channel affine."""
 
-    def operands(self, v):
-        """(the channel operand, the parameter operand or None for a gate of two channel tensors)."""
+    def operands(self, v, prop=None):
+        """(the channel operand, the parameter operand or None for a gate of two channel tensors).
+        With `prop`, an operand computed from parameters only is the parameter, whatever its shape."""
+        from fxsparse.sparsity.read import param_only
         a, b = v.args["a"], v.args["b"]
         if channel_count(a) is not None and channel_count(b) is not None:
+            if prop is not None and prop.enabled and param_only(b, prop.cap) and not param_only(a, prop.cap):
+                return a, b
+            if prop is not None and prop.enabled and param_only(a, prop.cap) and not param_only(b, prop.cap):
+                return b, a
             return a, None
         if channel_count(b) is not None:
             a, b = b, a
@@ -334,7 +342,7 @@ class Mul(Rule):
     def live(self, prop, n, v, out_live):
         if out_live is None:
             return super().live(prop, n, v, out_live)
-        x, p = self.operands(v)
+        x, p = self.operands(v, prop)
         prop._need(x, out_live)
         if p is None:
             prop._need(v.args["b"], out_live)
@@ -346,19 +354,26 @@ class Mul(Rule):
         from fxsparse.sparsity.read import param_only
         if param_only(n, prop.cap):
             return "parameter arithmetic"  # (a mask times a weight: never a compacted tensor)
-        x, p = self.operands(v)
+        x, p = self.operands(v, prop)
         if p is not None:
             if not prop.inference_value_ok(p) or self._scale_dim(x, p) is None:
                 return f"mul {n.name} by a tensor that is not a parameter nor a channel tensor"
-            scale = self.scale(prop, x, p)
             lin = prop.input_layout(x)
-            return Layout(c, lin.kept, lin.const * scale)
+            return Layout(c, lin.kept, self.apply(lin.const, self.scale(prop, x, p)))
         la, lb = prop.input_layout(v.args["a"]), prop.input_layout(v.args["b"])
+        return self.combine(prop, la, lb, c)
+
+    def combine(self, prop, la, lb, c):
+        """The layout of a * b from the operands' (a product is 0 where either is the constant 0)."""
+        from fxsparse.compaction.propagate import CONST_DTYPE, Layout
         zero_a = ~la.kept_mask() & (la.const == 0)
         zero_b = ~lb.kept_mask() & (lb.const == 0)
         kept = (la.kept_mask() | lb.kept_mask()) & ~zero_a & ~zero_b
         const = torch.where(zero_a | zero_b, torch.zeros((), dtype=CONST_DTYPE), la.const * lb.const)
         return Layout(c, prop.storage.round(kept).nonzero().flatten(), const)
+
+    def apply(self, const, scale):
+        return const * scale
 
     def scale(self, prop, x, p) -> torch.Tensor:
         from fxsparse.compaction.propagate import CONST_DTYPE
@@ -377,13 +392,27 @@ class Mul(Rule):
         if n not in low.prop.layout:
             return None
         want = low.prop.layout[n]
-        x, p = self.operands(v)
+        x, p = self.operands(v, low.prop)
         if p is None:
-            return low.graph.call_function(torch.mul, (low.read(v.args["a"], want), low.read(v.args["b"], want)))
+            return low.graph.call_function(self.op, (low.read(v.args["a"], want), low.read(v.args["b"], want)))
         like = n.meta["example_value"]
         dim = self._scale_dim(x, p)
         value = low.prop.value(p).detach().index_select(dim, want.kept.to(like.device)).to(like.dtype)
-        return low.graph.call_function(torch.mul, (low.read(x, want), low.const(value, "scale")))
+        return low.graph.call_function(self.op, (low.read(x, want), low.const(value, "scale")))
+
+
+class AddBroadcast(Mul):
+    """a + b of another shape: a per-channel bias (a parameter, e.g. a frozen BatchNorm's
+    shift) or two channel tensors broadcast over space: channel c of each gives channel c."""
+    op = torch.add
+
+    def combine(self, prop, la, lb, c):
+        from fxsparse.compaction.propagate import Layout
+        kept = la.kept_mask() | lb.kept_mask()
+        return Layout(c, prop.storage.round(kept).nonzero().flatten(), la.const + lb.const)
+
+    def apply(self, const, bias):
+        return const + bias
 
 
 class Cat(Rule):
@@ -714,6 +743,7 @@ RULES = {
     "flatten": Flatten(),
     "add": Add(),
     "mul": Mul(),
+    "add_broadcast": AddBroadcast(),
     "cat": Cat(),
     "split": Split(),
     "split_item": SplitItem(),

@@ -19,6 +19,7 @@ Kinds:
   flatten      flatten of (N, C, H, W) into (N, C*H*W) (static H, W)
   linear       F.linear (on the last dim: a head, or a 1x1 conv in channels-last layout)
   mul          tensor * tensor (a channel gate such as squeeze-excite, or a scale)
+  add_broadcast  tensor + tensor of another shape (a per-channel bias)
   layer_norm   F.layer_norm
   permute      permute of dims (e.g. NCHW <-> NHWC)
   split        split / chunk (a tuple; its `split_item` getitems are the tensors)
@@ -213,6 +214,8 @@ def _view_function(node: fx.Node) -> OpView:
         return OpView("pool", node, args)
     if t is torch.flatten:
         return _view_flatten(node, _bind(_flatten_sig, node))
+    if t is torch.mean:
+        return _view_spatial_mean(node)
     if t in (F.layer_norm, torch.layer_norm):
         args = _bind(_layer_norm_sig, node)
         return OpView("layer_norm", node, args) if args else OpView("unknown", node)
@@ -246,7 +249,20 @@ def _view_method(node: fx.Node) -> OpView:
         return OpView("pointwise", node, fn=lambda z: z)
     if name in ("view", "reshape"):
         return _view_shuffle(node)
+    if name == "mean":
+        return _view_spatial_mean(node)
     return OpView("unknown", node)
+
+
+def _view_spatial_mean(node: fx.Node) -> OpView:
+    """x.mean([2, 3]) (keepdim or not) of a 4-D activation: a global average pool."""
+    x = node.args[0] if node.args else None
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if not _is_tensor_node(x) or x.meta["example_value"].dim() != 4 or not isinstance(dims, (list, tuple)):
+        return OpView("unknown", node)
+    if sorted(d % 4 for d in dims) != [2, 3] or set(node.kwargs) - {"dim", "keepdim"} or len(node.args) > 3:
+        return OpView("unknown", node)
+    return OpView("pool", node, {"input": x, "pool": "mean"})
 
 
 def _no_inplace(kwargs: dict) -> dict:
@@ -284,6 +300,8 @@ def _view_arith(node: fx.Node, inplace: bool = False) -> OpView:
         sa, sb = a.meta["example_value"].shape, b.meta["example_value"].shape
         if sa == sb and len(sa) in (2, 4):
             return OpView("add", node, {"a": a, "b": b}, inplace=inplace)
+        if tuple(node.meta["example_value"].shape) in (tuple(sa), tuple(sb)):  # e.g. x + bias[C, 1, 1]
+            return OpView("add_broadcast", node, {"a": a, "b": b}, inplace=inplace)
         return OpView("unknown", node)
     if node.target in (operator.mul, operator.imul, torch.mul, "mul", "mul_") and _is_tensor_node(a) and _is_tensor_node(b):
         sa, sb = a.meta["example_value"].shape, b.meta["example_value"].shape
