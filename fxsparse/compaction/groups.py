@@ -256,12 +256,18 @@ class _Builder:
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         values = dict(zip(placeholders, inputs))
         views = view_all(gm.graph)
+        self.params = set()  # nodes computed from parameters and buffers only: no activation channels
         for n in gm.graph.nodes:
             if n.op == "output":
                 for a in n.all_input_nodes:
                     self.block(g, a, "reaches the graph output")
                 continue
+            if n.op == "get_attr" or n.op == "placeholder" and id(values.get(n)) in self.names:
+                self.params.add(n)
             if n.op not in ("call_function", "call_method"):
+                continue
+            if n.all_input_nodes and all(a in self.params for a in n.all_input_nodes):
+                self.params.add(n)  # (e.g. a frozen BatchNorm's scale, a mask times a weight)
                 continue
             v = views[n]
             rule_for(v).couple(self, g, n, v, values)

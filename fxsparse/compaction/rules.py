@@ -382,6 +382,8 @@ class Mul(Rule):
 
     def couple(self, b, g, n, v, values):
         x, p = self.operands(v)
+        if p is None and (v.args["a"] in b.params or v.args["b"] in b.params):
+            x, p = (v.args["b"], v.args["a"]) if v.args["a"] in b.params else (v.args["a"], v.args["b"])
         if p is None:
             if not (b.couple(g, v.args["a"], n) and b.couple(g, v.args["b"], n)):
                 b.block_all(g, n, f"mul {n.name} of tensors without channels")
