@@ -74,8 +74,8 @@ def ln_every_conv(model) -> None:
 
 
 def physical_macs(model, shape) -> int:
-    """MACs of the convs of `model` physically pruned by its zero filters: each conv keeps its
-    non-zero output filters and, per filter, its non-zero input columns."""
+    """MACs of the convs (and channel-dim linears) of `model` physically pruned by its zero
+    filters: each keeps its non-zero output filters and, per filter, its non-zero input columns."""
     total, hooks = [0], []
 
     def hook(m, inp, out):
@@ -87,9 +87,16 @@ def physical_macs(model, shape) -> int:
         kin = 1 if m.groups == m.in_channels > 1 else int(nz.reshape(g, -1, nz.shape[1]).any(1).sum(1).max())
         total[0] += out.shape[2] * out.shape[3] * kout * kin * m.weight.shape[2] * m.weight.shape[3]
 
+    def linear_hook(m, inp, out):  # on the channels of a channels-last activation: a 1x1 conv
+        if inp[0].dim() == 4:
+            nz = m.weight.detach() != 0
+            total[0] += inp[0].shape[1] * inp[0].shape[2] * int(nz.any(1).sum()) * int(nz.any(0).sum())
+
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             hooks.append(m.register_forward_hook(hook))
+        elif isinstance(m, nn.Linear):
+            hooks.append(m.register_forward_hook(linear_hook))
     with torch.no_grad():
         model(torch.zeros(shape))
     for h in hooks:

@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from fxsparse.compaction.propagate import CONST_DTYPE, ConvPlan, Layout, Propagation
 from fxsparse.compaction.rules import SKIP, channel_axis, rule_for
-from fxsparse.graph.capture import OpView
+from fxsparse.graph.capture import OpView, module_path
 from fxsparse.kernels.layout import relayout, select_channels
 from fxsparse.lowering import choose
 from fxsparse.lowering.fusion import Chain, plan_chains
@@ -422,8 +422,23 @@ class Lowering:
         w_k = w[rows][:, plan.in_channels_used.to(w.device)]
         b_k = (b[rows].to("cpu", CONST_DTYPE) + folded).to(b.device, b.dtype)
         x = self.read(v.args["input"], lin)
+        if self._example(v.args["input"]).dim() == 4:
+            self.record_linear(n, w, rows, lin)
         return self.graph.call_function(torch.nn.functional.linear, (
             x, self.const(w_k.contiguous(), "linear_weight"), self.const(b_k, "linear_bias")))
+
+    def record_linear(self, n: fx.Node, w: torch.Tensor, rows: torch.Tensor, lin: Layout) -> None:
+        """A report row for a linear on the channel dim of a channels-last activation: a 1x1 conv
+        (a ConvNeXt block's MLP), with its MACs beside the convs'."""
+        shape = self._example(self.cap.views[n].args["input"]).shape
+        pixels = int(torch.tensor([int(d) for d in shape[1:-1]]).prod()) if all(
+            isinstance(d, int) for d in shape[1:-1]) else 0
+        cout, cin = w.shape
+        used = int(((w[rows] != 0).any(0).cpu() & lin.kept_mask()).sum())
+        kin, kout = len(lin.kept), len(rows)
+        self.records[n] = ConvRecord(
+            module_path(n), cin, cout, kin, kout, (1, 1), (1, 1), 1, "aten", None, "linear on channels",
+            "values", pixels * cin * cout, pixels * kin * kout, pixels * used * kout)
 
     def emit_affine_bn(self, n: fx.Node, v: OpView) -> fx.Node:
         """A BatchNorm that follows no conv (e.g. after a concat), run on its kept channels."""
