@@ -287,3 +287,24 @@ def test_frozen_batch_norm_and_spatial_mean_carry_channels(tmp_path, fresh_dynam
     rows = {c["name"]: c for g in rep["graphs"] for c in g["convs"]}
     assert rows["body.3"]["kept_in_channels"] == 4, rows  # the first conv's 4 kept channels only
     assert not [n for g in rep["graphs"] for n in g["notes"] if "full width" in n]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["convnext", "efficientnet", "resnext", "shufflenet_v2", "yolo"])
+def test_family_on_the_gpu(name, tmp_path, fresh_dynamo):
+    """fp16 channels_last on CUDA with the default options (lowering auto, Inductor, CUDA
+    graphs): the compiled model matches eager within fp16 rounding."""
+    model, shape = prune_family(name, "groups")
+    model = model.cuda().half().to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="fxsparse", options={"dump_dir": str(tmp_path)})
+        for seed in (11, 12):
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).cuda().half()
+            x = x.to(memory_format=torch.channels_last)
+            got, want = compiled(x), model(x)
+            got, want = (got, want) if isinstance(want, list) else ([got], [want])
+            for g, w in zip(got, want):
+                scale = max(1.0, float(w.abs().max()))
+                torch.testing.assert_close(g.float(), w.float(), rtol=2e-2, atol=2e-2 * scale)
+    rep = report(tmp_path)
+    assert sum(g["macs_after"] for g in rep["graphs"]) < sum(g["macs_before"] for g in rep["graphs"])
