@@ -551,19 +551,32 @@ class Shuffle(Rule):
 
 
 class ShufflePart(Rule):
-    """The view and transpose inside a channel shuffle: the shuffle reads their input itself."""
+    """The view and transpose inside a channel shuffle: where the shuffle carries channels it
+    reads their input itself; else they are ordinary ops (stoppers)."""
+
+    @staticmethod
+    def carried(n) -> bool:
+        for _ in range(3):  # view -> transpose -> contiguous -> the shuffle's view
+            (n,) = n.users
+            v = view(n)
+            if v.kind == "shuffle":
+                return RULES["shuffle"].fits(v)
+        return False
 
     def live(self, prop, n, v, out_live):
-        pass
+        if not self.carried(n):
+            super().live(prop, n, v, out_live)
 
     def no_result(self, prop, n, v):
-        pass
+        if not self.carried(n):
+            super().no_result(prop, n, v)
 
     def couple(self, b, g, n, v, values):
-        pass
+        if not self.carried(n):
+            super().couple(b, g, n, v, values)
 
     def emit(self, low, n, v):
-        return SKIP if low.prop.enabled else None
+        return SKIP if low.prop.enabled and self.carried(n) else None
 
 
 class Conv(Rule):
