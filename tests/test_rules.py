@@ -135,3 +135,41 @@ def test_unknown_op_stops_and_is_never_assumed_elementwise(tmp_path, fresh_dynam
     notes = [n for g in report(tmp_path)["graphs"] for n in g["notes"]]
     assert any("flip" in n for n in notes), notes
     assert conv_rows(tmp_path)["b"]["kept_in_channels"] == 8
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+class _Grouped(nn.Module):
+    def __init__(self, groups, k):
+        super().__init__()
+        self.a = nn.Conv2d(3, 12, 1)
+        self.bn_a = nn.BatchNorm2d(12)
+        self.g = nn.Conv2d(12, 12, k, padding=k // 2, groups=groups, bias=False)
+        self.bn_g = nn.BatchNorm2d(12)
+        self.c = nn.Conv2d(12, 5, 1)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.bn_g(self.g(torch.relu(self.bn_a(self.a(x)))))))
+
+
+@settings(max_examples=6, deadline=None)
+@given(groups=st.sampled_from([2, 3, 4]), k=st.sampled_from([1, 3]), seed=st.integers(0, 10_000))
+def test_grouped_conv_exact_under_odd_masks(groups, k, seed):
+    """Random rows of the producer, random rows and per-group columns of the grouped conv:
+    groups end up with different counts (padded to the fullest), constants feed padded taps."""
+    g = torch.Generator().manual_seed(seed)
+    model = Z.randomize(_Grouped(groups, k), seed).eval()
+    prune.custom_from_mask(model.a, "weight", (torch.rand(12, 1, 1, 1, generator=g) > 0.4).float().expand(12, 3, 1, 1))
+    rows = (torch.rand(12, 1, 1, 1, generator=g) > 0.4).float()
+    cols = (torch.rand(12, 12 // groups, 1, 1, generator=g) > 0.3).float()
+    prune.custom_from_mask(model.g, "weight", (rows * cols).expand_as(model.g.weight).contiguous())
+    torch._dynamo.reset()  # a fresh compile per example (dynamo's cache is per code object)
+    with torch.no_grad():
+        c = torch.compile(model, backend="fxsparse", options={"inductor": False})
+        x = torch.randn(2, 3, 5, 5, generator=g)
+        torch.testing.assert_close(c(x), model(x), rtol=1e-5, atol=1e-5)
+    import fxsparse.report
+
+    (row,) = [r for r in fxsparse.report.current_report(None).graphs[-1].convs if r.name == "g"]
+    assert row.lowering == "aten" and row.groups == groups, row  # compacted group by group
