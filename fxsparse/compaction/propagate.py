@@ -3,7 +3,8 @@
 A removed channel is gone from every tensor it flows through (BatchNorm,
 activations, residual adds, concat, pooling, the next conv's input and a
 linear head), as a physical pruning would remove it, but inside the compiled
-graph of the unmodified model. Two passes over the graph:
+graph of the unmodified model. Two passes over the graph, each asking every op's
+channel rule (rules.py, one entry per op kind) how its channels map:
 
 1. Liveness, backward: a channel is live where some consumer needs it. A conv
    needs the input channels its filters use; a linear head the features its
