@@ -308,3 +308,23 @@ def test_family_on_the_gpu(name, tmp_path, fresh_dynamo):
                 torch.testing.assert_close(g.float(), w.float(), rtol=2e-2, atol=2e-2 * scale)
     rep = report(tmp_path)
     assert sum(g["macs_after"] for g in rep["graphs"]) < sum(g["macs_before"] for g in rep["graphs"])
+
+
+@pytest.mark.slow
+def test_zoo_benchmark_quick(tmp_path):
+    """benchmarks/zoo.py --quick: two replicas on the CPU, exact, compacted, table printed last."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "zoo.json"
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "zoo.py"), "--quick", "--json", str(out)],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("| yolo"), "the table must be printed last"
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["model"] for r in rows} == {"convnext", "yolo"}
+    assert all(r["fx_err"] < 1e-4 and r["macs_kept"] < 0.6 and r["macs_vs_ideal"] <= 1.05 for r in rows), rows
