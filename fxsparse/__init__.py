@@ -19,6 +19,7 @@ from .backend import fxsparse_backend
 from .compact import compact
 from .nn.sparsify import sparsify
 from .report.explain import explain
+from .runtime import refresh
 
 __version__ = "0.1.0"
 

@@ -368,7 +368,8 @@ class Mul(Rule):
         from fxsparse.compaction.propagate import CONST_DTYPE, Layout
         zero_a = ~la.kept_mask() & (la.const == 0)
         zero_b = ~lb.kept_mask() & (lb.const == 0)
-        kept = (la.kept_mask() | lb.kept_mask()) & ~zero_a & ~zero_b
+        from fxsparse.compaction.propagate import at_least_one
+        kept = at_least_one((la.kept_mask() | lb.kept_mask()) & ~zero_a & ~zero_b)
         const = torch.where(zero_a | zero_b, torch.zeros((), dtype=CONST_DTYPE), la.const * lb.const)
         return Layout(c, prop.storage.round(kept).nonzero().flatten(), const)
 
@@ -489,9 +490,15 @@ class SplitItem(Rule):
 
     def layout(self, prop, n, v, c):
         from fxsparse.compaction.propagate import Layout
-        lin = prop.input_layout(v.args["input"])
+        x = v.args["input"]
+        lin = prop.input_layout(x)
         start = v.args["start"]
         inside = (lin.kept >= start) & (lin.kept < start + c)
+        if not bool(inside.any()):  # no zero-size tensor: the slice's first channel, materialised
+            need = lin.kept_mask()
+            need[start] = True
+            prop.materialize[(x, n)] = Layout(lin.channels, need.nonzero().flatten(), lin.const)
+            return Layout(c, torch.tensor([0]), lin.const[start:start + c].clone())
         return Layout(c, lin.kept[inside] - start, lin.const[start:start + c].clone())
 
     def couple(self, b, g, n, v, values):
@@ -502,7 +509,7 @@ class SplitItem(Rule):
 
     def emit(self, low, n, v):
         x = v.args["input"]
-        lin = low.prop.layout[x]
+        lin = low.prop.materialize.get((x, n)) or low.prop.layout[x]
         mine = low.prop.layout[n]
         pos = lin.positions_of(mine.kept + v.args["start"])
         first = int(pos[0]) if len(pos) else 0
