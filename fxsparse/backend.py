@@ -19,6 +19,7 @@ from fxsparse.compaction.propagate import Storage, propagate
 from fxsparse.graph.capture import capture, placeholder_source, running_stat_counter
 from fxsparse.lowering import choose
 from fxsparse.lowering.rewrite import lower
+from fxsparse.lowering.training import lower_training
 from fxsparse.options import Options
 from fxsparse.report import GraphReport, current_report, log_graph, write_dumps
 from fxsparse.report.launches import captured_inductor_code, fxsparse_extra_launches, launch_sites
@@ -79,12 +80,16 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence, opts: Options, index: 
     lowering = conv_lowering(opts, example_inputs, inference)
     cap = capture(gm, example_inputs)
     sparsity = read_all(cap, inference)
-    enabled = inference and opts.propagate and not _mutates_shared_tensor(cap)
-    prop = propagate(cap, sparsity, enabled=enabled, storage=channel_storage(opts, example_inputs))
-    new_gm, records, constant_outputs = lower(prop, sparsity, lowering, inference, cudagraphs)
+    propagating = opts.propagate and not _mutates_shared_tensor(cap)
+    enabled = propagating
+    if inference or not propagating:
+        prop = propagate(cap, sparsity, enabled=enabled, storage=channel_storage(opts, example_inputs))
+        new_gm, records, constant_outputs = lower(prop, sparsity, lowering, inference, cudagraphs)
+    else:  # training: kept channels carried across the graph, constants as graph values
+        (new_gm, records), constant_outputs = lower_training(cap, sparsity, lowering), {}
     report = GraphReport(index, "inference" if inference else "training", lowering, enabled,
                          [records[n] for n in sparsity if n in records])
-    if inference and opts.propagate and not enabled:
+    if opts.propagate and not propagating:
         report.notes.append("an in-place op writes a tensor that other ops also read: channels not "
                             "carried across layers (per-conv compaction only)")
     if inference:
