@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from fxsparse.compaction.propagate import Storage, propagate
-from fxsparse.graph.capture import capture, placeholder_source, running_stat_counter
+from fxsparse.graph.capture import capture, placeholder_source, real_example_inputs, running_stat_counter
 from fxsparse.lowering import choose
 from fxsparse.lowering.rewrite import lower
 from fxsparse.lowering.training import lower_training
@@ -187,13 +187,15 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, opts: Options):
     cudagraphs = _use_cudagraphs(opts, example_inputs, inference)
     report = current_report(opts.dump_dir)
 
-    def build(inputs: Sequence):
+    def build(inputs: Sequence, compile_inputs: Optional[Sequence] = None):
+        """`compile_inputs`: what Inductor compiles with, where `inputs` are not (fake inputs)."""
         rw = rewrite(gm, inputs, opts, index, cudagraphs)
         if opts.dump_dir:
             write_dumps(opts.dump_dir, index, gm, rw.gm)
         if opts.inductor:
             used = drop_unused_inputs(rw.gm)
-            fn, rw.report.launches = _inductor(rw.gm, [inputs[i] for i in used], opts, cudagraphs)
+            compile_inputs = inputs if compile_inputs is None else compile_inputs
+            fn, rw.report.launches = _inductor(rw.gm, [compile_inputs[i] for i in used], opts, cudagraphs)
             fn = with_inputs_at(fn, used, len(inputs))
         else:
             fn = rw.gm.forward
@@ -203,7 +205,11 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, opts: Options):
             return fn, ValueGuard((), inputs)
         return fn, ValueGuard(rw.depends_on, inputs, list(rw.constant_outputs.values()) + rw.counters + rw.frozen)
 
-    return GuardedGraph(build, example_inputs)
+    real = real_example_inputs(gm, example_inputs)
+    if all(a is b for a, b in zip(real, example_inputs)):
+        return GuardedGraph(build, example_inputs)
+    # a piece of a graph DDPOptimizer split: values read from the real tensors, compiled on the fake ones
+    return GuardedGraph(build, real, built=build(real, example_inputs))
 
 
 def drop_unused_inputs(gm: fx.GraphModule) -> list:

@@ -25,7 +25,7 @@ import operator
 import os
 import re
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -97,9 +97,10 @@ class ValueGuard:
 class GuardedGraph:
     """A compiled graph that recompacts itself when a value it folded changes."""
 
-    def __init__(self, build: Callable, example_inputs: Sequence):
+    def __init__(self, build: Callable, example_inputs: Sequence, built: Optional[tuple] = None):
         self._build = build  # (inputs) -> (callable, ValueGuard)
-        self.fn, self.guard = build(example_inputs)
+        # `built`: the first build, where it was made otherwise than from example_inputs
+        self.fn, self.guard = built if built is not None else build(example_inputs)
         self.recompactions = 0
 
     def __call__(self, *args):
