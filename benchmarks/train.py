@@ -70,7 +70,15 @@ def masked_and_physical(name: str, keep: float, image: int, seed: int = 0) -> tu
         return bm.masked_models(name, keep, torch.randn(1, *bm.build(name)[1]))
 
     masked, physical, how = make()
-    return (lambda: detached_weights(make()[0])), physical, how
+
+    def fresh():
+        model = detached_weights(make()[0])
+        # choosing the masks traces the model at batch 1; forgotten, a second batch size would
+        # make dynamo compile the model with a symbolic batch
+        torch._dynamo.reset()
+        return model
+
+    return fresh, physical, how
 
 
 def detached_weights(model: nn.Module) -> nn.Module:

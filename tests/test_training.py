@@ -199,3 +199,73 @@ def test_num_batches_tracked_advances(tmp_path):
     for _ in range(3):
         compiled(torch.randn(shape)).sum().backward()
     assert all(int(m.num_batches_tracked) == 3 for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_finetune_through_the_backend(tmp_path):
+    """fxsparse.nn.finetune(backend="fxsparse") distils as eager finetune does (same losses,
+    same weights), with the student's conv compacted."""
+    from fxsparse.nn import finetune
+
+    def student_teacher():
+        torch.manual_seed(0)
+        teacher = nn.Conv2d(4, 8, 3, padding=1)
+        student = nn.Conv2d(4, 8, 3, padding=1)
+        student.load_state_dict(teacher.state_dict())
+        prune.ln_structured(student, "weight", amount=0.5, n=1, dim=0)
+        return student, teacher
+
+    inputs = lambda step: torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(step))  # noqa: E731
+    student, teacher = student_teacher()
+    ref, _ = student_teacher()
+    losses = finetune(student, teacher, 4, input_fn=inputs, progress=False, backend="fxsparse",
+                      options={"inductor": False, "dump_dir": str(tmp_path)})
+    expected = finetune(ref, teacher, 4, input_fn=inputs, progress=False)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(student.weight_orig, ref.weight_orig, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(student.bias, ref.bias, rtol=1e-5, atol=1e-6)
+    (row,) = compacted_rows(tmp_path)
+    assert row["kept_out_channels"] == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_amp_train_steps_on_cuda(dtype, tmp_path):
+    """CUDA, autocast, channels_last, through Inductor: the compiled model trains as eager does
+    within AMP rounding, buffers included."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model, shape = make("resnet", "ln0")
+    ref, _ = make("resnet", "ln0")
+    model, ref = (m.cuda().to(memory_format=torch.channels_last) for m in (model, ref))
+    compiled = compile_model(model, tmp_path, inductor=True)
+    opt, opt_ref = optimizer("sgd", model), optimizer("sgd", ref)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = torch.randn((8,) + shape[1:], generator=g).cuda().to(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=dtype):
+            loss, loss_ref = (compiled(x) - 0.5).square().mean(), (ref(x) - 0.5).square().mean()
+        torch.testing.assert_close(loss.float(), loss_ref.float(), rtol=2e-2, atol=2e-3)
+        opt.zero_grad(), opt_ref.zero_grad()
+        loss.backward(), loss_ref.backward()
+        opt.step(), opt_ref.step()
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=2e-2, atol=2e-3, msg=lambda m, n=n: f"{n}: {m}")
+    for (n, b), (_, c) in zip(model.named_buffers(), ref.named_buffers()):
+        torch.testing.assert_close(b.float(), c.float(), rtol=2e-2, atol=2e-3, msg=lambda m, n=n: f"{n}: {m}")
+    assert compacted_rows(tmp_path)
+
+
+def test_dynamic_shapes_train(tmp_path):
+    """dynamic=True: one graph for every batch size (constants of padded convs read
+    materialised where the spatial size is symbolic), gradients as eager's."""
+    model, shape = make("resnet", "ln0")
+    ref, _ = make("resnet", "ln0")
+    compiled = compile_model(model, tmp_path, dynamic=True)
+    for n in (2, 3, 5):
+        x = torch.randn((n,) + shape[1:])
+        out, expected = compiled(x), ref(x)
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+        out.square().sum().backward(), expected.square().sum().backward()
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+    assert compacted_rows(tmp_path)

@@ -118,6 +118,10 @@ class TrainingLowering(Lowering):
         return self.call(relayout, new, self.index(s.positions_of(src), old, "src_pos"),
                          self.index(Stored(s.channels, kept, None).positions_of(src), old, "dst_pos"), fill)
 
+    def scalar(self, value):
+        """A non-tensor argument (with dynamic=True dynamo may pass one as a graph input)."""
+        return fx.node.map_arg(value, self.read_full)
+
     def read_full(self, old):
         if not isinstance(old, fx.Node):
             return old
@@ -258,7 +262,7 @@ class TrainingLowering(Lowering):
         stats = a["running_mean"] is not None and a["running_var"] is not None
         mean_k, var_k = pick("running_mean"), pick("running_var")
         y = self.call(F.batch_norm, self.env[a["input"]], mean_k, var_k, pick("weight"), pick("bias"),
-                      a["training"], a["momentum"], a["eps"])
+                      a["training"], self.scalar(a["momentum"]), self.scalar(a["eps"]))
         if a["training"]:
             if stats:
                 self.update_pruned_stats(a, lin, mean_k, var_k)
@@ -277,7 +281,7 @@ class TrainingLowering(Lowering):
         pruned = (~lin.kept_mask()).nonzero().flatten()
         order = torch.cat([lin.kept, pruned])
         inverse = self.index(torch.argsort(order), like, "stat_order")
-        m = a["momentum"]
+        m = self.scalar(a["momentum"])
         keep = self.call(operator.sub, 1.0, m) if isinstance(m, fx.Node) else 1.0 - m
         for key, batch_k, value in (("running_mean", mean_k, True), ("running_var", var_k, False)):
             buf = self.env[a[key]]
@@ -297,7 +301,8 @@ class TrainingLowering(Lowering):
         values = self.const_vector(lin, torch.arange(lin.channels), like) if lin.const is None else lin.const
         row = self.call(torch.reshape, values, (1, -1))
         args = [None if a[k] is None else self.env[a[k]] for k in ("running_mean", "running_var", "weight", "bias")]
-        return self.call(torch.reshape, self.call(F.batch_norm, row, *args, False, a["momentum"], a["eps"]), (-1,))
+        return self.call(torch.reshape, self.call(F.batch_norm, row, *args, False, self.scalar(a["momentum"]),
+                                                  self.scalar(a["eps"])), (-1,))
 
     # -- channel-wise ops -----------------------------------------------------------------
     def emit_pointwise(self, n: fx.Node, v: OpView) -> bool:
