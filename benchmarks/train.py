@@ -157,7 +157,7 @@ def exactness(make, device: str, dtype, batch: int, shape, classes: int, steps: 
     """fxsparse against eager from the same state on the same batches."""
     eager, mine = place(make(), device), place(make(), device)
     torch._dynamo.reset()
-    compiled = torch.compile(mine, backend="fxsparse")
+    compiled = torch.compile(mine, backend="fxsparse", dynamic=False)
     t_eager, t_fx = Trainer(eager, eager, dtype, device), Trainer(mine, compiled, dtype, device)
     g = torch.Generator().manual_seed(1)
     loss_err = 0.0
@@ -196,21 +196,21 @@ def model_row(name: str, keep: float, dtype_name: str, batch: int, device: str, 
     if "ind" in variants:
         torch._dynamo.reset()
         m = place(make(), device)
-        t = Trainer(m, torch.compile(m), dtype, device)
+        t = Trainer(m, torch.compile(m, dynamic=False), dtype, device)
         row["ind_compile_s"] = timed_first_step(t, x, y)
         row["ind_ms"] = step_ms(t, x, y, steps)
     if "fx" in variants:
         torch._dynamo.reset()
         fxsparse.report.current_report(None).graphs.clear()
         m = place(make(), device)
-        t = Trainer(m, torch.compile(m, backend="fxsparse"), dtype, device)
+        t = Trainer(m, torch.compile(m, backend="fxsparse", dynamic=False), dtype, device)
         row["fx_compile_s"] = timed_first_step(t, x, y)
         row["macs_kept"] = fxsparse_report_macs()
         row["fx_ms"] = step_ms(t, x, y, steps)
     if "tp" in variants and physical is not None:
         torch._dynamo.reset()
         m = place(physical, device)
-        t = Trainer(m, torch.compile(m), dtype, device)
+        t = Trainer(m, torch.compile(m, dynamic=False), dtype, device)
         row["tp_compile_s"] = timed_first_step(t, x, y)
         row["tp_ms"] = step_ms(t, x, y, steps)
     if check_steps:

@@ -63,12 +63,14 @@ def ddp_forward(variant: str, model, device):
     def DDP(m):  # noqa: N802
         return DistributedDataParallel(m, device_ids=None if device == "cpu" else [device])
 
+    # static shapes: the batch never changes here, and dynamo's profile of earlier runs (the masks
+    # are chosen by tracing at batch 1) must not make it compile a symbolic batch
     if variant == "fx":
-        return DDP(torch.compile(model, backend="fxsparse"))
+        return DDP(torch.compile(model, backend="fxsparse", dynamic=False))
     if variant == "fxsplit":
-        return torch.compile(DDP(model), backend="fxsparse")
+        return torch.compile(DDP(model), backend="fxsparse", dynamic=False)
     if variant == "ind":
-        return torch.compile(DDP(model))
+        return torch.compile(DDP(model), dynamic=False)
     if variant == "eager":
         return DDP(model)
     raise ValueError(f"unknown variant {variant!r}")

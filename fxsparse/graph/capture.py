@@ -283,6 +283,10 @@ def _static_one(s) -> bool:
 def _view_conv(node: fx.Node, args: Optional[dict]) -> OpView:
     if args is None:
         return OpView("unknown", node)
+    if any(isinstance(a, fx.Node) for k in ("stride", "padding", "dilation", "groups")
+           for a in (args[k] if isinstance(args[k], (tuple, list)) else (args[k],))):
+        # e.g. under FSDP2, whose modules dynamo does not specialise: their ints are graph inputs
+        return OpView("conv_other", node, args={"reason": "stride, padding, dilation or groups given as graph values"})
     x = args["input"]
     stride, dilation = _pair(args["stride"]), _pair(args["dilation"])
     padding = args["padding"]
