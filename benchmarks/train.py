@@ -71,14 +71,7 @@ def masked_and_physical(name: str, keep: float, image: int, seed: int = 0) -> tu
 
     masked, physical, how = make()
 
-    def fresh():
-        model = detached_weights(make()[0])
-        # choosing the masks traces the model at batch 1; forgotten, a second batch size would
-        # make dynamo compile the model with a symbolic batch
-        torch._dynamo.reset()
-        return model
-
-    return fresh, physical, how
+    return (lambda: detached_weights(make()[0])), physical, how
 
 
 def detached_weights(model: nn.Module) -> nn.Module:
@@ -145,6 +138,22 @@ def step_ms(trainer: Trainer, x, y, steps: int, warmup: int = 3) -> float:
     return statistics.median(samples)
 
 
+def time_steps(trainers: dict, x, y, steps: int) -> dict:
+    """ms per step of each trainer: on the GPU each on its own (CUDA events); on the CPU in
+    rounds, one step of each per round, medians (a loaded host slows all of them alike)."""
+    if x.is_cuda:
+        return {k: step_ms(t, x, y, steps) for k, t in trainers.items()}
+    samples = {k: [] for k in trainers}
+    for t in trainers.values():
+        t.step(x, y)
+    for _ in range(steps):
+        for k, t in trainers.items():
+            t0 = time.perf_counter()
+            t.step(x, y)
+            samples[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
 def fxsparse_report_macs() -> Optional[float]:
     graphs = [g for g in fxsparse.report.current_report(None).graphs if g.mode == "training"]
     before = sum(g.macs_before for g in graphs)
@@ -156,7 +165,7 @@ def fxsparse_report_macs() -> Optional[float]:
 def exactness(make, device: str, dtype, batch: int, shape, classes: int, steps: int) -> dict:
     """fxsparse against eager from the same state on the same batches."""
     eager, mine = place(make(), device), place(make(), device)
-    torch._dynamo.reset()
+    torch._dynamo.reset()  # (after building: see model_row)
     compiled = torch.compile(mine, backend="fxsparse", dynamic=False)
     t_eager, t_fx = Trainer(eager, eager, dtype, device), Trainer(mine, compiled, dtype, device)
     g = torch.Generator().manual_seed(1)
@@ -190,29 +199,22 @@ def model_row(name: str, keep: float, dtype_name: str, batch: int, device: str, 
     g = torch.Generator().manual_seed(0)
     x, y = batch_of(batch, shape, classes, device, g)
     row = {"model": name, "dtype": dtype_name, "batch": batch, "keep": keep, "masks": how}
-    if "eager" in variants:
-        m = place(make(), device)
-        row["eager_ms"] = step_ms(Trainer(m, m, dtype, device), x, y, steps)
-    if "ind" in variants:
-        torch._dynamo.reset()
-        m = place(make(), device)
-        t = Trainer(m, torch.compile(m, dynamic=False), dtype, device)
-        row["ind_compile_s"] = timed_first_step(t, x, y)
-        row["ind_ms"] = step_ms(t, x, y, steps)
-    if "fx" in variants:
-        torch._dynamo.reset()
-        fxsparse.report.current_report(None).graphs.clear()
-        m = place(make(), device)
-        t = Trainer(m, torch.compile(m, backend="fxsparse", dynamic=False), dtype, device)
-        row["fx_compile_s"] = timed_first_step(t, x, y)
-        row["macs_kept"] = fxsparse_report_macs()
-        row["fx_ms"] = step_ms(t, x, y, steps)
-    if "tp" in variants and physical is not None:
-        torch._dynamo.reset()
-        m = place(physical, device)
-        t = Trainer(m, torch.compile(m, dynamic=False), dtype, device)
-        row["tp_compile_s"] = timed_first_step(t, x, y)
-        row["tp_ms"] = step_ms(t, x, y, steps)
+    labels = [v for v in ("eager", "ind", "fx", "tp") if v in variants and (v != "tp" or physical is not None)]
+    models = {v: place(physical if v == "tp" else make(), device) for v in labels}
+    # models built (choosing masks traces at batch 1), then dynamo's caches cleared once: the
+    # compiled models stay compiled while they are timed in turns
+    torch._dynamo.reset()
+    fxsparse.report.current_report(None).graphs.clear()
+    trainers = {}
+    for label, m in models.items():
+        forward = m if label == "eager" else torch.compile(
+            m, backend="fxsparse" if label == "fx" else "inductor", dynamic=False)
+        trainers[label] = Trainer(m, forward, dtype, device)
+        if label != "eager":
+            row[f"{label}_compile_s"] = timed_first_step(trainers[label], x, y)
+        if label == "fx":
+            row["macs_kept"] = fxsparse_report_macs()
+    row.update({f"{k}_ms": v for k, v in time_steps(trainers, x, y, steps).items()})
     if check_steps:
         row.update(exactness(make, device, dtype, batch, shape, classes, check_steps))
     row["fx_vs_ind"] = common.ratio(row.get("ind_ms"), row.get("fx_ms"))

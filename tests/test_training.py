@@ -269,3 +269,24 @@ def test_dynamic_shapes_train(tmp_path):
     for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
     assert compacted_rows(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["train.py", "train_ddp.py"])
+def test_training_benchmarks_quick(script, tmp_path):
+    """benchmarks/train.py --quick (asserts exactness and compaction itself) and
+    benchmarks/train_ddp.py --quick (two gloo processes) run, exit 0 and print their table last."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", script), "--quick", "--json",
+                           str(tmp_path / "rows.json")], cwd=root, env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("| "), proc.stdout[-2000:]
+    rows = __import__("json").loads((tmp_path / "rows.json").read_text())["rows"]
+    if script == "train_ddp.py":
+        fx = [r for r in rows if r.get("variant") == "fx"]
+        assert fx and all("error" not in r and r["compacted"] > 0 and r["param_err"] < 1e-4 for r in fx), rows
