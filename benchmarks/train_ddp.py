@@ -8,11 +8,12 @@ off: NCCL_NVLS_ENABLE=0) for all the GPUs and again for one, and prints the tabl
 Model: ResNet-50 (torchvision) with 50% of its channel groups masked (benchmarks/models.py),
 AMP (`--dtype`, GradScaler for fp16), channels_last, B=`--batch` per GPU, SGD momentum 0.9.
 
-Variants (each rank): `fx` = DDP(torch.compile(model, backend="fxsparse")) (the whole graph is
-compacted; DDP all-reduces once the compiled backward is done), `fxsplit` =
-torch.compile(DDP(model), backend="fxsparse") (DDPOptimizer splits the graph at bucket
-boundaries: all-reduce overlaps backward, channels are carried within each piece), `ind` =
-torch.compile(DDP(model)) (Inductor, DDPOptimizer). Per variant: compile s (first step, the
+Variants (each rank): `fx` = DDP(torch.compile(model, backend="fxsparse")) and `fxsplit` =
+torch.compile(DDP(model), backend="fxsparse"): both go through DDPOptimizer, which splits the
+graph at DDP's bucket boundaries (all-reduce overlaps backward; channels are carried within each
+piece, materialised at the cuts); `fxwhole` = the latter with torch._dynamo.config.optimize_ddp
+= False (one graph, compacted whole; DDP all-reduces once the compiled backward is done);
+`ind` = torch.compile(DDP(model)) (Inductor, DDPOptimizer). Per variant: compile s (first step, the
 slowest rank), ms per step (CUDA events over `--steps` steps, the slowest rank), images/s over
 all ranks, scaling = images/s on N GPUs / (N * images/s on one GPU), compacted convs and MACs
 kept per rank (fxsparse's report), and for fx the exactness run: before timing, `--check-steps`
@@ -65,9 +66,10 @@ def ddp_forward(variant: str, model, device):
 
     # static shapes: the batch never changes here, and dynamo's profile of earlier runs (the masks
     # are chosen by tracing at batch 1) must not make it compile a symbolic batch
+    torch._dynamo.config.optimize_ddp = variant != "fxwhole"
     if variant == "fx":
         return DDP(torch.compile(model, backend="fxsparse", dynamic=False))
-    if variant == "fxsplit":
+    if variant in ("fxsplit", "fxwhole"):
         return torch.compile(DDP(model), backend="fxsparse", dynamic=False)
     if variant == "ind":
         return torch.compile(DDP(model), dynamic=False)
@@ -235,7 +237,7 @@ def main(argv: Optional[list] = None) -> None:
     p.add_argument("--dtype", default="fp16", choices=tuple(DTYPES))
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--check-steps", type=int, default=5)
-    p.add_argument("--variants", default="fx,ind", help="of fx, fxsplit, ind")
+    p.add_argument("--variants", default="fx,fxwhole,ind", help="of fx, fxsplit, fxwhole, ind")
     p.add_argument("--no-single", action="store_true", help="skip the one-GPU run")
     p.add_argument("--timeout-s", type=int, default=420, help="per torchrun launch")
     p.add_argument("--quick", action="store_true", help="2 gloo processes on the CPU, a small ResNet, fp32: a smoke test")

@@ -64,13 +64,14 @@ def worker(rank: int, world: int, port: int, how: str, optimize_ddp: bool, induc
         eager_losses = train(ref, DDP(ref), shape, 3, rank)
         model, _ = make_model()
         options = {"inductor": inductor}
+        # small buckets (the first one too): DDPOptimizer (on in both forms) splits the graph
+        # into several pieces, each compiled on its own (with fake example inputs), each
+        # compacted, and runs each compiled piece on fake tensors to reach the next
+        dist._DEFAULT_FIRST_BUCKET_BYTES = 2000
         if how == "ddp_of_compiled":
             compiled = torch.compile(model, backend="fxsparse", options=options)
-            forward = DDP(compiled)
+            forward = DDP(compiled, bucket_cap_mb=0.005)
         else:
-            # small buckets (the first one too): DDPOptimizer splits the graph into several
-            # pieces, each compiled on its own (with fake example inputs) and each compacted
-            dist._DEFAULT_FIRST_BUCKET_BYTES = 2000
             forward = torch.compile(DDP(model, bucket_cap_mb=0.005), backend="fxsparse", options=options)
         losses = train(model, forward, shape, 3, rank)
         for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
@@ -92,7 +93,7 @@ def worker(rank: int, world: int, port: int, how: str, optimize_ddp: bool, induc
 
 @pytest.mark.parametrize("how,optimize_ddp,inductor", [
     ("ddp_of_compiled", True, False), ("compiled_ddp", True, False), ("compiled_ddp", False, False),
-    ("compiled_ddp", True, True),
+    ("compiled_ddp", True, True), ("ddp_of_compiled", True, True),
 ])
 def test_ddp_matches_eager_and_compacts(how, optimize_ddp, inductor):
     if not dist.is_available() or not dist.is_gloo_available():
@@ -105,7 +106,7 @@ def test_ddp_matches_eager_and_compacts(how, optimize_ddp, inductor):
     assert sorted(results) == list(range(world))
     for rank, r in results.items():
         assert r["graphs"] >= 1 and r["compacted"] > 0, (rank, r)
-        if how == "compiled_ddp" and optimize_ddp:
+        if optimize_ddp:
             # split at bucket boundaries: channels are carried within each piece, not across
             assert r["pieces"] > 1 and r["macs_after"] < 0.9 * r["macs_before"], (rank, r)
         else:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 log = logging.getLogger("fxsparse")
 
@@ -104,8 +105,19 @@ class GuardedGraph:
         self.recompactions = 0
 
     def __call__(self, *args):
+        if _fake(args):
+            # DDPOptimizer runs each compiled piece on fake tensors to propagate shapes to the
+            # next: nothing to read or recompact there (and fakes hold no values to read)
+            return self.fn(*args)
         if not self.guard.holds(args):
             log.info("fxsparse: a folded weight, mask or statistic changed: recompacting")
             self.fn, self.guard = self._build(args)
             self.recompactions += 1
         return self.fn(*args)
+
+
+def _fake(args: Sequence) -> bool:
+    """Whether the call is on fake tensors (DDPOptimizer fakes every tensor argument, so the
+    first one tells; cheap on the per-call path)."""
+    first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    return isinstance(first, FakeTensor)
