@@ -26,12 +26,13 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from fxsparse.compaction.propagate import CONST_DTYPE, ConvPlan, Layout, Propagation
-from fxsparse.graph.capture import OpView
+from fxsparse.compaction.propagate import CONST_DTYPE, ConvPlan, Layout, Propagation, at_least_one
+from fxsparse.compaction.rules import SKIP, channel_axis, rule_for
+from fxsparse.graph.capture import OpView, module_path, written_args
 from fxsparse.kernels.layout import relayout, select_channels
 from fxsparse.lowering import choose
 from fxsparse.lowering.fusion import Chain, plan_chains
-from fxsparse.sparsity.read import ConvSparsity, evaluate, param_only
+from fxsparse.sparsity.read import ConvSparsity, evaluate, other_conv_geometry, param_only
 
 
 @dataclass
@@ -107,12 +108,16 @@ class Lowering:
         # a channel `have` does not store holds have's constant (want's constants describe
         # the consumer's result, e.g. a residual sum, not this operand)
         like = self._example(old)
-        return self.graph.call_function(relayout, (
+        axis = channel_axis(old)
+        if axis != 1 and like.dim() != 2:  # channels-last activation (after a permute)
+            new = self.graph.call_method("movedim", (new, axis, 1))
+        out = self.graph.call_function(relayout, (
             new,
             self.const(have.positions_of(src_ids).to(like.device), "src_pos"),
             self.const(want.positions_of(src_ids).to(like.device), "dst_pos"),
             self.const(have.const[want.kept].to(like.dtype).to(like.device), "fill"),
         ))
+        return out if axis == 1 or like.dim() == 2 else self.graph.call_method("movedim", (out, 1, axis))
 
     def read_for(self, old, user) -> fx.Node:
         """`old` as `user` needs it: materialised where the propagation said so."""
@@ -144,9 +149,9 @@ class Lowering:
     @staticmethod
     def drop_unused_weight_math(graph: fx.Graph) -> None:
         """Removes copied parameter-only nodes (`mask * weight_orig`) that nothing reads any more.
-        (Not a general DCE: an unused in-place op may still write a tensor others read.)"""
+        (Not a general DCE: an unused in-place op writes a tensor others read, or a buffer.)"""
         for node in reversed(list(graph.nodes)):
-            if node.meta.get("_fxsparse_param_only") and not node.users:
+            if node.meta.get("_fxsparse_param_only") and not node.users and not written_args(node):
                 graph.erase_node(node)
 
     def emit(self, n: fx.Node) -> None:
@@ -167,21 +172,14 @@ class Lowering:
         self.emit_node(n)
 
     def emit_node(self, n: fx.Node) -> None:
-        """`n` by its own handler, outside any chain."""
+        """`n` by its own handler (its op's channel rule, compaction/rules.py), outside any chain."""
         v = self.cap.views.get(n)
-        kind = v.kind if v is not None else "unknown"
-        if kind in ("conv2d", "conv_other"):
-            self.env[n] = self.emit_conv(n, v)
-        elif n in self.prop.linear_plans:
-            self.env[n] = self.emit_linear(n, v)
-        elif kind == "batch_norm" and n in self.prop.layout and self.prop._foldable_bn(v) and self.prop.enabled:
-            self.env[n] = self.emit_affine_bn(n, v)
-        elif kind == "add" and n in self.prop.layout and self.prop.enabled:
-            want = self.prop.layout[n]
-            self.env[n] = self.graph.call_function(
-                torch.add, (self.read(v.args["a"], want), self.read(v.args["b"], want)))
-        else:
-            self.env[n] = self.copy(n)
+        rule = rule_for(v)
+        by_rule = rule.when_disabled or self.prop.enabled and (n in self.prop.ruled or n not in self.prop.layout)
+        out = rule.emit(self, n, v) if v is not None and by_rule else None
+        if out is SKIP:
+            return
+        self.env[n] = self.copy(n) if out is None else out
         self.env[n].meta["example_value"] = n.meta.get("example_value")
 
     def copy(self, n: fx.Node) -> fx.Node:
@@ -250,8 +248,9 @@ class Lowering:
         identity_in = len(positions) == len(x_layout.kept) and torch.equal(positions, torch.arange(len(positions)))
         w_t = weight.to(device, dtype).contiguous(memory_format=torch.channels_last)
         b_t = None if bias is None else bias.to(device, dtype)
-        m_t = None if bias_map is None else bias_map.to(device, torch.float32)
-        lowering = self.conv_backend if not plan.depthwise else "aten"
+        # (fp32 at least: the fused op's accumulator; a float64 model's own precision)
+        m_t = None if bias_map is None else bias_map.to(device, torch.promote_types(dtype, torch.float32))
+        lowering = self.conv_backend if not (plan.depthwise or plan.groups > 1) else "aten"
         choice = None
         if lowering == "auto":
             decision = self.choose_lowering(chain, x_layout, None if identity_in else positions, w_t, b_t, m_t, like)
@@ -318,7 +317,8 @@ class Lowering:
         if chain.add is not None:
             return self.prop.layout[chain.add]
         own = self.prop.layout[chain.anchor]
-        if self.prop.conv_plans[chain.conv].depthwise or len(chain.anchor.users) != 1:
+        plan = self.prop.conv_plans[chain.conv]
+        if plan.depthwise or plan.groups > 1 or len(chain.anchor.users) != 1:
             return own  # (a depthwise conv's filters are its channels: no rows to add)
         (user,) = chain.anchor.users
         v = self.cap.views.get(user)
@@ -382,13 +382,13 @@ class Lowering:
         in_index = None if positions is None else self.const(positions.to(like.device), "in_index")
         return self.graph.call_function(torch.ops.fxsparse.conv2d.default, (
             x, w_node, b_node, list(conv.stride), list(conv.padding), list(conv.dilation),
-            in_index, out_index, len(out_layout.kept), fill, None, None, m_node, residual,
+            in_index, out_index, len(out_layout.kept), fill, m_node, residual,
             act, chain.residual_after_activation))
 
     def emit_aten_conv(self, plan, conv, x, positions, w_node, b_node, m_node) -> fx.Node:
         if positions is not None:
             x = self.graph.call_function(select_channels, (x, self.const(positions.to(self._device(x)), "in_index")))
-        groups = len(plan.out_layout.kept) if plan.depthwise else 1
+        groups = len(plan.out_layout.kept) if plan.depthwise else plan.groups
         out = self.graph.call_function(torch.conv2d, (
             x, w_node, b_node, conv.stride, conv.padding, conv.dilation, groups))
         if m_node is not None:
@@ -410,16 +410,36 @@ class Lowering:
         return val.device if isinstance(val, torch.Tensor) else "cpu"
 
     def emit_linear(self, n: fx.Node, v: OpView) -> fx.Node:
-        lin: Layout = self.prop.linear_plans[n]
+        """A linear on the channel dim, compacted as a 1x1 conv: rows of its kept outputs, columns
+        of its stored inputs, the other inputs' constants folded into the bias."""
+        plan = self.prop.linear_plans[n]
+        lin, out = plan.in_layout, plan.out_layout
         w = evaluate(v.args["weight"], self.cap).detach()
         b = v.args.get("bias")
         b = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if b is None else evaluate(b, self.cap).detach()
+        rows = out.kept.to(w.device)
         dropped = ~lin.kept_mask()
-        folded = w.to(CONST_DTYPE)[:, dropped].cpu() @ lin.const[dropped]
-        w_k = w[:, lin.kept]
-        b_k = (b.to("cpu", CONST_DTYPE) + folded).to(b.device, b.dtype)
+        folded = w.to(CONST_DTYPE)[rows][:, dropped].cpu() @ lin.const[dropped]
+        w_k = w[rows][:, plan.in_channels_used.to(w.device)]
+        b_k = (b[rows].to("cpu", CONST_DTYPE) + folded).to(b.device, b.dtype)
+        x = self.read(v.args["input"], lin)
+        if self._example(v.args["input"]).dim() == 4:
+            self.record_linear(n, w, rows, lin)
         return self.graph.call_function(torch.nn.functional.linear, (
-            self.read(v.args["input"]), self.const(w_k.contiguous(), "linear_weight"), self.const(b_k, "linear_bias")))
+            x, self.const(w_k.contiguous(), "linear_weight"), self.const(b_k, "linear_bias")))
+
+    def record_linear(self, n: fx.Node, w: torch.Tensor, rows: torch.Tensor, lin: Layout) -> None:
+        """A report row for a linear on the channel dim of a channels-last activation: a 1x1 conv
+        (a ConvNeXt block's MLP), with its MACs beside the convs'."""
+        shape = self._example(self.cap.views[n].args["input"]).shape
+        pixels = int(torch.tensor([int(d) for d in shape[1:-1]]).prod()) if all(
+            isinstance(d, int) for d in shape[1:-1]) else 0
+        cout, cin = w.shape
+        used = int(((w[rows] != 0).any(0).cpu() & lin.kept_mask()).sum())
+        kin, kout = len(lin.kept), len(rows)
+        self.records[n] = ConvRecord(
+            module_path(n), cin, cout, kin, kout, (1, 1), (1, 1), 1, "aten", None, "linear on channels",
+            "values", pixels * cin * cout, pixels * kin * kout, pixels * used * kout)
 
     def emit_affine_bn(self, n: fx.Node, v: OpView) -> fx.Node:
         """A BatchNorm that follows no conv (e.g. after a concat), run on its kept channels."""
@@ -434,8 +454,8 @@ class Lowering:
 
     def emit_training_conv(self, n: fx.Node, v: OpView, sp: ConvSparsity) -> fx.Node:
         conv = v.conv
-        kept_out = (~sp.zero_rows).nonzero().flatten()
-        kept_in = (~sp.zero_cols).nonzero().flatten()
+        kept_out = at_least_one(~sp.zero_rows).nonzero().flatten()
+        kept_in = at_least_one(~sp.zero_cols).nonzero().flatten()
         dev = self._device(conv.input)
         w = self.env[conv.weight]
         x = self.env[conv.input]
@@ -457,12 +477,12 @@ class Lowering:
 
     # -- records ----------------------------------------------------------------------
     def _macs(self, sp: ConvSparsity, cin_per_group: int, cout: int) -> int:
-        """Multiply-accumulates per sample (0 where the output's spatial size is symbolic)."""
-        out = self._example(sp.view.node)
-        if not all(isinstance(s, int) for s in out.shape[2:]):
+        """Multiply-accumulates per sample, at the example input's size where the graph's is symbolic."""
+        h, w = (size_hint(s) for s in self._example(sp.view.node).shape[2:4])
+        if h is None or w is None:
             return 0
         kh, kw = sp.kernel_size
-        return int(out.shape[2] * out.shape[3]) * cout * cin_per_group * kh * kw
+        return h * w * cout * cin_per_group * kh * kw
 
     def _record(self, sp, kin, kout, ideal_in, ideal_out, lowering, reason, fused=(),
                 computed_out: Optional[int] = None) -> ConvRecord:
@@ -473,10 +493,18 @@ class Lowering:
         return ConvRecord(
             sp.name, sp.in_channels, sp.out_channels,
             sp.in_channels if lowering == "unchanged" else (kout if groups > 1 else kin), kout,
-            tuple(sp.kernel_size), tuple(conv.stride) if conv else (), groups, lowering, reason,
+            tuple(sp.kernel_size), tuple(conv.stride) if conv else other_conv_geometry(sp.view.node)[3], groups,
+            lowering, reason,
             sp.kind, sp.source, self._macs(sp, sp.in_channels // max(groups, 1), sp.out_channels) if conv else 0,
             self._macs(sp, kin, computed_out or kout) if conv else 0, self._macs(sp, ideal_in, ideal_out) if conv else 0,
-            list(fused), list(sp.notes))
+            list(fused), list(sp.notes) + self._symbolic_note(sp))
+
+    def _symbolic_note(self, sp) -> list:
+        sizes = self._example(sp.view.node).shape[2:4]
+        if all(isinstance(s, int) for s in sizes):
+            return []
+        return [f"spatial size symbolic ({' x '.join(map(str, sizes))}): MACs counted at the example input's "
+                f"{' x '.join(str(size_hint(s)) for s in sizes)}"]
 
     def record_unchanged(self, n, sp: ConvSparsity) -> None:
         reason = sp.reason
@@ -497,6 +525,8 @@ class Lowering:
         kout = len(plan.out_layout.kept)
         if plan.depthwise:  # one input channel per output channel
             kin = ideal_in = 1
+        elif plan.groups > 1:  # input channels per group, padded to the fullest group
+            kin = ideal_in = plan.weight.shape[1]
         else:
             kin = len(plan.in_channels_used)
             ideal_layout = self.prop.layout.get(self.cap.views[chain.conv].conv.input)
@@ -509,6 +539,14 @@ class Lowering:
         if zero:
             record.notes.append(f"the conv also computes {zero} zero filter rows: it writes the residual "
                                 f"add's {kout + zero}-channel layout directly (no scatter)")
+
+
+def size_hint(size) -> Optional[int]:
+    """An int size, or the example's value of a symbolic one (None where it has none)."""
+    if isinstance(size, int):
+        return size
+    hint = getattr(getattr(size, "node", None), "hint", None)
+    return int(hint) if hint is not None else None
 
 
 def keep_dynamo_metadata(dynamo_gm: fx.GraphModule, gm: fx.GraphModule) -> None:
