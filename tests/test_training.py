@@ -290,3 +290,16 @@ def test_training_benchmarks_quick(script, tmp_path):
     if script == "train_ddp.py":
         fx = [r for r in rows if r.get("variant") == "fx"]
         assert fx and all("error" not in r and r["compacted"] > 0 and r["param_err"] < 1e-4 for r in fx), rows
+
+
+def test_every_output_channel_removed_float64(tmp_path):
+    """A mask removing every output channel of a conv (its constant channels reach the next
+    conv through a bias map): in float64, gradients equal eager's to rounding."""
+    model, shape = make("chain", "custom_out")
+    ref, _ = make("chain", "custom_out")
+    for m in (model, ref):
+        conv = m[1][0]
+        prune.custom_from_mask(conv, "weight", torch.zeros_like(conv.weight))
+        m.double()
+    compiled = compile_model(model, tmp_path)
+    train_both(model, ref, compiled, shape, steps=2, dtype=torch.float64)

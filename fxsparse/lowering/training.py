@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from fxsparse.compaction.propagate import CONST_DTYPE, Propagation, channel_count
+from fxsparse.compaction.propagate import CONST_DTYPE, Propagation, at_least_one, channel_count
 from fxsparse.graph.capture import OpView
 from fxsparse.kernels.layout import relayout, select_channels
 from fxsparse.lowering.rewrite import Lowering
@@ -173,7 +173,7 @@ class TrainingLowering(Lowering):
     def emit_dense_conv(self, n, v, sp) -> bool:
         conv = v.conv
         lin = self.layout(conv.input)
-        kept_out = (~sp.zero_rows).nonzero().flatten()
+        kept_out = at_least_one(~sp.zero_rows).nonzero().flatten()  # never a zero-size conv
         used = ~sp.zero_cols
         stored = lin.kept_mask()
         const_cols = (used & ~stored).nonzero().flatten() if lin.const is not None else torch.zeros(0, dtype=torch.long)
@@ -189,7 +189,7 @@ class TrainingLowering(Lowering):
         read = used & stored
         x = self.env[conv.input]
         if 8 * int((stored & ~used).sum()) > len(lin.kept):  # gather what the filters use
-            in_ids = read.nonzero().flatten()
+            in_ids = read.nonzero().flatten() if bool(read.any()) else lin.kept[:1]  # (a zero column)
             x = self.call(select_channels, x, self.index(lin.positions_of(in_ids), conv.input, "in_index"))
         else:  # read the whole stored input, zero weight columns for the few unused
             in_ids = lin.kept
@@ -236,7 +236,7 @@ class TrainingLowering(Lowering):
         input stored (materialised where the input holds a constant there)."""
         conv = v.conv
         lin = self.layout(conv.input)
-        kept_out = (~sp.zero_rows).nonzero().flatten()
+        kept_out = at_least_one(~sp.zero_rows).nonzero().flatten()
         if len(kept_out) == sp.out_channels and lin.is_full:
             return False
         x = self.read_as(conv.input, kept_out) if not bool(lin.kept_mask()[kept_out].all()) else self.env[conv.input]
