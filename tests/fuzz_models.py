@@ -304,6 +304,12 @@ def nets(draw, features=Features(), max_nodes=6, max_channels=8, max_hw=8, max_b
     return Net(net.in_shape, net.nodes, sinks(net))
 
 
+def traceable_whole(net: Net) -> bool:
+    """Whether dynamo traces the net as one graph: a train-mode BatchNorm with momentum=None
+    divides by float(num_batches_tracked), a graph break."""
+    return not any(isinstance(n, BN) and n.momentum is None for n in net.nodes)
+
+
 def sinks(net: Net) -> tuple:
     """The nodes no other node reads (the input aside): returning them all, every node is used."""
     read = set()

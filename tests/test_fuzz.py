@@ -73,6 +73,8 @@ class Scenario:
     grad: bool  # grad enabled at the first call
     edits: tuple
     seed: int
+    dynamic: bool | None = None  # torch.compile(dynamic=...)
+    channels_last: bool = False  # model and inputs in channels_last memory format
 
 
 # edits that change the call rather than the model: a batch size, a spatial size, grad mode
@@ -87,11 +89,13 @@ FP32_OPTIONS = st.fixed_dictionaries({
 
 @st.composite
 def scenarios(draw, features: FM.Features, edit_kinds=FP32_EDITS, max_edits=4, train=st.booleans(),
-              grad=st.sampled_from([False, False, True]), options=FP32_OPTIONS, force_masks=(), **net_kw):
+              grad=st.sampled_from([False, False, True]), options=FP32_OPTIONS, force_masks=(),
+              dynamic=st.sampled_from([None, None, None, True]), channels_last=st.booleans(), **net_kw):
     net = draw(FM.nets(features, **net_kw))
     kinds = draw(st.lists(st.sampled_from(edit_kinds), max_size=max_edits))
     return Scenario(net, draw(FM.masks(net, features, force=force_masks)), draw(options), draw(train), draw(grad),
-                    tuple(FM.Edit(k, draw(st.integers(0, 2**16))) for k in kinds), draw(st.integers(0, 2**16)))
+                    tuple(FM.Edit(k, draw(st.integers(0, 2**16))) for k in kinds), draw(st.integers(0, 2**16)),
+                    draw(dynamic), draw(channels_last))
 
 
 # -- running one ----------------------------------------------------------------------------------
@@ -129,8 +133,8 @@ class Check:
         self.tol, self.ignore, self.context = tol, ignore, call_context
         self.reference = reference or eager
 
-    def call(self, shape, seed: int, grad: bool, dtype):
-        x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    def call(self, shape, seed: int, grad: bool, dtype, memory_format=torch.contiguous_format):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype, memory_format=memory_format)
         with torch.set_grad_enabled(grad):
             try:
                 want = as_tuple(self.reference(x.clone()))
@@ -176,12 +180,16 @@ class Check:
                 assert torch.equal(mine[name], want), f"state {name}: {mine[name]} != eager {want}"
 
 
+def memory_format(sc: Scenario):
+    return torch.channels_last if sc.channels_last else torch.contiguous_format
+
+
 def build(sc: Scenario, dtype):
     torch.manual_seed(sc.seed)
     model = FM.randomize(FM.FuzzNet(sc.net), sc.seed)
     for m in sc.masks:
         FM.apply_mask(model, m)
-    return model.to(dtype).train(sc.train)
+    return model.to(dtype, memory_format=memory_format(sc)).train(sc.train)
 
 
 def in_fp32(module, x):
@@ -212,19 +220,20 @@ def count_events(first_graph: int) -> None:
 
 
 def run_scenario(sc: Scenario, features: FM.Features, dtype=torch.float32, tol=1e-5, **check_kw):
-    note(f"net = {sc.net}\nmasks = {sc.masks}\noptions = {sc.options}")
+    note(f"net = {sc.net}\nmasks = {sc.masks}\noptions = {sc.options}, dynamic={sc.dynamic}")
     torch._dynamo.reset()  # dynamo caches per code object, and every FuzzNet shares one forward
     first_graph = next_graph_index()
     model, eager = build(sc, dtype), build(sc, dtype)  # (a pruned module does not deepcopy)
     assume(features.all_channels or not FM.dead_conv(model))
-    compiled = torch.compile(model, backend="fxsparse", fullgraph=True, options={"inductor": False, **sc.options})
+    compiled = torch.compile(model, backend="fxsparse", fullgraph=FM.traceable_whole(sc.net), dynamic=sc.dynamic,
+                             options={"inductor": False, **sc.options})
     ignore = () if BUFFER_MUTATIONS_FIXED else ("num_batches_tracked",)
     check = Check(compiled, model, eager, tol=tol, ignore=ignore, **check_kw)
     if dtype == torch.float16:
         check.reference = lambda x: in_fp32(eager, x)
     shape, grad = sc.net.in_shape, sc.grad
-    check.call(shape, sc.seed, grad, dtype)  # compiles
-    check.call(shape, sc.seed + 1, grad, dtype)  # a fresh input through the same compiled graph
+    check.call(shape, sc.seed, grad, dtype, memory_format(sc))  # compiles
+    check.call(shape, sc.seed + 1, grad, dtype, memory_format(sc))  # a fresh input through the same compiled graph
     for i, edit in enumerate(sc.edits):
         note(f"edit {i}: {edit}")
         event(f"edit: {edit.kind}")
@@ -238,7 +247,7 @@ def run_scenario(sc: Scenario, features: FM.Features, dtype=torch.float32, tol=1
             for m in (model, eager):
                 FM.apply_edit(m, edit)
             assume(features.all_channels or not FM.dead_conv(model))
-        check.call(shape, sc.seed + 2 + i, grad, dtype)
+        check.call(shape, sc.seed + 2 + i, grad, dtype, memory_format(sc))
     count_events(first_graph)
 
 
@@ -270,6 +279,16 @@ def test_fuzz_fp16_triton(poisoned_kernel_outputs, sc):
     launched = len(poisoned_kernel_outputs)
     run_scenario(sc, KNOWN, torch.float16, tol=2e-2, call_context=triton_on_cpu)
     event("the Triton kernel ran" if len(poisoned_kernel_outputs) > launched else "the Triton kernel did not run")
+
+
+@settings(max_examples=examples(0.02))
+@given(scenarios(KNOWN, edit_kinds=("sgd", "mask_edit", "train", "eval", "batch"), max_edits=2,
+                 options=st.fixed_dictionaries({"inductor": st.just(True), "lowering": st.sampled_from(["auto", "triton"])}),
+                 max_nodes=4))
+def test_fuzz_through_inductor(sc):
+    """The rewritten graph compiled by Inductor, as users run it (each compile is C++ codegen:
+    few examples)."""
+    run_scenario(sc, KNOWN)
 
 
 # -- behaviour whose fix is pending: each test targets one, skipped until the fix is in -----------
