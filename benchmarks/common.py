@@ -1,6 +1,6 @@
 """Timing, table and report helpers shared by every fxsparse benchmark script.
 
-Timing methods (what anchors.md uses, so numbers are comparable):
+Timing methods (fxsparse.kernels.timing's, which the selector uses, so numbers are comparable):
   time_cuda_graph  kernel time: `fn` captured `calls` times in one CUDA graph, the median of
                    `triton.testing.do_bench` on replay, divided by `calls` (launch gaps hidden).
   time_plain       what a caller sees: do_bench median on the plain call (host overhead included).
@@ -39,7 +39,7 @@ def time_cuda_graph(fn: Callable[[], object], calls: int = 20, warmup_calls: int
 
 def time_plain(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -> float:
     """Median ms per plain call (host overhead, guards and launches included)."""
-    from fxsparse.nn.eval import plain_time_ms
+    from fxsparse.kernels.timing import plain_time_ms
 
     return plain_time_ms(fn, warmup_ms, rep_ms)
 

@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 
 import fxsparse.ops  # noqa: E402,F401
+from fxsparse.kernels.problem import ConvArgs  # noqa: E402
 
 # name, batch, cin, cout, kernel, H=W, stride
 LAYERS = [
@@ -80,8 +81,8 @@ def _inductor_max_autotune(stride, padding):
 
 
 def _op(x, w, bias, stride, padding, in_index, cout, activation):
-    return torch.ops.fxsparse.conv2d(x, w, bias, list(stride), list(padding), [1, 1], in_index, None, cout,
-                                     None, None, None, None, None, activation, False)
+    return torch.ops.fxsparse.conv2d(*ConvArgs.of(x, w, bias, stride, padding, in_index=in_index, out_channels=cout,
+                                                  activation=activation))
 
 
 def make_tensors(spec, keep_out, keep_in, device):
@@ -192,6 +193,33 @@ def run_row(spec, keep_out, keep_in, args, device, started):
     return row
 
 
+def compare(before_path: str, after_path: str) -> list:
+    """fxsparse's time per row of two runs (e.g. two versions of the kernels), and after / before."""
+    import json
+
+    def rows_of(path):
+        with open(path) as f:
+            return {(r["layer"], r["batch"], r["keep"]): r for r in json.load(f)["rows"]}
+
+    before, after = rows_of(before_path), rows_of(after_path)
+    rows = []
+    for key, a in after.items():
+        b = before.get(key, {})
+        rows.append(dict(layer=key[0], batch=key[1], keep=key[2], before_us=b.get("fxsparse_us"),
+                         after_us=a.get("fxsparse_us"), ratio=common.ratio(a.get("fxsparse_us"), b.get("fxsparse_us")),
+                         cudnn_before=b.get("cudnn_cl_us"), cudnn_after=a.get("cudnn_cl_us"),
+                         speedup_before=b.get("speedup"), speedup_after=a.get("speedup")))
+    rows.append(dict(layer="geomean", ratio=common.geomean(r["ratio"] for r in rows),
+                     speedup_before=common.geomean(r["speedup_before"] for r in rows),
+                     speedup_after=common.geomean(r["speedup_after"] for r in rows)))
+    common.print_table(rows, [("layer", "layer"), ("batch", "B"), ("keep", "keep"), ("before_us", "fx before us"),
+                              ("after_us", "fx after us"), ("ratio", "after/before"),
+                              ("cudnn_before", "cuDNN before us"), ("cudnn_after", "cuDNN after us"),
+                              ("speedup_before", "vs cuDNN before"), ("speedup_after", "vs cuDNN after")],
+                       title=f"fxsparse before ({before_path}) and after ({after_path})")
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny shapes on the CPU (aten path), no Inductor")
@@ -202,7 +230,12 @@ def main(argv=None):
     p.add_argument("--budget-s", type=float, default=360.0,
                    help="after this many seconds, skip the Inductor columns of the remaining rows")
     p.add_argument("--plot", metavar="PNG", help="bar chart of the times, if matplotlib is installed")
+    p.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"),
+                   help="print fxsparse's times of two --json runs side by side (no GPU needed)")
     args = p.parse_args(argv)
+    if args.compare:
+        compare(*args.compare)
+        return 0
 
     if args.quick:
         device = "cpu"

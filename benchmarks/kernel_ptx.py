@@ -1,4 +1,4 @@
-"""What the conv kernel compiles to on Hopper, without a GPU: the PTX of `_conv2d_kernel` for
+"""What the conv kernel compiles to on Hopper, without a GPU: the PTX of `pointer.conv_kernel` for
 sm90, built offline by Triton's own compiler (its bundled ptxas), and how its global memory
 accesses are vectorized (`st.global.v4` moves 16 bytes, `st.global.b16` one fp16).
 
@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PATTERNS = ("st.global.v4", "st.global.v2", "st.global.b16", "ld.global.v4", "ld.global.v2", "ld.global.b16",
             "wgmma", "mma.sync", "cp.async")
-_POINTERS = ("x_ptr", "w_ptr", "out_ptr", "ws_ptr", "arrivals_ptr", "bias_ptr", "scale_ptr", "shift_ptr",
-             "bias_map_ptr", "res_ptr", "chan_ptr")
+_POINTERS = ("x_ptr", "w_ptr", "out_ptr", "ws_ptr", "arrivals_ptr", "bias_ptr", "bias_map_ptr", "res_ptr",
+             "chan_ptr")
 _POINTER_TYPES = {"ws_ptr": "*fp32", "bias_map_ptr": "*fp32", "arrivals_ptr": "*i32", "chan_ptr": "*i32"}
 # How split-K slices meet (tile.last_slice_to_arrive): a CTA barrier, then one acquire-release
 # atomic at GPU scope, then the partial sums read through L2.
@@ -36,14 +36,14 @@ class OfflineCompileUnavailable(RuntimeError):
 
 def memory_instructions(pointwise: bool = True, out_index: bool = False, residual: bool = True,
                         block=(128, 128, 64), num_warps: int = 8, num_stages: int = 3,
-                        persistent: bool = False, split: bool = False) -> Counter:
+                        split: bool = False) -> Counter:
     """Counts of PATTERNS in the sm90 PTX of one fp16 conv launch: 64 -> 256 channels at 56x56
     (channels_last, every stride a multiple of 16, as Triton specializes real launches), 1x1
     (`pointwise`) or 3x3, writing through an output-channel index or not."""
     import triton
     import triton.language as tl
 
-    from fxsparse.kernels.conv2d import _conv2d_kernel
+    from fxsparse.kernels.pointer import conv_kernel
 
     try:
         from triton.backends.compiler import GPUTarget
@@ -61,12 +61,11 @@ def memory_instructions(pointwise: bool = True, out_index: bool = False, residua
     constexprs = dict(KH=k, KW=k, STRIDE_H=1, STRIDE_W=1, PAD_H=k // 2, PAD_W=k // 2, DIL_H=1, DIL_W=1,
                       SOURCE=0, SPLIT=split, POINTWISE=pointwise, FLAT_X_ROWS=pointwise, FLAT_OUT_ROWS=True,
                       EVEN_K=True, HAS_CHAN_INDEX=out_index,
-                      HAS_BIAS=True, HAS_SCALE=False, HAS_SHIFT=False, HAS_BIAS_MAP=False,
+                      HAS_BIAS=True, HAS_BIAS_MAP=False,
                       HAS_RESIDUAL=residual, RESIDUAL_AFTER=False, ACTIVATION=1, ACC_TYPE=tl.float32, IEEE=False,
-                      DOT_UPCAST=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
-                      PERSISTENT=persistent)
+                      DOT_UPCAST=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
     signature, consts, attrs = {}, {}, {}
-    for i, name in enumerate(inspect.signature(_conv2d_kernel.fn).parameters):
+    for i, name in enumerate(inspect.signature(conv_kernel.fn).parameters):
         if name in _POINTERS:
             signature[name] = _POINTER_TYPES.get(name, "*fp16")
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -78,7 +77,7 @@ def memory_instructions(pointwise: bool = True, out_index: bool = False, residua
             if sizes[name] % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     try:
-        src = ASTSource(fn=_conv2d_kernel, signature=signature, constexprs=consts, attrs=attrs)
+        src = ASTSource(fn=conv_kernel, signature=signature, constexprs=consts, attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                   options=dict(num_warps=num_warps, num_stages=num_stages))
     except (TypeError, KeyError, AttributeError) as e:  # another Triton's offline API
@@ -91,7 +90,7 @@ def _count(ptx: str, patterns) -> Counter:
 
 
 TMA_PATTERNS = ("wgmma", "cp.async.bulk.tensor", "ld.shared", "st.shared")
-TMA_KINDS = ("gemm", "box", "box/2", "box/images", "box/split", "box/row")
+TMA_KINDS = ("gemm", "box", "box/2", "box/split", "box/row")
 # Warp specialisation on sm90: the partitions hand registers to each other (setmaxnreg).
 WS_PATTERNS = ("setmaxnreg",)
 
@@ -126,8 +125,7 @@ def _descriptor_signature(fn, consts: dict, descs: dict) -> tuple:
 def tma_ptx(kind: str) -> str:
     """The sm90 PTX of a kernels/tma.py launch (fp16, residual, relu): "gemm" (1x1, 256x128x64
     tile), "box" (3x3, a 2x64-pixel box, 128 channels, 64-deep K) or "box/2" (the same box at
-    stride 2, reading phases of the input) or "box/images" (2 images of 8x8 pixels) or
-    "box/split" (the box with its K loop split) or "box/row" (one row of 64 pixels: the box's
+    stride 2, reading phases of the input) or "box/split" (the box with its K loop split) or "box/row" (one row of 64 pixels: the box's
     leading dimensions all 1). main() counts TMA_PATTERNS in it: box loads reshaped to GEMM
     tiles should feed wgmma from shared memory directly, with no ld.shared/st.shared round
     trip through registers."""
@@ -140,7 +138,7 @@ def tma_ptx(kind: str) -> str:
         from triton.compiler import ASTSource
     except ImportError as e:
         raise OfflineCompileUnavailable(str(e)) from e
-    epi = dict(HAS_BIAS=True, HAS_SCALE=False, HAS_SHIFT=False, HAS_RESIDUAL=True, RESIDUAL_AFTER=False,
+    epi = dict(HAS_BIAS=True, HAS_RESIDUAL=True, RESIDUAL_AFTER=False,
                ACTIVATION=1, OUT_BF16=False, DOT_UPCAST=False, GROUP_M=8)
     if kind == "gemm":
         fn, (bm, bn, bk) = tma._gemm_kernel, (256, 128, 64)
@@ -148,10 +146,10 @@ def tma_ptx(kind: str) -> str:
                      out_desc=f"tensordesc<fp16[{bm}, {bn}]>", res_desc=f"tensordesc<fp16[{bm}, {bn}]>")
         consts = dict(epi, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     else:
-        bh, bw = {"box/images": (8, 8), "box/row": (1, 64)}.get(kind, (2, 64))
+        bh, bw = {"box/row": (1, 64)}.get(kind, (2, 64))
         fn, bn, bk = tma._box_kernel, 128, 64
         stride = 2 if kind == "box/2" else 1
-        box_n = 2 if kind == "box/images" else 1
+        box_n = 1
         box = f"{box_n}, {bh}, {bw}"
         descs = dict(x_desc=f"tensordesc<fp16[{box_n}, {bh}, 1, {bw}, {bk}]>",
                      w_desc=f"tensordesc<fp16[{bn}, 1, {bk}]>",
@@ -192,7 +190,7 @@ def ws_ptx() -> str:
     descs = {name: box_ws.GluonDescriptor(t, list(t.shape), list(t.stride()), block, box_ws._layout(block))
              for name, t, block in (("x_desc", x, x_block), ("w_desc", w, w_block), ("out_desc", out, out_block))}
     consts = dict(KH=3, KW=3, STRIDE_H=1, STRIDE_W=1, PAD_H=1, PAD_W=1, DIL_H=1, DIL_W=1, HAS_BIAS=True,
-                  HAS_SCALE=False, HAS_SHIFT=False, HAS_RESIDUAL=True, RESIDUAL_AFTER=False, ACTIVATION=1,
+                  HAS_RESIDUAL=True, RESIDUAL_AFTER=False, ACTIVATION=1,
                   BOX_N=bn_img, BOX_H=bh, BOX_W=bw, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, STAGES=stages,
                   num_warps=warps)
     fn = box_ws._box_ws_kernel
@@ -220,10 +218,6 @@ def main() -> None:
             c = memory_instructions(pointwise=pointwise, out_index=out_index)
             cases[f"{'1x1' if pointwise else '3x3'}{' out_index' if out_index else ''}"] = dict(c)
             rows.append(["1x1" if pointwise else "3x3", "yes" if out_index else "no", *(c[p] for p in PATTERNS)])
-    # the persistent launch (tile loop flattened with the K loop), as the tuner offers it
-    c = memory_instructions(pointwise=True, block=(128, 128, 64), num_warps=4, num_stages=3, persistent=True)
-    cases["1x1 persistent"] = dict(c)
-    rows.append(["1x1 persistent (4 warps)", "no", *(c[p] for p in PATTERNS)])
     c = memory_instructions(pointwise=False, split=True)
     cases["3x3 split"] = dict(c)
     rows.append(["3x3 split-K", "no", *(c[p] for p in PATTERNS)])
@@ -240,11 +234,11 @@ def main() -> None:
         return
     import triton
 
-    print(f"_conv2d_kernel, sm90 PTX (triton {triton.__version__}), fp16 64->256 @56x56, 128x128x64 tile, "
+    print(f"pointer.conv_kernel, sm90 PTX (triton {triton.__version__}), fp16 64->256 @56x56, 128x128x64 tile, "
           f"8 warps, residual add; occurrences of each instruction in the PTX")
     print(tabulate(rows, headers=["conv", "out_index", *PATTERNS], tablefmt="github"))
     print("\nkernels/tma.py launches, sm90 PTX (256x128x64 GEMM tile; 3x3 box of 2x64 pixels x 128 channels, "
-          "stride 1 and 2; 2 images of 8x8)")
+          "stride 1 and 2)")
     print(tabulate([[k, *(cases[f"tma {k}"].get(p, 0) for p in TMA_PATTERNS)] for k in TMA_KINDS],
                    headers=["launch", *TMA_PATTERNS], tablefmt="github"))
     print("\nTheir K loops (the basic block holding the wgmma instructions): wgmma.wait_group depths in "

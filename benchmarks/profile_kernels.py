@@ -444,9 +444,9 @@ def build_row(row_no: int):
 
 def _tuned_table():
     try:
-        from fxsparse.kernels import conv2d as K
+        from fxsparse.kernels.select import selector
 
-        return K.tuned if isinstance(K.tuned, dict) else None
+        return selector.table
     except Exception:  # noqa: BLE001 - the launch column is a nicety
         return None
 

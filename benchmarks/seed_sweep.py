@@ -50,6 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 
 from fxsparse.nn import TritonConv2d, apply_mask, compare_modules, copy_module, finetune  # noqa: E402
+from fxsparse.kernels.problem import ConvArgs  # noqa: E402
 
 SEED_LAYER = dict(batch=16, cin=64, cout=128, kernel=3, padding=1, hw=56)
 QUICK_LAYER = dict(batch=2, cin=16, cout=32, kernel=3, padding=1, hw=16)
@@ -100,9 +101,7 @@ class _Compacted(nn.Module):
 
     def forward(self, x):
         c = self.conv
-        return torch.ops.fxsparse.conv2d(self.xc, self.w, self.b, list(c.stride), list(c.padding),
-                                         list(c.dilation), None, None, self.w.shape[0], None, None, None,
-                                         None, None, "none", False)
+        return torch.ops.fxsparse.conv2d(*ConvArgs.of(self.xc, self.w, self.b, c.stride, c.padding, c.dilation))
 
 
 def _kind_setter(kind: str, block_size: int):

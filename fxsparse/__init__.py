@@ -1,6 +1,7 @@
 """fxsparse: a torch.compile backend that makes channel-pruned conv nets run faster.
 
     torch.compile(model, backend="fxsparse")   # found through the torch_dynamo_backends entry point
+    fxsparse.compact(model, x)                 # the same compaction as a standalone, smaller module
 
 Stages, one package each, data flowing one way:
     graph/       capture: what each node of the dynamo graph means (where a conv is matched)
@@ -15,8 +16,10 @@ from . import ops  # registers torch.ops.fxsparse.*
 from . import nn  # TritonConv2d, masks, seed helpers
 from . import report
 from .backend import fxsparse_backend
+from .compact import compact
 from .nn.sparsify import sparsify
 from .report.explain import explain
+from .runtime import refresh
 
 __version__ = "0.1.0"
 

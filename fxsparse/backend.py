@@ -36,6 +36,7 @@ class Rewrite:
     constant_outputs: dict  # output position -> tensor returned as it is (see with_constant_outputs)
     counters: list = field(default_factory=list)  # tensors watched in place of BatchNorm statistics
     frozen: list = field(default_factory=list)  # tensors the graph holds as attributes (see frozen_tensors)
+    scalars: list = field(default_factory=list)  # positions of read inputs guarded by value (wrapped_scalar)
 
 
 def is_inference(example_inputs: Sequence) -> bool:
@@ -90,10 +91,22 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence, opts: Options, index: 
     if inference:
         report.notes.extend(freezing_hint(example_inputs, _on_cuda(example_inputs)))
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    depends_on = [i for i, p in enumerate(placeholders) if p in cap.read]
+    read = [i for i, p in enumerate(placeholders) if p in cap.read]
+    # a float attribute (a BatchNorm's eps) that dynamo passes as a fresh 0-d tensor every call
+    # under dynamic shapes: guarded by its value, not its identity
+    scalars = [i for i in read if wrapped_scalar(placeholders[i])]
+    depends_on = [i for i in read if i not in scalars]
     # (attributes: under freezing every statistic is one, and the guard watches them all)
     counters = batchnorm_counters([placeholders[i] for i in depends_on] + gm.graph.find_nodes(op="get_attr"), report)
-    return Rewrite(new_gm, report, depends_on, constant_outputs, counters, frozen_tensors(gm))
+    return Rewrite(new_gm, report, depends_on, constant_outputs, counters, frozen_tensors(gm), scalars)
+
+
+def wrapped_scalar(p: fx.Node) -> bool:
+    """Whether placeholder `p` is a Python float dynamo wraps in a new tensor per call (known
+    from its metadata at compile time only, so the answer is kept on the node)."""
+    if "_fxsparse_scalar" not in p.meta:
+        p.meta["_fxsparse_scalar"] = bool(getattr(p.meta.get("grapharg"), "pass_arg_as_tensor", False))
+    return p.meta["_fxsparse_scalar"]
 
 
 # Parameters arriving as graph inputs from which the report suggests freezing.
@@ -185,7 +198,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, opts: Options):
     def build(inputs: Sequence):
         rw = rewrite(gm, inputs, opts, index, cudagraphs)
         if opts.dump_dir:
-            write_dumps(opts.dump_dir, index, gm, rw.gm)
+            write_dumps(opts.dump_dir, index, gm, rw.gm, inputs)
         if opts.inductor:
             used = drop_unused_inputs(rw.gm)
             fn, rw.report.launches = _inductor(rw.gm, [inputs[i] for i in used], opts, cudagraphs)
@@ -194,9 +207,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, opts: Options):
             fn = rw.gm.forward
         _record(report, rw.report, opts)
         fn = with_constant_outputs(fn, rw.constant_outputs, graph_output_count(gm))
-        if not opts.guard_values:
-            return fn, ValueGuard((), inputs)
-        return fn, ValueGuard(rw.depends_on, inputs, list(rw.constant_outputs.values()) + rw.counters + rw.frozen)
+        return fn, ValueGuard(rw.depends_on, inputs, list(rw.constant_outputs.values()) + rw.counters + rw.frozen,
+                              check=opts.guard_check(), scalars=rw.scalars)
 
     return GuardedGraph(build, example_inputs)
 

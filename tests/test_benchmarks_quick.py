@@ -38,3 +38,26 @@ def test_models_quick(tmp_path):
     pruned = [r for r in rows if r["keep"] < 1.0]
     assert pruned and all(r["fx_err"] < 1e-4 for r in rows)
     assert all(r["macs_kept"] < 0.5 for r in pruned)
+
+
+def test_conv_layers_compare_reads_two_runs(tmp_path):
+    import json
+
+    def run(path, fx):
+        rows = [dict(layer="seed", batch=16, keep="1/1", fxsparse_us=fx, cudnn_cl_us=20.0, speedup=20.0 / fx)]
+        path.write_text(json.dumps({"meta": {}, "rows": rows}))
+        return str(path)
+
+    proc = _run("conv_layers.py", "--compare", run(tmp_path / "a.json", 10.0), run(tmp_path / "b.json", 12.5))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("| geomean") and "1.25" in last
+
+
+@pytest.mark.slow
+def test_compile_time_runs_on_the_cpu():
+    """benchmarks/compile_time.py end to end on a small ResNet (its GPU run is the same code)."""
+    proc = _run("compile_time.py", "--models", "small_resnet", "--batch", "2", "--device", "cpu", timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("| small_resnet") and "error" not in proc.stdout, proc.stdout[-3000:]

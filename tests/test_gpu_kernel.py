@@ -15,6 +15,14 @@ from conv_oracle import ORACLE_ACT, oracle
 pytestmark = pytest.mark.gpu
 
 K = pytest.importorskip("fxsparse.kernels.conv2d")
+from fxsparse.kernels import choices as C  # noqa: E402
+from fxsparse.kernels import select as S  # noqa: E402
+from fxsparse.kernels.problem import ConvArgs  # noqa: E402
+
+
+def launch(name, bm, bn, bk, warps, stages, split_k=1, maxnreg=None):
+    """A fixed launch of implementation `name`, bypassing the selector."""
+    return S.Selection(C.BY_NAME[name], C.tile_config(bm, bn, bk, warps, stages, maxnreg), split_k)
 DEV = "cuda"
 REL_L2 = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
@@ -44,12 +52,8 @@ def cudnn_oracle(x, w, **kw):
     return oracle(x, w, dtype=torch.float32, **kw)
 
 
-def run_op(x, w, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), in_index=None, out_index=None,
-           out_channels=None, fill=None, scale=None, shift=None, bias_map=None, residual=None, activation="none",
-           residual_after_activation=False):
-    return torch.ops.fxsparse.conv2d(x, w, bias, list(stride), list(padding), list(dilation), in_index, out_index,
-                                     out_channels if out_channels is not None else w.shape[0], fill, scale, shift,
-                                     bias_map, residual, activation, residual_after_activation)
+def run_op(x, w, **kw):
+    return torch.ops.fxsparse.conv2d(*ConvArgs.of(x, w, **kw))
 
 
 def make(n, cin, cout, k, hw, dtype, stride=1, cin_total=None, seed=0):
@@ -102,7 +106,7 @@ def test_compaction_and_epilogue(dtype):
     r = lambda *s: torch.randn(*s, device=DEV, generator=g).to(dtype)  # noqa: E731
     for after in (False, True):
         kw = dict(padding=(1, 1), in_index=in_index, out_index=out_index, out_channels=cout_total,
-                  fill=r(cout_total), bias=r(37), scale=r(37), shift=r(37), bias_map=r(37, hw, hw),
+                  fill=r(cout_total), bias=r(37), bias_map=r(37, hw, hw),
                   residual=r(n, cout_total, hw, hw).contiguous(memory_format=torch.channels_last),
                   activation="hardswish", residual_after_activation=after)
         assert rel_l2(run_op(x, w, **kw), cudnn_oracle(x, w, **kw)) < REL_L2[dtype]
@@ -141,42 +145,38 @@ def test_nchw_input_and_weight():
 @pytest.mark.parametrize("tile", [(256, 128, 8, 3), (128, 64, 4, 3), (64, 32, 4, 3)])
 @pytest.mark.parametrize("after", [False, True])
 def test_tma_pointwise_tiles(dtype, tile, after):
-    """1x1 convs through TMA descriptors (kernels/pointwise_tma.py), every epilogue term, on
+    """1x1 convs through TMA descriptors (kernels/tma.py "gemm"), every epilogue term, on
     sizes that leave partial tiles in rows (M = 3 * 29 * 29) and channels (72 of a 128 tile)."""
     bm, bn, warps, stages = tile
     x, w, g = make(3, 48, 72, 1, 29, dtype)
     r = lambda *s: torch.randn(*s, device=DEV, generator=g).to(dtype)  # noqa: E731
-    kw = dict(bias=r(72), scale=r(72), shift=r(72), activation="silu", residual_after_activation=after,
+    kw = dict(bias=r(72), activation="silu", residual_after_activation=after,
               residual=r(3, 72, 29, 29).contiguous(memory_format=torch.channels_last))
     out = torch.full((3, 72, 29, 29), float("nan"), device=DEV, dtype=dtype).contiguous(
         memory_format=torch.channels_last)
     from fxsparse.kernels import tma
     assert tma.eligible(x, w, out, kw["residual"], None, None, True, (1, 1)) == "gemm"
-    cfg = K._config(bm, bn, 64, warps, stages, tma=True)
-    y = K.conv2d_triton(x, w, kw["bias"], [1, 1], [0, 0], [1, 1], None, None, 72, None, kw["scale"], kw["shift"],
-                        None, kw["residual"], "silu", after, out=out, config=cfg)
+    y = K.conv2d_triton(ConvArgs.of(x, w, **kw), out=out, launch=launch("tma_gemm", bm, bn, 64, warps, stages))
     assert rel_l2(y, cudnn_oracle(x, w, **kw)) < REL_L2[dtype]
 
 
 def _epilogue_case(n, cin, cout, k, hw, p, d, s, dtype, activation):
     """A conv of this geometry with every epilogue term: x, w, the conv and epilogue arguments as
-    cudnn_oracle takes them (bias, folded BatchNorm scale and shift, a residual added before
+    cudnn_oracle takes them (bias, a residual added before
     `activation`), and a NaN-poisoned channels_last output."""
     x, w, g = make(n, cin, cout, k, hw, dtype)
     ho = (hw + 2 * p - d * (k - 1) - 1) // s + 1
     r = lambda *shape: torch.randn(*shape, device=DEV, generator=g).to(dtype)  # noqa: E731
-    kw = dict(stride=(s, s), padding=(p, p), dilation=(d, d), bias=r(cout), scale=r(cout), shift=r(cout),
+    kw = dict(stride=(s, s), padding=(p, p), dilation=(d, d), bias=r(cout),
               activation=activation, residual=r(n, cout, ho, ho).contiguous(memory_format=torch.channels_last))
     out = torch.full((n, cout, ho, ho), float("nan"), device=DEV, dtype=dtype).contiguous(
         memory_format=torch.channels_last)
     return x, w, kw, out
 
 
-def _check_case(x, w, kw, out, cfg):
-    """Runs _epilogue_case's conv with tile config `cfg` into `out` and compares with cuDNN."""
-    y = K.conv2d_triton(x, w, kw["bias"], list(kw["stride"]), list(kw["padding"]), list(kw["dilation"]), None, None,
-                        w.shape[0], None, kw["scale"], kw["shift"], None, kw["residual"], kw["activation"], False,
-                        out=out, config=cfg)
+def _check_case(x, w, kw, out, fixed):
+    """Runs _epilogue_case's conv with launch `fixed` into `out` and compares with cuDNN."""
+    y = K.conv2d_triton(ConvArgs.of(x, w, **kw), out=out, launch=fixed)
     assert y is out
     assert rel_l2(y, cudnn_oracle(x, w, **kw)) < REL_L2[x.dtype]
 
@@ -192,24 +192,22 @@ def _check_case(x, w, kw, out, cfg):
     (8, 128, 128, 3, 56, 1, 1, 128, 128, 4, 3, 2),  # ResNet-50's strided 3x3
     (8, 256, 512, 1, 28, 0, 1, 128, 128, 8, 3, 2),  # its strided 1x1 shortcut
     (4, 96, 72, 3, 30, 1, 1, 64, 64, 4, 4, 2),  # 96 channels in 64-channel blocks: masked runs
-    (6, 64, 128, 3, 56, 1, 1, 128, 128, 8, 3, 1, True),  # boxes of 2 images x 8x8
-    (30, 512, 512, 3, 7, 1, 1, 64, 128, 4, 4, 1, True),  # 8 images x 1x8; 30 = 3 full groups + 6
-    (30, 256, 256, 3, 28, 1, 1, 128, 128, 8, 3, 2, True),  # strided, 14x14 output: 4 images x 2x16
 ])
 def test_tma_box_launches(dtype, geometry):
-    """Convs through TMA box loads (kernels/tma.py "box") with every epilogue term; boxes of one
-    image, or spanning images where the geometry ends in True."""
-    n, cin, cout, k, hw, p, d, bm, bn, warps, stages, s, *images = geometry
+    """Convs through TMA box loads of one image (kernels/tma.py "box") with every epilogue term."""
+    n, cin, cout, k, hw, p, d, bm, bn, warps, stages, s = geometry
     x, w, kw, out = _epilogue_case(n, cin, cout, k, hw, p, d, s, dtype, "relu")
     from fxsparse.kernels import tma
     assert tma.eligible(x, w, out, kw["residual"], None, None, False, (s, s)) == "box"
-    _check_case(x, w, kw, out, K._config(bm, bn, 64, warps, stages, tma=True, images=bool(images)))
+    _check_case(x, w, kw, out, launch("tma_box", bm, bn, 64, warps, stages))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("geometry", [
     # (n, cin, cout, k, hw, padding, dilation, BLOCK_M, BLOCK_N, warps, stages, stride)
-    (8, 64, 128, 3, 56, 1, 1, 128, 128, 8, 4, 1),
+    (8, 64, 128, 3, 56, 1, 1, 128, 128, 8, 4, 1),  # boxes of 2 images x 8x8
+    (6, 64, 128, 3, 56, 1, 1, 128, 128, 8, 3, 1),  # 6 images: 3 full groups
+    (30, 256, 256, 3, 28, 1, 1, 128, 128, 8, 3, 2),  # strided, 14x14 output: 4 images x 2x16
     (32, 512, 512, 3, 7, 1, 1, 64, 128, 4, 6, 1),  # boxes of 8 images x 1x8
     (30, 512, 512, 3, 7, 1, 1, 128, 256, 8, 3, 1),  # 30 images: the last group runs past the batch
     (4, 96, 72, 3, 29, 1, 1, 128, 64, 4, 6, 1),  # partial boxes and channel tiles, 96 = 64 + 32 channels
@@ -232,7 +230,7 @@ def test_box_ws_launches(dtype, geometry):
     kind = tma.eligible(x, w, out, kw["residual"], None, None, pointwise, (s, s))
     assert kind == ("gemm" if pointwise else "box")
     assert tma.warp_specialisable(kind, x, w, out, kw["residual"], None, (s, s), min(64, cin))
-    _check_case(x, w, kw, out, K._config(bm, bn, min(64, cin), warps, stages, tma=True, images=True, ws=True))
+    _check_case(x, w, kw, out, launch("ws_box", bm, bn, min(64, cin), warps, stages))
 
 
 @pytest.mark.parametrize("split_k", [1, 2, 4])
@@ -241,15 +239,13 @@ def test_split_k_forced(split_k):
     bias = torch.randn(128, device=DEV, generator=g).half()
     out = torch.full((32, 128, 7, 7), float("nan"), device=DEV, dtype=torch.float16).contiguous(
         memory_format=torch.channels_last)
-    y = K.conv2d_triton(x, w, bias, [1, 1], [1, 1], [1, 1], None, None, 128, None, None, None, None, None,
-                        "relu", False, out=out, split_k=split_k)
+    y = K.conv2d_triton(ConvArgs.of(x, w, bias, padding=(1, 1), activation="relu"), out=out, split_k=split_k)
     assert rel_l2(y, cudnn_oracle(x, w, bias=bias, padding=(1, 1), activation="relu")) < 1e-3
 
 
 def _split_conv(x, w, tma_box):
-    cfg = K._config(64, 64, 64, 4, 3, tma=tma_box)
-    return lambda: K.conv2d_triton(x, w, None, [1, 1], [1, 1], [1, 1], None, None, w.shape[0], None, None, None,
-                                   None, None, "relu", False, config=cfg, split_k=4)
+    fixed = launch("tma_box" if tma_box else "pointer", 64, 64, 64, 4, 3, split_k=4)
+    return lambda: K.conv2d_triton(ConvArgs.of(x, w, padding=(1, 1), activation="relu"), launch=fixed)
 
 
 @pytest.mark.parametrize("tma_box", [False, True])
@@ -310,19 +306,28 @@ def test_a_new_process_reads_the_tuned_launch_from_disk(tmp_path, monkeypatch):
     process), the same shape is launched from the file, untimed, with the same result."""
     monkeypatch.setenv("FXSPARSE_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("FXSPARSE_TUNE", "cache")
-    K._disk_cache.cache_clear()
-    monkeypatch.setattr(K, "tuned", {})
+    monkeypatch.setattr(S.selector, "table", {})
     x, w, _ = make(4, 48, 40, 3, 14, torch.float16, seed=3)
     kw = dict(padding=(1, 1))
     first = run_op(x, w, **kw).clone()
-    (key, choice), = K.tuned.items()
+    (problem, choice), = S.selector.chosen()
     assert choice.timings, "the first call times the candidates"
     assert list(tmp_path.glob("conv2d-tuning-*.json"))
-    K._disk_cache.cache_clear()
-    monkeypatch.setattr(K, "tuned", {})
+    monkeypatch.setattr(S.selector, "table", {})
     again = run_op(x, w, **kw)
-    cached = K.tuned[key]
+    (_, cached), = S.selector.chosen()
     assert cached.note == "from the tuning cache" and not cached.timings
-    assert (cached.config, cached.split_k) == (choice.config, choice.split_k)
+    assert (cached.choice, cached.config, cached.split_k) == (choice.choice, choice.config, choice.split_k)
     assert torch.equal(again, first)
-    K._disk_cache.cache_clear()
+
+
+def test_tune_top_times_only_the_best_ranked(monkeypatch):
+    """settings.tune_top = 3: three candidates timed; the winner is one of them and checked."""
+    monkeypatch.setenv("FXSPARSE_TUNE", "always")
+    monkeypatch.setenv("FXSPARSE_TUNE_TOP", "3")
+    monkeypatch.setattr(S.selector, "table", {})
+    x, w, _ = make(8, 64, 64, 3, 28, torch.float16, seed=4)
+    y = run_op(x, w, padding=(1, 1))
+    (_, sel), = S.selector.chosen()
+    assert len(sel.timings) == 3
+    assert rel_l2(y, cudnn_oracle(x, w, padding=(1, 1))) < 1e-3

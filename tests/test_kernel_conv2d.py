@@ -23,6 +23,17 @@ pytestmark = pytest.mark.skipif(
 )
 
 K = pytest.importorskip("fxsparse.kernels.conv2d")
+from fxsparse.kernels import choices as C  # noqa: E402
+from fxsparse.kernels import pointer  # noqa: E402
+from fxsparse.kernels.layout import evenly_strided_rows  # noqa: E402
+from fxsparse.kernels.problem import ConvArgs  # noqa: E402
+from fxsparse.kernels.select import Selection  # noqa: E402
+
+
+def launch(name, cfg, split_k=1):
+    """A fixed launch of implementation `name` (choices.BY_NAME), bypassing the selector."""
+    return Selection(C.BY_NAME[name], dict(cfg), split_k)
+
 
 @pytest.fixture(autouse=True)
 def _poison(poisoned_kernel_outputs):
@@ -38,15 +49,9 @@ def rnd(g, *shape, dtype=torch.float16, scale=1.0):
     return (torch.randn(*shape, generator=g) * scale).to(dtype)
 
 
-def run_op(x, w, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), in_index=None,
-           out_index=None, out_channels=None, fill=None, scale=None, shift=None, bias_map=None,
-           residual=None, activation="none", residual_after_activation=False):
-    if out_channels is None:
-        out_channels = w.shape[0]
+def run_op(x, w, **kw):
     with triton_on_cpu():
-        return torch.ops.fxsparse.conv2d(x, w, bias, list(stride), list(padding), list(dilation), in_index,
-                                         out_index, out_channels, fill, scale, shift, bias_map, residual,
-                                         activation, residual_after_activation)
+        return torch.ops.fxsparse.conv2d(*ConvArgs.of(x, w, **kw))
 
 
 TOL = {torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
@@ -144,8 +149,8 @@ def test_pointwise_row_addressing(request, layout):
     ref = oracle(x, w, **kw)
     if layout == "nchw_out":
         out = torch.full((3, 9, *hw), float("nan"), dtype=torch.float16)  # NCHW: rows not flat
-        y = K.conv2d_triton(x, w, kw["bias"], (1, 1), (0, 0), (1, 1), None, None, 9, None, None, None, None, res,
-                            "relu", False, out=out, config=K._INTERPRET_CONFIG)
+        y = K.conv2d_triton(ConvArgs.of(x, w, kw["bias"], residual=res, activation="relu"), out=out,
+                            launch=launch("pointer", pointer.INTERPRET_CONFIG))
         assert y is out
         torch.testing.assert_close(y.double(), ref, **TOL[torch.float16])
         return
@@ -154,16 +159,16 @@ def test_pointwise_row_addressing(request, layout):
 
 def test_row_flatness_detection():
     cl = torch.empty(2, 8, 3, 4).contiguous(memory_format=torch.channels_last)
-    assert K.evenly_strided_rows(cl)
-    assert K.evenly_strided_rows(cl[:, 2:5])  # a channel slice keeps the row stride
-    assert not K.evenly_strided_rows(torch.empty(2, 8, 3, 4))  # NCHW
-    assert not K.evenly_strided_rows(cl[:, :, :, :3])  # a cropped width breaks the rows
-    assert K.evenly_strided_rows(torch.empty(1, 8, 1, 1))
+    assert evenly_strided_rows(cl)
+    assert evenly_strided_rows(cl[:, 2:5])  # a channel slice keeps the row stride
+    assert not evenly_strided_rows(torch.empty(2, 8, 3, 4))  # NCHW
+    assert not evenly_strided_rows(cl[:, :, :, :3])  # a cropped width breaks the rows
+    assert evenly_strided_rows(torch.empty(1, 8, 1, 1))
 
 
 # ------------------------------------------------------------------ epilogue
 
-EPILOGUES = ["bias", "scale", "shift", "scale_shift", "bias_map", "residual_before", "residual_after", "all"]
+EPILOGUES = ["bias", "bias_map", "residual_before", "residual_after", "all"]
 
 
 @pytest.mark.parametrize("feature", EPILOGUES)
@@ -172,15 +177,12 @@ def test_epilogue_feature(request, feature):
     cout, n, hw = 13, 2, (7, 7)
     parts = {
         "bias": dict(bias=rnd(g, cout)),
-        "scale": dict(scale=rnd(g, cout)),
-        "shift": dict(shift=rnd(g, cout)),
-        "scale_shift": dict(scale=rnd(g, cout), shift=rnd(g, cout)),
         "bias_map": dict(bias_map=rnd(g, cout, *hw)),
         "residual_before": dict(residual=rnd(g, n, cout, *hw), activation="relu"),
         "residual_after": dict(residual=rnd(g, n, cout, *hw), activation="relu", residual_after_activation=True),
     }
     if feature == "all":
-        epi = dict(bias=rnd(g, cout), bias_map=rnd(g, cout, *hw), scale=rnd(g, cout), shift=rnd(g, cout),
+        epi = dict(bias=rnd(g, cout), bias_map=rnd(g, cout, *hw),
                    residual=rnd(g, n, cout, *hw).contiguous(memory_format=torch.channels_last),
                    activation="hardswish")
     else:
@@ -190,8 +192,8 @@ def test_epilogue_feature(request, feature):
 
 def test_epilogue_fp32_params_on_fp16_conv(request):
     g = _gen(request)
-    case(request, cin=5, cout=13, bias=rnd(g, 13, dtype=torch.float32), scale=rnd(g, 13, dtype=torch.float32),
-         shift=rnd(g, 13, dtype=torch.float32), activation="gelu")
+    case(request, cin=5, cout=13, bias=rnd(g, 13, dtype=torch.float32),
+         bias_map=rnd(g, 13, 7, 7, dtype=torch.float32), activation="gelu")
 
 
 @pytest.mark.parametrize("activation", list(ORACLE_ACT))
@@ -199,7 +201,7 @@ def test_activation(request, activation):
     g = _gen(request)
     # scale 3 spreads z over the interesting ranges of relu6/hardswish/sigmoid/tanh
     case(request, cin=5, cout=17, n=1, hw=(5, 5), activation=activation,
-         shift=rnd(g, 17, scale=3.0), residual=rnd(g, 1, 17, 5, 5))
+         bias=rnd(g, 17, scale=3.0), residual=rnd(g, 1, 17, 5, 5))
 
 
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
@@ -242,7 +244,7 @@ def test_in_and_out_index_with_everything(request, after):
     x = rnd(g, 2, 17, 6, 7).contiguous(memory_format=torch.channels_last)
     w = rnd(g, 13, 5, 3, 3, scale=0.3).contiguous(memory_format=torch.channels_last)
     kw = dict(stride=(2, 1), padding=(1, 1), in_index=in_index, out_index=out_index, out_channels=19,
-              fill=rnd(g, 19), bias=rnd(g, 13), scale=rnd(g, 13), shift=rnd(g, 13), bias_map=rnd(g, 13, 3, 7),
+              fill=rnd(g, 19), bias=rnd(g, 13), bias_map=rnd(g, 13, 3, 7),
               residual=rnd(g, 2, 19, 3, 7), activation="gelu_tanh", residual_after_activation=after)
     check(run_op(x, w, **kw), oracle(x, w, **kw), torch.float16)
 
@@ -280,17 +282,11 @@ def _direct(request, config=None, split_k=None, cin=20, cout=33, k=3, dtype=torc
     g = _gen(request)
     x = rnd(g, 2, cin, 6, 5, dtype=dtype).contiguous(memory_format=torch.channels_last)
     w = rnd(g, cout, cin, k, k, dtype=dtype, scale=0.2).contiguous(memory_format=torch.channels_last)
-    kw = dict(stride=(1, 1), padding=(k // 2, k // 2), dilation=(1, 1), in_index=None, out_index=None,
-              out_channels=cout, fill=None, scale=None, shift=None, bias_map=None, residual=None,
-              activation="none", residual_after_activation=False, bias=None)
-    kw.update(epi)
-    out = torch.full((2, kw["out_channels"], 6, 5), float("nan"), dtype=dtype).contiguous(
+    args = ConvArgs.of(x, w, padding=(k // 2, k // 2), **epi)
+    out = torch.full((2, args.out_channels, 6, 5), float("nan"), dtype=dtype).contiguous(
         memory_format=torch.channels_last)
-    y = K.conv2d_triton(x, w, kw.pop("bias"), kw.pop("stride"), kw.pop("padding"), kw.pop("dilation"),
-                        kw.pop("in_index"), kw.pop("out_index"), kw.pop("out_channels"), kw.pop("fill"),
-                        kw.pop("scale"), kw.pop("shift"), kw.pop("bias_map"), kw.pop("residual"),
-                        kw.pop("activation"), kw.pop("residual_after_activation"),
-                        out=out, config=config, split_k=split_k)
+    fixed = None if config is None else launch("pointer", dict(config, BLOCK_K=config.get("BLOCK_K", 32)))
+    y = K.conv2d_triton(args, out=out, launch=fixed, split_k=split_k)
     assert y is out
     return x, w, y
 
@@ -298,7 +294,7 @@ def _direct(request, config=None, split_k=None, cin=20, cout=33, k=3, dtype=torc
 @pytest.mark.parametrize("config", [
     dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1),
     dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=1),
-    dict(BLOCK_M=32, BLOCK_N=64, GROUP_M=8, num_warps=4, num_stages=1),  # BLOCK_K from Cin
+    dict(BLOCK_M=32, BLOCK_N=64, GROUP_M=8, num_warps=4, num_stages=1),
 ])
 def test_tile_configs(request, config):
     x, w, y = _direct(request, config=config)
@@ -308,9 +304,8 @@ def test_tile_configs(request, config):
 @pytest.mark.parametrize("split_k", [2, 3, 7])
 def test_split_k(request, split_k):
     g = _gen(request)
-    epi = dict(bias=rnd(g, 33), scale=rnd(g, 33), activation="relu6")
+    epi = dict(bias=rnd(g, 33), bias_map=rnd(g, 33, 6, 5, dtype=torch.float32), activation="relu6")
     x, w, y = _direct(request, split_k=split_k, **epi)
-    epi.pop("split_k", None)
     check(y, oracle(x, w, padding=(1, 1), **epi), torch.float16)
 
 
@@ -318,14 +313,14 @@ def test_split_k_runs_in_one_launch(request, monkeypatch):
     """The last K slice of each tile reduces the workspace and runs the epilogue: a split conv
     is one launch of the conv kernel (no reducing launch after it)."""
     launches = []
-    kernel = K._conv2d_kernel
+    kernel = pointer.conv_kernel
 
     class Counting:
         def __getitem__(self, grid):
             launches.append(grid)
             return kernel[grid]
 
-    monkeypatch.setattr(K, "_conv2d_kernel", Counting())
+    monkeypatch.setattr(pointer, "conv_kernel", Counting())
     g = _gen(request)
     epi = dict(bias=rnd(g, 33), activation="relu")
     x, w, y = _direct(request, split_k=3, **epi)
@@ -341,7 +336,7 @@ def test_split_k_with_out_index(request):
     check(y, oracle(x, w, padding=(1, 1), **epi), torch.float16)
 
 
-def test_split_k_env_through_op(request, monkeypatch):
+def test_split_k_setting_through_op(request, monkeypatch):
     monkeypatch.setenv("FXSPARSE_SPLIT_K", "2")
     case(request, cin=20, cout=13, bias=rnd(_gen(request), 13), activation="relu")
 
@@ -350,34 +345,7 @@ def test_out_argument_is_checked(request):
     g = _gen(request)
     x, w = rnd(g, 1, 5, 5, 5), rnd(g, 3, 5, 3, 3)
     with pytest.raises(ValueError, match="out must be"):
-        K.conv2d_triton(x, w, None, [1, 1], [1, 1], [1, 1], None, None, 3, None, None, None, None, None,
-                        "none", False, out=torch.empty(1, 3, 4, 5, dtype=torch.float16))
-
-
-def test_conv_candidates_fit_problem():
-    # small-M, compacted, tiny Cin: narrow tiles, BLOCK_K from Cin, split-K offered
-    cands = K.conv_candidates(1568, 24, 3, 9, False, 132)
-    assert cands
-    for cfg, s in cands:
-        assert cfg["BLOCK_N"] <= 32 and cfg["BLOCK_K"] == 16
-    # dense wide 1x1 GEMM: 8-warp and 256-wide tiles, no split (plenty of tiles)
-    cands = K.conv_candidates(10**6, 512, 512, 1, True, 132)
-    assert any(c["num_warps"] == 8 for c, _ in cands) and any(c["BLOCK_N"] == 256 for c, _ in cands)
-    assert all(s == 1 for _, s in cands)
-    # 512->512 3x3 at 7x7, B=32: too few tiles, long K -> split-K candidates
-    cands = K.conv_candidates(1568, 512, 512, 9, False, 132)
-    assert any(s > 1 for _, s in cands)
-    assert all(c["BLOCK_M"] < 256 for c, _ in cands)
-    # 256->256 3x3 at 14x14, B=32: 196 tiles of 64x128 fill every SM: no split for that tile
-    assert {s for c, s in K.conv_candidates(6272, 256, 256, 9, False, 132) if c["BLOCK_M"] == 64} == {1}
-    # a forced factor is the only one offered
-    assert {s for _, s in K.conv_candidates(1568, 512, 512, 9, False, 132, split_k=3)} == {3}
-
-
-def test_conv_candidates_warp_cap(monkeypatch):
-    monkeypatch.setenv("FXSPARSE_CONV_MAX_WARPS", "4")
-    assert all(c["num_warps"] <= 4 for c, _ in K.conv_candidates(6272, 256, 256, 9, False, 132))
-    assert any(c["num_warps"] == 8 for c, _ in K.conv_candidates(6272, 256, 256, 1, True, 132))
+        K.conv2d_triton(ConvArgs.of(x, w, padding=(1, 1)), out=torch.empty(1, 3, 4, 5, dtype=torch.float16))
 
 
 @pytest.mark.parametrize("nchw", [False, True])
@@ -410,83 +378,10 @@ def test_in_index_contiguous_range_is_a_view(request, monkeypatch):
     assert K._in_plan(in_index) == ("gather", 0)
 
 
-@pytest.mark.parametrize("eight_warp_is_wrong", [False, True])
-def test_tune_checks_an_8_warp_winner(monkeypatch, eight_warp_is_wrong):
-    # The tuner's logic without a GPU: fake timings make the 8-warp tile win; its output is
-    # compared with the best 4-warp candidate's, and a mismatch falls back to 4 warps.
-    out = torch.zeros(2, 3)
-    last = {}
-
-    def run(cfg, split):
-        last["warps"] = cfg["num_warps"]
-        out.fill_(7.0 if cfg["num_warps"] == 8 and eight_warp_is_wrong else 1.0)
-
-    def fake_bench(fn):
-        fn()
-        return 1.0 if last["warps"] == 8 else 2.0
-
-    monkeypatch.setattr(K, "_launch_ms", fake_bench)
-    cands = [(K._config(128, 64, 64, 4, 4), 1), (K._config(128, 128, 64, 8, 3), 1)]
-    choice = K._tune("key", cands, run, out, pointwise=False)
-    assert len(choice.timings) == 2
-    if eight_warp_is_wrong:
-        assert choice.config["num_warps"] == 4 and "MISMATCH" in choice.note
-    else:
-        assert choice.config["num_warps"] == 8 and "checked" in choice.note
-    # a 1x1 (plain GEMM loop) 8-warp winner is trusted as is
-    assert K._tune("key", cands, run, out, pointwise=True).config["num_warps"] == 8
-
-
-def test_single_k_step_pointwise_offers_single_stage_tiles():
-    one_step = K.conv_candidates(100352, 256, 64, 1, True, 132)
-    assert any(c["num_stages"] == 1 for c, _ in one_step)
-    for cands in (K.conv_candidates(100352, 256, 256, 1, True, 132), K.conv_candidates(100352, 256, 64, 9, False, 132)):
-        assert all(c["num_stages"] > 1 for c, _ in cands)
-
-
-@pytest.mark.parametrize("k", [1, 3])
-def test_persistent_launch_walks_every_tile(request, k):
-    """A persistent launch (fewer programs than tiles, each looping over tiles) writes every
-    output element once, with the epilogue, like the one-tile-per-program launch."""
-    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1, PERSISTENT=True)
-    tiles = K._cdiv(2 * 6 * 5, 16) * K._cdiv(33, 16)
-    assert K._persistent_programs(cfg, tiles, 2) < tiles  # some programs take several tiles
-    g = _gen(request)
-    bias = rnd(g, 33)
-    x, w, y = _direct(request, config=cfg, k=k, bias=bias, activation="relu")
-    check(y, oracle(x, w, padding=(k // 2, k // 2), bias=bias, activation="relu"), torch.float16)
-
-
-def test_persistent_candidates_only_for_short_k_pointwise():
-    def persistent(*shape):
-        return [c for c, _ in K.conv_candidates(*shape, 132) if c["PERSISTENT"]]
-
-    assert persistent(100352, 256, 64, 1, True)  # 1x1, one K step, many tiles
-    assert not persistent(100352, 256, 64, 9, False)  # 3x3
-    assert not persistent(100352, 256, 512, 1, True)  # eight K steps
-    assert not persistent(1568, 64, 64, 1, True)  # too few tiles to walk
-    assert all(s == 1 for c, s in K.conv_candidates(100352, 256, 64, 1, True, 132) if c["PERSISTENT"])
-
-
-def test_tuner_checks_a_persistent_winner(monkeypatch):
-    """A persistent winner is compared with a safe launch on the real inputs; a mismatch falls
-    back to the safe one."""
-    persistent = K._config(128, 128, 64, 4, 3, persistent=True)
-    safe = K._config(128, 64, 64, 4, 2)
-    out = torch.zeros(4)
-
-    def run(cfg, s):
-        out.fill_(1.0 if cfg["PERSISTENT"] else 2.0)  # the persistent launch computes garbage
-
-    monkeypatch.setattr(K, "_launch_ms",
-                        lambda fn: (fn(), 1.0 if out[0] == 1.0 else 2.0)[1])
-    choice = K._tune("key", [(persistent, 1), (safe, 1)], run, out, pointwise=True)
-    assert choice.config == safe and "MISMATCH" in choice.note
-
-
 # ------------------------------------------------------------------ TMA launches of 1x1 convs
 
-_TMA_CFG = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1, TMA=True)
+_TMA_CFG = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1)
+_BOX_CFG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1)
 
 
 def _pointwise_tensors(g, n, cin, cout, hw, dtype, residual=False, x_channels=None, x_first=0):
@@ -498,12 +393,11 @@ def _pointwise_tensors(g, n, cin, cout, hw, dtype, residual=False, x_channels=No
     return x, w, r
 
 
-def _run_pointwise(x, w, residual=None, **epi):
+def _run_pointwise(x, w, residual=None, after=False, **epi):
     out = torch.full((x.shape[0], w.shape[0], *x.shape[2:]), float("nan"), dtype=x.dtype).contiguous(
         memory_format=torch.channels_last)
-    y = K.conv2d_triton(x, w, epi.get("bias"), (1, 1), (0, 0), (1, 1), None, None, w.shape[0], None,
-                        epi.get("scale"), epi.get("shift"), None, residual, epi.get("activation", "none"),
-                        epi.get("after", False), out=out, config=_TMA_CFG)
+    y = K.conv2d_triton(ConvArgs.of(x, w, residual=residual, residual_after_activation=after, **epi), out=out,
+                        launch=launch("tma_gemm", _TMA_CFG))
     assert y is out
     return y
 
@@ -514,12 +408,11 @@ def test_tma_pointwise_with_full_epilogue(request, dtype, after):
     """Odd sizes (rows and channels not multiples of the tile), batch 1, every epilogue term."""
     g = _gen(request)
     x, w, r = _pointwise_tensors(g, 1, 40, 24, (5, 7), dtype, residual=True)
-    bias, scale, shift = rnd(g, 24, dtype=dtype), rnd(g, 24, dtype=torch.float32).abs() + 0.5, rnd(g, 24)
+    bias = rnd(g, 24, dtype=dtype)
     from fxsparse.kernels import tma
     assert tma.eligible(x, w, torch.empty_like(r), r, None, None, True, (1, 1)) == "gemm"
-    y = _run_pointwise(x, w, r, bias=bias, scale=scale, shift=shift, activation="relu6", after=after)
-    ref = oracle(x, w, bias=bias, scale=scale, shift=shift, residual=r, activation="relu6",
-                 residual_after_activation=after)
+    y = _run_pointwise(x, w, r, bias=bias, activation="relu6", after=after)
+    ref = oracle(x, w, bias=bias, residual=r, activation="relu6", residual_after_activation=after)
     check(y, ref, dtype)
 
 
@@ -535,15 +428,13 @@ def test_tma_pointwise_reads_an_aligned_channel_slice(request):
 
 def test_tma_tile_on_tensors_a_descriptor_cannot_address_runs_the_same_tile(request):
     """A channel slice starting at channel 3 is not 16-byte aligned: a (tuned) TMA tile then
-    runs as the same tile of the conv kernel, with the same results."""
+    runs as the same tile of the pointer kernel, with the same results."""
     g = _gen(request)
     x, w, _ = _pointwise_tensors(g, 2, 24, 16, (3, 5), torch.float16, x_channels=40, x_first=3)
     from fxsparse.kernels import tma
     out = torch.empty(2, 16, 3, 5, dtype=x.dtype).contiguous(memory_format=torch.channels_last)
     assert tma.eligible(x, w, out, None, None, None, True, (1, 1)) is None
     check(_run_pointwise(x, w), oracle(x, w), torch.float16)
-
-
 def test_tma_eligibility():
     from fxsparse.kernels import tma as T
 
@@ -585,17 +476,6 @@ def test_box_shape_fits_the_map(n, ho, wo, block_m, want, want_images):
     assert box_shape(block_m, n, ho, wo, images=True) == want_images
 
 
-def test_tma_candidates_only_where_offered():
-    def tma(*shape, **kw):
-        return [c for c, _ in K.conv_candidates(*shape, 132, **kw) if c.get("TMA")]
-
-    assert tma(100352, 256, 64, 1, True, tma="gemm")
-    assert tma(100352, 256, 64, 9, False, tma="box")
-    assert not tma(100352, 256, 64, 1, True)  # tensors not addressable
-    assert any(s > 1 for c, s in K.conv_candidates(1568, 512, 512, 9, False, 132, tma="box") if c.get("TMA"))
-    assert all(s == 1 for c, s in K.conv_candidates(1568, 512, 2048, 1, True, 132, tma="gemm") if c.get("TMA"))
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("geometry", [
     # (cin, cout, k, padding, dilation, n, (h, w), stride)
@@ -619,17 +499,15 @@ def test_tma_box_launch(request, dtype, geometry):
     w = rnd(g, cout, cin, k, k, dtype=dtype, scale=1 / math.sqrt(cin * k * k)).contiguous(
         memory_format=torch.channels_last)
     ho, wo = [(hw[i] + 2 * p - d * (k - 1) - 1) // stride[i] + 1 for i in (0, 1)]
-    epi = dict(bias=rnd(g, cout, dtype=dtype), scale=rnd(g, cout, dtype=torch.float32).abs() + 0.5,
-               shift=rnd(g, cout), activation="hardswish", residual_after_activation=True,
+    epi = dict(bias=rnd(g, cout, dtype=dtype), activation="hardswish", residual_after_activation=True,
                bias_map=rnd(g, cout, ho, wo, dtype=torch.float32) if k == 1 else None,
                residual=rnd(g, n, cout, ho, wo, dtype=dtype).contiguous(memory_format=torch.channels_last))
     out = torch.full((n, cout, ho, wo), float("nan"), dtype=dtype).contiguous(memory_format=torch.channels_last)
     from fxsparse.kernels import tma
     pointwise = k == 1 and p == 0 and stride == (1, 1)
     assert tma.eligible(x, w, out, epi["residual"], None, epi["bias_map"], pointwise, stride) == "box"
-    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1, TMA=True)
-    y = K.conv2d_triton(x, w, epi["bias"], stride, (p, p), (d, d), None, None, cout, None, epi["scale"],
-                        epi["shift"], epi["bias_map"], epi["residual"], epi["activation"], True, out=out, config=cfg)
+    args = ConvArgs.of(x, w, stride=stride, padding=(p, p), dilation=(d, d), **epi)
+    y = K.conv2d_triton(args, out=out, launch=launch("tma_box", _BOX_CFG))
     ref = oracle(x, w, stride=stride, padding=(p, p), dilation=(d, d), **epi)
     check(y, ref, dtype)
 
@@ -643,85 +521,21 @@ def test_strided_box_keeps_a_neighbours_inf_out_of_a_partial_channel_block(reque
     x[0, 0, 0, 1] = float("inf")
     w = rnd(g, 8, 24, 1, 1, scale=0.2).abs().contiguous(memory_format=torch.channels_last)
     out = torch.full((1, 8, 2, 2), float("nan"), dtype=torch.float16).contiguous(memory_format=torch.channels_last)
-    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1, TMA=True)
-    y = K.conv2d_triton(x, w, None, (2, 2), (0, 0), (1, 1), None, None, 8, None, None, None, None, None, "none",
-                        False, out=out, config=cfg)
+    y = K.conv2d_triton(ConvArgs.of(x, w, stride=(2, 2)), out=out, launch=launch("tma_box", _BOX_CFG))
     # a 1x1 stride-2 conv reads pixels (0, 0), (0, 2), (2, 0), (2, 2): never the inf
     assert torch.isfinite(y).all()
     check(y, oracle(x, w, stride=(2, 2)), torch.float16)
 
 
-@pytest.mark.parametrize("stride,split_k", [((1, 1), 1), ((2, 2), 1), ((1, 1), 2)])
-def test_tma_box_spanning_images(request, stride, split_k):
-    """Boxes of 4 images x 1 x 4 pixels (tma.box_shape with images) over 5 images: the second
-    group of images runs past the batch; its rows read zeros and are never written."""
-    g = _gen(request)
-    hw = (1 * stride[0], 4 * stride[1])
-    x = rnd(g, 5, 16, *hw).contiguous(memory_format=torch.channels_last)
-    w = rnd(g, 24, 16, 3, 3, scale=0.1).contiguous(memory_format=torch.channels_last)
-    bias, bmap = rnd(g, 24), rnd(g, 24, 1, 4, dtype=torch.float32)
-    r = rnd(g, 5, 24, 1, 4).contiguous(memory_format=torch.channels_last)
-    out = torch.full((5, 24, 1, 4), float("nan"), dtype=torch.float16).contiguous(memory_format=torch.channels_last)
-    from fxsparse.kernels import tma
-    assert tma.box_shape(16, 5, 1, 4, images=True) == (4, 1, 4)
-    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1, TMA=True, IMAGES=True)
-    y = K.conv2d_triton(x, w, bias, stride, (1, 1), (1, 1), None, None, 24, None, None, None, bmap, r, "relu",
-                        True, out=out, config=cfg, split_k=split_k)
-    check(y, oracle(x, w, bias=bias, stride=stride, padding=(1, 1), bias_map=bmap, residual=r, activation="relu",
-                    residual_after_activation=True), torch.float16)
-
-
-def test_warp_specialised_boxes_offered_unsplit_and_only_where_allowed():
-    """box_ws.py's launch: offered (unsplit, boxes spanning images) only where conv2d says the
-    tensors and device allow it, for 3x3 and 1x1 convs; never on the CPU."""
-    def ws(*shape, **kw):
-        return [(c, s) for c, s in K.conv_candidates(*shape, 132, **kw) if c.get("WS")]
-
-    assert not ws(1568, 512, 512, 9, False, tma="box")
-    offered = ws(1568, 512, 512, 9, False, tma="box", ws=True)
-    assert offered and all(s == 1 and c["TMA"] and c["IMAGES"] for c, s in offered)
-    assert ws(100352, 256, 64, 1, True, tma="gemm", ws=True)
-    assert not ws(1568, 512, 512, 9, False, tma="box", ws=True, split_k=2)
-    from fxsparse.kernels import tma
-    x = torch.zeros(2, 64, 8, 8, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
-    w = torch.zeros(64, 64, 3, 3, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
-    assert not tma.warp_specialisable("box", x, w, x, None, None, (1, 1), 64)  # a CPU tensor
-
-
-def test_box_spanning_images_offered_only_where_it_computes_less():
-    def images(n, ho, wo):
-        return {c["BLOCK_M"] for c, _ in K.conv_candidates(n * ho * wo, 128, 64, 9, False, 132, tma="box",
-                                                           box_map=(n, ho, wo)) if c.get("IMAGES")}
-
-    assert images(32, 56, 56) == {128}  # 64-pixel boxes of one image already fit 56x56
-    assert images(32, 28, 28) == set()
-    assert images(32, 7, 7) == {64, 128}
-
-
 @pytest.mark.parametrize("split_k", [2, 3])
 def test_tma_box_split_k(request, split_k):
     """The box launch's K slices meet in the workspace and the last one to arrive runs the
-    epilogue (residual and activation included), as conv2d's own split-K does."""
+    epilogue (residual and activation included), as the pointer kernel's split-K does."""
     g = _gen(request)
     x = rnd(g, 2, 32, 7, 7).contiguous(memory_format=torch.channels_last)
     w = rnd(g, 24, 32, 3, 3, scale=0.1).contiguous(memory_format=torch.channels_last)
     bias, r = rnd(g, 24), rnd(g, 2, 24, 7, 7).contiguous(memory_format=torch.channels_last)
     out = torch.full((2, 24, 7, 7), float("nan"), dtype=torch.float16).contiguous(memory_format=torch.channels_last)
-    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1, TMA=True)
-    y = K.conv2d_triton(x, w, bias, (1, 1), (1, 1), (1, 1), None, None, 24, None, None, None, None, r, "relu",
-                        False, out=out, config=cfg, split_k=split_k)
+    args = ConvArgs.of(x, w, bias, padding=(1, 1), residual=r, activation="relu")
+    y = K.conv2d_triton(args, out=out, launch=launch("tma_box", _BOX_CFG, split_k))
     check(y, oracle(x, w, bias=bias, padding=(1, 1), residual=r, activation="relu"), torch.float16)
-
-
-def test_tuner_checks_a_tma_winner(monkeypatch):
-    tma = K._config(128, 128, 64, 4, 3, tma=True)
-    safe = K._config(128, 64, 64, 4, 2)
-    out = torch.zeros(4)
-
-    def run(cfg, s):
-        out.fill_(1.0 if cfg.get("TMA") else 2.0)
-
-    monkeypatch.setattr(K, "_launch_ms",
-                        lambda fn: (fn(), 1.0 if out[0] == 1.0 else 2.0)[1])
-    choice = K._tune("key", [(tma, 1), (safe, 1)], run, out, pointwise=True)
-    assert choice.config == safe and "TMA MISMATCH" in choice.note

@@ -39,21 +39,7 @@ def test_dense_tile_moves_16_bytes_per_access(ptx_counts):
         assert scattered["st.global.b16"] > 0 and scattered["st.global.v4"] == 0, (case, scattered)
 
 
-def test_persistent_launch_compiles_for_hopper_and_stays_vectorized(ptx_counts):
-    """The tile loop flattened with the K loop (tl.range flatten) builds for sm90, still on
-    wgmma and 16-byte stores. Triton 3.9 also pipelines its loads (async copies); triton 3.6
-    (the GPU machine's) builds it without them (seen offline, session 7), which is why the
-    tuner offers it beside the one-tile launches and keeps it only where it wins."""
-    import triton
-
-    p = ptx_counts["1x1 persistent"]
-    assert p["wgmma"] > 0, p
-    assert p["st.global.v4"] > 0 and p["st.global.b16"] == 0, p
-    if triton.__version__.startswith("3.9"):
-        assert p["cp.async"] > 0, p
-
-
-@pytest.mark.parametrize("kind", ["gemm", "box", "box/2", "box/images"])
+@pytest.mark.parametrize("kind", ["gemm", "box", "box/2"])
 def test_tma_launches_feed_wgmma_from_tma_copies(ptx_counts, kind):
     """kernels/tma.py: tiles arrive by TMA bulk tensor copies and feed wgmma from shared memory;
     the box load reshaped to a GEMM tile makes no round trip through registers, strided or not."""
@@ -77,7 +63,7 @@ def test_split_k_slices_meet_through_one_acquire_release_atomic(ptx_counts, case
 def test_tma_k_loop_keeps_a_step_of_wgmma_in_flight(ptx_counts, kind):
     """The TMA GEMM's K loop, and a box's whose leading dimensions are 1, wait once per step
     for the TMA arrival and keep one step's wgmma group in flight (wait_group 1): the loop
-    docs/benchmarks.md (session 7) compares the multi-dimensional box's against."""
+    docs/benchmarks.md compares the multi-dimensional box's against."""
     loop = ptx_counts[f"loop {kind}"]
     assert loop["wgmma"] >= 4 and loop["wait_group"] == "1" and loop["mbarrier waits"] == 1, loop
 

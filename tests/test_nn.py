@@ -458,7 +458,7 @@ def test_execution_plans_agree(execution, bias):
     base = _conv(bias=bias)
     tri = TritonConv2d.from_conv(base).set_channel_sparsity(0.5).set_input_channel_sparsity(0.5, accumulate=True)
     tri.execution = execution
-    tri.channel_align = 4  # 6 kept of 12 out, 5 of 10 in -> 8 and 8 computed (zero-weight extras)
+    tri.align_channels = 4  # 6 kept of 12 out, 5 of 10 in -> 8 and 8 computed (zero-weight extras)
     ref = _pruned_reference(base, tri.weight_mask)
     for fmt in (torch.contiguous_format, torch.channels_last):
         x = torch.randn(2, 10, 7, 9).contiguous(memory_format=fmt)

@@ -5,30 +5,19 @@ import pytest
 import torch
 
 import fxsparse.ops  # noqa: F401  (registers torch.ops.fxsparse)
+from fxsparse.ops import ConvArgs
 
 from conv_oracle import ORACLE_ACT, oracle
 
 OP = torch.ops.fxsparse.conv2d
 
 
-def call(x, w, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), in_index=None, out_index=None,
-         out_channels=None, fill=None, scale=None, shift=None, bias_map=None, residual=None, activation="none",
-         residual_after_activation=False):
-    if out_channels is None:
-        out_channels = w.shape[0]
-    return OP(x, w, bias, list(stride), list(padding), list(dilation), in_index, out_index, out_channels,
-              fill, scale, shift, bias_map, residual, activation, residual_after_activation)
+def call(x, w, **kw):
+    return OP(*ConvArgs.of(x, w, **kw))
 
 
 def args_tuple(x, w, **kw):
-    full = dict(bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), in_index=None, out_index=None,
-                out_channels=w.shape[0], fill=None, scale=None, shift=None, bias_map=None, residual=None,
-                activation="none", residual_after_activation=False)
-    full.update(kw)
-    return (x, w, full["bias"], list(full["stride"]), list(full["padding"]), list(full["dilation"]),
-            full["in_index"], full["out_index"], full["out_channels"], full["fill"], full["scale"],
-            full["shift"], full["bias_map"], full["residual"], full["activation"],
-            full["residual_after_activation"])
+    return tuple(ConvArgs.of(x, w, **kw))
 
 
 def R(*shape, dtype=torch.float64, g=None):
@@ -43,8 +32,8 @@ def problem(kind, dtype=torch.float64, seed=0):
         return R(n, 5, h, wd, dtype=dtype, g=g), R(7, 5, 3, 3, dtype=dtype, g=g), dict(padding=(1, 1))
     if kind == "epilogue":
         x, w = R(n, 5, h, wd, dtype=dtype, g=g), R(7, 5, 3, 3, dtype=dtype, g=g)
-        return x, w, dict(padding=(1, 1), stride=(2, 1), bias=R(7, dtype=dtype, g=g), scale=R(7, dtype=dtype, g=g),
-                          shift=R(7, dtype=dtype, g=g), bias_map=R(7, 3, 5, dtype=dtype, g=g),
+        return x, w, dict(padding=(1, 1), stride=(2, 1), bias=R(7, dtype=dtype, g=g),
+                          bias_map=R(7, 3, 5, dtype=dtype, g=g),
                           residual=R(n, 7, 3, 5, dtype=dtype, g=g), activation="silu")
     if kind == "compact":
         x, w = R(n, 9, h, wd, dtype=dtype, g=g), R(4, 5, 3, 3, dtype=dtype, g=g)
@@ -79,7 +68,7 @@ def test_reference_matches_oracle(kind, dtype):
 @pytest.mark.parametrize("activation", list(ORACLE_ACT))
 def test_reference_activations(activation):
     x, w, kw = problem("plain")
-    kw.update(activation=activation, shift=R(7) * 3, residual=R(2, 7, 6, 5))
+    kw.update(activation=activation, bias=R(7) * 3, residual=R(2, 7, 6, 5))
     torch.testing.assert_close(call(x, w, **kw), oracle(x, w, **kw).contiguous(memory_format=torch.channels_last))
 
 
@@ -107,7 +96,7 @@ def test_opcheck(kind, requires_grad):
 
 def _grad_leaves(x, w, kw):
     leaves = {"x": x, "weight": w}
-    for name in ("bias", "fill", "scale", "shift", "bias_map", "residual"):
+    for name in ("bias", "fill", "bias_map", "residual"):
         if kw.get(name) is not None:
             leaves[name] = kw[name]
     for t in leaves.values():
@@ -188,7 +177,7 @@ BAD = {
     "fill length": (dict(kw=dict(out_index=torch.arange(7), out_channels=9, fill=torch.zeros(7))),
                     "fill must be a vector of length 9"),
     "bias length": (dict(kw=dict(bias=torch.zeros(6))), "bias must be a vector of length 7"),
-    "scale int": (dict(kw=dict(scale=torch.ones(7, dtype=torch.int64))), "scale must be floating point"),
+    "bias int": (dict(kw=dict(bias=torch.ones(7, dtype=torch.int64))), "bias must be floating point"),
     "bias_map shape": (dict(kw=dict(bias_map=torch.zeros(7, 5, 5))), "bias_map must have shape"),
     "residual shape": (dict(kw=dict(residual=torch.zeros(2, 7, 6, 4))), "residual must have the output's shape"),
     "unknown activation": (dict(kw=dict(activation="swish")), "unknown activation 'swish'"),

@@ -232,21 +232,21 @@ def test_report_prints_graph_notes_and_gives_no_freezing_hint_on_the_cpu():
     assert "\n  note: a note" in str(r)
 
 
-def test_chosen_launches_lists_what_the_tuner_picked(monkeypatch):
-    """fxsparse.report.chosen_launches: one row per tuned conv shape, with the launch as the
-    tuner tables name it and the tuner's note; a clear line when nothing was tuned."""
-    import torch
-
-    from fxsparse.kernels import conv2d as K
+def test_chosen_launches_lists_what_the_selector_picked(monkeypatch):
+    """fxsparse.report.chosen_launches: one row per conv shape the selector chose a launch for, with
+    the launch as the tuner tables name it and the selector's note; a clear line when none."""
+    from fxsparse.kernels import choices as C
+    from fxsparse.kernels import select as S
+    from fxsparse.kernels.problem import ConvProblem
     from fxsparse.report import chosen_launches, format_chosen_launches
 
-    monkeypatch.setattr(K, "tuned", {})
-    assert "no conv launch tuned" in format_chosen_launches()
-    key = (1568, 512, 512, 7, 7, 3, 3, 1, 1, 1, 1, 1, 1, torch.float16, 1, 1, None)
-    cfg = K._config(64, 128, 64, 4, 6, tma=True, images=True, ws=True)
-    K.tuned[key] = K._Choice(cfg, 1, [], "warp-specialised output checked")
+    monkeypatch.setattr(S.selector, "table", {})
+    assert "no conv launch chosen" in format_chosen_launches()
+    problem = ConvProblem(32, 7, 7, 512, 512, (3, 3), (1, 1), (1, 1), (1, 1), "float16", 1, 1, 132)
+    S.selector.table[problem] = S.Selection(C.WS_BOX, C.tile_config(64, 128, 64, 4, 6), 1,
+                                            "warp-specialised output checked")
     rows = chosen_launches()
-    assert rows == [(1568, 512, 512, "7x7", "3x3", "1x1", "float16", "64x128x64 w4 s6 TMA images WS",
+    assert rows == [(1568, 512, 512, "7x7", "3x3", "1x1", "float16", "64x128x64 w4 s6 ws_box",
                      "warp-specialised output checked")]
     table = format_chosen_launches()
-    assert "64x128x64 w4 s6 TMA images WS" in table and "7x7" in table
+    assert "64x128x64 w4 s6 ws_box" in table and "7x7" in table

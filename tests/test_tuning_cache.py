@@ -1,32 +1,30 @@
-"""The conv tuner's disk cache: what it stores, what it refuses, where it lives."""
+"""The selector's disk cache: what it stores, what it refuses, where it lives, and the table shipped
+with fxsparse beneath the user's file."""
 import json
-
-import pytest
-import torch
 
 from fxsparse.kernels import tuning_cache
 from fxsparse.kernels.tuning_cache import TuningCache
 
-KEY = (50176, 64, 64, 56, 56, 3, 3, 1, 1, 1, 1, 1, 1, torch.float16, 1, 1, None)
-CONFIG = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
+KEY = "ConvProblem(batch=16, height=56, width=56, ...)"
+ENTRY = dict(choice="ws_box", config=dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4,
+                                          num_stages=6), split_k=1)
 
 
 def test_round_trip_through_a_new_instance(tmp_path):
     path = str(tmp_path / "sub" / "tune.json")
-    TuningCache(path).put(KEY, CONFIG, 2)
+    TuningCache(path).put(KEY, ENTRY, "sig")
     again = TuningCache(path)  # a new process: reads the file
-    assert again.get(KEY) == (CONFIG, 2)
-    other_dtype = KEY[:13] + (torch.bfloat16,) + KEY[14:]
-    assert again.get(other_dtype) is None
+    got = again.get(KEY, "sig")
+    assert got["config"] == ENTRY["config"] and got["choice"] == "ws_box" and got["source"] == "tuning cache"
+    assert again.get("another shape") is None
 
 
 def test_entries_accumulate(tmp_path):
     path = str(tmp_path / "tune.json")
-    TuningCache(path).put(KEY, CONFIG, 1)
-    key2 = (1,) + KEY[1:]
-    TuningCache(path).put(key2, CONFIG, 4)
+    TuningCache(path).put(KEY, ENTRY)
+    TuningCache(path).put("k2", dict(ENTRY, split_k=4))
     cache = TuningCache(path)
-    assert cache.get(KEY) == (CONFIG, 1) and cache.get(key2) == (CONFIG, 4)
+    assert cache.get(KEY)["split_k"] == 1 and cache.get("k2")["split_k"] == 4
     assert len(json.load(open(path))) == 2
 
 
@@ -37,48 +35,45 @@ def test_damaged_file_is_a_miss_not_an_error(tmp_path, caplog):
     assert "unreadable tuning cache" in caplog.text
 
 
-def test_path_names_device_and_triton_version(tmp_path, monkeypatch):
-    monkeypatch.setenv("FXSPARSE_CACHE_DIR", str(tmp_path))
-    path = tuning_cache.cache_path("NVIDIA H100 80GB HBM3", "3.6.0")
-    assert path == str(tmp_path / "conv2d-tuning-NVIDIA-H100-80GB-HBM3-triton3.6.0.json")
+def test_path_names_device_sms_and_triton_major_minor(tmp_path):
+    slug = tuning_cache.device_slug("NVIDIA H100 80GB HBM3", (9, 0), 132, "3.6.0")
+    assert slug == "sm90-132sm-NVIDIA-H100-80GB-HBM3-triton3.6"
+    assert tuning_cache.device_slug("NVIDIA H100 80GB HBM3", (9, 0), 132, "3.6.1") == slug  # patch releases share
+    path = tuning_cache.cache_path(slug, str(tmp_path))
+    assert path.startswith(str(tmp_path)) and slug in path
+    assert tuning_cache.shipped_path(slug).endswith(f"fxsparse/kernels/tuned/{slug}.json")
 
 
-@pytest.mark.parametrize("value", ["cache", "always", "off"])
-def test_modes(value, monkeypatch):
-    monkeypatch.setenv("FXSPARSE_TUNE", value)
-    assert tuning_cache.mode() == value
-
-
-def test_bad_mode_names_the_choices(monkeypatch):
-    monkeypatch.setenv("FXSPARSE_TUNE", "fast")
-    with pytest.raises(ValueError, match="FXSPARSE_TUNE='fast'.*cache, always, off"):
-        tuning_cache.mode()
-
-
-def test_two_processes_writing_keep_each_others_shapes(tmp_path):
-    path = str(tmp_path / "tune.json")
-    first, second = TuningCache(path), TuningCache(path)
-    assert first.get(KEY) is None and second.get(KEY) is None  # both loaded the empty file
-    key2 = (2,) + KEY[1:]
-    first.put(KEY, CONFIG, 1)
-    second.put(key2, CONFIG, 2)  # must not drop what `first` wrote meanwhile
-    cache = TuningCache(path)
-    assert cache.get(KEY) == (CONFIG, 1) and cache.get(key2) == (CONFIG, 2)
-
-
-def test_a_winner_counts_only_for_the_candidates_it_beat(tmp_path):
-    from fxsparse.kernels.conv2d import conv_candidates
-
-    old = conv_candidates(100352, 256, 256, 1, True, 132)
-    new = conv_candidates(100352, 256, 64, 1, True, 132)  # other shape class: other tiles offered
-    assert tuning_cache.signature(old) != tuning_cache.signature(new)
+def test_signature_tracks_the_offered_candidates():
+    old = [("pointer", {"BLOCK_M": 64}, 1), ("ws_box", {"BLOCK_M": 128}, 1)]
+    new = old + [("tma_box", {"BLOCK_M": 64}, 2)]
     assert tuning_cache.signature(old) == tuning_cache.signature(list(old))
-    # winners chosen by another timing method are timed again
+    assert tuning_cache.signature(old) != tuning_cache.signature(new)
     assert tuning_cache.signature(old, "cuda-graph replay") != tuning_cache.signature(old)
+
+
+def test_entry_from_other_candidates_is_a_miss(tmp_path):
     path = str(tmp_path / "tune.json")
-    TuningCache(path).put(KEY, CONFIG, 1, tuning_cache.signature(old))
-    cache = TuningCache(path)
-    assert cache.get(KEY, tuning_cache.signature(old)) == (CONFIG, 1)
-    assert cache.get(KEY, tuning_cache.signature(new)) is None  # new candidates: timed again
-    TuningCache(path).put(KEY, CONFIG, 1)  # an entry from before signatures
-    assert TuningCache(path).get(KEY, tuning_cache.signature(old)) is None
+    TuningCache(path).put(KEY, ENTRY, "old")
+    assert TuningCache(path).get(KEY, "old") is not None
+    assert TuningCache(path).get(KEY, "new") is None  # new candidates offered: timed again
+
+
+def test_shipped_table_lies_under_the_users_file(tmp_path):
+    """A shape the user's file lacks is read from the shipped table (read-only: writes go to the
+    user's file); where both hold it, the user's entry wins; a stale shipped entry is a miss."""
+    shipped = tmp_path / "shipped.json"
+    shipped.write_text(json.dumps({KEY: dict(ENTRY, candidates="sig"), "stale": dict(ENTRY, candidates="old")}))
+    user = str(tmp_path / "user" / "tune.json")
+    cache = TuningCache(user, str(shipped))
+    got = cache.get(KEY, "sig")
+    assert got["source"] == "shipped table" and got["config"] == ENTRY["config"]
+    assert cache.get("stale", "sig") is None
+    cache.put(KEY, dict(ENTRY, choice="pointer"), "sig")
+    assert json.loads(shipped.read_text())[KEY]["choice"] == "ws_box"  # the table is never written
+    again = TuningCache(user, str(shipped)).get(KEY, "sig")
+    assert again["source"] == "tuning cache" and again["choice"] == "pointer"
+
+
+def test_a_missing_shipped_table_is_no_error(tmp_path):
+    assert TuningCache(str(tmp_path / "u.json"), str(tmp_path / "absent.json")).get(KEY) is None

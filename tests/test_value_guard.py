@@ -102,3 +102,26 @@ def test_a_new_storage_cannot_take_a_guarded_ones_address(make_guard):
     p.data = torch.randn(1 << 16)
     p.data = torch.randn(1 << 16)
     assert not g.holds(())
+
+
+def test_content_check_sees_a_write_no_version_counts(make_guard):
+    args = _args()
+    g = make_guard([1, 3, 5], args)
+    g.content = guards.ContentCheck(g.tensors + g.held)
+    args[3].data[2] += 1  # a `.data` write: the parameter's version is unchanged
+    assert g._versions_hold(args) and not g.holds(args)
+
+
+def test_content_check_is_exact_on_bytes():
+    w = torch.randn(4, 6)
+    w[0, 0] = float("nan")
+    t = w.t()  # a strided view: its span in the storage is compared
+    check = guards.ContentCheck([t, torch.zeros(0), torch.tensor(True)])
+    assert check.unchanged(), "NaN must compare equal to itself"
+    w.data[3, 5] = -w[3, 5]  # one sign bit
+    assert not check.unchanged()
+    w.data[3, 5] = -w[3, 5]
+    assert check.unchanged()
+    w.data[1, 1] = torch.nextafter(w[1, 1], torch.tensor(float("inf")))  # one ulp
+    assert not check.unchanged()
+

@@ -410,7 +410,7 @@ class Propagation:
         live_out = self.live.get(n, torch.ones(sp.out_channels, dtype=torch.bool))
         if self.is_depthwise(n):
             return self._plan_depthwise(n, v, sp, lin, weight, bias, live_out)
-        kept_out = self.storage.round(live_out & ~sp.zero_rows).nonzero().flatten()
+        kept_out = self.storage.round(at_least_one(live_out & ~sp.zero_rows)).nonzero().flatten()
         out_const = torch.zeros(sp.out_channels, dtype=CONST_DTYPE) if bias is None else bias.clone()
         used = ~sp.zero_cols
         const_in = (used & ~lin.kept_mask()).nonzero().flatten()
@@ -432,8 +432,12 @@ class Propagation:
         if self.storage.reads_whole(int((stored & ~used).sum()), len(lin.kept)):
             in_mask = stored
         in_ids = in_mask.nonzero().flatten()
+        w_in = w_out[:, in_ids]
+        if not len(in_ids):  # every input folded into the bias: one stored channel, read with zero weights
+            in_ids = lin.kept[:1]
+            w_in = torch.zeros_like(w_out[:, in_ids])
         out_layout = Layout(sp.out_channels, kept_out, out_const)
-        self.conv_plans[n] = ConvPlan(sp, lin, out_layout, in_ids, w_out[:, in_ids], kept_bias, bias_map)
+        self.conv_plans[n] = ConvPlan(sp, lin, out_layout, in_ids, w_in, kept_bias, bias_map)
         return out_layout
 
     def _fold_constant_inputs(self, w_out, const_in, values, x, conv):
@@ -456,7 +460,7 @@ class Propagation:
     def _plan_depthwise(self, n, v, sp, lin, weight, bias, live_out) -> Layout:
         # in and out channels are tied: channel c is computed iff it is live, its filter is
         # non-zero and its input is stored (a constant input would need a bias map: materialise)
-        kept_out = self.storage.round(live_out & ~sp.zero_rows).nonzero().flatten()
+        kept_out = self.storage.round(at_least_one(live_out & ~sp.zero_rows)).nonzero().flatten()
         out_const = torch.zeros(sp.out_channels, dtype=CONST_DTYPE) if bias is None else bias.clone()
         in_kept = lin.kept_mask()
         if not bool(in_kept[kept_out].all()):
@@ -471,6 +475,17 @@ class Propagation:
         self.run_liveness()
         self.run_layouts()
         return self
+
+
+def at_least_one(keep: torch.Tensor) -> torch.Tensor:
+    """`keep` (a channel mask), or channel 0 alone where it keeps none: a conv whose mask removes
+    every output channel still computes one (a zero filter row gives its exact constant, the
+    bias), so that no zero-size conv or tensor is ever emitted."""
+    if bool(keep.any()) or not len(keep):
+        return keep
+    keep = keep.clone()
+    keep[0] = True
+    return keep
 
 
 def propagate(cap: Capture, sparsity: dict, enabled: bool = True, storage: Storage = Storage()) -> Propagation:

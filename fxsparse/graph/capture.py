@@ -404,6 +404,9 @@ class Capture:
     values: dict  # placeholder node -> example input (real tensor, SymInt or other)
     views: dict  # call node -> OpView
     read: dict = field(default_factory=dict)  # placeholders whose values a decision used
+    # placeholders the graph itself writes (a BatchNorm's step counter, a module's own
+    # `self.count.add_(1)`): their values change every call, so nothing folds them
+    written: frozenset = frozenset()
 
     def value(self, node) -> Any:
         """The real tensor behind a placeholder, remembered as a value the result depends on."""
@@ -411,7 +414,7 @@ class Capture:
         return self.values.get(node)
 
     def is_param(self, node) -> bool:
-        return node in self.values and placeholder_source(node) is not None
+        return node in self.values and node not in self.written and placeholder_source(node) is not None
 
     def convs(self) -> list:
         return [v for v in self.views.values() if v.kind in ("conv2d", "conv_other")]
@@ -423,4 +426,57 @@ def capture(gm: fx.GraphModule, example_inputs) -> Capture:
         placeholder_source(p)
     values = dict(zip(placeholders, example_inputs))
     views = {n: view(n) for n in gm.graph.nodes if n.op in ("call_function", "call_method")}
-    return Capture(gm, values, views)
+    return Capture(gm, values, views, written=written_placeholders(gm.graph))
+
+
+# -- in-place writes ------------------------------------------------------------------------
+
+def written_args(node: fx.Node) -> list:
+    """The nodes whose tensors `node` writes in place: the first argument of an in-place method
+    or function (`add_`, `operator.iadd`, `setitem`, `F.relu(inplace=True)`), an `out=`, the
+    running statistics of a train-mode batch_norm, a mutable aten schema's written arguments."""
+    if node.op not in ("call_function", "call_method"):
+        return []
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        schema_args = target._schema.arguments
+        return [a for a, s in zip(_bound_args(node, schema_args), schema_args)
+                if isinstance(a, fx.Node) and s.alias_info is not None and s.alias_info.is_write]
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    first = node.args[0] if node.args else None
+    out = [node.kwargs["out"]] if isinstance(node.kwargs.get("out"), fx.Node) else []
+    if (name.endswith("_") and not name.endswith("__")) or node.kwargs.get("inplace") is True or target in (
+            operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+            operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+            operator.irshift, operator.imatmul, "__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__"):
+        out.append(first)
+    if name in ("batch_norm", "instance_norm") and _bn_training(node):
+        out.extend(a for a in node.args[1:3] + tuple(node.kwargs.get(k) for k in ("running_mean", "running_var")))
+    return [a for a in out if isinstance(a, fx.Node)]
+
+
+def _bound_args(node: fx.Node, schema_args) -> list:
+    return [node.args[i] if i < len(node.args) else node.kwargs.get(s.name) for i, s in enumerate(schema_args)]
+
+
+def _bn_training(node: fx.Node) -> bool:
+    # F.batch_norm(input, running_mean, running_var, weight, bias, training, ...); the
+    # torch.batch_norm / instance_norm positions differ, so anything not provably False counts
+    training = node.kwargs.get("training", node.kwargs.get("use_input_stats"))
+    if training is None:
+        training = node.args[5] if len(node.args) > 5 else None
+    return training is not False
+
+
+def written_placeholders(graph: fx.Graph) -> frozenset:
+    """Placeholders some node of `graph` writes, directly or through a view or an in-place
+    op's result (`buf.mul_(2).add_(1)`, `buf[1:].fill_(0)`): each written node is traced back
+    through first arguments to the placeholder it aliases (an over-approximation)."""
+    written = set()
+    for node in graph.nodes:
+        for a in written_args(node):
+            while isinstance(a, fx.Node) and a.op != "placeholder":
+                a = a.args[0] if a.args else None
+            if isinstance(a, fx.Node):
+                written.add(a)
+    return frozenset(written)

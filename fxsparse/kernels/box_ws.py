@@ -2,8 +2,7 @@
 
 Triton 3.6-3.9 compile `tl.range(..., warp_specialize=True)` on sm90 to the same K loop as
 without it: every warp both issues the next step's TMA copies and runs the MMAs, with CTA
-barriers between, which Nsight Compute names as the top stall of the box launch (session 7,
-docs/benchmarks.md). Here the partitions are written out in Gluon, as CUTLASS's sm90
+barriers between, which Nsight Compute names as the top stall of the box launch. Here the partitions are written out in Gluon, as CUTLASS's sm90
 warp-specialised GEMMs do it:
 
 - a **loader** warp walks the K steps (tap, channel block) and issues one TMA box copy of x
@@ -15,18 +14,16 @@ warp-specialised GEMMs do it:
 The grid is persistent (one program per SM; two where registers are capped and shared memory
 allows): both partitions walk the program's tiles in the same order, so the loader fills the
 next tile's slots while the MMA warps run the epilogue. The box geometry (strided phases, boxes
-spanning images, zero fill as padding) is tma.py's; the epilogue (bias, folded BatchNorm,
-residual, activation) runs on the accumulator, and the output tile leaves by a TMA store while
+spanning images, zero fill as padding) is tma.py's; the epilogue (bias, residual,
+activation) runs on the accumulator, and the output tile leaves by a TMA store while
 the next tile's K loop runs.
 
-Offered by conv2d.py's tuner beside the other launches where tma.warp_specialisable says so: an
-sm90 device, a Gluon with this API, and a conv a box addresses, without a bias map or split-K.
-Measured in docs/benchmarks.md, session 8 (runs 48-54).
+Offered beside the other launches (choices.py) where tma.warp_specialisable says so: an sm90
+device, a Gluon with this API, and a conv a box addresses, without a bias map or split-K.
 """
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import torch
 import triton
@@ -79,10 +76,10 @@ if gluon is not None:
                 step += 1
 
     @gluon.jit
-    def _mma_partition(a_bufs, b_bufs, ready, empty, out_desc, c_smem, res_ptr, bias_ptr, scale_ptr, shift_ptr,
+    def _mma_partition(a_bufs, b_bufs, ready, empty, out_desc, c_smem, res_ptr, bias_ptr,
                        N, HO, WO, NCH, CIN, num_tiles, srn, srh, srw,
                        KH: gl.constexpr, KW: gl.constexpr,
-                       HAS_BIAS: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_SHIFT: gl.constexpr,
+                       HAS_BIAS: gl.constexpr,
                        HAS_RESIDUAL: gl.constexpr, RESIDUAL_AFTER: gl.constexpr, ACTIVATION: gl.constexpr,
                        BOX_N: gl.constexpr, BOX_H: gl.constexpr, BOX_W: gl.constexpr, BLOCK_N: gl.constexpr,
                        BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, num_warps: gl.constexpr):
@@ -113,10 +110,6 @@ if gluon is not None:
             z = acc
             if HAS_BIAS:
                 z += gl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(gl.float32)[None, :]
-            if HAS_SCALE:
-                z *= gl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(gl.float32)[None, :]
-            if HAS_SHIFT:
-                z += gl.load(shift_ptr + offs_n, mask=mask_n, other=0.0).to(gl.float32)[None, :]
             r = z
             if HAS_RESIDUAL:
                 img, oh, ow, inside = box_pixels(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout)),
@@ -136,12 +129,12 @@ if gluon is not None:
 
     @gluon.jit
     def _box_ws_kernel(
-        x_desc, w_desc, out_desc, res_ptr, bias_ptr, scale_ptr, shift_ptr,
+        x_desc, w_desc, out_desc, res_ptr, bias_ptr,
         N, HO, WO, NCH, CIN, num_tiles,
         srn, srh, srw,
         KH: gl.constexpr, KW: gl.constexpr, STRIDE_H: gl.constexpr, STRIDE_W: gl.constexpr,
         PAD_H: gl.constexpr, PAD_W: gl.constexpr, DIL_H: gl.constexpr, DIL_W: gl.constexpr,
-        HAS_BIAS: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_SHIFT: gl.constexpr,
+        HAS_BIAS: gl.constexpr,
         HAS_RESIDUAL: gl.constexpr, RESIDUAL_AFTER: gl.constexpr, ACTIVATION: gl.constexpr,
         BOX_N: gl.constexpr, BOX_H: gl.constexpr, BOX_W: gl.constexpr, BLOCK_N: gl.constexpr,
         BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
@@ -159,9 +152,9 @@ if gluon is not None:
             mbarrier.init(empty.index(i), count=1)
         fence_async_shared()
         gl.warp_specialize([
-            (_mma_partition, (a_bufs, b_bufs, ready, empty, out_desc, c_smem, res_ptr, bias_ptr, scale_ptr,
-                              shift_ptr, N, HO, WO, NCH, CIN, num_tiles, srn, srh, srw, KH, KW,
-                              HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RESIDUAL, RESIDUAL_AFTER, ACTIVATION,
+            (_mma_partition, (a_bufs, b_bufs, ready, empty, out_desc, c_smem, res_ptr, bias_ptr,
+                              N, HO, WO, NCH, CIN, num_tiles, srn, srh, srw, KH, KW,
+                              HAS_BIAS, HAS_RESIDUAL, RESIDUAL_AFTER, ACTIVATION,
                               BOX_N, BOX_H, BOX_W, BLOCK_N, BLOCK_K, GROUP_M, num_warps)),
             (_load_partition, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, N, HO, WO, NCH, CIN, num_tiles,
                                KH, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
@@ -184,7 +177,7 @@ def _index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def _programs(cfg: dict, device: torch.device) -> int:
+def programs(cfg: dict, device: torch.device) -> int:
     """A persistent grid: as many programs as the SMs hold at once. One, unless registers are
     capped (cfg "maxnreg") and shared memory fits two: the operand stages and the output
     tile."""
@@ -200,12 +193,10 @@ def _layout(block_shape) -> "gl.NVMMASharedLayout":
                                 rank=len(block_shape))
 
 
-def launch(x: Tensor, x_shape: list, x_strides: list, weight: Tensor, bias: Optional[Tensor],
-           scale: Optional[Tensor], shift: Optional[Tensor], residual: Optional[Tensor], stride, padding, dilation,
-           activation_code: int, residual_after_activation: bool, out: Tensor, cfg: dict,
-           box: tuple) -> None:
-    """Runs the conv (what tma.eligible called "box", without a bias map) with tile `cfg`
-    and box shape `box` = (BOX_N, BOX_H, BOX_W); x as tma._phased describes it."""
+def launch(call, x_shape: list, x_strides: list, cfg: dict, box: tuple) -> None:
+    """Runs `call` (a problem.ConvCall that tma.eligible called "box", without a bias map) with tile
+    `cfg` and box shape `box` = (BOX_N, BOX_H, BOX_W); x as tma._phased describes it."""
+    x, weight, out, residual, bias = call.x, call.weight, call.out, call.residual, call.bias
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
     nch, cin, kh, kw = weight.shape
     n, _, ho, wo = out.shape
@@ -218,17 +209,15 @@ def launch(x: Tensor, x_shape: list, x_strides: list, weight: Tensor, bias: Opti
                                _layout(out_block))
     w_desc = GluonDescriptor(weight, [nch, kh * kw, cin], [weight.stride(0), cin, 1], w_block,
                              _layout(w_block))
-    dummy = out
-    res = residual if residual is not None else dummy
+    res = residual if residual is not None else out
     tiles = (-(-n // box_n)) * (-(-ho // box_h)) * (-(-wo // box_w)) * (-(-nch // bn))
-    _box_ws_kernel[(min(tiles, _programs(cfg, out.device)),)](
-        x_desc, w_desc, out_desc, res, bias if bias is not None else dummy, scale if scale is not None else dummy,
-        shift if shift is not None else dummy,
+    (sh, sw), (ph, pw), (dh, dw) = call.stride, call.padding, call.dilation
+    _box_ws_kernel[(min(tiles, programs(cfg, out.device)),)](
+        x_desc, w_desc, out_desc, res, bias if bias is not None else out,
         n, ho, wo, nch, cin, tiles, res.stride(0), res.stride(2), res.stride(3),
-        KH=kh, KW=kw, STRIDE_H=int(stride[0]), STRIDE_W=int(stride[1]), PAD_H=int(padding[0]),
-        PAD_W=int(padding[1]), DIL_H=int(dilation[0]), DIL_W=int(dilation[1]),
-        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-        HAS_RESIDUAL=residual is not None, RESIDUAL_AFTER=bool(residual_after_activation), ACTIVATION=activation_code,
+        KH=kh, KW=kw, STRIDE_H=sh, STRIDE_W=sw, PAD_H=ph, PAD_W=pw, DIL_H=dh, DIL_W=dw,
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+        RESIDUAL_AFTER=bool(call.residual_after_activation), ACTIVATION=call.activation_code,
         BOX_N=box_n, BOX_H=box_h, BOX_W=box_w, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.get("GROUP_M", 8),
         STAGES=cfg["num_stages"], num_warps=cfg["num_warps"],
         **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))

@@ -1,7 +1,7 @@
 """Pieces of a tile's work shared by the conv kernels (conv2d.py, tma.py, box_ws.py): which tile a
 program owns, where a box launch's K step reads, which K steps a split-K slice takes and how the
 slices meet, and the epilogue's activation (specialised at compile time on its code in
-`fxsparse.ops.activations.ACTIVATION_CODES`) and residual add."""
+`fxsparse.kernels.activations.ACTIVATION_CODES`) and residual add."""
 from __future__ import annotations
 
 import functools
@@ -10,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fxsparse.ops.activations import ACTIVATION_CODES
+from fxsparse.kernels.activations import ACTIVATION_CODES
+
 
 @triton.jit
 def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
@@ -87,8 +88,8 @@ def sm_count(device_index: int) -> int:
 def split_workspace(splits: int, m: int, nch: int, tiles: int, device, dtype=torch.float32):
     """What a launch of `tiles` output tiles split `splits` ways along K needs: the workspace
     [splits, m, nch] of partial sums, and one arrival counter per tile, zeroed. Both are the
-    call's own (stream-ordered allocations; the zeroing is a small fill kernel, 2.3 us under
-    ncu in run 39), so launches on other streams or in other graphs never share a counter."""
+    call's own (stream-ordered allocations; the zeroing is a small fill kernel, about 2 us under
+    Nsight Compute), so launches on other streams or in other graphs never share a counter."""
     ws = torch.empty((splits, m, nch), device=device, dtype=dtype)
     return ws, torch.zeros(tiles, device=device, dtype=torch.int32)
 
@@ -121,7 +122,7 @@ def sum_slices(ws_ptr, offsets, mask, M, NCH, K_SPLITS):
 _KERNEL_ACTIVATIONS = ("none", "relu", "relu6", "silu", "gelu", "gelu_tanh", "hardswish",
                        "hardsigmoid", "sigmoid", "tanh")
 assert {n: i for i, n in enumerate(_KERNEL_ACTIVATIONS)} == ACTIVATION_CODES, (
-    "fxsparse.kernels.tile: activation table out of sync with fxsparse.ops.activations")
+    "fxsparse.kernels.tile: activation table out of sync with fxsparse.kernels.activations")
 
 
 @triton.jit

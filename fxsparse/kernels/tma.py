@@ -4,13 +4,14 @@ The A and B tiles are loaded, and the finished output tile stored, by TMA descri
 (`triton.tools.tensor_descriptor.TensorDescriptor`) instead of per-thread pointers: no
 address arithmetic or masks per element, bounds handled by the copy engine (coordinates
 past the tensor, negative ones included, read as zeros; stores past it are dropped). The
-epilogue is the conv kernel's (bias, bias map, folded BatchNorm scale and shift, residual
-before or after the activation). Two launches:
+epilogue is the pointer kernel's (bias, bias map, residual before or after the activation).
+Two launches:
 
 - **gemm** (1x1, stride 1, no padding): a plain GEMM over pixel rows,
   out[M, NCH] = x[M, CIN] @ w[NCH, CIN]^T with M = N * H * W.
 - **box** (any kernel size and stride): a program computes a BOX_H x BOX_W block of output
-  pixels of one image (or of BOX_N consecutive images: `box_shape`). For tap (kh, kw) its
+  pixels of one image (the warp-specialised launch of box_ws.py: of BOX_N consecutive images,
+  `box_shape`). For tap (kh, kw) its
   input is a same-sized block of input pixels sampled every `stride` pixels, starting
   (kh * dil - pad, kw * dil - pad) from the block's origin: one box load, where the copy
   engine's zero fill outside the image *is* the conv's zero padding. A box can only address
@@ -24,9 +25,9 @@ before or after the activation). Two launches:
 Only for what a descriptor can address (`eligible`): fp16/bf16, channels innermost, 16-byte
 aligned bases and strides, the output written in full (no channel scatter); strided boxes
 also need the input's sides to be multiples of the stride and, across columns, pixels that hold
-exactly the conv's channels (the merged last dimension must not run into other data). conv2d.py offers
-these launches to its tuner beside its own kernel's, and runs its own kernel instead wherever
-the tensors of a later call are not eligible.
+exactly the conv's channels (the merged last dimension must not run into other data). choices.py
+offers these launches beside the pointer kernel's, which runs instead wherever the tensors of a
+later call are not eligible.
 """
 from __future__ import annotations
 
@@ -50,32 +51,27 @@ except ImportError:  # pragma: no cover - older triton: the launches are never o
 
 
 @triton.jit
-def _epilogue(acc, offs_n, mask_n, bias_ptr, scale_ptr, shift_ptr, bias_map, r,
-              HAS_BIAS: tl.constexpr, HAS_BIAS_MAP: tl.constexpr, HAS_SCALE: tl.constexpr,
-              HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RESIDUAL_AFTER: tl.constexpr,
-              ACTIVATION: tl.constexpr):
-    """(acc + bias + bias map) * scale + shift, the residual before or after the activation."""
+def _epilogue(acc, offs_n, mask_n, bias_ptr, bias_map, r,
+              HAS_BIAS: tl.constexpr, HAS_BIAS_MAP: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+              RESIDUAL_AFTER: tl.constexpr, ACTIVATION: tl.constexpr):
+    """acc + bias + bias map, the residual before or after the activation."""
     z = acc
     if HAS_BIAS:
         z += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS_MAP:
         z += bias_map
-    if HAS_SCALE:
-        z *= tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if HAS_SHIFT:
-        z += tl.load(shift_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     return residual_and_activation(z, r, HAS_RESIDUAL, RESIDUAL_AFTER, ACTIVATION)
 
 
 @triton.jit
 def _gemm_kernel(
     x_desc, w_desc, out_desc, res_desc,
-    bias_ptr, scale_ptr, shift_ptr,
+    bias_ptr,
     M, NCH, CIN,
-    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RESIDUAL_AFTER: tl.constexpr, ACTIVATION: tl.constexpr,
     OUT_BF16: tl.constexpr,
-    DOT_UPCAST: tl.constexpr,  # the interpreter's tl.dot mishandles bf16 (as in conv2d.py)
+    DOT_UPCAST: tl.constexpr,  # the interpreter's tl.dot mishandles bf16 (as in pointer.py)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(NCH, BLOCK_N), GROUP_M)
@@ -95,8 +91,8 @@ def _gemm_kernel(
     r = acc
     if HAS_RESIDUAL:
         r = res_desc.load([row0, col0]).to(tl.float32)
-    z = _epilogue(acc, offs_n, offs_n < NCH, bias_ptr, scale_ptr, shift_ptr, acc, r,
-                  HAS_BIAS, False, HAS_SCALE, HAS_SHIFT, HAS_RESIDUAL, RESIDUAL_AFTER, ACTIVATION)
+    z = _epilogue(acc, offs_n, offs_n < NCH, bias_ptr, acc, r, HAS_BIAS, False, HAS_RESIDUAL, RESIDUAL_AFTER,
+                  ACTIVATION)
     if OUT_BF16:
         out_desc.store([row0, col0], z.to(tl.bfloat16))
     else:
@@ -106,12 +102,12 @@ def _gemm_kernel(
 @triton.jit
 def _box_kernel(
     x_desc, w_desc, out_desc, res_desc,
-    bias_ptr, scale_ptr, shift_ptr, bias_map_ptr, ws_ptr, arrivals_ptr,
+    bias_ptr, bias_map_ptr, ws_ptr, arrivals_ptr,
     N, HO, WO, NCH, CIN, K_SPLITS,
     sbc, sbh, sbw,
     KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
     PAD_H: tl.constexpr, PAD_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_BIAS_MAP: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_BIAS_MAP: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RESIDUAL_AFTER: tl.constexpr, ACTIVATION: tl.constexpr,
     OUT_BF16: tl.constexpr, DOT_UPCAST: tl.constexpr,
     SPLIT: tl.constexpr,  # K_SPLITS > 1 slices meet in an fp32 workspace, as conv2d's SPLIT do
@@ -164,8 +160,8 @@ def _box_kernel(
         r = acc
         if HAS_RESIDUAL:
             r = tl.reshape(res_desc.load([n0, oh0, ow0, col0]), (BLOCK_M, BLOCK_N)).to(tl.float32)
-        z = _epilogue(acc, offs_n, mask_n, bias_ptr, scale_ptr, shift_ptr, bias_map, r,
-                      HAS_BIAS, HAS_BIAS_MAP, HAS_SCALE, HAS_SHIFT, HAS_RESIDUAL, RESIDUAL_AFTER, ACTIVATION)
+        z = _epilogue(acc, offs_n, mask_n, bias_ptr, bias_map, r, HAS_BIAS, HAS_BIAS_MAP, HAS_RESIDUAL,
+                      RESIDUAL_AFTER, ACTIVATION)
         if OUT_BF16:
             out_desc.store([n0, oh0, ow0, col0], tl.reshape(z.to(tl.bfloat16), (BOX_N, BOX_H, BOX_W, BLOCK_N)))
         else:
@@ -276,62 +272,58 @@ def box_shape(block_m: int, n: int, ho: int, wo: int, images: bool = False) -> t
     return best[1]
 
 
-def _launch_args(bias, scale, shift, residual, activation_code, residual_after_activation, out):
-    dummy = out
-    return dict(bias_ptr=bias if bias is not None else dummy, scale_ptr=scale if scale is not None else dummy,
-                shift_ptr=shift if shift is not None else dummy,
-                HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-                HAS_RESIDUAL=residual is not None, RESIDUAL_AFTER=bool(residual_after_activation),
-                ACTIVATION=activation_code, OUT_BF16=out.dtype == torch.bfloat16,
-                DOT_UPCAST=out.device.type == "cpu" and out.dtype == torch.bfloat16)
+def _epilogue_args(call) -> dict:
+    dummy = call.out
+    return dict(bias_ptr=call.bias if call.bias is not None else dummy, HAS_BIAS=call.bias is not None,
+                HAS_RESIDUAL=call.residual is not None, RESIDUAL_AFTER=bool(call.residual_after_activation),
+                ACTIVATION=call.activation_code, OUT_BF16=call.out.dtype == torch.bfloat16,
+                DOT_UPCAST=call.out.device.type == "cpu" and call.out.dtype == torch.bfloat16)
 
 
-def launch(kind: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
-           shift: Optional[Tensor], bias_map: Optional[Tensor], residual: Optional[Tensor], stride, padding, dilation,
-           activation_code: int, residual_after_activation: bool, out: Tensor, cfg: dict,
-           splits: int = 1) -> None:
-    """Runs the conv as TMA launch `kind` (what `eligible` said) with tile config `cfg`, its K
-    loop split `splits` ways (box only)."""
-    if splits > 1 and kind != "box":
-        raise ValueError("fxsparse conv2d: only the box TMA launch splits K")
-    if cfg.get("WS"):
-        if splits > 1 or bias_map is not None:
-            raise ValueError("fxsparse conv2d: the warp-specialised box launch takes no split-K or bias map")
-        n, _, ho, wo = out.shape
-        box_ws.launch(x, *_phased(x, stride), weight, bias, scale, shift, residual, stride, padding, dilation,
-                      activation_code, residual_after_activation, out, cfg,
-                      box_shape(cfg["BLOCK_M"], n, ho, wo, cfg.get("IMAGES", False)))
-        return
+def launch_gemm(call, cfg: dict) -> None:
+    """A 1x1 conv (what `eligible` called "gemm") as a TMA GEMM with tile config `cfg`."""
+    x, weight, out, residual = call.x, call.weight, call.out, call.residual
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    nch, cin = weight.shape[:2]
+    m, _, sxw = _rows(x)
+    out_desc = TensorDescriptor(out, [m, nch], [_rows(out)[2], 1], [bm, bn])
+    res_desc = out_desc if residual is None else TensorDescriptor(residual, [m, nch], [_rows(residual)[2], 1], [bm, bn])
+    grid = ((-(-m // bm)) * (-(-nch // bn)),)  # (triton.cdiv costs ~4 us from Python)
+    _gemm_kernel[grid](
+        TensorDescriptor(x, [m, cin], [sxw, 1], [bm, bk]),
+        TensorDescriptor(weight, [nch, cin], [weight.stride(0), 1], [bn, bk]),
+        out_desc, res_desc, M=m, NCH=nch, CIN=cin, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.get("GROUP_M", 8),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_epilogue_args(call))
+
+
+def launch_box(call, cfg: dict, splits: int = 1) -> None:
+    """A conv (what `eligible` called "box") as TMA box loads of one image each, tile config `cfg`,
+    the K loop split `splits` ways."""
+    x, weight, out, residual, bias_map = call.x, call.weight, call.out, call.residual, call.bias_map
+    bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
     nch, cin, kh, kw = weight.shape
-    common = _launch_args(bias, scale, shift, residual, activation_code, residual_after_activation, out)
-    opts = dict(GROUP_M=cfg.get("GROUP_M", 8), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if kind == "gemm":
-        m, _, sxw = _rows(x)
-        sow = _rows(out)[2]
-        out_desc = TensorDescriptor(out, [m, nch], [sow, 1], [bm, bn])
-        res_desc = out_desc if residual is None else TensorDescriptor(
-            residual, [m, nch], [_rows(residual)[2], 1], [bm, bn])
-        grid = ((-(-m // bm)) * (-(-nch // bn)),)  # (triton.cdiv costs ~4 us from Python)
-        _gemm_kernel[grid](
-            TensorDescriptor(x, [m, cin], [sxw, 1], [bm, bk]),
-            TensorDescriptor(weight, [nch, cin], [weight.stride(0), 1], [bn, bk]),
-            out_desc, res_desc, M=m, NCH=nch, CIN=cin, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **common, **opts)
-        return
     n, _, ho, wo = out.shape
-    box = box_n, box_h, box_w = box_shape(bm, n, ho, wo, cfg.get("IMAGES", False))
+    box = box_n, box_h, box_w = box_shape(cfg["BLOCK_M"], n, ho, wo)
     out_desc = TensorDescriptor(out, *_nhwc(out), [*box, bn])
     res_desc = out_desc if residual is None else TensorDescriptor(residual, *_nhwc(residual), [*box, bn])
     bm_strides = bias_map.stride() if bias_map is not None else (0, 0, 0)
     grid = ((-(-n // box_n)) * (-(-ho // box_h)) * (-(-wo // box_w)) * (-(-nch // bn)), splits)
     ws, arrivals = split_workspace(splits, n * ho * wo, nch, grid[0], out.device) if splits > 1 else (out, out)
+    (sh, sw), (ph, pw), (dh, dw) = call.stride, call.padding, call.dilation
     _box_kernel[grid](
-        TensorDescriptor(x, *_phased(x, stride), [box_n, box_h, 1, box_w, bk]),
+        TensorDescriptor(x, *_phased(x, call.stride), [box_n, box_h, 1, box_w, bk]),
         TensorDescriptor(weight, [nch, kh * kw, cin], [weight.stride(0), cin, 1], [bn, 1, bk]),
         out_desc, res_desc, bias_map_ptr=bias_map if bias_map is not None else out,
         ws_ptr=ws, arrivals_ptr=arrivals, K_SPLITS=splits, SPLIT=splits > 1,
         N=n, HO=ho, WO=wo, NCH=nch, CIN=cin, sbc=bm_strides[0], sbh=bm_strides[1], sbw=bm_strides[2],
-        KH=kh, KW=kw, STRIDE_H=int(stride[0]), STRIDE_W=int(stride[1]), EVEN_CIN=cin % bk == 0,
-        PAD_H=int(padding[0]), PAD_W=int(padding[1]), DIL_H=int(dilation[0]), DIL_W=int(dilation[1]),
-        HAS_BIAS_MAP=bias_map is not None,
-        BOX_N=box_n, BOX_H=box_h, BOX_W=box_w, BLOCK_N=bn, BLOCK_K=bk, **common, **opts)
+        KH=kh, KW=kw, STRIDE_H=sh, STRIDE_W=sw, EVEN_CIN=cin % bk == 0,
+        PAD_H=ph, PAD_W=pw, DIL_H=dh, DIL_W=dw, HAS_BIAS_MAP=bias_map is not None,
+        BOX_N=box_n, BOX_H=box_h, BOX_W=box_w, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.get("GROUP_M", 8),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_epilogue_args(call))
+
+
+def launch_ws(call, cfg: dict) -> None:
+    """A conv that `warp_specialisable` allows as box_ws.py's warp-specialised box launch, its
+    boxes spanning images where that computes fewer rows for nothing."""
+    n, _, ho, wo = call.out.shape
+    box_ws.launch(call, *_phased(call.x, call.stride), cfg, box_shape(cfg["BLOCK_M"], n, ho, wo, images=True))

@@ -1,17 +1,15 @@
 """Tuned conv launches kept on disk, so a new process does not re-time shapes it has seen.
 
-Timing every candidate tile of every conv shape costs a Triton compile each: a ResNet-50
-spends most of its first `torch.compile` there. Like Inductor's autotune cache, the winner
-is stored per device and Triton version (a tile that wins on one chip or compiler need not
-win on another) in `$FXSPARSE_CACHE_DIR` (default `~/.cache/fxsparse`).
+Timing every candidate of every conv shape costs a Triton compile each: a ResNet-50 spent most of
+its first `torch.compile` there. Like Inductor's autotune cache, a winner is stored per device and
+Triton major.minor (a launch that wins on one chip or compiler need not win on another), in
+`settings.cache_dir` (default `~/.cache/fxsparse`). Under the user's file lies a read-only table
+shipped with fxsparse (`fxsparse/kernels/tuned/<device>.json`, written by
+`benchmarks/kernel_tune.py --write-table`): a shape found there is launched untimed on a fresh
+machine. The user's file wins where both hold a shape.
 
-An entry also records which candidates it was chosen from (`signature`): when fxsparse offers
-a shape new candidates, its old winner no longer counts and the shape is timed again.
-
-`FXSPARSE_TUNE` says how launches are chosen:
-  cache  (default) the disk cache first, timing on a miss, the winner written back;
-  always time every shape again (benchmarks of the tuner itself), still writing back;
-  off    no timing: the shape's first safe candidate (quick GPU test runs).
+An entry also records which candidates it was chosen from (`signature`): when fxsparse offers a
+shape new candidates, its old winner no longer counts and the shape is timed again.
 """
 from __future__ import annotations
 
@@ -25,64 +23,81 @@ from typing import Optional
 
 log = logging.getLogger(__name__)
 
-MODES = ("cache", "always", "off")
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned")
 
 
-def mode() -> str:
-    value = os.environ.get("FXSPARSE_TUNE", "cache")
-    if value not in MODES:
-        raise ValueError(f"FXSPARSE_TUNE={value!r}: expected one of {', '.join(MODES)}")
-    return value
+def device_slug(device_name: str, capability: tuple, sms: int, triton_version: str) -> str:
+    """e.g. "sm90-132sm-NVIDIA-H100-80GB-HBM3-triton3.6": what a tuned launch depends on."""
+    major_minor = ".".join(triton_version.split(".")[:2])
+    text = f"sm{capability[0]}{capability[1]}-{sms}sm-{device_name}-triton{major_minor}"
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
 
 
-def cache_path(device_name: str, triton_version: str) -> str:
-    root = os.environ.get("FXSPARSE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fxsparse")
-    slug = re.sub(r"[^A-Za-z0-9.]+", "-", f"{device_name}-triton{triton_version}").strip("-")
+def cache_path(slug: str, cache_dir: Optional[str] = None) -> str:
+    root = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "fxsparse")
     return os.path.join(root, f"conv2d-tuning-{slug}.json")
 
 
+def shipped_path(slug: str) -> str:
+    return os.path.join(SHIPPED_DIR, f"{slug}.json")
+
+
 def signature(candidates: list, timing: str = "") -> str:
-    """A short digest of a shape's (config, split_k) candidates and of how they were timed. A
-    switch that is off does not count (configs from before it existed are the same launch)."""
-    text = json.dumps([[sorted((k, v) for k, v in c.items() if v is not False), s] for c, s in candidates])
+    """A short digest of a shape's candidates (tuples of JSON-able parts: name, config, split-K)
+    and of how they were timed."""
+    text = json.dumps([[sorted(p.items()) if isinstance(p, dict) else p for p in c] for c in candidates])
     return hashlib.sha1((text + timing).encode()).hexdigest()[:12]
 
 
+def _read(path: str) -> dict:
+    try:
+        with open(path) as f:
+            entries = json.load(f)
+        return entries if isinstance(entries, dict) else {}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:  # a damaged file costs a re-tune, never a wrong launch
+        log.warning("fxsparse: ignoring unreadable tuning cache %s (%s)", path, e)
+        return {}
+
+
 class TuningCache:
-    """{shape key: (config, split_k)} in one JSON file; keys are the tuner's tuples, as text."""
+    """{key text: entry} in one JSON file, over an optional read-only table (`shipped`)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, shipped: Optional[str] = None):
         self.path = path
+        self.shipped = shipped
         self._entries: Optional[dict] = None
+        self._table: Optional[dict] = None
 
-    def _read(self) -> dict:
-        try:
-            with open(self.path) as f:
-                entries = json.load(f)
-            return entries if isinstance(entries, dict) else {}
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as e:  # a damaged file costs a re-tune, never a wrong launch
-            log.warning("fxsparse: ignoring unreadable tuning cache %s (%s)", self.path, e)
-            return {}
+    @classmethod
+    def for_device(cls, device_name: str, capability: tuple, sms: int, triton_version: str,
+                   cache_dir: Optional[str] = None) -> "TuningCache":
+        slug = device_slug(device_name, capability, sms, triton_version)
+        return cls(cache_path(slug, cache_dir), shipped_path(slug))
 
     def _load(self) -> dict:
         if self._entries is None:
-            self._entries = self._read()
+            self._entries = _read(self.path)
         return self._entries
 
-    def get(self, key: tuple, candidates: Optional[str] = None) -> Optional[tuple]:
-        """The (config, split_k) stored for `key`, if it was chosen from `candidates` (a
-        `signature`; None: whatever it was chosen from)."""
-        entry = self._load().get(repr(key))
-        if entry is None or candidates is not None and entry.get("candidates") != candidates:
-            return None
-        return dict(entry["config"]), int(entry["split_k"])
+    def _shipped(self) -> dict:
+        if self._table is None:
+            self._table = _read(self.shipped) if self.shipped else {}
+        return self._table
 
-    def put(self, key: tuple, config: dict, split_k: int, candidates: Optional[str] = None) -> None:
+    def get(self, key: str, candidates: Optional[str] = None) -> Optional[dict]:
+        """The entry stored for `key` if it was chosen from `candidates` (a `signature`; None:
+        whatever it was chosen from): the user's, else the shipped table's ("source" says which)."""
+        for source, entries in (("tuning cache", self._load()), ("shipped table", self._shipped())):
+            entry = entries.get(key)
+            if entry is not None and (candidates is None or entry.get("candidates") == candidates):
+                return dict(entry, source=source)
+        return None
+
+    def put(self, key: str, entry: dict, candidates: Optional[str] = None) -> None:
         # merged with the file as it is now: another process may have added shapes since
-        entry = {"config": config, "split_k": split_k, "candidates": candidates}
-        entries = self._entries = {**self._read(), **self._load(), repr(key): entry}
+        entries = self._entries = {**_read(self.path), **self._load(), key: dict(entry, candidates=candidates)}
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             # Write then rename: a process reading at the same time sees the old file or the new one.

@@ -12,12 +12,12 @@ timed at compile time on its real shapes:
              output once; nothing when the chain ends at a folded BatchNorm)
 
 on random inputs of the chain's shape, dtype and layout and its real compacted
-weight and bias constants. The faster wins: by kernel time (CUDA-graph replay)
-where the compiled graph will run under CUDA graphs, by the plain call's time
-(host launch cost included) where it will not. Decisions are cached per shape
-signature (`ChainShape`) for the process, so identical layers are timed once.
-A failure while timing falls back to "triton" (what lowering "auto" did before)
-and says why.
+weight and bias constants. The one selector (kernels/select.py: `selector.pick`)
+times them and keeps the faster: by kernel time (CUDA-graph replay) where the
+compiled graph will run under CUDA graphs, by the plain call's time (host launch
+cost included) where it will not. Decisions are kept per shape signature
+(`ChainShape`) for the process and in the tuning cache on disk, so identical
+layers are timed once. A failure while timing falls back to "triton" and says why.
 
 The timer is pluggable: `override(timer)` installs one (with a fresh cache) and
 also enables the choice where it is otherwise off (CPU, fp32), which is how the
@@ -27,20 +27,19 @@ fp16/bf16 inference on CUDA outside the Triton interpreter.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
-from fxsparse.kernels.layout import relayout, select_channels
-from fxsparse.ops.activations import apply_activation
+from fxsparse.kernels import choices, timing
+from fxsparse.kernels.layout import select_channels
+from fxsparse.kernels.problem import ConvArgs, ConvCall, output_size
+from fxsparse.kernels.select import selector
 from fxsparse.ops.conv2d import triton_interpreter_on
 
 # (candidate name "triton" | "aten", the chain's shape, a callable running it once) -> microseconds
 Timer = Callable[[str, "ChainShape", Callable[[], object]], float]
-
-WARMUP_MS = 10
-REP_MS = 30
 
 
 @dataclass(frozen=True)
@@ -107,6 +106,7 @@ class ChainProblem:
     out_index: Optional[torch.Tensor]
     fill: Optional[torch.Tensor]
     out_hw: tuple
+    fused_args: Optional[ConvArgs] = field(default=None, repr=False)  # the op's arguments, once candidates() ran
 
     @property
     def has_epilogue(self) -> bool:
@@ -142,30 +142,36 @@ class ChainProblem:
         out_index_t, fill_t = (None, None) if wide is not None else (self.out_index, self.fill)
         w_a, b_a, m_a = wide if dense_aten else (w, b, m)
         scatter = self.out_index is not None and not dense_aten
-        src_pos = None if not scatter else torch.arange(len(self.out_index), device=dev)
-        has_epilogue = self.has_epilogue
-        m_model = None if m_a is None else m_a.to(dtype)  # the aten path adds it in the model's dtype
+        # what each path emits: the fused op, or cuDNN whose epilogue Inductor fuses into one pass
+        fused = ConvArgs(x, w_t, b_t, stride, padding, dilation, self.in_index, out_index_t, s.out_stored, fill_t,
+                         m_t, residual, s.activation, s.residual_after_activation)
+        aten = ConvArgs(x, w_a, b_a, stride, padding, dilation, self.in_index, self.out_index if scatter else None,
+                        s.out_stored if scatter else w_a.shape[0], self.fill if scatter else None,
+                        None if m_a is None else m_a.to(dtype), residual, s.activation, s.residual_after_activation)
+
+        self.fused_args = fused
 
         def triton():
-            return torch.ops.fxsparse.conv2d.default(
-                x, w_t, b_t, stride, padding, dilation, self.in_index, out_index_t, s.out_stored, fill_t,
-                None, None, m_t, residual, s.activation, s.residual_after_activation)
+            return torch.ops.fxsparse.conv2d.default(*fused)
 
-        def aten():
-            xi = x if self.in_index is None else select_channels(x, self.in_index)
-            y = torch.conv2d(xi, w_a, b_a, s.stride, s.padding, s.dilation, 1)
-            if scatter:
-                y = relayout(y, src_pos, self.out_index, self.fill)
-            if not has_epilogue:
-                return y
-            # one elementwise pass stands in for the one kernel Inductor fuses the epilogue into
-            if residual is not None:
-                return torch.add(y, residual)
-            if m_model is not None:
-                return torch.add(y, m_model)
-            return apply_activation(s.activation if s.activation != "none" else "relu", y)
+        def aten_path():
+            return choices.ATEN.compute(aten_call(aten), epilogue="fused")
 
-        return {"triton": triton, "aten": aten}
+        return {"triton": triton, "aten": aten_path}
+
+
+def aten_call(args: ConvArgs) -> ConvCall:
+    """The tensors of `args` as the aten choice reads them (its output is computed, not written: `out`
+    only carries the output's shape)."""
+    x = args.x if args.in_index is None else select_channels(args.x, args.in_index)
+    n, _, h, w = x.shape
+    kh, kw = args.weight.shape[2:]
+    hw = [output_size(size, k, s, p, d) for size, k, s, p, d in
+          zip((h, w), (kh, kw), args.stride, args.padding, args.dilation)]
+    out = torch.empty((n, args.out_channels, *hw), device="meta")
+    return ConvCall(x, args.weight, args.bias, args.bias_map, args.residual, args.out_index, args.fill, out,
+                    tuple(args.stride), tuple(args.padding), tuple(args.dilation), args.activation,
+                    args.residual_after_activation)
 
 
 @dataclass
@@ -174,25 +180,20 @@ class Decision:
     reason: str
     triton_us: Optional[float] = None
     aten_us: Optional[float] = None
+    measured: bool = False  # timed now or read from the tuning cache (kept for the process)
 
 
 def cuda_timer(name: str, shape: ChainShape, fn: Callable[[], object]) -> float:
-    """Median microseconds of `fn`: CUDA-graph replay where the compiled graph will run under
-    CUDA graphs (kernel time), else `triton.testing.do_bench` on the plain call (host launch
-    cost included, which our op's Python launcher makes larger than cuDNN's). The first calls
-    compile and tune (our kernel tunes its tile config on the first call of a shape)."""
-    import triton.testing
-
-    from fxsparse.kernels.timing import cuda_graph_time_ms
-
-    if shape.graphed:
-        return cuda_graph_time_ms(fn, calls=10, warmup_calls=2, warmup_ms=WARMUP_MS, rep_ms=REP_MS) * 1e3
-    fn()
-    torch.cuda.synchronize()
-    return float(triton.testing.do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")) * 1e3
+    """Microseconds of `fn` as the selector times it: CUDA-graph replay where the compiled graph will
+    run under CUDA graphs (kernel time), else the plain call (host launch cost included, which our
+    op's Python launcher makes larger than cuDNN's). The first calls compile and choose the op's
+    launch (outside the timed region)."""
+    return timing.gpu_time_ms(fn, graphed=shape.graphed) * 1e3
 
 
 class Chooser:
+    """The lowering's question to the selector: per chain, the fused op or aten."""
+
     def __init__(self, timer: Timer, forced: bool = False):
         self.timer = timer
         self.forced = forced  # choose even where it is off by default (CPU tests)
@@ -209,7 +210,7 @@ class Chooser:
         if hit is not None:
             return hit
         decision = self._measure(problem)
-        if decision.triton_us is not None:  # failures are not cached: the next compile tries again
+        if decision.measured:  # failures are not cached: the next compile tries again
             self.cache[problem.shape] = decision
         return decision
 
@@ -219,12 +220,35 @@ class Chooser:
         try:
             cands = problem.candidates()
             self.timed.append(problem.shape)
-            t = self.timer("triton", problem.shape, cands["triton"])
-            a = self.timer("aten", problem.shape, cands["aten"])
+            timer = None if self.timer is cuda_timer else (lambda name, fn: self.timer(name, problem.shape, fn))
+            # (an overriding timer is the tests': its answers are not kept on disk)
+            name, times = selector.pick(("chain", problem.shape), cands, graphed=problem.shape.graphed, timer=timer,
+                                        persist=timer is None)
         except Exception as e:  # noqa: BLE001 - any failure keeps the fused op
             return Decision("triton", f"timing failed ({type(e).__name__}: {e}): triton")
-        lowering = "aten" if a < t else "triton"
-        return Decision(lowering, f"measured: triton {t:.1f} us vs aten+epilogue {a:.1f} us", t, a)
+        if not times:
+            if name == "triton":
+                _compile_ahead(problem, cands["triton"])
+            return Decision(name, f"from the tuning cache: {name}", measured=True)
+        t, a = times.get("triton"), times.get("aten")
+        if timer is None:
+            t, a = (None if v is None else v * 1e3 for v in (t, a))
+        if t is None:
+            return Decision("triton", "timing failed (the fused op did not run): triton")
+        reason = f"measured: triton {t:.1f} us vs aten+epilogue {a:.1f} us" if a is not None else \
+            f"measured: triton {t:.1f} us (aten failed)"
+        return Decision(name, reason, t, a, measured=True)
+
+
+def _compile_ahead(problem: ChainProblem, run: Callable[[], object]) -> None:
+    """With settings.compile_workers > 1, the fused op's launch for this chain, known without timing,
+    compiles on a background thread while the rest of the graph is lowered and compiled."""
+    from fxsparse.kernels.conv2d import conv_call
+    from fxsparse.options import kernel_settings
+
+    workers = kernel_settings().compile_workers
+    if workers > 1 and problem.weight.is_cuda and selector.known(conv_call(problem.fused_args)):
+        selector.prefetch(run, workers, problem.weight.device)
 
 
 _current = Chooser(cuda_timer)

@@ -26,12 +26,12 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from fxsparse.compaction.propagate import CONST_DTYPE, ConvPlan, Layout, Propagation
-from fxsparse.graph.capture import OpView
+from fxsparse.compaction.propagate import CONST_DTYPE, ConvPlan, Layout, Propagation, at_least_one
+from fxsparse.graph.capture import OpView, written_args
 from fxsparse.kernels.layout import relayout, select_channels
 from fxsparse.lowering import choose
 from fxsparse.lowering.fusion import Chain, plan_chains
-from fxsparse.sparsity.read import ConvSparsity, evaluate, param_only
+from fxsparse.sparsity.read import ConvSparsity, evaluate, other_conv_geometry, param_only
 
 
 @dataclass
@@ -144,9 +144,9 @@ class Lowering:
     @staticmethod
     def drop_unused_weight_math(graph: fx.Graph) -> None:
         """Removes copied parameter-only nodes (`mask * weight_orig`) that nothing reads any more.
-        (Not a general DCE: an unused in-place op may still write a tensor others read.)"""
+        (Not a general DCE: an unused in-place op writes a tensor others read, or a buffer.)"""
         for node in reversed(list(graph.nodes)):
-            if node.meta.get("_fxsparse_param_only") and not node.users:
+            if node.meta.get("_fxsparse_param_only") and not node.users and not written_args(node):
                 graph.erase_node(node)
 
     def emit(self, n: fx.Node) -> None:
@@ -250,7 +250,8 @@ class Lowering:
         identity_in = len(positions) == len(x_layout.kept) and torch.equal(positions, torch.arange(len(positions)))
         w_t = weight.to(device, dtype).contiguous(memory_format=torch.channels_last)
         b_t = None if bias is None else bias.to(device, dtype)
-        m_t = None if bias_map is None else bias_map.to(device, torch.float32)
+        # (fp32 at least: the fused op's accumulator; a float64 model's own precision)
+        m_t = None if bias_map is None else bias_map.to(device, torch.promote_types(dtype, torch.float32))
         lowering = self.conv_backend if not plan.depthwise else "aten"
         choice = None
         if lowering == "auto":
@@ -382,7 +383,7 @@ class Lowering:
         in_index = None if positions is None else self.const(positions.to(like.device), "in_index")
         return self.graph.call_function(torch.ops.fxsparse.conv2d.default, (
             x, w_node, b_node, list(conv.stride), list(conv.padding), list(conv.dilation),
-            in_index, out_index, len(out_layout.kept), fill, None, None, m_node, residual,
+            in_index, out_index, len(out_layout.kept), fill, m_node, residual,
             act, chain.residual_after_activation))
 
     def emit_aten_conv(self, plan, conv, x, positions, w_node, b_node, m_node) -> fx.Node:
@@ -434,8 +435,8 @@ class Lowering:
 
     def emit_training_conv(self, n: fx.Node, v: OpView, sp: ConvSparsity) -> fx.Node:
         conv = v.conv
-        kept_out = (~sp.zero_rows).nonzero().flatten()
-        kept_in = (~sp.zero_cols).nonzero().flatten()
+        kept_out = at_least_one(~sp.zero_rows).nonzero().flatten()
+        kept_in = at_least_one(~sp.zero_cols).nonzero().flatten()
         dev = self._device(conv.input)
         w = self.env[conv.weight]
         x = self.env[conv.input]
@@ -457,12 +458,12 @@ class Lowering:
 
     # -- records ----------------------------------------------------------------------
     def _macs(self, sp: ConvSparsity, cin_per_group: int, cout: int) -> int:
-        """Multiply-accumulates per sample (0 where the output's spatial size is symbolic)."""
-        out = self._example(sp.view.node)
-        if not all(isinstance(s, int) for s in out.shape[2:]):
+        """Multiply-accumulates per sample, at the example input's size where the graph's is symbolic."""
+        h, w = (size_hint(s) for s in self._example(sp.view.node).shape[2:4])
+        if h is None or w is None:
             return 0
         kh, kw = sp.kernel_size
-        return int(out.shape[2] * out.shape[3]) * cout * cin_per_group * kh * kw
+        return h * w * cout * cin_per_group * kh * kw
 
     def _record(self, sp, kin, kout, ideal_in, ideal_out, lowering, reason, fused=(),
                 computed_out: Optional[int] = None) -> ConvRecord:
@@ -473,10 +474,18 @@ class Lowering:
         return ConvRecord(
             sp.name, sp.in_channels, sp.out_channels,
             sp.in_channels if lowering == "unchanged" else (kout if groups > 1 else kin), kout,
-            tuple(sp.kernel_size), tuple(conv.stride) if conv else (), groups, lowering, reason,
+            tuple(sp.kernel_size), tuple(conv.stride) if conv else other_conv_geometry(sp.view.node)[3], groups,
+            lowering, reason,
             sp.kind, sp.source, self._macs(sp, sp.in_channels // max(groups, 1), sp.out_channels) if conv else 0,
             self._macs(sp, kin, computed_out or kout) if conv else 0, self._macs(sp, ideal_in, ideal_out) if conv else 0,
-            list(fused), list(sp.notes))
+            list(fused), list(sp.notes) + self._symbolic_note(sp))
+
+    def _symbolic_note(self, sp) -> list:
+        sizes = self._example(sp.view.node).shape[2:4]
+        if all(isinstance(s, int) for s in sizes):
+            return []
+        return [f"spatial size symbolic ({' x '.join(map(str, sizes))}): MACs counted at the example input's "
+                f"{' x '.join(str(size_hint(s)) for s in sizes)}"]
 
     def record_unchanged(self, n, sp: ConvSparsity) -> None:
         reason = sp.reason
@@ -509,6 +518,14 @@ class Lowering:
         if zero:
             record.notes.append(f"the conv also computes {zero} zero filter rows: it writes the residual "
                                 f"add's {kout + zero}-channel layout directly (no scatter)")
+
+
+def size_hint(size) -> Optional[int]:
+    """An int size, or the example's value of a symbolic one (None where it has none)."""
+    if isinstance(size, int):
+        return size
+    hint = getattr(getattr(size, "node", None), "hint", None)
+    return int(hint) if hint is not None else None
 
 
 def keep_dynamo_metadata(dynamo_gm: fx.GraphModule, gm: fx.GraphModule) -> None:

@@ -33,7 +33,7 @@ Execution (eager): the kept channels are read and written by the op itself (`in_
 compact output then copied into the full one ("scatter"), or the full masked weight is run
 ("dense"). `TritonConv2d.execution = "auto"` (default) times the variants once per problem shape
 on CUDA under no_grad and keeps the fastest; naming one forces it. `last_execution` says what
-ran. Kept channel counts are padded to a multiple of `channel_align` (8) with zero-weight channels
+ran. Kept channel counts are padded to a multiple of `align_channels` (8) with zero-weight channels
 (exact), so channels_last rows stay 16-byte aligned for the kernel.
 
 Unsupported by the op (the module then runs `F.conv2d` on the masked weight, the reason is in
@@ -186,7 +186,7 @@ def _version_key(t: Optional[Tensor]):
     return (id(t), t._version, t.data_ptr(), t.dtype, t.device)
 
 
-def _aligned(kept: Tensor, align: int) -> Tensor:
+def _align(kept: Tensor, align: int) -> Tensor:
     """`kept` with the first few unkept channels added so the count is a multiple of `align` (or
     all). Exact: an added output channel has a zero filter (it computes its bias, the value a
     pruned channel holds), an added input channel a zero column."""
@@ -198,39 +198,18 @@ def _aligned(kept: Tensor, align: int) -> Tensor:
     return kept
 
 
-_PLANS: dict = {}  # problem signature -> execution plan, chosen by timing on CUDA
 _EXECUTIONS = ("fused", "gather", "scatter", "gather+scatter", "dense")
 
 
-def _time_plans(run, plans: list) -> str:
-    """The fastest of `plans` for `run(plan)` on CUDA, by GPU time: each plan is warmed up (the
-    kernel autotunes there), captured 5 times in a CUDA graph and the replay timed (host launch
-    overhead would otherwise dominate small convs); without a capture, the plain call."""
+def _time_plans(key, run, plans: list) -> str:
+    """The fastest of `plans` for `run(plan)` on CUDA, as the one selector times alternatives
+    (kernels/select.py: CUDA-graph replay, the plain call where `run` cannot be captured); each plan
+    is warmed up first (the op chooses its launch there). A plan that fails is not chosen."""
     if len(plans) == 1:
         return plans[0]
-    best, best_ms = plans[0], float("inf")
-    for plan in plans:
-        try:
-            ms = _gpu_ms(lambda: run(plan))
-        except Exception:  # noqa: BLE001 - a plan that fails is not chosen
-            continue
-        if ms < best_ms:
-            best, best_ms = plan, ms
-    return best
+    from fxsparse.kernels.select import selector
 
-
-def _gpu_ms(fn) -> float:
-    """GPU ms per call of `fn`: CUDA-graph replay (fxsparse.kernels.timing.cuda_graph_time_ms), or the
-    plain call where `fn` cannot be captured."""
-    import triton
-
-    from fxsparse.kernels.timing import cuda_graph_time_ms
-
-    try:
-        return cuda_graph_time_ms(fn, calls=5, warmup_calls=3, warmup_ms=5, rep_ms=20)
-    except Exception:  # noqa: BLE001 - no graph capture here: the plain call
-        torch.cuda.synchronize()
-        return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
+    return selector.pick(("nn.TritonConv2d", key), {p: (lambda p=p: run(p)) for p in plans})[0]
 
 
 class TritonConv2d(nn.Conv2d):
@@ -341,7 +320,7 @@ class TritonConv2d(nn.Conv2d):
             rows = nz.reshape(cout, -1).any(1)
             cols = nz.transpose(0, 1).reshape(cin, -1).any(1)
             kept_rows, kept_cols = int(rows.sum()), int(cols.sum())
-            rows, cols = _aligned(rows, self.channel_align), _aligned(cols, self.channel_align)
+            rows, cols = _align(rows, self.align_channels), _align(cols, self.align_channels)
             out_idx = None if bool(rows.all()) else rows.nonzero().flatten()
             in_idx = None if bool(cols.all()) else cols.nonzero().flatten()
             result = (out_idx, in_idx, kept_rows, kept_cols)
@@ -402,7 +381,7 @@ class TritonConv2d(nn.Conv2d):
     execution = "auto"
     # kept channel counts are rounded up to a multiple of this with zero-weight channels (exact):
     # channels_last rows of 8 fp16 values (16 bytes) keep the kernel's loads and stores aligned
-    channel_align = 8
+    align_channels = 8
 
     def _plan(self, x: Tensor, w: Tensor, b, fill, out_idx, in_idx, record_grad: bool) -> str:
         if out_idx is None and in_idx is None:
@@ -417,7 +396,9 @@ class TritonConv2d(nn.Conv2d):
         key = (tuple(x.shape), x.stride(), x.dtype, x.device, tuple(w.shape), tuple(self.stride),
                tuple(self.padding), tuple(self.dilation), in_idx is not None, out_idx is not None,
                self.out_channels, self.in_channels)
-        plan = _PLANS.get(key)
+        from fxsparse.kernels.select import selector
+
+        plan = selector.picks.get(("nn.TritonConv2d", key))  # (a plan chosen before, by _time_plans)
         if plan is None:
             if torch.cuda.is_current_stream_capturing():
                 return "fused"  # cannot time inside a CUDA graph capture
@@ -428,8 +409,7 @@ class TritonConv2d(nn.Conv2d):
                 candidates.append("scatter")
             if in_idx is not None and out_idx is not None:
                 candidates.append("gather+scatter")
-            plan = _time_plans(lambda p: self._run(x, w, b, fill, out_idx, in_idx, p), candidates)
-            _PLANS[key] = plan
+            plan = _time_plans(key, lambda p: self._run(x, w, b, fill, out_idx, in_idx, p), candidates)
         return plan
 
     def _dense_weight(self, dtype: torch.dtype) -> Tensor:
@@ -446,7 +426,7 @@ class TritonConv2d(nn.Conv2d):
     def _op(self, x, w, b, in_idx, out_idx, out_channels, fill) -> Tensor:
         return torch.ops.fxsparse.conv2d(
             x, w, b, list(self.stride), list(self.padding), list(self.dilation), in_idx, out_idx,
-            out_channels, fill, None, None, None, None, "none", False)
+            out_channels, fill, None, None, "none", False)
 
     def _run(self, x: Tensor, w: Tensor, b, fill, out_idx, in_idx, plan: str) -> Tensor:
         if plan == "dense":

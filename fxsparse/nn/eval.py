@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxsparse.kernels.timing import cuda_graph_time_ms
+from fxsparse.kernels.timing import cuda_graph_time_ms, plain_time_ms
 
 from .conv import copy_module
 
@@ -36,14 +36,6 @@ def compare_modules(ref: Callable, other: Callable, x: Tensor) -> dict:
         "max": diff.max().item(),
         "rel_l2": diff.norm().item() / max(r.norm().item(), 1e-300),
     }
-
-
-def plain_time_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -> float:
-    """Median ms per plain call of `fn` on CUDA (`triton.testing.do_bench`: host overhead,
-    guards and launches included)."""
-    import triton
-
-    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
 
 def wall_time_ms(fn: Callable[[], object], repeat: int = 5, warmup: int = 1, min_time_s: float = 0.0) -> float:

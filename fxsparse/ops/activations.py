@@ -1,28 +1,12 @@
-"""The activations the conv epilogue can apply, in one table.
-
-The reference (aten) functions below define the semantics; the Triton epilogue
-(`fxsparse/kernels/conv2d.py`) implements the same names, selected by the code
-in `ACTIVATION_CODES` so that the kernel specialises on it at compile time.
-"""
+"""The activations the conv epilogue can apply (the table lives in `fxsparse.kernels.activations`,
+beside the Triton epilogue that implements the same names)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-ACTIVATIONS = {
-    "none": lambda z: z,
-    "relu": F.relu,
-    "relu6": F.relu6,
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
-    "hardswish": F.hardswish,
-    "hardsigmoid": F.hardsigmoid,
-    "sigmoid": torch.sigmoid,
-    "tanh": torch.tanh,
-}
+from fxsparse.kernels.activations import ACTIVATION_CODES, ACTIVATIONS
 
-ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
+__all__ = ["ACTIVATIONS", "ACTIVATION_CODES", "apply_activation", "check_activation"]
 
 
 def check_activation(name: str) -> None:

@@ -3,7 +3,7 @@
     out = epilogue(conv2d(x[:, in_index], weight))   scattered to out_index
 
 Per kept output channel j (a row of `weight`):
-    z_j = (acc_j + bias_j + bias_map_j[h, w]) * scale_j + shift_j
+    z_j = acc_j + bias_j + bias_map_j[h, w]
 Output channels not named by `out_index` hold `fill_c` (0 if no fill): the
 pre-activation constant that a pruned channel still carries. Then
     z += residual            (unless residual_after_activation)
@@ -13,7 +13,7 @@ The result is channels_last, in x's dtype; accumulation is fp32.
 
 Implementations: CPU -> aten (`reference.py`), or the Triton kernel inside
 `triton_on_cpu()` (needs the Triton interpreter, TRITON_INTERPRET=1: how the
-kernel is tested without a GPU); CUDA -> the Triton kernel (`fxsparse/kernels/conv2d.py`). The fake
+kernel is tested without a GPU); CUDA -> the launch the selector picks among the Triton kernels (`fxsparse/kernels/`). The fake
 implementation only computes the output's shape, so the op traces under
 torch.compile and make_fx. Backward differentiates the reference formula.
 """
@@ -22,19 +22,17 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-import weakref
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
+
+from fxsparse.kernels.problem import ConvArgs, output_size
+from fxsparse.kernels.tensor_cache import TensorCache
 
 from .activations import check_activation
 from .reference import conv2d_reference
 
 Tensor = torch.Tensor
-
-
-def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def triton_interpreter_on() -> bool:
@@ -59,33 +57,6 @@ def triton_on_cpu():
 
 def _use_triton(x: Tensor) -> bool:
     return x.is_cuda or (x.device.type == "cpu" and getattr(_cpu_kernel, "triton", False))
-
-
-class TensorCache:
-    """A cache entry per live tensor, keyed by identity, dropped when the tensor dies.
-
-    (weakref.WeakKeyDictionary compares colliding keys with ==, which on tensors is
-    elementwise and raises "Boolean value of Tensor ... is ambiguous".)
-    """
-
-    def __init__(self):
-        self._entries: dict = {}
-
-    def get(self, t: Tensor):
-        entry = self._entries.get(id(t))
-        if entry is None or entry[0]() is not t:
-            return None
-        return entry[1]
-
-    def put(self, t: Tensor, value) -> None:
-        key, entries = id(t), self._entries
-
-        def drop(ref, key=key, entries=entries):
-            entry = entries.get(key)
-            if entry is not None and entry[0] is ref:
-                del entries[key]
-
-        entries[key] = (weakref.ref(t, drop), value)
 
 
 # Index vectors the backend builds are constants: checking each once keeps the
@@ -126,24 +97,10 @@ def _check_index(name: str, idx: Optional[Tensor], length, bound, device) -> Non
     _checked_indices.put(idx, idx._version)
 
 
-def check_conv2d_args(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    in_index: Optional[Tensor],
-    out_index: Optional[Tensor],
-    out_channels: int,
-    fill: Optional[Tensor],
-    scale: Optional[Tensor],
-    shift: Optional[Tensor],
-    bias_map: Optional[Tensor],
-    residual: Optional[Tensor],
-    activation: str,
-) -> tuple:
+def check_conv2d_args(args: ConvArgs) -> tuple:
     """Checks every argument; returns the output shape (N, out_channels, Ho, Wo)."""
+    (x, weight, bias, stride, padding, dilation, in_index, out_index, out_channels, fill, bias_map, residual,
+     activation, _) = args
     if x.dim() != 4:
         _fail(f"x must be 4-D (N, C, H, W), got {x.dim()}-D")
     if weight.dim() != 4:
@@ -173,8 +130,7 @@ def check_conv2d_args(
     if fill is not None and out_index is None:
         _fail("fill needs out_index (without it every output channel is computed)")
     _check_vector("fill", fill, out_channels, x.device)
-    for name, v in (("bias", bias), ("scale", scale), ("shift", shift)):
-        _check_vector(name, v, cout_k, x.device)
+    _check_vector("bias", bias, cout_k, x.device)
     ho = output_size(h, kh, stride[0], padding[0], dilation[0])
     wo = output_size(w, kw, stride[1], padding[1], dilation[1])
     if ho <= 0 or wo <= 0:
@@ -204,33 +160,29 @@ def conv2d(
     out_index: Optional[Tensor],
     out_channels: int,
     fill: Optional[Tensor],
-    scale: Optional[Tensor],
-    shift: Optional[Tensor],
     bias_map: Optional[Tensor],
     residual: Optional[Tensor],
     activation: str,
     residual_after_activation: bool,
 ) -> Tensor:
-    args = (x, weight, bias, stride, padding, dilation, in_index, out_index, out_channels,
-            fill, scale, shift, bias_map, residual, activation, residual_after_activation)
-    check_conv2d_args(*args[:-1])
+    # (the schema is read from this signature; kernels.problem.ConvArgs names the same arguments)
+    args = ConvArgs(x, weight, bias, stride, padding, dilation, in_index, out_index, out_channels, fill,
+                    bias_map, residual, activation, residual_after_activation)
+    check_conv2d_args(args)
     if _use_triton(x):
         from fxsparse.kernels.conv2d import conv2d_triton
 
-        return conv2d_triton(*args)
-    return conv2d_reference(*args)
+        return conv2d_triton(args)
+    return conv2d_reference(args)
 
 
 @conv2d.register_fake
-def _(x, weight, bias, stride, padding, dilation, in_index, out_index, out_channels,
-      fill, scale, shift, bias_map, residual, activation, residual_after_activation):
-    shape = check_conv2d_args(x, weight, bias, stride, padding, dilation, in_index, out_index,
-                              out_channels, fill, scale, shift, bias_map, residual, activation)
-    return x.new_empty(shape).contiguous(memory_format=torch.channels_last)
+def _(*args):
+    return args[0].new_empty(check_conv2d_args(ConvArgs(*args))).contiguous(memory_format=torch.channels_last)
 
 
-_GRAD_INPUTS = {"x": 0, "weight": 1, "bias": 2, "fill": 9, "scale": 10, "shift": 11,
-                "bias_map": 12, "residual": 13}
+_GRAD_INPUTS = {name: i for i, name in enumerate(ConvArgs._fields)
+                if name in ("x", "weight", "bias", "fill", "bias_map", "residual")}
 
 
 def _setup_context(ctx, inputs, output):
@@ -250,7 +202,7 @@ def _backward(ctx, grad_out):
                 t = t.detach().requires_grad_(True)
                 wanted.append((slot, t))
             inputs[slot] = t
-        out = conv2d_reference(*inputs)
+        out = conv2d_reference(ConvArgs(*inputs))
         grads = torch.autograd.grad(out, [t for _, t in wanted], grad_out, allow_unused=True)
     result = [None] * len(inputs)
     for (slot, _), g in zip(wanted, grads):

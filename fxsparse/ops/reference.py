@@ -6,32 +6,17 @@ and the definition the Triton kernel must match. Operands are upcast to fp32
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
-
 import torch
 import torch.nn.functional as F
+
+from fxsparse.kernels.problem import ConvArgs
 
 from .activations import apply_activation
 
 
-def conv2d_reference(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    in_index: Optional[torch.Tensor],
-    out_index: Optional[torch.Tensor],
-    out_channels: int,
-    fill: Optional[torch.Tensor],
-    scale: Optional[torch.Tensor],
-    shift: Optional[torch.Tensor],
-    bias_map: Optional[torch.Tensor],
-    residual: Optional[torch.Tensor],
-    activation: str,
-    residual_after_activation: bool,
-) -> torch.Tensor:
+def conv2d_reference(args: ConvArgs) -> torch.Tensor:
+    (x, weight, bias, stride, padding, dilation, in_index, out_index, out_channels, fill, bias_map, residual,
+     activation, residual_after_activation) = args
     acc_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     xs = x if in_index is None else x.index_select(1, in_index.long())
     if weight.shape[0] == 0:
@@ -46,10 +31,6 @@ def conv2d_reference(
         z = z + _per_channel(bias, acc_dtype)
     if bias_map is not None:
         z = z + bias_map.to(acc_dtype)
-    if scale is not None:
-        z = z * _per_channel(scale, acc_dtype)
-    if shift is not None:
-        z = z + _per_channel(shift, acc_dtype)
     if out_index is not None:
         n, _, ho, wo = z.shape
         base = (

@@ -109,8 +109,55 @@ def log_graph(g: GraphReport) -> None:
              _ratio(g.macs_ideal, g.macs_before))
 
 
-def write_dumps(directory, index: int, before: fx.GraphModule, after: fx.GraphModule) -> None:
+def write_dumps(directory, index: int, before: fx.GraphModule, after: fx.GraphModule, inputs=None) -> None:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     (d / f"graph_{index}.before.py").write_text(before.print_readable(print_output=False))
-    (d / f"graph_{index}.after.py").write_text(after.print_readable(print_output=False))
+    (d / f"graph_{index}.after.py").write_text(readable_with_computed_shapes(after, inputs))
+
+
+_VALUE_KEYS = ("val", "tensor_meta", "example_value")
+
+
+def readable_with_computed_shapes(gm: fx.GraphModule, inputs) -> str:
+    """`gm`'s code annotated with the shapes it computes: the rewrite copies each node's
+    metadata from the captured graph, whose shapes are the uncompacted ones, so the values
+    are propagated anew (fake tensors, from `inputs`) for the print only. Where that fails,
+    the code is printed with no shapes rather than wrong ones."""
+    saved = {n: dict(n.meta) for n in gm.graph.nodes}
+    # (nodes the rewrite made without a value, its own gathers and fills, stay unannotated)
+    annotated = [n for n in gm.graph.nodes if any(k in n.meta for k in _VALUE_KEYS)]
+    try:
+        for n in gm.graph.nodes:
+            for k in _VALUE_KEYS:
+                n.meta.pop(k, None)
+        header = ""
+        try:
+            _propagate_fake_values(gm, inputs)
+            values = {n: n.meta.pop("val", None) for n in gm.graph.nodes}
+            for n in annotated:
+                n.meta["val"] = values[n]
+        except Exception as e:  # noqa: BLE001 - an op without a fake kernel: print without shapes
+            for n in gm.graph.nodes:
+                for k in _VALUE_KEYS:
+                    n.meta.pop(k, None)
+            header = f"# shapes not annotated: propagating them failed ({type(e).__name__}: {e})\n"
+        if inputs is not None and any(isinstance(a, int) and not isinstance(a, bool) for a in inputs):
+            header += ("# sizes are symbolic in this graph (its int inputs): the shapes shown are those it "
+                       "computes for the inputs it was compacted with\n")
+        return header + gm.print_readable(print_output=False)
+    finally:
+        for n in gm.graph.nodes:
+            n.meta = saved[n]
+
+
+def _propagate_fake_values(gm: fx.GraphModule, inputs) -> None:
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    if inputs is None:
+        raise ValueError("no example inputs")
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fakes = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs]
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)

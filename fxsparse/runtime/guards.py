@@ -16,6 +16,14 @@ The check runs in C++ (version_guard.cpp, built once per machine with
 torch.utils.cpp_extension): read from Python, a version counter costs 50-190 ns,
 so a ResNet-50's 320 guarded tensors cost 61 us a call on the H100's host. Where
 no compiler is available (or FXSPARSE_NATIVE_GUARD=0) the same check runs in Python.
+
+What the version check cannot see: a write through `.data` (`w.data.mul_(2)`, `w.data[0] = 1`)
+goes through a separate tensor with its own version counter, and aten's train-mode batch_norm
+writes running statistics without bumping theirs; neither the storage nor its address
+changes. No cheap signal of such a write exists (a storage has no version), so two tools
+cover it: `refresh(model)` tells every compiled graph reading the model's tensors that values
+changed, and the option guard_values="content" also compares, before every call, the bytes
+of every guarded tensor with a copy taken when the graph was compacted (`ContentCheck`).
 """
 from __future__ import annotations
 
@@ -24,6 +32,8 @@ import logging
 import operator
 import os
 import re
+import weakref
+from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -51,7 +61,9 @@ def _storage_or_none(t: torch.Tensor):
 @functools.lru_cache(maxsize=None)
 def native_checker():
     """The compiled VersionGuard module, or None (then ValueGuard checks in Python)."""
-    if os.environ.get("FXSPARSE_NATIVE_GUARD", "1") == "0":
+    from fxsparse.options import kernel_settings
+
+    if not kernel_settings().native_guard:
         return None
     try:
         from torch.utils.cpp_extension import load
@@ -64,8 +76,47 @@ def native_checker():
         return None
 
 
+def _byte_span(t: torch.Tensor) -> torch.Tensor:
+    """A uint8 tensor over the bytes `t` spans in its storage (made once: it aliases the
+    storage, so it sees every later write; the gaps of a strided view are compared too, which
+    can only cause a needless recompaction)."""
+    itemsize = t.element_size()
+    extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))  # (torch's strides are >= 0)
+    span = torch.empty(0, dtype=torch.uint8, device=t.device)
+    return span.set_(t.untyped_storage(), t.storage_offset() * itemsize, (extent * itemsize,))
+
+
+class ContentCheck:
+    """The bytes of `tensors` now against a copy taken at construction: exact (a bitwise
+    comparison, so a NaN equals itself and any written bit counts), one concatenation and one
+    comparison per device per call: it reads every guarded byte twice and writes it once."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]):
+        spans = defaultdict(list)
+        for t in tensors:
+            if _storage_or_none(t) is not None and t.numel():
+                spans[t.device].append(_byte_span(t.detach()))
+        for d, ts in spans.items():  # padded to whole int64 words: compared 8 bytes at a time
+            ts.append(torch.zeros(-sum(t.numel() for t in ts) % 8, dtype=torch.uint8, device=d))
+        self.spans = dict(spans)
+        self.copies = {d: self._words(ts) for d, ts in self.spans.items()}
+
+    @staticmethod
+    def _words(spans: list) -> torch.Tensor:
+        return torch.cat(spans).view(torch.int64)
+
+    def unchanged(self) -> bool:
+        return all(torch.equal(self._words(ts), self.copies[d]) for d, ts in self.spans.items())
+
+
 class ValueGuard:
-    def __init__(self, positions: Sequence[int], args: Sequence, held: Sequence[torch.Tensor] = ()):
+    """Before each call: whether every tensor whose value the compiled graph folded is as it
+    was. `check`: "version" (identity, version counter, storage: the default), "content"
+    (those, then the bytes themselves, see ContentCheck) or "off" (always holds; the tensors
+    are still recorded, for refresh())."""
+
+    def __init__(self, positions: Sequence[int], args: Sequence, held: Sequence[torch.Tensor] = (),
+                 check: str = "version", scalars: Sequence[int] = ()):
         self.positions = tuple(positions)
         self._pick = operator.itemgetter(*self.positions) if len(self.positions) > 1 else (
             (lambda a, i=self.positions[0]: (a[i],)) if self.positions else (lambda a: ()))
@@ -79,10 +130,27 @@ class ValueGuard:
         self.held = tuple(held)
         self.held_footprints = list(map(_footprint, self.held))
         self._storages = [_storage_or_none(t) for t in self.tensors + self.held]  # (see the module doc)
-        native = native_checker()
+        self.check = check
+        # positions of 0-d tensors dynamo makes anew each call (floats under dynamic shapes): their values
+        self.scalars = [(i, args[i].item()) for i in scalars]
+        self.content = ContentCheck(self.tensors + self.held) if check == "content" else None
+        native = native_checker() if check != "off" else None
         self._native = native.VersionGuard(list(self.positions), self.tensors + self.held) if native else None
 
     def holds(self, args: Sequence) -> bool:
+        if self.check == "off":
+            return True
+        if not self._versions_hold(args):
+            return False
+        if self.scalars and not all(i < len(args) and args[i].item() == v for i, v in self.scalars):
+            return False
+        return self.content is None or self.content.unchanged()
+
+    def storages(self) -> set:
+        """Addresses of the storages this guard's tensors rest on (what refresh() matches)."""
+        return {s.data_ptr() for s in self._storages if s is not None}
+
+    def _versions_hold(self, args: Sequence) -> bool:
         if self._native is not None:
             return self._native.holds(args)
         try:
@@ -94,6 +162,18 @@ class ValueGuard:
                 and list(map(_footprint, self.held)) == self.held_footprints)
 
 
+class _Expired:
+    """The guard of a graph told that values changed (refresh): fails once, then is replaced."""
+
+    @staticmethod
+    def holds(args: Sequence) -> bool:
+        return False
+
+
+# every live compiled graph, for refresh()
+_graphs: "weakref.WeakSet[GuardedGraph]" = weakref.WeakSet()
+
+
 class GuardedGraph:
     """A compiled graph that recompacts itself when a value it folded changes."""
 
@@ -101,6 +181,18 @@ class GuardedGraph:
         self._build = build  # (inputs) -> (callable, ValueGuard)
         self.fn, self.guard = build(example_inputs)
         self.recompactions = 0
+        _graphs.add(self)
+
+    def expire(self) -> None:
+        """Recompact before the next call, whatever the guard says."""
+        if not isinstance(self.guard, _Expired):
+            self._storages = self.guard.storages()
+            self.guard = _Expired()
+
+    def reads(self, storages: set) -> bool:
+        """Whether a value this graph folded lives in one of `storages` (data addresses)."""
+        mine = self._storages if isinstance(self.guard, _Expired) else self.guard.storages()
+        return not mine.isdisjoint(storages)
 
     def __call__(self, *args):
         if not self.guard.holds(args):
@@ -108,3 +200,23 @@ class GuardedGraph:
             self.fn, self.guard = self._build(args)
             self.recompactions += 1
         return self.fn(*args)
+
+
+def refresh(model=None) -> int:
+    """Tells fxsparse that values changed in a way its guard cannot see (a write through
+    `.data`, a train-mode `F.batch_norm` on a module's running statistics outside the module):
+    every compiled graph that folded a parameter or buffer of `model` (a module, or the module
+    torch.compile returned) recompacts before its next call. With no argument, every compiled
+    graph does. Returns how many graphs will recompact."""
+    graphs = list(_graphs)
+    if model is not None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"fxsparse.refresh takes an nn.Module (or what torch.compile returned for one), "
+                            f"got {type(model).__name__}")
+        module = getattr(model, "_orig_mod", model)
+        storages = {s.data_ptr() for s in map(_storage_or_none, list(module.parameters()) + list(module.buffers()))
+                    if s is not None}
+        graphs = [g for g in graphs if g.reads(storages)]
+    for g in graphs:
+        g.expire()
+    return len(graphs)

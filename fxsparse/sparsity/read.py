@@ -158,6 +158,29 @@ def _leftover_zeros(zero: torch.Tensor, rows, cols) -> float:
 
 # -- reading one conv ------------------------------------------------------------------
 
+def other_conv_geometry(node: fx.Node) -> tuple:
+    """(out channels, in channels, kernel, stride) of a conv fxsparse leaves alone (conv1d/3d,
+    transposed: `torch.conv*`/`F.conv*` or aten.convolution), read for the report; zeros and
+    () where the weight has no known shape."""
+    def arg(i, name, default=None):
+        return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+    w = arg(1, "weight")
+    shape = getattr(w, "meta", {}).get("example_value") if isinstance(w, fx.Node) else None
+    if shape is None or not hasattr(shape, "shape"):
+        return 0, 0, (), ()
+    shape = tuple(int(s) for s in shape.shape)
+    if node.target is torch.ops.aten.convolution.default:
+        transposed, groups = bool(arg(6, "transposed")), int(arg(8, "groups", 1))
+    else:  # conv_transposeNd and convNd both take groups 7th
+        transposed, groups = "transpose" in getattr(node.target, "__name__", ""), int(arg(6, "groups", 1))
+    cout, cin = (shape[1] * groups, shape[0]) if transposed else (shape[0], shape[1] * groups)
+    stride = arg(3, "stride", 1)
+    kernel = shape[2:]
+    stride = tuple(stride) if isinstance(stride, (tuple, list)) else (stride,) * len(kernel)
+    return cout, cin, kernel, stride
+
+
 def read_conv(v: OpView, cap: Capture, inference: bool) -> ConvSparsity:
     name = module_path(v.node)
     conv = v.conv
@@ -166,7 +189,8 @@ def read_conv(v: OpView, cap: Capture, inference: bool) -> ConvSparsity:
     if v.kind != "conv2d" or wval is None:
         reason = v.args.get("reason") if v.kind == "conv_other" else "the weight is not a tensor of the graph"
         empty = torch.zeros(0, dtype=torch.bool)
-        return ConvSparsity(name, v, 0, 0, (), empty, empty, "none", reason=f"{reason}: not rewritten")
+        cout, cin, kernel, _ = other_conv_geometry(v.node)
+        return ConvSparsity(name, v, cout, cin, kernel, empty, empty, "none", reason=f"{reason}: not rewritten")
     cout, cin_g, kh, kw = wval.shape
     sp = ConvSparsity(name, v, cout, cin_g * conv.groups, (kh, kw),
                       torch.zeros(cout, dtype=torch.bool), torch.zeros(cin_g, dtype=torch.bool), "none")

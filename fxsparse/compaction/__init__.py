@@ -1,0 +1,1 @@
+"""Stage 3: compaction, which channels each tensor keeps (propagate.py) and the coupling groups (groups.py)."""
