@@ -19,33 +19,11 @@ import torch
 from hypothesis import assume, event, given, note, settings
 from hypothesis import strategies as st
 
-import fxsparse
 import fuzz_models as FM
 from fxsparse.ops import triton_interpreter_on, triton_on_cpu
-from fxsparse.options import Options
 from fxsparse.report import current_report
 
 pytestmark = pytest.mark.slow  # a few minutes on two cores
-
-
-# -- what this tree gets right ---------------------------------------------------------------
-# Behaviour with a known bug is generated only once its fix is in; until then the test that
-# targets it is skipped with the reason, so the fuzzer does not stop at a bug already known.
-ALL_CHANNELS_FIXED = False  # a conv with no live output channel (all pruned, or unread) crashes compile
-BUFFER_MUTATIONS_FIXED = False  # a compiled train-mode forward drops num_batches_tracked += 1
-FP64_FIXED = False  # float64 models are folded in a lower precision (2e-9 off eager)
-HAS_REFRESH = hasattr(fxsparse, "refresh")  # tells compiled graphs that values changed unseen
-
-
-def _accepts(**option) -> bool:
-    try:
-        Options.parse(option)
-        return True
-    except ValueError:
-        return False
-
-
-CONTENT_GUARD = _accepts(guard_values="content")  # checking mode: sees writes through `.data`
 
 
 def examples(weight: float) -> int:
@@ -127,10 +105,9 @@ class Check:
     """Calls the compiled model and its eager twin on the same fresh inputs and compares
     outputs, gradients and state."""
 
-    def __init__(self, compiled, module, eager, *, tol, ignore=(), call_context=contextlib.nullcontext,
-                 reference=None):
+    def __init__(self, compiled, module, eager, *, tol, call_context=contextlib.nullcontext, reference=None):
         self.compiled, self.module, self.eager = compiled, module, eager
-        self.tol, self.ignore, self.context = tol, ignore, call_context
+        self.tol, self.context = tol, call_context
         self.reference = reference or eager
 
     def call(self, shape, seed: int, grad: bool, dtype, memory_format=torch.contiguous_format):
@@ -171,8 +148,6 @@ class Check:
         mine, theirs = state(self.module), state(self.eager)
         assert mine.keys() == theirs.keys()
         for name, want in theirs.items():
-            if name.endswith(self.ignore):
-                continue
             if want.is_floating_point():
                 torch.testing.assert_close(mine[name], want, rtol=self.tol, atol=self.tol,
                                            msg=lambda m: f"state {name} differs from eager: {m}")
@@ -227,8 +202,7 @@ def run_scenario(sc: Scenario, features: FM.Features, dtype=torch.float32, tol=1
     assume(features.all_channels or not FM.dead_conv(model))
     compiled = torch.compile(model, backend="fxsparse", fullgraph=FM.traceable_whole(sc.net), dynamic=sc.dynamic,
                              options={"inductor": False, **sc.options})
-    ignore = () if BUFFER_MUTATIONS_FIXED else ("num_batches_tracked",)
-    check = Check(compiled, model, eager, tol=tol, ignore=ignore, **check_kw)
+    check = Check(compiled, model, eager, tol=tol, **check_kw)
     if dtype == torch.float16:
         check.reference = lambda x: in_fp32(eager, x)
     shape, grad = sc.net.in_shape, sc.grad
@@ -253,7 +227,7 @@ def run_scenario(sc: Scenario, features: FM.Features, dtype=torch.float32, tol=1
 
 # -- the tests ------------------------------------------------------------------------------------
 
-KNOWN = FM.Features(all_channels=ALL_CHANNELS_FIXED, bn_cumulative=BUFFER_MUTATIONS_FIXED)
+KNOWN = FM.Features()
 
 
 @settings(max_examples=examples(0.7))
@@ -291,21 +265,18 @@ def test_fuzz_through_inductor(sc):
     run_scenario(sc, KNOWN)
 
 
-# -- behaviour whose fix is pending: each test targets one, skipped until the fix is in -----------
+# -- one behaviour in every example ------------------------------------------------------------
 
-@pytest.mark.skipif(not ALL_CHANNELS_FIXED, reason="a conv with no live output channel (every output or "
-                    "input channel masked, or a result nothing reads) crashes the compile")
 @settings(max_examples=examples(0.1))
 @given(scenarios(FM.Features(all_channels=True), force_masks=("all_out",)))
 def test_fuzz_all_channels_pruned(sc):
+    """A conv with every output channel masked: its output is a per-channel constant."""
     run_scenario(sc, FM.Features(all_channels=True))
 
 
-TRAIN_FEATURES = FM.Features(all_channels=ALL_CHANNELS_FIXED, bn_cumulative=True)
+TRAIN_FEATURES = FM.Features(bn_cumulative=True)
 
 
-@pytest.mark.skipif(not BUFFER_MUTATIONS_FIXED, reason="a compiled train-mode forward does not advance "
-                    "BatchNorm's num_batches_tracked")
 @settings(max_examples=examples(0.1))
 @given(scenarios(TRAIN_FEATURES, edit_kinds=("sgd", "train", "eval", "grad", "batch"), train=st.just(True)))
 def test_fuzz_train_mode_buffers(sc):
@@ -314,25 +285,24 @@ def test_fuzz_train_mode_buffers(sc):
     run_scenario(sc, TRAIN_FEATURES)
 
 
-@pytest.mark.skipif(not CONTENT_GUARD, reason="no checking mode (guard_values=\"content\") to see writes "
-                    "through .data")
 @settings(max_examples=examples(0.1))
 @given(scenarios(KNOWN, edit_kinds=("data_write", "mask_edit", "sgd", "batch"),
                  options=st.fixed_dictionaries({"guard_values": st.just("content"),
                                                 "lowering": st.sampled_from(["aten", "triton"])})))
 def test_fuzz_data_writes_checking_mode(sc):
+    """Writes through `.data` (unseen by version counters) caught by the content guard."""
     run_scenario(sc, KNOWN)
 
 
-@pytest.mark.skipif(not HAS_REFRESH, reason="no fxsparse.refresh to announce writes through .data")
 @settings(max_examples=examples(0.1))
 @given(scenarios(KNOWN, edit_kinds=("data_write_refresh", "weight_edit", "batch")))
 def test_fuzz_data_writes_refresh(sc):
+    """Writes through `.data`, each announced by fxsparse.refresh(model)."""
     run_scenario(sc, KNOWN)
 
 
-@pytest.mark.skipif(not FP64_FIXED, reason="float64 models are folded in a lower precision")
 @settings(max_examples=examples(0.1))
 @given(scenarios(KNOWN))
 def test_fuzz_fp64(sc):
+    """float64 models agree with eager to float64 rounding."""
     run_scenario(sc, KNOWN, torch.float64, tol=1e-12)

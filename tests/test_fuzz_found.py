@@ -21,13 +21,38 @@ class UnreadConv(nn.Module):
         return self.bn(x)
 
 
-@pytest.mark.xfail(strict=True, reason="a conv whose result nothing reads has no live output channel, and "
-                   "the rewrite emits a conv of 0 output channels (groups=0 when depthwise): the "
-                   "every-channel-pruned crash reached without a mask")
 @pytest.mark.parametrize("groups", [1, 4])
 def test_conv_whose_result_nothing_reads(groups, tmp_path):
+    """No channel of the conv is live: the rewrite once emitted a conv of 0 output channels
+    (groups=0 when depthwise) and the compile crashed."""
     model = UnreadConv(groups).eval()
     compiled = compile_model(model, tmp_path)
     x = torch.randn(2, 4, 5, 5)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x))
+
+
+class FlattenHead(nn.Module):
+    """conv -> flatten of the whole map -> linear."""
+
+    def __init__(self, cin, cout, hw):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 1)
+        self.fc = nn.Linear(cout * hw * hw, 2)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.conv(x), 1))
+
+
+@pytest.mark.parametrize("cin", [1, 3])
+def test_flatten_head_under_dynamic_shapes(cin, tmp_path):
+    """With dynamic=True a flatten's feature count is symbolic (C * H * W): the linear after it
+    was planned with a layout of None channels and the compile crashed whenever the conv was
+    compacted (a 1-channel input, whose channel dim dynamo keeps static)."""
+    torch.manual_seed(0)
+    model = FlattenHead(cin, 2, 3).eval()
+    compiled = compile_model(model, tmp_path, dynamic=True)
+    with torch.no_grad():
+        for batch in (2, 3):
+            x = torch.randn(batch, cin, 3, 3)
+            torch.testing.assert_close(compiled(x), model(x))
