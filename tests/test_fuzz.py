@@ -139,8 +139,11 @@ class Check:
         torch.autograd.backward([b for _, b, _ in pairs], [up for *_, up in pairs])
         torch.autograd.backward([a for a, _, _ in pairs], [up for *_, up in pairs])
         for (name, p), (_, q) in zip(self.module.named_parameters(), self.eager.named_parameters()):
-            assert (p.grad is None) == (q.grad is None), f"gradient of {name}: one side has none"
-            if q.grad is not None:
+            if (p.grad is None) != (q.grad is None):
+                # AOTAutograd (plain Inductor too) gives zeros where eager gives None to a
+                # parameter that only reaches an unused module attribute (prune's `weight`)
+                assert not (p.grad if q.grad is None else q.grad).any(), f"gradient of {name}: one side has none"
+            elif q.grad is not None:
                 self.close(p.grad, q.grad, f"gradient of {name}")
             p.grad = q.grad = None
 
@@ -255,10 +258,12 @@ def test_fuzz_fp16_triton(poisoned_kernel_outputs, sc):
     event("the Triton kernel ran" if len(poisoned_kernel_outputs) > launched else "the Triton kernel did not run")
 
 
+# (dynamic=True with training through Inductor: test_fuzz_found.py's
+# test_training_graph_under_dynamic_shapes_through_inductor, an expected failure)
 @settings(max_examples=examples(0.02))
 @given(scenarios(KNOWN, edit_kinds=("sgd", "mask_edit", "train", "eval", "batch"), max_edits=2,
                  options=st.fixed_dictionaries({"inductor": st.just(True), "lowering": st.sampled_from(["auto", "triton"])}),
-                 max_nodes=4))
+                 dynamic=st.just(None), max_nodes=4))
 def test_fuzz_through_inductor(sc):
     """The rewritten graph compiled by Inductor, as users run it (each compile is C++ codegen:
     few examples)."""

@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.utils.prune as prune
 
 from models import compile_model, fresh_dynamo  # noqa: F401
 
@@ -56,3 +57,30 @@ def test_flatten_head_under_dynamic_shapes(cin, tmp_path):
         for batch in (2, 3):
             x = torch.randn(batch, cin, 3, 3)
             torch.testing.assert_close(compiled(x), model(x))
+
+
+class PrunedBeforeHead(nn.Module):
+    """conv -> conv with every output channel masked -> flatten -> linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 6, 3, 2)
+        self.c2 = nn.Conv2d(6, 7, 1, bias=False)
+        self.fc = nn.Linear(7 * 3 * 1, 1)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.c2(self.c1(x)), 1))
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, raises=Exception, reason="training graph, dynamic=True, through Inductor: the "
+                   "rewritten graph's relayout of the one channel kept (is_channels_last on a symbolic "
+                   "[N, 1, H, 1] tensor) guards inside the backend, and Inductor's lowering fails with "
+                   "ValueRangeError: Invalid ranges [5:2] (plain Inductor compiles this model)")
+def test_training_graph_under_dynamic_shapes_through_inductor(tmp_path):
+    torch.manual_seed(0)
+    model = PrunedBeforeHead()
+    prune.custom_from_mask(model.c2, "weight", torch.zeros_like(model.c2.weight))
+    compiled = compile_model(model, tmp_path, dynamic=True, inductor=True)
+    x = torch.randn(3, 1, 7, 4)
+    torch.testing.assert_close(compiled(x), model(x))
