@@ -84,10 +84,11 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence, opts: Options, index: 
     prop = propagate(cap, sparsity, enabled=enabled, storage=channel_storage(opts, example_inputs))
     new_gm, records, constant_outputs = lower(prop, sparsity, lowering, inference, cudagraphs)
     report = GraphReport(index, "inference" if inference else "training", lowering, enabled,
-                         [records[n] for n in sparsity if n in records])
+                         [records[n] for n in gm.graph.nodes if n in records])
     if inference and opts.propagate and not enabled:
         report.notes.append("an in-place op writes a tensor that other ops also read: channels not "
                             "carried across layers (per-conv compaction only)")
+    report.notes.extend(prop.stop_notes())
     if inference:
         report.notes.extend(freezing_hint(example_inputs, _on_cuda(example_inputs)))
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]

@@ -154,7 +154,8 @@ def test_non_binary_mask_values(train, tmp_path):
 
 
 def test_depthwise_and_grouped(tmp_path):
-    """Depthwise: in and out channels are tied; grouped (groups=4) convs stay aten with a reason."""
+    """Depthwise: in and out channels are tied; a grouped (groups=4) conv is compacted group by
+    group into an aten grouped conv."""
     model, shape = M.build("mobilenet")
     dw = model.conv[1][0]
     prune.custom_from_mask(dw, "weight", M.channel_mask(dw.weight, out=[0, 5, 6, 20]))
@@ -178,7 +179,7 @@ def test_depthwise_and_grouped(tmp_path):
         c(torch.randn(shape))
         assert_matches(c, model, shape)
     g = conv_rows(tmp_path / "g")["g"]
-    assert g["lowering"] == "unchanged" and "groups=4" in g["reason"]
+    assert g["lowering"] == "aten" and g["groups"] == 4 and g["macs_after"] < g["macs_before"], g
 
 
 def test_residual_branches_pruned_differently(tmp_path):

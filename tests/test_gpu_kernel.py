@@ -306,6 +306,7 @@ def test_a_new_process_reads_the_tuned_launch_from_disk(tmp_path, monkeypatch):
     process), the same shape is launched from the file, untimed, with the same result."""
     monkeypatch.setenv("FXSPARSE_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("FXSPARSE_TUNE", "cache")
+    monkeypatch.setenv("FXSPARSE_SHIPPED_TABLE", "0")  # (the first call must time, whatever fxsparse ships)
     monkeypatch.setattr(S.selector, "table", {})
     x, w, _ = make(4, 48, 40, 3, 14, torch.float16, seed=3)
     kw = dict(padding=(1, 1))
@@ -331,3 +332,48 @@ def test_tune_top_times_only_the_best_ranked(monkeypatch):
     (_, sel), = S.selector.chosen()
     assert len(sel.timings) == 3
     assert rel_l2(y, cudnn_oracle(x, w, padding=(1, 1))) < 1e-3
+
+
+def test_shipped_table_launches_its_shapes_untimed(tmp_path, monkeypatch):
+    """A conv shape the table shipped for this device holds is launched from it on a fresh cache,
+    without timing, and computes the conv (the first such shape of the table; skipped where fxsparse
+    ships no table for this device and Triton)."""
+    import ast
+    import json
+    import os
+
+    from fxsparse.kernels import tuning_cache
+    from fxsparse.kernels.problem import ConvProblem
+
+    path = S.disk_cache(torch.cuda.current_device()).shipped
+    if not path or not os.path.exists(path):
+        pytest.skip("no table shipped for this device and Triton")
+    monkeypatch.setenv("FXSPARSE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("FXSPARSE_TUNE", "cache")
+    monkeypatch.setattr(S.selector, "table", {})
+    monkeypatch.setattr(S.Selector, "tune", lambda *a: pytest.fail("timed a shape the shipped table holds"))
+    from fxsparse.kernels.conv2d import conv_call
+
+    def tensors(key):  # the entry's problem, and tensors of its shape if they are offered the same candidates
+        call = ast.parse(key, mode="eval").body
+        p = ConvProblem(**{kw.arg: ast.literal_eval(kw.value) for kw in call.keywords})
+        x, w, _ = make(p.batch, p.in_channels, p.out_channels, p.kernel[0], p.height, getattr(torch, p.dtype))
+        c = conv_call(ConvArgs.of(x, w, stride=p.stride, padding=p.padding, dilation=p.dilation))
+        return p, x, w, S._signature(C.candidates(c.problem(p.sms), c))
+
+    table = json.load(open(path))
+    found = None
+    for key in [k for k, v in table.items() if k.startswith("ConvProblem(") and "choice" in v][:40]:
+        p, x, w, signature = tensors(key)
+        if p.kernel[0] == p.kernel[1] and p.height == p.width and signature == table[key]["candidates"]:
+            found = p, x, w
+            break
+    if found is None:
+        pytest.skip("no square conv of the table is offered the same candidates without its epilogue")
+    p, x, w = found
+    assert tuning_cache.SHIPPED_DIR in path
+    kw = dict(stride=p.stride, padding=p.padding, dilation=p.dilation)
+    y = run_op(x, w, **kw)
+    (_, sel), = S.selector.chosen()
+    assert sel.note == "from the shipped table", sel
+    assert rel_l2(y, cudnn_oracle(x, w, **kw)) < 1e-3

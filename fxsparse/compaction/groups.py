@@ -3,18 +3,24 @@
 What Torch-Pruning's dependency graph computes, written on the dynamo graph that fxsparse's
 backend sees. The model is traced with `torch.compile` and a capturing backend (eval mode,
 no_grad, the mode restored after); every call node is classified by
-`fxsparse.graph.capture.view`; a union-find runs over (tensor, channel) positions:
+`fxsparse.graph.capture.view` and its channel rule (compaction/rules.py, `Rule.couple`) joins
+(tensor, channel) positions in a union-find:
 
-    conv2d (groups=1)   output channel c of the conv <-> member (conv, "conv_out", c)
+    conv2d (groups=1,   output channel c of the conv <-> member (conv, "conv_out", c)
+    or grouped)
                         input channel c of its input <-> member (conv, "conv_in", c)
                         (input and output channels are NOT coupled)
     depthwise conv      input c <-> output c <-> (conv, "conv_out", c)
     batch_norm          input c <-> output c <-> (bn, "bn", c)
+    layer_norm          input c <-> output c <-> (ln, "ln", c)
     pointwise, pool,    input c <-> output c
-    flatten (N,C,1,1)
-    add                 a c <-> b c <-> output c (a residual couples both producers)
-    cat (channels)      operand k channel c <-> output offset_k + c
-    linear              input feature c <-> (linear, "linear_in", c)
+    permute, mul by a parameter
+    add, mul (gate)     a c <-> b c <-> output c (a residual couples both producers)
+    cat / split         operand k channel c <-> output offset_k + c (and back)
+    shuffle             input perm[j] <-> output j
+    flatten             channel c <-> features c*H*W .. (c+1)*H*W - 1
+    linear              input feature c <-> (linear, "linear_in", c),
+                        output feature c <-> (linear, "linear_out", c)
     anything else       (unknown op, the graph output, grouped non-depthwise convs, convs whose
                         weight is not a module parameter) couples nothing, but every channel
                         reaching it is marked not prunable.
@@ -24,7 +30,7 @@ A coupled component is a set of (module, kind, index) members; components with t
 layout (the same (module, kind) list) form one `ChannelGroup` whose i-th channel is the i-th
 component: e.g. a residual stream of 64 channels is one group of size 64 whose members are all
 the convs writing the stream (conv_out), its BatchNorms and every conv reading it (conv_in).
-Only components holding at least one conv_out member become groups.
+Only components holding at least one conv_out or linear_out member become groups.
 
     groups = channel_groups(model, x)
     imp = group_importance(groups[0], p=1)   # per group channel: sum over members of |w|^p
@@ -42,10 +48,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from fxsparse.graph.capture import placeholder_source, view
+from fxsparse.compaction.rules import channel_count, rule_for
+from fxsparse.graph.capture import placeholder_source, view_all
 from fxsparse.sparsity.read import placeholder_deps
 
-MEMBER_KINDS = ("conv_out", "conv_in", "bn", "linear_in")
+MEMBER_KINDS = ("conv_out", "conv_in", "bn", "linear_in", "linear_out", "ln")
+PRODUCER_KINDS = ("conv_out", "linear_out")
 
 
 @dataclass
@@ -72,7 +80,7 @@ class ChannelGroup:
     @property
     def producers(self) -> list:
         """Module paths of the convs whose output channels the group is (conv_out members)."""
-        return sorted({m.module for m in self.members if m.kind == "conv_out"})
+        return sorted({m.module for m in self.members if m.kind in PRODUCER_KINDS})
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{m.module or '<root>'}:{m.kind}" for m in self.members)
@@ -165,15 +173,6 @@ class _UnionFind:
             self.union(a + i, b + i)
 
 
-def _channels(node) -> Optional[int]:
-    """Channel count of a 4-D activation (dim 1) or a 2-D feature matrix, else None."""
-    val = node.meta.get("example_value") if isinstance(node, fx.Node) else None
-    if not isinstance(val, torch.Tensor) or val.dim() not in (2, 4) or not val.is_floating_point():
-        return None
-    c = val.shape[1]
-    return int(c) if isinstance(c, int) else None
-
-
 class _Builder:
     def __init__(self, model: nn.Module):
         self.model = model
@@ -194,7 +193,7 @@ class _Builder:
             return None
         key = (g, node)
         if key not in self.tensor_base:
-            c = _channels(node)
+            c = channel_count(node)
             if c is None:
                 return None
             self.tensor_base[key] = (self.uf.add(c), c)
@@ -256,56 +255,22 @@ class _Builder:
     def add_graph(self, g: int, gm: fx.GraphModule, inputs: list) -> None:
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         values = dict(zip(placeholders, inputs))
+        views = view_all(gm.graph)
+        self.params = set()  # nodes computed from parameters and buffers only: no activation channels
         for n in gm.graph.nodes:
             if n.op == "output":
                 for a in n.all_input_nodes:
                     self.block(g, a, "reaches the graph output")
                 continue
+            if n.op == "get_attr" or n.op == "placeholder" and id(values.get(n)) in self.names:
+                self.params.add(n)
             if n.op not in ("call_function", "call_method"):
                 continue
-            self.add_node(g, n, values)
-
-    def add_node(self, g: int, n: fx.Node, values: dict) -> None:
-        v = view(n)
-        kind = v.kind
-        if kind == "conv2d":
-            self.add_conv(g, n, v, values)
-        elif kind == "batch_norm":
-            x = v.args["input"]
-            if not self.couple(g, x, n):
-                return self.block_all(g, n, "batch_norm on a tensor without channels")
-            path = self.owner(v.args.get("running_mean"), values, ("running_mean",), nn.modules.batchnorm._NormBase) \
-                or self.owner(v.args.get("weight"), values, ("weight",), nn.modules.batchnorm._NormBase)
-            if path is not None:
-                self.uf.union_ranges(self.pos(g, n), self.member(path, "bn", self.count(g, n)), self.count(g, n))
-        elif kind in ("pointwise", "pool", "flatten"):
-            x = n.args[0] if kind == "pointwise" else v.args["input"]
-            if not self.couple(g, x, n):
-                self.block_all(g, n, f"{kind} op {n.name} changes the channel count")
-            for a in n.all_input_nodes:
-                if a is not x:
-                    self.block(g, a, f"operand of {n.name}")
-        elif kind == "add":
-            if not (self.couple(g, v.args["a"], n) and self.couple(g, v.args["b"], n)):
-                self.block_all(g, n, f"add {n.name} of tensors without channels")
-        elif kind == "cat":
-            out = self.pos(g, n)
-            offset = 0
-            for t in v.args["tensors"]:
-                pt = self.pos(g, t)
-                if out is None or pt is None:
-                    return self.block_all(g, n, f"cat {n.name} of tensors without channels")
-                self.uf.union_ranges(pt, out + offset, self.count(g, t))
-                offset += self.count(g, t)
-        elif kind == "linear":
-            x = v.args["input"]
-            path = self.owner(v.args["weight"], values, ("weight", "weight_orig"), nn.Linear)
-            px = self.pos(g, x)
-            if path is None or px is None or _channels(x) is None or x.meta["example_value"].dim() != 2:
-                return self.block_all(g, n, f"linear {n.name} not on (N, features) of a module")
-            self.uf.union_ranges(px, self.member(path, "linear_in", self.count(g, x)), self.count(g, x))
-        else:
-            self.block_all(g, n, f"unknown op {n.name} ({n.target if n.op == 'call_method' else getattr(n.target, '__name__', n.target)})")
+            if n.all_input_nodes and all(a in self.params for a in n.all_input_nodes):
+                self.params.add(n)  # (e.g. a frozen BatchNorm's scale, a mask times a weight)
+                continue
+            v = views[n]
+            rule_for(v).couple(self, g, n, v, values)
 
     def block_all(self, g: int, n: fx.Node, reason: str) -> None:
         for a in n.all_input_nodes:
@@ -322,14 +287,12 @@ class _Builder:
         if self.first_conv is None:
             self.first_conv = path
         cin, cout = self.count(g, x), self.count(g, n)
-        if conv.groups == 1:
-            self.uf.union_ranges(pn, self.member(path, "conv_out", cout), cout)
-            self.uf.union_ranges(px, self.member(path, "conv_in", cin), cin)
-        elif conv.groups == cin == cout:  # depthwise: channel c in -> channel c out
+        if conv.groups == cin == cout and cin > 1:  # depthwise: channel c in -> channel c out
             self.uf.union_ranges(pn, self.member(path, "conv_out", cout), cout)
             self.uf.union_ranges(px, pn, cout)
-        else:
-            self.block_all(g, n, f"grouped conv {path} (groups={conv.groups})")
+        else:  # a grouped conv's input channel c is column c % (cin / groups) of its group's rows
+            self.uf.union_ranges(pn, self.member(path, "conv_out", cout), cout)
+            self.uf.union_ranges(px, self.member(path, "conv_in", cin), cin)
 
     # groups ------------------------------------------------------------------------------
     def groups(self) -> list:
@@ -341,14 +304,14 @@ class _Builder:
             reasons.setdefault(self.uf.find(p), why)
         by_layout = defaultdict(list)
         for root, members in comps.items():
-            if not any(k == "conv_out" for _, k, _ in members):
+            if not any(k in PRODUCER_KINDS for _, k, _ in members):
                 continue
             members.sort()
             layout = tuple((path, kind) for path, kind, _ in members)
             by_layout[layout].append((members, reasons.get(root)))
         result = []
         for layout, comps_l in by_layout.items():
-            comps_l.sort(key=lambda mc: next(i for _, k, i in mc[0] if k == "conv_out"))
+            comps_l.sort(key=lambda mc: next(i for _, k, i in mc[0] if k in PRODUCER_KINDS))
             members = [GroupMember(path, kind, [mc[0][j][2] for mc in comps_l])
                        for j, (path, kind) in enumerate(layout)]
             why = next((r for _, r in comps_l if r is not None), None)
@@ -387,6 +350,30 @@ def _effective_weight(module: nn.Module, name: str = "weight") -> Optional[torch
     return getattr(module, name, None)
 
 
+def grouped_columns(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped conv's weight [Cout, Cin / groups, kh, kw] as [Cout, Cin, kh, kw], zero where a
+    row's group does not read the input channel: column c is input channel c (conv_in indices)."""
+    if groups == 1:
+        return weight
+    cout, ig = weight.shape[:2]
+    og = cout // groups
+    out = weight.new_zeros((cout, ig * groups) + tuple(weight.shape[2:]))
+    for i in range(groups):
+        out[i * og:(i + 1) * og, i * ig:(i + 1) * ig] = weight[i * og:(i + 1) * og]
+    return out
+
+
+def zero_input_channels(mask: torch.Tensor, groups: int, channels) -> None:
+    """Zeroes input channels `channels` (conv_in indices) in a conv weight mask: column c for
+    groups=1, column c % (Cin / groups) of c's group's rows for a grouped conv."""
+    if groups == 1:
+        mask[:, channels] = 0
+        return
+    ig, og = mask.shape[1], mask.shape[0] // groups
+    for c in torch.as_tensor(channels).flatten().tolist():
+        mask[c // ig * og:(c // ig + 1) * og, c % ig] = 0
+
+
 @torch.no_grad()
 def group_importance(group: ChannelGroup, p: float = 1) -> torch.Tensor:
     """Importance of each channel of the group: the sum over its members of |w|^p of the weights
@@ -397,17 +384,17 @@ def group_importance(group: ChannelGroup, p: float = 1) -> torch.Tensor:
     for m in group.members:
         mod = group.modules[m.module]
         idx = torch.tensor(m.indices, dtype=torch.long)
-        if m.kind == "bn":
+        if m.kind in ("bn", "ln"):
             w = getattr(mod, "weight", None)
             if w is None:
                 continue
             w = w.detach().float().cpu()[idx].abs().pow(p)
         else:
             w = _effective_weight(mod).detach().float().cpu()
-            if m.kind == "conv_out":
+            if m.kind in PRODUCER_KINDS:
                 w = w[idx].abs().pow(p).flatten(1).sum(1)
             elif m.kind == "conv_in":
-                w = w[:, idx].abs().pow(p).transpose(0, 1).flatten(1).sum(1)
+                w = grouped_columns(w, getattr(mod, "groups", 1))[:, idx].abs().pow(p).transpose(0, 1).flatten(1).sum(1)
             elif m.kind == "linear_in":
                 w = w[:, idx].abs().pow(p).sum(0)
             else:
@@ -416,4 +403,5 @@ def group_importance(group: ChannelGroup, p: float = 1) -> torch.Tensor:
     return total
 
 
-__all__ = ["ChannelGroup", "GroupMember", "channel_groups", "first_conv", "group_importance", "trace_graphs"]
+__all__ = ["ChannelGroup", "GroupMember", "channel_groups", "first_conv", "group_importance", "grouped_columns",
+           "trace_graphs", "zero_input_channels"]

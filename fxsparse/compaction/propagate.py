@@ -3,7 +3,8 @@
 A removed channel is gone from every tensor it flows through (BatchNorm,
 activations, residual adds, concat, pooling, the next conv's input and a
 linear head), as a physical pruning would remove it, but inside the compiled
-graph of the unmodified model. Two passes over the graph:
+graph of the unmodified model. Two passes over the graph, each asking every op's
+channel rule (rules.py, one entry per op kind) how its channels map:
 
 1. Liveness, backward: a channel is live where some consumer needs it. A conv
    needs the input channels its filters use; a linear head the features its
@@ -52,6 +53,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from fxsparse.compaction.rules import channel_count, rule_for
 from fxsparse.graph.capture import Capture, OpView
 from fxsparse.sparsity.read import ConvSparsity, evaluate, param_only
 
@@ -122,19 +124,6 @@ class Storage:
         return self.multiple > 1 and 0 < unused and (unused < self.multiple or 8 * unused <= stored)
 
 
-def channel_count(node) -> Optional[int]:
-    """Channels of a 4-D activation (dim 1) or a 2-D feature matrix; None for anything else."""
-    val = node.meta.get("example_value") if isinstance(node, fx.Node) else None
-    if not isinstance(val, torch.Tensor) or val.dim() not in (2, 4) or not val.is_floating_point():
-        return None
-    c = val.shape[1]
-    if isinstance(c, torch.SymInt):
-        # dynamic=True makes an input's channel dim symbolic too, though the weights it meets
-        # specialise it: the shape env then knows its value
-        c = c.node.maybe_as_int()
-    return c if isinstance(c, int) else None
-
-
 @dataclass
 class ConvPlan:
     """How one conv runs: its compacted weight, which input channels it reads and what constants it folds."""
@@ -146,6 +135,16 @@ class ConvPlan:
     bias: Optional[torch.Tensor]  # [kept_out], with folded constants
     bias_map: Optional[torch.Tensor]  # [kept_out, Ho, Wo] where constant inputs meet padding
     depthwise: bool = False
+    groups: int = 1  # a grouped conv: in_channels_used is per group (repeats pad short groups)
+
+
+@dataclass
+class LinearPlan:
+    """How a linear on the channel dim runs: it reads `in_channels_used` of its input stored as
+    `in_layout` (the other channels' constants fold into its bias) and writes `out_layout`."""
+    in_layout: Layout
+    out_layout: Layout
+    in_channels_used: torch.Tensor
 
 
 class Propagation:
@@ -163,6 +162,8 @@ class Propagation:
         self.conv_plans: dict = {}
         self.linear_plans: dict = {}
         self.materialize: dict = {}  # (node, user) -> Layout the user needs (full where unknown)
+        self.stopped: dict = {}  # node -> why it read compacted inputs at full width
+        self.ruled: set = set()
         self._memo: dict = {}
 
     # -- helpers ------------------------------------------------------------------------
@@ -198,42 +199,12 @@ class Propagation:
         self.live[node] |= True if mask is None else mask
 
     def _pull_liveness(self, n: fx.Node) -> None:
-        if n.op == "output" or n.op == "placeholder":
-            for a in n.all_input_nodes:
-                self._need(a)
-            return
         v = self.view(n)
-        out_live = self.live.get(n)
-        kind = v.kind if v is not None else "unknown"
-        if not self.enabled or out_live is None and kind not in ("linear",):
+        if n.op in ("output", "placeholder") or v is None or not self.enabled:
             for a in n.all_input_nodes:
                 self._need(a)
             return
-        if kind == "conv2d" and self.rewritable(n) and v.conv.groups == 1:
-            self._need(v.conv.input, ~self.sparsity[n].zero_cols)
-            self._need_rest(n, v.conv.input)
-        elif kind == "conv2d" and self.rewritable(n) and self.is_depthwise(n):
-            self._need(v.conv.input, out_live & ~self.sparsity[n].zero_rows)
-            self._need_rest(n, v.conv.input)
-        elif kind in ("batch_norm", "pointwise", "pool", "flatten") and v.channel_input is not None:
-            self._need(v.channel_input, out_live)
-            self._need_rest(n, v.channel_input)
-        elif kind == "add":
-            self._need(v.args["a"], out_live)
-            self._need(v.args["b"], out_live)
-        elif kind == "cat":
-            start = 0
-            for t in v.args["tensors"]:
-                c = channel_count(t)
-                self._need(t, out_live[start:start + c])
-                start += c
-        elif kind == "linear" and self._foldable_linear(v):
-            w = self.value(v.args["weight"])
-            self._need(v.args["input"], (w != 0).any(0).cpu())
-            self._need_rest(n, v.args["input"])
-        else:
-            for a in n.all_input_nodes:
-                self._need(a)
+        rule_for(v).live(self, n, v, self.live.get(n))
 
     def _need_rest(self, n, channel_input) -> None:
         for a in n.all_input_nodes:
@@ -301,78 +272,69 @@ class Propagation:
 
     def _run_layouts_once(self) -> None:
         self.layout, self.conv_plans, self.linear_plans, self.materialize = {}, {}, {}, {}
+        self.stopped = {}
+        self.ruled = set()  # nodes whose layout their channel rule made (lowering emits them by it)
         for n in self.cap.gm.graph.nodes:
             c = channel_count(n)
             if c is not None:
                 self.layout[n] = self._layout_of(n, c)
             elif n.op in ("call_function", "call_method"):
-                # no channel result (a size, a tuple, ...): it sees its inputs at full width
-                self._materialize_inputs(n)
+                # no channel result (a size, a tuple, ...): by default it sees its inputs at
+                # full width
+                v = self.view(n)
+                rule_for(v).no_result(self, n, v)
 
     def input_layout(self, node) -> Layout:
         return self.layout.get(node) or Layout.full(channel_count(node))
 
     def _layout_of(self, n: fx.Node, c: int) -> Layout:
         v = self.view(n)
-        if v is None:
+        rule = rule_for(v)
+        if v is None or not (self.enabled or rule.when_disabled):
             return self._plan_unknown(n, c)
-        kind = v.kind
         # disabled, a conv still compacts itself (inference: its weight was evaluated); every
         # other op then reads its output restored to full width
-        if kind == "conv2d" and self.rewritable(n) and (v.conv.groups == 1 or self.is_depthwise(n)) and (
-                self.enabled or self.sparsity[n].weight is not None):
-            return self._plan_conv(n, v)
-        if not self.enabled:
-            return self._plan_unknown(n, c)
-        if kind == "batch_norm" and self._foldable_bn(v):
-            lin = self.input_layout(v.args["input"])
-            a, b = self.bn_affine(v)
-            return Layout(c, lin.kept, lin.const * a + b)
-        if kind == "pointwise":
-            lin = self.input_layout(v.node.args[0])
-            const = v.fn(lin.const.reshape(1, -1, 1, 1)).reshape(-1).to(CONST_DTYPE)
-            return Layout(c, lin.kept, const)
-        if kind == "add":
-            la, lb = self.input_layout(v.args["a"]), self.input_layout(v.args["b"])
-            kept = la.kept_mask() | lb.kept_mask()
-            if n in self.widen:
-                kept = kept | self.widen[n]
-            return Layout(c, self.storage.round(kept).nonzero().flatten(), la.const + lb.const)
-        if kind == "cat":
-            kept, const, start = [], [], 0
-            for t in v.args["tensors"]:
-                lt = self.input_layout(t)
-                kept.append(lt.kept + start)
-                const.append(lt.const)
-                start += lt.channels
-            return Layout(c, torch.cat(kept), torch.cat(const))
-        if kind == "pool":
-            lin = self.input_layout(v.args["input"])
-            if self._uniform_pool(v):
-                return Layout(c, lin.kept, lin.const.clone())
-            self.materialize[(v.args["input"], n)] = self._physical(lin, v.args["input"])
-            return Layout(c, self.materialize[(v.args["input"], n)].kept, lin.const.clone())
-        if kind == "flatten":
-            lin = self.input_layout(v.args["input"])
-            return Layout(c, lin.kept, lin.const.clone())
-        if kind == "linear" and self._foldable_linear(v):
-            self.linear_plans[n] = self.input_layout(v.args["input"])
-            return Layout.full(c)
-        return self._plan_unknown(n, c)
+        out = rule.layout(self, n, v, c)
+        if isinstance(out, str):
+            return self._plan_unknown(n, c, out if self.enabled else None)
+        self.ruled.add(n)
+        return out
 
     def _physical(self, lin: Layout, node) -> Layout:
         """The layout storing every live channel of `node` (constants materialised)."""
         keep = lin.kept_mask() | self.live.get(node, torch.ones(lin.channels, dtype=torch.bool))
         return Layout(lin.channels, self.storage.round(keep).nonzero().flatten(), lin.const.clone())
 
-    def _plan_unknown(self, n: fx.Node, c: int) -> Layout:
-        self._materialize_inputs(n)
+    def _plan_unknown(self, n: fx.Node, c: int, why: Optional[str] = None) -> Layout:
+        self._materialize_inputs(n, why)
         return Layout.full(c)
 
-    def _materialize_inputs(self, n: fx.Node) -> None:
+    def _materialize_inputs(self, n: fx.Node, why: Optional[str] = None) -> None:
         for a in n.all_input_nodes:
             if a in self.layout and not self.layout[a].is_full:
                 self.materialize[(a, n)] = Layout.full(self.layout[a].channels)
+                if self.enabled:
+                    self.stopped[n] = why or rule_for(self.view(n)).why(self.view(n)) if self.view(n) else n.name
+
+    def stop_notes(self) -> list:
+        """One line per op that read compacted channels at full width, and why."""
+        return [f"channels restored to full width before {why}" for why in dict.fromkeys(self.stopped.values())]
+
+    def _plan_linear(self, n: fx.Node, v: OpView, c: int) -> Layout:
+        """A linear on the channel dim as a 1x1 conv: output channels whose weight row is zero
+        (or that nobody needs) are its bias; input channels it does not store are folded into
+        the bias."""
+        w = self.value(v.args["weight"]).detach()
+        b = v.args.get("bias")
+        bias = torch.zeros(c, dtype=CONST_DTYPE) if b is None else self.value(b).detach().to("cpu", CONST_DTYPE)
+        live = self.live.get(n, torch.ones(c, dtype=torch.bool))
+        zero_rows = ~(w != 0).any(1).cpu()
+        kept_out = self.storage.round(at_least_one(live & ~zero_rows)).nonzero().flatten()
+        lin = self.input_layout(v.args["input"])
+        # every stored input is read (an unused one through a zero column): liveness already
+        # keeps the producer from storing channels no consumer uses
+        self.linear_plans[n] = LinearPlan(lin, Layout(c, kept_out, bias.clone()), lin.kept)
+        return self.linear_plans[n].out_layout
 
     def _foldable_bn(self, v: OpView) -> bool:
         a = v.args
@@ -396,7 +358,7 @@ class Propagation:
     @staticmethod
     def _uniform_pool(v: OpView) -> bool:
         a = v.args
-        if a["pool"] in ("adaptive", "max"):
+        if a["pool"] in ("adaptive", "max", "interpolate", "mean"):  # (interpolation weights sum to 1)
             return True
         return a["pool"] == "avg" and (a["padding"] in (0, (0, 0), [0, 0]) or not a["count_include_pad"])
 
@@ -411,6 +373,8 @@ class Propagation:
         live_out = self.live.get(n, torch.ones(sp.out_channels, dtype=torch.bool))
         if self.is_depthwise(n):
             return self._plan_depthwise(n, v, sp, lin, weight, bias, live_out)
+        if conv.groups > 1:
+            return self._plan_grouped(n, v, sp, lin, weight, bias, live_out)
         kept_out = self.storage.round(at_least_one(live_out & ~sp.zero_rows)).nonzero().flatten()
         out_const = torch.zeros(sp.out_channels, dtype=CONST_DTYPE) if bias is None else bias.clone()
         used = ~sp.zero_cols
@@ -471,6 +435,97 @@ class Propagation:
             sp, lin, Layout(sp.out_channels, kept_out, out_const), kept_out, weight[kept_out],
             None if bias is None else bias[kept_out], None, depthwise=True)
         return Layout(sp.out_channels, kept_out, out_const)
+
+    def _plan_grouped(self, n, v, sp, lin, weight, bias, live_out) -> Layout:
+        """A grouped conv compacted group by group into a grouped conv of the same group count:
+        each group keeps as many output rows and input columns as its fullest group (a group
+        with fewer computes some of its own channels anyway, and reads a repeated input through
+        zero columns). Input channels it does not store are constants folded into the bias (or
+        a bias map where the conv pads)."""
+        conv, g = v.conv, v.conv.groups
+        og, ig = sp.out_channels // g, sp.in_channels // g
+        x = conv.input
+        nz = weight.ne(0).flatten(2).any(2).cpu()  # [Cout, Cin / groups]
+        want = (live_out & ~sp.zero_rows).reshape(g, og)
+        rows = self._pad_per_group(want)  # [g, k] output channel ids
+        used = torch.stack([nz[rows[i]].any(0) for i in range(g)])  # [g, ig] local columns
+        stored = lin.kept_mask().reshape(g, ig)
+        const = lin.const.reshape(g, ig)
+        const_in = used & ~stored & (const != 0)
+        bias_k = (torch.zeros(sp.out_channels, dtype=CONST_DTYPE) if bias is None else bias.clone())[rows.flatten()]
+        bias_map = None
+        if bool(const_in.any()):
+            folded = self._fold_grouped(weight, rows, const_in, const, x, conv)
+            if folded is None:  # symbolic size and padding: read them materialised instead
+                need = lin.kept_mask() | const_in.flatten()
+                lin = Layout(lin.channels, need.nonzero().flatten(), lin.const)
+                self.materialize[(x, n)] = lin
+                stored = lin.kept_mask().reshape(g, ig)
+            else:
+                bias_k, bias_map = bias_k + folded[0], folded[1]
+        read = used & stored
+        if not bool(read.any()):  # nothing to read: one stored (or materialised) channel, zero columns
+            read = stored.clone() if bool(stored.any()) else read
+            if not bool(read.any()):
+                lin = Layout(lin.channels, torch.tensor([0]), lin.const)
+                self.materialize[(x, n)] = lin
+                read = lin.kept_mask().reshape(g, ig)
+        cols = self._pad_per_group(read, fill_from=lin.kept)  # [g, j] input channel ids
+        j = cols.shape[1]
+        w = torch.zeros((rows.numel(), j) + tuple(weight.shape[2:]), dtype=weight.dtype, device=weight.device)
+        for i in range(g):  # the first read[i].sum() columns are the group's own; the rest pad
+            real = int(read[i].sum())
+            w[i * rows.shape[1]:(i + 1) * rows.shape[1], :real] = weight[rows[i]][:, cols[i][:real] - i * ig]
+        kept_out = rows.flatten()
+        order = kept_out.argsort()
+        if not torch.equal(order, torch.arange(len(order))):
+            raise AssertionError("grouped conv rows out of order")  # groups are ascending ranges
+        out_layout = Layout(sp.out_channels, kept_out,
+                            torch.zeros(sp.out_channels, dtype=CONST_DTYPE) if bias is None else bias.clone())
+        self.conv_plans[n] = ConvPlan(sp, lin, out_layout, cols.flatten(), w, bias_k, bias_map, groups=g)
+        return out_layout
+
+    @staticmethod
+    def _pad_per_group(want: torch.Tensor, fill_from: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[groups, k] channel ids: each group's wanted channels (ascending), padded to the most
+        any group wants with its own other channels (rows: computed anyway) or, for inputs
+        (`fill_from`: the stored channels), with a repeat of one stored channel."""
+        g, per = want.shape
+        k = max(int(want.sum(1).max()), 1)
+        out = []
+        for i in range(g):
+            ids = want[i].nonzero().flatten()
+            if fill_from is None:
+                extra = (~want[i]).nonzero().flatten()[: k - len(ids)]
+                ids = torch.cat([ids, extra]).sort().values
+            else:
+                pad = ids[:1] if len(ids) else fill_from[:1] - i * per
+                ids = torch.cat([ids, pad.repeat(k - len(ids))])
+            out.append(ids + i * per)
+        return torch.stack(out)
+
+    def _fold_grouped(self, weight, rows, const_in, const, x, conv):
+        """Contribution of a grouped conv's constant inputs to its kept rows: (bias, map or None)."""
+        g = conv.groups
+        image_c = torch.where(const_in, const, torch.zeros((), dtype=CONST_DTYPE)).reshape(1, -1, 1, 1)
+        w = weight.to("cpu", CONST_DTYPE)
+        if conv.padding == (0, 0):
+            per_row = w.sum((2, 3))  # [Cout, ig]
+            vals = image_c.reshape(g, -1)
+            og = w.shape[0] // g
+            contrib = (per_row.reshape(g, og, -1) * vals.reshape(g, 1, -1)).sum(2).reshape(-1)
+            return contrib[rows.flatten()], None
+        shape = x.meta["example_value"].shape
+        h, wd = shape[2], shape[3]
+        if not isinstance(h, int) or not isinstance(wd, int):
+            return None
+        image = image_c.expand(1, image_c.shape[1], h, wd)
+        bmap = torch.nn.functional.conv2d(image, w, None, conv.stride, conv.padding, conv.dilation, g)[0]
+        bmap = bmap[rows.flatten()]
+        uniform = bmap.amax((1, 2))
+        if torch.equal(bmap.amin((1, 2)), uniform):
+            return uniform, None
+        return torch.zeros(bmap.shape[0], dtype=CONST_DTYPE), bmap
 
     def run(self) -> "Propagation":
         self.run_liveness()

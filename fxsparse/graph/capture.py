@@ -16,9 +16,17 @@ Kinds:
   add          tensor + tensor of the same shape (residual add)
   cat          concatenation along the channel dimension
   pool         max/avg/adaptive pooling (channel-independent)
-  flatten      flatten of (N, C, 1, 1) into (N, C)
-  linear       F.linear
+  flatten      flatten of (N, C, H, W) into (N, C*H*W) (static H, W)
+  linear       F.linear (on the last dim: a head, or a 1x1 conv in channels-last layout)
+  mul          tensor * tensor (a channel gate such as squeeze-excite, or a scale)
+  add_broadcast  tensor + tensor of another shape (a per-channel bias)
+  layer_norm   F.layer_norm
+  permute      permute of dims (e.g. NCHW <-> NHWC)
+  split        split / chunk (a tuple; its `split_item` getitems are the tensors)
+  split_item   one tensor of a split: a slice of its input's channels
+  shuffle      view -> transpose(1, 2) -> view: ShuffleNet's channel shuffle
   unknown      anything else: the pass keeps every channel it touches
+How each kind maps channels is fxsparse/compaction/rules.py.
 """
 from __future__ import annotations
 
@@ -88,6 +96,9 @@ def _max_pool_sig(input, kernel_size, stride=None, padding=0, dilation=1, ceil_m
 def _avg_pool_sig(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None): ...
 def _adaptive_sig(input, output_size, *args, **kwargs): ...
 def _dropout_sig(input, p=0.5, training=True, inplace=False): ...
+def _layer_norm_sig(input, normalized_shape, weight=None, bias=None, eps=1e-5, *args): ...
+def _interpolate_sig(input, size=None, scale_factor=None, mode="nearest", align_corners=None,
+                     recompute_scale_factor=None, antialias=False): ...
 
 
 _CONV2D_TARGETS = {torch.conv2d, F.conv2d, torch.ops.aten.conv2d.default}
@@ -115,9 +126,13 @@ _POOL_TARGETS = {
     F.avg_pool2d: ("avg", _avg_pool_sig), torch._C._nn.avg_pool2d: ("avg", _avg_pool_sig),
     F.adaptive_avg_pool2d: ("adaptive", _adaptive_sig), torch._C._nn.adaptive_avg_pool2d: ("adaptive", _adaptive_sig),
     F.adaptive_max_pool2d: ("adaptive", _adaptive_sig),
+    F.interpolate: ("interpolate", _interpolate_sig),
 }
+_SPLIT_TARGETS = {torch.split, torch.chunk, torch.tensor_split}
+_SPLIT_METHODS = {"split", "chunk", "tensor_split", "split_with_sizes"}
 _SCALAR_ARITH = {operator.mul: torch.mul, operator.truediv: torch.div, operator.sub: torch.sub,
-                 operator.add: torch.add, torch.mul: torch.mul, torch.div: torch.div}
+                 operator.add: torch.add, torch.mul: torch.mul, torch.div: torch.div, operator.imul: torch.mul,
+                 "add": torch.add, "add_": torch.add, "mul": torch.mul, "mul_": torch.mul}
 
 
 def _bind(sig_fn, node: fx.Node) -> Optional[dict]:
@@ -199,6 +214,17 @@ def _view_function(node: fx.Node) -> OpView:
         return OpView("pool", node, args)
     if t is torch.flatten:
         return _view_flatten(node, _bind(_flatten_sig, node))
+    if t is torch.mean:
+        return _view_spatial_mean(node)
+    if t in (F.layer_norm, torch.layer_norm):
+        args = _bind(_layer_norm_sig, node)
+        return OpView("layer_norm", node, args) if args else OpView("unknown", node)
+    if t is torch.permute:
+        return _view_permute(node, node.args[1:] if len(node.args) > 1 else (node.kwargs.get("dims"),))
+    if t in _SPLIT_TARGETS:
+        return _view_split(node)
+    if t is operator.getitem:
+        return _view_split_item(node)
     if t is F.linear or t is torch._C._nn.linear:
         args = _bind(_linear_sig, node)
         return OpView("linear", node, args) if args else OpView("unknown", node)
@@ -211,11 +237,32 @@ def _view_method(node: fx.Node) -> OpView:
     if name in _ACTIVATION_METHODS:
         return OpView("pointwise", node, activation=_ACTIVATION_METHODS[name],
                       fn=ACTIVATIONS[_ACTIVATION_METHODS[name]], inplace=inplace)
-    if name in ("add", "add_"):
+    if name in ("add", "add_", "mul", "mul_"):
         return _view_arith(node, inplace=inplace)
     if name == "flatten":
         return _view_flatten(node, _bind(_flatten_sig, node))
+    if name == "permute":
+        return _view_permute(node, node.args[1:])
+    if name in _SPLIT_METHODS:
+        return _view_split(node)
+    if name == "contiguous" and _is_tensor_node(node.args[0]):
+        return OpView("pointwise", node, fn=lambda z: z)
+    if name in ("view", "reshape"):
+        return _view_shuffle(node)
+    if name == "mean":
+        return _view_spatial_mean(node)
     return OpView("unknown", node)
+
+
+def _view_spatial_mean(node: fx.Node) -> OpView:
+    """x.mean([2, 3]) (keepdim or not) of a 4-D activation: a global average pool."""
+    x = node.args[0] if node.args else None
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if not _is_tensor_node(x) or x.meta["example_value"].dim() != 4 or not isinstance(dims, (list, tuple)):
+        return OpView("unknown", node)
+    if sorted(d % 4 for d in dims) != [2, 3] or set(node.kwargs) - {"dim", "keepdim"} or len(node.args) > 3:
+        return OpView("unknown", node)
+    return OpView("pool", node, {"input": x, "pool": "mean"})
 
 
 def _no_inplace(kwargs: dict) -> dict:
@@ -245,7 +292,7 @@ def _view_arith(node: fx.Node, inplace: bool = False) -> OpView:
             return OpView("unknown", node)
         args = {"input": node.args[0], "other": node.args[1], "alpha": 1}
     a, b = args["input"], args["other"]
-    inplace = inplace or node.target is operator.iadd
+    inplace = inplace or node.target in (operator.iadd, operator.imul)
     is_add = node.target in _ADD_TARGETS or node.target in ("add", "add_")
     if args.get("alpha", 1) != 1:
         return OpView("unknown", node)
@@ -253,6 +300,13 @@ def _view_arith(node: fx.Node, inplace: bool = False) -> OpView:
         sa, sb = a.meta["example_value"].shape, b.meta["example_value"].shape
         if sa == sb and len(sa) in (2, 4):
             return OpView("add", node, {"a": a, "b": b}, inplace=inplace)
+        if tuple(node.meta["example_value"].shape) in (tuple(sa), tuple(sb)):  # e.g. x + bias[C, 1, 1]
+            return OpView("add_broadcast", node, {"a": a, "b": b}, inplace=inplace)
+        return OpView("unknown", node)
+    if node.target in (operator.mul, operator.imul, torch.mul, "mul", "mul_") and _is_tensor_node(a) and _is_tensor_node(b):
+        sa, sb = a.meta["example_value"].shape, b.meta["example_value"].shape
+        if tuple(node.meta["example_value"].shape) in (tuple(sa), tuple(sb)):
+            return OpView("mul", node, {"a": a, "b": b}, inplace=inplace)
         return OpView("unknown", node)
     # one tensor and a Python scalar: channel-independent
     if _is_tensor_node(a) and isinstance(b, (int, float)):
@@ -271,13 +325,82 @@ def _view_flatten(node: fx.Node, args: Optional[dict]) -> OpView:
     if not _is_tensor_node(src):
         return OpView("unknown", node)
     shape = src.meta["example_value"].shape
-    if len(shape) == 4 and args["start_dim"] == 1 and args["end_dim"] in (-1, 3) and _static_one(shape[2]) and _static_one(shape[3]):
+    if len(shape) == 4 and args["start_dim"] == 1 and args["end_dim"] in (-1, 3) and all(
+            isinstance(d, int) for d in shape[2:]):
         return OpView("flatten", node, args)
     return OpView("unknown", node)
 
 
-def _static_one(s) -> bool:
-    return isinstance(s, int) and s == 1
+def _view_permute(node: fx.Node, dims) -> OpView:
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = dims[0]
+    x = node.args[0] if node.args else node.kwargs.get("input")
+    if not _is_tensor_node(x) or not all(isinstance(d, int) for d in dims):
+        return OpView("unknown", node)
+    ndim = x.meta["example_value"].dim()
+    dims = [d % ndim for d in dims]
+    if sorted(dims) != list(range(ndim)):
+        return OpView("unknown", node)
+    return OpView("permute", node, {"input": x, "dims": dims})
+
+
+def _view_split(node: fx.Node) -> OpView:
+    x = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("tensor"))
+    parts = node.meta.get("example_value")
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    if not _is_tensor_node(x) or not isinstance(parts, (tuple, list)) or not isinstance(dim, int):
+        return OpView("unknown", node)
+    dim %= x.meta["example_value"].dim()
+    sizes = [p.shape[dim] for p in parts]
+    if not all(isinstance(c, int) for c in sizes) or sum(sizes) != x.meta["example_value"].shape[dim]:
+        return OpView("unknown", node)
+    return OpView("split", node, {"input": x, "dim": dim, "sizes": sizes})
+
+
+def _view_split_item(node: fx.Node) -> OpView:
+    src, i = node.args
+    if not isinstance(src, fx.Node) or not isinstance(i, int) or src.op not in ("call_function", "call_method"):
+        return OpView("unknown", node)
+    sv = view(src)
+    if sv.kind != "split":
+        return OpView("unknown", node)
+    sizes = sv.args["sizes"]
+    return OpView("split_item", node, {"input": sv.args["input"], "dim": sv.args["dim"],
+                                       "start": sum(sizes[:i]), "size": sizes[i], "split": src})
+
+
+def _shape_args(node: fx.Node) -> Optional[tuple]:
+    dims = node.args[1:]
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = dims[0]
+    return tuple(dims) if all(isinstance(d, int) for d in dims) else None
+
+
+def _view_shuffle(node: fx.Node) -> OpView:
+    """x.view(N, g, C/g, H, W).transpose(1, 2)[.contiguous()].view(N, C, H, W): out channel j is
+    in channel (j % g) * (C / g) + j // g (the final view is the op; the others are its parts)."""
+    out = node.meta.get("example_value")
+    if not isinstance(out, torch.Tensor) or out.dim() != 4:
+        return OpView("unknown", node)
+    prev = node.args[0]
+    if isinstance(prev, fx.Node) and prev.op == "call_method" and prev.target == "contiguous":
+        prev = prev.args[0]
+    if not (isinstance(prev, fx.Node) and (prev.target in ("transpose", torch.transpose))
+            and tuple(a % 5 for a in prev.args[1:3]) in ((1, 2), (2, 1))):
+        return OpView("unknown", node)
+    split = prev.args[0]
+    if not (isinstance(split, fx.Node) and split.op == "call_method" and split.target in ("view", "reshape")):
+        return OpView("unknown", node)
+    x = split.args[0]
+    if not _is_tensor_node(x):
+        return OpView("unknown", node)
+    xs, mid = x.meta["example_value"].shape, split.meta["example_value"].shape
+    if (x.meta["example_value"].dim() != 4 or len(mid) != 5 or tuple(out.shape) != tuple(xs)
+            or (mid[0], mid[1] * mid[2], mid[3], mid[4]) != tuple(xs)
+            or not all(isinstance(d, int) for d in mid)):
+        return OpView("unknown", node)
+    parts = [p for p in (split, prev, node.args[0]) if p is not node]
+    return OpView("shuffle", node, {"input": x, "groups": int(mid[1]), "parts": parts})
 
 
 def _view_conv(node: fx.Node, args: Optional[dict]) -> OpView:
@@ -425,8 +548,18 @@ def capture(gm: fx.GraphModule, example_inputs) -> Capture:
     for p in placeholders:  # at compile time, while dynamo's grapharg metadata still exists
         placeholder_source(p)
     values = dict(zip(placeholders, example_inputs))
-    views = {n: view(n) for n in gm.graph.nodes if n.op in ("call_function", "call_method")}
-    return Capture(gm, values, views, written=written_placeholders(gm.graph))
+    return Capture(gm, values, view_all(gm.graph), written=written_placeholders(gm.graph))
+
+
+def view_all(graph: fx.Graph) -> dict:
+    """{call node: OpView} for a graph; the inner nodes of a channel shuffle whose only user is
+    the next are its `shuffle_part`s (the shuffle reads their input itself)."""
+    views = {n: view(n) for n in graph.nodes if n.op in ("call_function", "call_method")}
+    for v in list(views.values()):
+        if v.kind == "shuffle" and all(len(p.users) == 1 for p in v.args["parts"]):
+            for p in v.args["parts"]:
+                views[p] = OpView("shuffle_part", p)
+    return views
 
 
 # -- in-place writes ------------------------------------------------------------------------

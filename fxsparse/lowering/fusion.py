@@ -71,7 +71,7 @@ def plan_chains(prop: Propagation, fuse_epilogue: bool) -> dict:
         nxt = _only_user(conv, output_nodes)
         if nxt is not None and _is_foldable_bn(prop, nxt):
             chain.bn, nxt = nxt, _only_user(nxt, output_nodes)
-        if fuse_epilogue and not plan.depthwise:
+        if fuse_epilogue and not plan.depthwise and plan.groups == 1:
             _extend_epilogue(prop, chain, nxt, output_nodes)
             if chain.add is not None and chain.add in chains:
                 # both operands of a residual add are conv chains (a downsample branch): one

@@ -27,7 +27,8 @@ import torch
 import torch.fx as fx
 
 from fxsparse.compaction.propagate import CONST_DTYPE, ConvPlan, Layout, Propagation, at_least_one
-from fxsparse.graph.capture import OpView, written_args
+from fxsparse.compaction.rules import SKIP, channel_axis, rule_for
+from fxsparse.graph.capture import OpView, module_path, written_args
 from fxsparse.kernels.layout import relayout, select_channels
 from fxsparse.lowering import choose
 from fxsparse.lowering.fusion import Chain, plan_chains
@@ -107,12 +108,16 @@ class Lowering:
         # a channel `have` does not store holds have's constant (want's constants describe
         # the consumer's result, e.g. a residual sum, not this operand)
         like = self._example(old)
-        return self.graph.call_function(relayout, (
+        axis = channel_axis(old)
+        if axis != 1 and like.dim() != 2:  # channels-last activation (after a permute)
+            new = self.graph.call_method("movedim", (new, axis, 1))
+        out = self.graph.call_function(relayout, (
             new,
             self.const(have.positions_of(src_ids).to(like.device), "src_pos"),
             self.const(want.positions_of(src_ids).to(like.device), "dst_pos"),
             self.const(have.const[want.kept].to(like.dtype).to(like.device), "fill"),
         ))
+        return out if axis == 1 or like.dim() == 2 else self.graph.call_method("movedim", (out, 1, axis))
 
     def read_for(self, old, user) -> fx.Node:
         """`old` as `user` needs it: materialised where the propagation said so."""
@@ -167,21 +172,14 @@ class Lowering:
         self.emit_node(n)
 
     def emit_node(self, n: fx.Node) -> None:
-        """`n` by its own handler, outside any chain."""
+        """`n` by its own handler (its op's channel rule, compaction/rules.py), outside any chain."""
         v = self.cap.views.get(n)
-        kind = v.kind if v is not None else "unknown"
-        if kind in ("conv2d", "conv_other"):
-            self.env[n] = self.emit_conv(n, v)
-        elif n in self.prop.linear_plans:
-            self.env[n] = self.emit_linear(n, v)
-        elif kind == "batch_norm" and n in self.prop.layout and self.prop._foldable_bn(v) and self.prop.enabled:
-            self.env[n] = self.emit_affine_bn(n, v)
-        elif kind == "add" and n in self.prop.layout and self.prop.enabled:
-            want = self.prop.layout[n]
-            self.env[n] = self.graph.call_function(
-                torch.add, (self.read(v.args["a"], want), self.read(v.args["b"], want)))
-        else:
-            self.env[n] = self.copy(n)
+        rule = rule_for(v)
+        by_rule = rule.when_disabled or self.prop.enabled and (n in self.prop.ruled or n not in self.prop.layout)
+        out = rule.emit(self, n, v) if v is not None and by_rule else None
+        if out is SKIP:
+            return
+        self.env[n] = self.copy(n) if out is None else out
         self.env[n].meta["example_value"] = n.meta.get("example_value")
 
     def copy(self, n: fx.Node) -> fx.Node:
@@ -252,7 +250,7 @@ class Lowering:
         b_t = None if bias is None else bias.to(device, dtype)
         # (fp32 at least: the fused op's accumulator; a float64 model's own precision)
         m_t = None if bias_map is None else bias_map.to(device, torch.promote_types(dtype, torch.float32))
-        lowering = self.conv_backend if not plan.depthwise else "aten"
+        lowering = self.conv_backend if not (plan.depthwise or plan.groups > 1) else "aten"
         choice = None
         if lowering == "auto":
             decision = self.choose_lowering(chain, x_layout, None if identity_in else positions, w_t, b_t, m_t, like)
@@ -319,7 +317,8 @@ class Lowering:
         if chain.add is not None:
             return self.prop.layout[chain.add]
         own = self.prop.layout[chain.anchor]
-        if self.prop.conv_plans[chain.conv].depthwise or len(chain.anchor.users) != 1:
+        plan = self.prop.conv_plans[chain.conv]
+        if plan.depthwise or plan.groups > 1 or len(chain.anchor.users) != 1:
             return own  # (a depthwise conv's filters are its channels: no rows to add)
         (user,) = chain.anchor.users
         v = self.cap.views.get(user)
@@ -389,7 +388,7 @@ class Lowering:
     def emit_aten_conv(self, plan, conv, x, positions, w_node, b_node, m_node) -> fx.Node:
         if positions is not None:
             x = self.graph.call_function(select_channels, (x, self.const(positions.to(self._device(x)), "in_index")))
-        groups = len(plan.out_layout.kept) if plan.depthwise else 1
+        groups = len(plan.out_layout.kept) if plan.depthwise else plan.groups
         out = self.graph.call_function(torch.conv2d, (
             x, w_node, b_node, conv.stride, conv.padding, conv.dilation, groups))
         if m_node is not None:
@@ -411,16 +410,36 @@ class Lowering:
         return val.device if isinstance(val, torch.Tensor) else "cpu"
 
     def emit_linear(self, n: fx.Node, v: OpView) -> fx.Node:
-        lin: Layout = self.prop.linear_plans[n]
+        """A linear on the channel dim, compacted as a 1x1 conv: rows of its kept outputs, columns
+        of its stored inputs, the other inputs' constants folded into the bias."""
+        plan = self.prop.linear_plans[n]
+        lin, out = plan.in_layout, plan.out_layout
         w = evaluate(v.args["weight"], self.cap).detach()
         b = v.args.get("bias")
         b = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if b is None else evaluate(b, self.cap).detach()
+        rows = out.kept.to(w.device)
         dropped = ~lin.kept_mask()
-        folded = w.to(CONST_DTYPE)[:, dropped].cpu() @ lin.const[dropped]
-        w_k = w[:, lin.kept]
-        b_k = (b.to("cpu", CONST_DTYPE) + folded).to(b.device, b.dtype)
+        folded = w.to(CONST_DTYPE)[rows][:, dropped].cpu() @ lin.const[dropped]
+        w_k = w[rows][:, plan.in_channels_used.to(w.device)]
+        b_k = (b[rows].to("cpu", CONST_DTYPE) + folded).to(b.device, b.dtype)
+        x = self.read(v.args["input"], lin)
+        if self._example(v.args["input"]).dim() == 4:
+            self.record_linear(n, w, rows, lin)
         return self.graph.call_function(torch.nn.functional.linear, (
-            self.read(v.args["input"]), self.const(w_k.contiguous(), "linear_weight"), self.const(b_k, "linear_bias")))
+            x, self.const(w_k.contiguous(), "linear_weight"), self.const(b_k, "linear_bias")))
+
+    def record_linear(self, n: fx.Node, w: torch.Tensor, rows: torch.Tensor, lin: Layout) -> None:
+        """A report row for a linear on the channel dim of a channels-last activation: a 1x1 conv
+        (a ConvNeXt block's MLP), with its MACs beside the convs'."""
+        shape = self._example(self.cap.views[n].args["input"]).shape
+        pixels = int(torch.tensor([int(d) for d in shape[1:-1]]).prod()) if all(
+            isinstance(d, int) for d in shape[1:-1]) else 0
+        cout, cin = w.shape
+        used = int(((w[rows] != 0).any(0).cpu() & lin.kept_mask()).sum())
+        kin, kout = len(lin.kept), len(rows)
+        self.records[n] = ConvRecord(
+            module_path(n), cin, cout, kin, kout, (1, 1), (1, 1), 1, "aten", None, "linear on channels",
+            "values", pixels * cin * cout, pixels * kin * kout, pixels * used * kout)
 
     def emit_affine_bn(self, n: fx.Node, v: OpView) -> fx.Node:
         """A BatchNorm that follows no conv (e.g. after a concat), run on its kept channels."""
@@ -506,6 +525,8 @@ class Lowering:
         kout = len(plan.out_layout.kept)
         if plan.depthwise:  # one input channel per output channel
             kin = ideal_in = 1
+        elif plan.groups > 1:  # input channels per group, padded to the fullest group
+            kin = ideal_in = plan.weight.shape[1]
         else:
             kin = len(plan.in_channels_used)
             ideal_layout = self.prop.layout.get(self.cap.views[chain.conv].conv.input)

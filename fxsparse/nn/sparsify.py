@@ -17,9 +17,10 @@ first nn.Conv2d in `model.modules()` order) and the `skip` names, by the L1 rule
 Coupled (kind "channel" with example_inputs): `fxsparse.compaction.groups.channel_groups`
 finds the channels that must go together; in each prunable group the channels of lowest
 `group_importance` (sum of |w| over every member) are pruned: the producing convs' output rows
-AND the consuming convs' input columns are masked (what a physical pruning removes). BatchNorm
-is left as is (the backend folds it, a masked channel is a constant), as are linear layers (the
-classifier is never pruned; the constant reaching it folds into its bias). Groups that reach the
+AND the consuming convs' input columns are masked (what a physical pruning removes), and so are
+the rows and columns of linear layers on the channel dim (a ConvNeXt MLP; the classifier's
+outputs reach the graph output and are never pruned). BatchNorm and LayerNorm are left as is
+(the backend folds them, a masked channel is a constant). Groups that reach the
 graph output or an op fxsparse does not understand are not pruned, nor groups written by the stem
 (the first conv executed) or by a module named in `skip`; a module named in `skip` gets no mask.
 """
@@ -79,7 +80,7 @@ def sparsify(model: nn.Module, keep_ratio: float, kind: str = "channel", block_s
 
 def _sparsify_groups(model: nn.Module, keep_ratio: float, skip: set, example_inputs: tuple,
                      skip_stem: bool) -> None:
-    from fxsparse.compaction.groups import _analyse, group_importance
+    from fxsparse.compaction.groups import _analyse, group_importance, zero_input_channels
 
     groups, stem = _analyse(model, *example_inputs)
     if skip_stem and stem is not None:
@@ -101,15 +102,15 @@ def _sparsify_groups(model: nn.Module, keep_ratio: float, skip: set, example_inp
         kept = set(top_indices(group_importance(group, p=1), keep).tolist())
         pruned = [i for i in range(group.size) if i not in kept]
         for m in group.members:
-            if m.module in skip or m.kind not in ("conv_out", "conv_in"):
+            if m.module in skip or m.kind not in ("conv_out", "conv_in", "linear_out", "linear_in"):
                 continue
             channels = torch.tensor([m.indices[i] for i in pruned], dtype=torch.long)
             mask = mask_of(m.module)
             channels = channels.to(mask.device)
-            if m.kind == "conv_out":
+            if m.kind in ("conv_out", "linear_out"):
                 mask[channels] = 0
             else:
-                mask[:, channels] = 0
+                zero_input_channels(mask, getattr(model.get_submodule(m.module), "groups", 1), channels)
     for path, mask in masks.items():
         apply_mask(model.get_submodule(path), mask, accumulate=True)
 

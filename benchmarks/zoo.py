@@ -1,0 +1,250 @@
+"""The pruned model zoo: every CNN family people prune, masked by channel groups, on the GPU.
+
+    PYTHONPATH=. python benchmarks/zoo.py --models resnet50,resnext50_32x4d,convnext_tiny --batch 32,1
+    PYTHONPATH=. python benchmarks/zoo.py --quick        # two small replicas on the CPU (CI smoke test)
+
+Per model, at `--keep` (0.5) of every prunable channel group: the masked model (prune masks on
+conv and channel-dim linear weights, the groups of Torch-Pruning's MagnitudePruner where
+torch_pruning imports and handles the model, else `fxsparse.sparsify`'s groups), fp16
+channels_last, B in `--batch`:
+
+    Ind graph / plain   Inductor on the masked model, the better of default and freezing
+    fx graph / plain    fxsparse (cudagraphs off: kernel time from a CUDA-graph replay of the
+                        call, and the plain call)
+    TP graph            Torch-Pruning's physically pruned model under Inductor freezing
+    fx/Ind, fx/TP       speed ratios of the graph (kernel) times
+    err                 max |fxsparse - eager masked|; TP err: the physical model's (it drops
+                        the constants pruned channels carry through BatchNorm)
+    compile s           first call of fxsparse and of Inductor (default)
+    MACs / ideal        the report's macs_after / macs_ideal (convs)
+
+`--budget-s` stops starting models once that many seconds have passed (the rest are listed as
+skipped), so that a run fits a time-limited machine: split the models over several calls.
+The table is printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.append(os.path.join(os.path.dirname(HERE), "tests"))  # the YOLO-style detector (after benchmarks/models.py)
+
+import common  # noqa: E402
+import models as M  # noqa: E402
+
+import fxsparse  # noqa: E402
+
+TORCHVISION = ["resnet50", "resnext50_32x4d", "wide_resnet50_2", "mobilenet_v2", "mobilenet_v3_large",
+               "efficientnet_b0", "regnet_y_400mf", "densenet121", "vgg16_bn", "googlenet", "shufflenet_v2_x1_0",
+               "convnext_tiny"]
+MODELS = TORCHVISION + ["yolo"]
+QUICK = ["convnext", "yolo"]  # replicas of tests/zoo_models.py
+
+COLUMNS = [
+    ("model", "model"), ("batch", "B"), ("masks", "masks"), ("macs_kept", "MACs kept"),
+    ("macs_vs_ideal", "MACs / ideal"),
+    ("ind_graph", "Ind graph"), ("ind_plain", "Ind plain"), ("fx_graph", "fx graph"), ("fx_plain", "fx plain"),
+    ("tp_graph", "TP graph"), ("speedup_graph", "fx/Ind"), ("vs_tp", "fx/TP"),
+    ("fx_err", "fx err"), ("tp_err", "TP err"), ("ind_compile_s", "Ind compile s"), ("fx_compile_s", "fx compile s"),
+]
+CPU_COLUMNS = [("model", "model"), ("batch", "B"), ("macs_kept", "MACs kept"), ("macs_vs_ideal", "MACs / ideal"),
+               ("eager_plain", "eager ms"), ("fx_plain", "fxsparse ms"), ("fx_err", "fx err"),
+               ("fx_compile_s", "fx compile s")]
+
+
+def build(name: str, image: int) -> tuple:
+    """(model in eval mode with trained-looking norms, input shape without the batch)."""
+    import zoo_models as Z
+
+    if name in Z.FAMILIES:
+        model, shape = Z.build(name)
+        return model, tuple(shape[1:])
+    if name == "yolo":  # a YOLOv8s-sized detector (widths 64..256 at the backbone's end)
+        torch.manual_seed(0)
+        return Z.randomize(Z.YoloDetector(w=64, outputs=144)).eval(), (3, 320, 320)
+    import torchvision
+
+    torch.manual_seed(0)
+    kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+    model = torchvision.models.get_model(name, weights=None, **kwargs)
+    return Z.randomize(model).eval(), (3, image, image)
+
+
+def tp_removed(model: nn.Module, example: torch.Tensor, keep: float) -> tuple:
+    """Torch-Pruning's choice of groups: ({module: {"out": set, "in": set}}, physically pruned copy)."""
+    import torch_pruning as tp
+
+    pruned = copy.deepcopy(model)
+    names = {id(m): n for n, m in pruned.named_modules()}
+    outputs = [m for m in pruned.modules() if isinstance(m, nn.Linear)][-1:]  # the classifier's outputs
+    pruner = tp.pruner.MagnitudePruner(pruned, example, importance=tp.importance.GroupMagnitudeImportance(p=1),
+                                       pruning_ratio=1.0 - keep, ignored_layers=outputs, round_to=8)
+    out_fns = {tp.prune_conv_out_channels, tp.prune_depthwise_conv_out_channels, tp.prune_linear_out_channels}
+    in_fns = {tp.prune_conv_in_channels, tp.prune_depthwise_conv_in_channels, tp.prune_linear_in_channels}
+    removed: dict = {}
+    for group in pruner.step(interactive=True):
+        for dep, idxs in group:
+            module = dep.target.module
+            if not isinstance(module, (nn.Conv2d, nn.Linear)):
+                continue
+            kind = "out" if dep.handler in out_fns else "in" if dep.handler in in_fns else None
+            if kind is not None:
+                removed.setdefault(names[id(module)], {"out": set(), "in": set()})[kind].update(int(i) for i in idxs)
+        group.prune()
+    return removed, pruned.eval()
+
+
+def mask_removed(model: nn.Module, removed: dict) -> None:
+    from fxsparse.compaction.groups import zero_input_channels
+    from fxsparse.nn.conv import apply_mask
+
+    for name, r in removed.items():
+        m = model.get_submodule(name)
+        mask = torch.ones_like(m.weight)
+        depthwise = isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1
+        if r["out"]:
+            mask[sorted(r["out"])] = 0
+        if r["in"] and depthwise:  # in and out are one channel
+            mask[sorted(r["in"])] = 0
+        elif r["in"]:
+            zero_input_channels(mask, getattr(m, "groups", 1), sorted(r["in"]))
+        apply_mask(m, mask)
+
+
+def masked_models(name: str, keep: float, image: int) -> tuple:
+    """(masked model, physically pruned model or None, how the groups were chosen)."""
+    model, shape = build(name, image)
+    example = torch.randn(1, *shape)
+    try:
+        removed, pruned = tp_removed(model, example, keep)
+        mask_removed(model, removed)
+        return model, pruned, "torch-pruning"
+    except Exception as e:  # noqa: BLE001 - not installed, or a model it does not handle
+        print(f"   {name}: Torch-Pruning not used ({type(e).__name__}: {str(e)[:120]}); fxsparse.sparsify groups",
+              flush=True)
+        model, _ = build(name, image)
+        fxsparse.sparsify(model, keep, example_inputs=(example,), skip_stem=False)
+        return model, None, "fxsparse groups"
+
+
+def report_macs(row: dict) -> None:
+    rep = fxsparse.report.current_report(None).graphs
+    before, after, ideal = (sum(getattr(g, k) for g in rep) for k in ("macs_before", "macs_after", "macs_ideal"))
+    row["macs_kept"] = common.ratio(after, before)
+    row["macs_vs_ideal"] = common.ratio(after, ideal)
+    row["notes"] = sorted({n for g in rep for n in g.notes})
+
+
+def first_output(out):
+    """One tensor to compare (a detector returns a list, a backbone + FPN a dict)."""
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return torch.cat([o.flatten() for o in out])
+    return out
+
+
+def gpu_row(name: str, keep: float, batch: int, image: int) -> dict:
+    masked, pruned, how = masked_models(name, keep, image)
+    _, shape = build(name, image)
+    to_gpu = lambda m: m.to("cuda", torch.float16).to(memory_format=torch.channels_last)  # noqa: E731
+    masked = to_gpu(masked)
+    x = torch.randn(batch, *shape, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
+    row = {"model": name, "batch": batch, "masks": how}
+    errors: dict = {}
+    wrap = lambda m: (lambda t: first_output(m(t)))  # noqa: E731
+    with torch.no_grad():
+        ref = first_output(masked(x))
+        M.measure("ind", wrap(M.compile_inductor(copy.deepcopy(masked))), x, ref, row, True, True, errors)
+        frz = {}
+        M.measure("frz", wrap(M.compile_inductor(copy.deepcopy(masked), freezing=True)), x, ref, frz, True, True, errors)
+        for k in ("graph", "plain"):  # Inductor's better setting
+            if frz.get(f"frz_{k}") is not None and (row.get(f"ind_{k}") is None or frz[f"frz_{k}"] < row[f"ind_{k}"]):
+                row[f"ind_{k}"] = frz[f"frz_{k}"]
+        fx, _ = M.fxsparse_compiled(copy.deepcopy(masked), {"cudagraphs": False})
+        fxsparse.report.current_report(None).graphs.clear()
+        M.measure("fx", wrap(fx), x, ref, row, True, True, errors)
+        report_macs(row)
+        if pruned is not None:
+            pruned = to_gpu(pruned)
+            M.measure("tp", wrap(M.compile_inductor(pruned, freezing=True)), x, None, row, True, False, errors)
+            row["tp_err"] = common.max_abs_err(first_output(pruned(x)), ref)
+    row["speedup_graph"] = common.ratio(row.get("ind_graph"), row.get("fx_graph"))
+    row["vs_tp"] = common.ratio(row.get("tp_graph"), row.get("fx_graph"))
+    row["errors"] = errors
+    return row
+
+
+def cpu_row(name: str, keep: float, batch: int) -> dict:
+    masked, _, how = masked_models(name, keep, 0)
+    _, shape = build(name, 0)
+    x = torch.randn(batch, *shape)
+    row = {"model": name, "batch": batch, "masks": how}
+    with torch.no_grad():
+        ref = first_output(masked(x))
+        row["eager_plain"] = common.time_cpu(lambda: masked(x))
+        torch._dynamo.reset()
+        fxsparse.report.current_report(None).graphs.clear()
+        fx = torch.compile(copy.deepcopy(masked), backend="fxsparse", options={"inductor": False})
+        out, row["fx_compile_s"] = M.first_call(fx, x)
+        row["fx_err"] = common.max_abs_err(first_output(out), ref)
+        row["fx_plain"] = common.time_cpu(lambda: fx(x))
+        report_macs(row)
+    return row
+
+
+def main(argv: Optional[list] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(MODELS), help=f"of {','.join(MODELS)}")
+    p.add_argument("--keep", type=float, default=0.5, help="fraction of each group's channels kept")
+    p.add_argument("--batch", default="32,1")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--budget-s", type=float, default=540, help="start no model after this many seconds")
+    p.add_argument("--quick", action="store_true", help="small replicas on the CPU (CI)")
+    p.add_argument("--json", metavar="PATH")
+    args = p.parse_args(argv)
+    common.raise_dynamo_recompile_limit()
+    torch.backends.cudnn.benchmark = True
+    on_gpu = torch.cuda.is_available() and not args.quick
+    names = QUICK if args.quick else args.models.split(",")
+    batches = [2] if args.quick else [int(b) for b in args.batch.split(",")]
+    rows, skipped = [], []
+    start = time.perf_counter()
+    for name in names:
+        for batch in batches:
+            if time.perf_counter() - start > args.budget_s:
+                skipped.append(f"{name} B={batch}")
+                continue
+            try:
+                row = gpu_row(name, args.keep, batch, args.image_size) if on_gpu else cpu_row(name, args.keep, batch)
+            except Exception as e:  # noqa: BLE001 - one model's failure is a row, not the end of the run
+                row = {"model": name, "batch": batch, "errors": {"run": f"{type(e).__name__}: {str(e)[:300]}"}}
+            rows.append(row)
+            print(f"[{time.perf_counter() - start:6.1f}s] " + ", ".join(
+                f"{k}={common._fmt(v, '.3g')}" for k, v in row.items() if k not in ("errors", "notes")), flush=True)
+            for n in row.get("notes", []):
+                print("   note:", n, flush=True)
+            if row.get("errors"):
+                print("   errors:", row["errors"], flush=True)
+    env = common.environment()
+    if args.json:
+        common.write_json(args.json, rows, env)
+    if skipped:
+        print("skipped (time budget):", ", ".join(skipped))
+    print(f"\n{env['device']} | torch {env['torch']} | triton {env['triton']} | keep {args.keep} | "
+          f"{'fp16 channels_last, ms' if on_gpu else 'fp32 CPU wall-clock, ms'}")
+    common.print_table(rows, COLUMNS if on_gpu else CPU_COLUMNS)
+
+
+if __name__ == "__main__":
+    main()
