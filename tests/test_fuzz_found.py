@@ -84,3 +84,38 @@ def test_training_graph_under_dynamic_shapes_through_inductor(tmp_path):
     compiled = compile_model(model, tmp_path, dynamic=True, inductor=True)
     x = torch.randn(3, 1, 7, 4)
     torch.testing.assert_close(compiled(x), model(x))
+
+
+class TrainBNBeforeMaskedHead(nn.Module):
+    """depthwise conv -> BatchNorm -> flatten -> linear whose input columns are partly masked."""
+
+    def __init__(self, groups):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1, stride=2, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(3, affine=False)
+        self.fc = nn.Linear(3 * 2 * 2, 1)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.bn(self.conv(x)), 1))
+
+
+@pytest.mark.xfail(strict=True, reason="a train-mode BatchNorm under no_grad (an inference graph) updates its "
+                   "running statistics over every channel, but channels only masked head columns read are "
+                   "dropped before it: running_mean/var of those channels go wrong")
+@pytest.mark.parametrize("groups", [1, 3])
+def test_train_mode_batchnorm_statistics_of_channels_the_head_ignores(groups, tmp_path):
+    def build():
+        torch.manual_seed(0)
+        m = TrainBNBeforeMaskedHead(groups).train()
+        mask = torch.ones_like(m.fc.weight)
+        mask[:, :4] = 0  # the first channel's 2x2 pixels: read by nobody
+        prune.custom_from_mask(m.fc, "weight", mask)
+        return m
+
+    model, twin = build(), build()
+    compiled = compile_model(model, tmp_path)
+    x = torch.randn(2, 3, 3, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), twin(x))
+    torch.testing.assert_close(model.bn.running_mean, twin.bn.running_mean)
+    torch.testing.assert_close(model.bn.running_var, twin.bn.running_var)
