@@ -175,6 +175,7 @@ def _run(*args):
                           env=env, capture_output=True, text=True, timeout=180)
 
 
+@pytest.mark.slow
 def test_help_and_table_from_csv_on_the_cpu(tmp_path):
     proc = _run("--help")
     assert proc.returncode == 0 and "--rows" in proc.stdout, proc.stderr[-2000:]
