@@ -116,3 +116,36 @@ def test_train_mode_batchnorm_statistics_of_channels_the_head_ignores(groups, tm
         torch.testing.assert_close(compiled(x), twin(x))
     torch.testing.assert_close(model.bn.running_mean, twin.bn.running_mean)
     torch.testing.assert_close(model.bn.running_var, twin.bn.running_var)
+
+
+class FlattenHeadAfterMaskedConv(nn.Module):
+    """a conv with a masked output channel, flattened (3x3 pixels per channel) into a linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 1, bias=False)
+        self.fc = nn.Linear(2 * 3 * 3, 1)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.conv(x), 1))
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_training_graph_flatten_keeps_every_pixel_of_a_kept_channel(train, tmp_path):
+    def build():
+        torch.manual_seed(0)
+        m = FlattenHeadAfterMaskedConv().train(train)
+        mask = torch.ones_like(m.conv.weight)
+        mask[0] = 0
+        prune.custom_from_mask(m.conv, "weight", mask)
+        return m
+
+    model, twin = build(), build()
+    compiled = compile_model(model, tmp_path)
+    x = torch.randn(1, 1, 3, 3)
+    out, expected = compiled(x), twin(x)  # grad enabled: the training lowering
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(model.fc.weight.grad, twin.fc.weight.grad)
+    torch.testing.assert_close(model.conv.weight_orig.grad, twin.conv.weight_orig.grad)

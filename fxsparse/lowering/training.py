@@ -134,7 +134,7 @@ class TrainingLowering(Lowering):
         kind = v.kind if v is not None else "unknown"
         handler = {"conv2d": self.emit_train_conv, "batch_norm": self.emit_train_bn,
                    "pointwise": self.emit_pointwise, "add": self.emit_add, "cat": self.emit_cat,
-                   "pool": self.emit_pool, "flatten": self.emit_same_channels,
+                   "pool": self.emit_pool, "flatten": self.emit_flatten,
                    "linear": self.emit_train_linear}.get(kind)
         if handler is None or not handler(n, v):
             self.env[n] = self.copy_full(n)
@@ -331,6 +331,19 @@ class TrainingLowering(Lowering):
             return False
         self.env[n] = self.copy_with_input(n, src, self.env[src])
         self.stored[n] = Stored(lin.channels, lin.kept, lin.const)
+        return True
+
+    def emit_flatten(self, n: fx.Node, v: OpView) -> bool:
+        """(N, C, H, W) -> (N, C*H*W): channel c becomes features c*H*W .. (c+1)*H*W - 1."""
+        src = v.args["input"]
+        lin = self.layout(src)
+        if lin is None or lin.is_full:
+            return False
+        hw = int(src.meta["example_value"].shape[2:].numel())  # (capture: static H, W)
+        self.env[n] = self.copy_with_input(n, src, self.env[src])
+        kept = (lin.kept[:, None] * hw + torch.arange(hw)).flatten()
+        const = None if lin.const is None else self.call(torch.repeat_interleave, lin.const, hw)
+        self.stored[n] = Stored(lin.channels * hw, kept, const)
         return True
 
     def emit_pool(self, n: fx.Node, v: OpView) -> bool:
