@@ -209,7 +209,7 @@ class BatchNorm(Elementwise):
         if not prop._foldable_bn(v):
             return f"batch_norm {n.name} in training or with statistics that are not parameters"
         lin = prop.input_layout(v.args["input"])
-        a, b = prop.bn_affine(v)
+        a, b = prop.bn_folds[n] = prop.bn_affine(v)
         return Layout(c, lin.kept, lin.const * a + b)
 
     def couple(self, b, g, n, v, values):
@@ -223,7 +223,7 @@ class BatchNorm(Elementwise):
             b.uf.union_ranges(b.pos(g, n), b.member(path, "bn", b.count(g, n)), b.count(g, n))
 
     def emit(self, low, n, v):
-        if n in low.prop.layout and low.prop._foldable_bn(v):
+        if n in low.prop.bn_folds:
             return low.emit_affine_bn(n, v)
         return None
 
@@ -359,6 +359,10 @@ class Mul(Rule):
             if not prop.inference_value_ok(p) or self._scale_dim(x, p) is None:
                 return f"mul {n.name} by a tensor that is not a parameter nor a channel tensor"
             lin = prop.input_layout(x)
+            # the lowering applies the parameter's kept channels, in the model's dtype
+            like = n.meta["example_value"]
+            value = prop.value(p).detach()
+            prop.channel_params[n] = value.index_select(self._scale_dim(x, p), lin.kept.to(value.device)).to(like.dtype)
             return Layout(c, lin.kept, self.apply(lin.const, self.scale(prop, x, p)))
         la, lb = prop.input_layout(v.args["a"]), prop.input_layout(v.args["b"])
         return self.combine(prop, la, lb, c)
@@ -398,10 +402,7 @@ class Mul(Rule):
         x, p = self.operands(v, low.prop)
         if p is None:
             return low.graph.call_function(self.op, (low.read(v.args["a"], want), low.read(v.args["b"], want)))
-        like = n.meta["example_value"]
-        dim = self._scale_dim(x, p)
-        value = low.prop.value(p).detach().index_select(dim, want.kept.to(like.device)).to(like.dtype)
-        return low.graph.call_function(self.op, (low.read(x, want), low.const(value, "scale")))
+        return low.graph.call_function(self.op, (low.read(x, want), low.const(low.prop.channel_params[n], "scale")))
 
 
 class AddBroadcast(Mul):

@@ -9,22 +9,27 @@ orders ResNet-like blocks use:
 
 The last node is the chain's anchor: the lowering emits the fused conv when it
 reaches the anchor, where every input (the residual too) already exists.
-With the aten lowering, chains stop after BatchNorm (folded into the weights)
-and Inductor fuses the elementwise rest.
+A chain is part of the compaction plan (Propagation.chains): it fixes which
+BatchNorm folds into which conv and the layout the chain writes its result in
+(`result`); the lowering emits each chain fused or as an aten conv whose
+epilogue Inductor fuses.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Optional
 
 import torch.fx as fx
 
-from fxsparse.compaction.propagate import Propagation
+if TYPE_CHECKING:
+    from fxsparse.compaction.propagate import Layout, Propagation
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class Chain:
     conv: fx.Node
+    # the layout the chain writes its result in (see result_layout); None until planned
+    result: Optional["Layout"] = None
     bn: Optional[fx.Node] = None
     act: Optional[fx.Node] = None
     add: Optional[fx.Node] = None
@@ -56,7 +61,7 @@ def _only_user(node: fx.Node, output_nodes: set) -> Optional[fx.Node]:
     return next(iter(node.users))
 
 
-def plan_chains(prop: Propagation, fuse_epilogue: bool) -> dict:
+def plan_chains(prop: "Propagation") -> dict:
     """{node: Chain} for every node that is part of a chain."""
     graph = prop.cap.gm.graph
     for i, n in enumerate(graph.nodes):
@@ -69,45 +74,58 @@ def plan_chains(prop: Propagation, fuse_epilogue: bool) -> dict:
     for conv, plan in prop.conv_plans.items():
         chain = Chain(conv)
         nxt = _only_user(conv, output_nodes)
-        if nxt is not None and _is_foldable_bn(prop, nxt):
-            chain.bn, nxt = nxt, _only_user(nxt, output_nodes)
-        if fuse_epilogue and not plan.depthwise and plan.groups == 1:
-            _extend_epilogue(prop, chain, nxt, output_nodes)
+        if nxt is not None and nxt in prop.bn_folds:
+            chain, nxt = replace(chain, bn=nxt), _only_user(nxt, output_nodes)
+        if not plan.depthwise and plan.groups == 1:
+            chain = _extend_epilogue(prop, chain, nxt, output_nodes)
             if chain.add is not None and chain.add in chains:
                 # both operands of a residual add are conv chains (a downsample branch): one
                 # chain takes the add, the other ends before it, else neither node is emitted
-                chain.add = chain.residual = None
-                chain.act, chain.residual_after_activation = None, False
+                chain = replace(chain, add=None, residual=None, act=None, residual_after_activation=False)
                 if nxt is not None and _activation(prop, nxt):
-                    chain.act = nxt
+                    chain = replace(chain, act=nxt)
+        chain = replace(chain, result=result_layout(prop, chain))
         for n in chain.nodes:
             chains[n] = chain
     return chains
 
 
-def _is_foldable_bn(prop: Propagation, node: fx.Node) -> bool:
-    v = prop.view(node)
-    return v is not None and v.kind == "batch_norm" and prop._foldable_bn(v) and node in prop.layout
+def result_layout(prop: "Propagation", chain: Chain) -> "Layout":
+    """The layout a chain writes its result in: its residual add's; for a chain without one
+    whose only reader is an add storing more channels (a downsample branch), that add's,
+    which it then reads without a relayout; else the chain's own."""
+    if chain.add is not None:
+        return prop.layout[chain.add]
+    own = prop.layout[chain.anchor]
+    plan = prop.conv_plans[chain.conv]
+    if plan.depthwise or plan.groups > 1 or len(chain.anchor.users) != 1:
+        return own  # (a depthwise conv's filters are its channels: no rows to add)
+    (user,) = chain.anchor.users
+    v = prop.view(user)
+    if v is None or v.kind != "add" or user not in prop.layout or not prop.enabled:
+        return own
+    want = prop.layout[user]
+    return want if want.channels == own.channels and not want.same_storage(own) else own
 
 
-def _activation(prop: Propagation, node) -> Optional[str]:
+def _activation(prop: "Propagation", node) -> Optional[str]:
     v = prop.view(node) if node is not None else None
     return v.activation if v is not None and v.kind == "pointwise" else None
 
 
-def _extend_epilogue(prop: Propagation, chain: Chain, nxt, output_nodes: set) -> None:
+def _extend_epilogue(prop: "Propagation", chain: Chain, nxt, output_nodes: set) -> Chain:
     if _activation(prop, nxt):
-        chain.act, nxt = nxt, _only_user(nxt, output_nodes)
+        chain, nxt = replace(chain, act=nxt), _only_user(nxt, output_nodes)
     v = prop.view(nxt) if nxt is not None else None
     if v is None or v.kind != "add" or nxt not in prop.layout:
-        return
+        return chain
     prev = chain.act or chain.pre_activation
     other = v.args["b"] if v.args["a"] is prev else v.args["a"]
     if other is prev:  # x + x: not a residual
-        return
-    chain.add, chain.residual = nxt, other
-    chain.residual_after_activation = chain.act is not None
+        return chain
+    chain = replace(chain, add=nxt, residual=other, residual_after_activation=chain.act is not None)
     if chain.act is None:
         after = _only_user(nxt, output_nodes)
         if _activation(prop, after):
-            chain.act = after
+            chain = replace(chain, act=after)
+    return chain
