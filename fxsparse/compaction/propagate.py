@@ -54,6 +54,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from fxsparse.compaction.check import check_layout, check_plan
 from fxsparse.compaction.rules import channel_count, rule_for
 from fxsparse.graph.capture import Capture, OpView
 from fxsparse.sparsity.read import ConvSparsity, evaluate, param_only
@@ -308,6 +309,7 @@ class Propagation:
         out = rule.layout(self, n, v, c)
         if isinstance(out, str):
             return self._plan_unknown(n, c, out if self.enabled else None)
+        check_layout(n, out)  # here, before any consumer's rule reads it
         self.ruled.add(n)
         return out
 
@@ -547,7 +549,6 @@ class Propagation:
 
     def run(self) -> "Propagation":
         from fxsparse.compaction.chains import plan_chains
-        from fxsparse.compaction.check import check_plan
         self.run_liveness()
         self.run_layouts()
         self.chains = plan_chains(self)

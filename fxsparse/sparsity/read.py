@@ -238,9 +238,13 @@ def read_all(cap: Capture, inference: bool) -> dict:
 
 
 def check_sparsity(node, sp: ConvSparsity) -> None:
-    """One conv's masks agree with its shape (and its evaluated weight and bias, where read)."""
+    """One conv's masks agree with its shape (and its evaluated weight and bias, where read).
+    A conv left unchanged (a reason) carries no masks."""
     def fail(message):
         raise StageError("sparsity", f"conv {node.name}: {message}", node)
+
+    if sp.reason is not None:
+        return
 
     if tuple(sp.zero_rows.shape) != (sp.out_channels,) or sp.zero_rows.dtype != torch.bool:
         fail(f"zero-row mask {tuple(sp.zero_rows.shape)} {sp.zero_rows.dtype} for {sp.out_channels} output channels")
