@@ -19,10 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Optional
 
+import torch
 import torch.fx as fx
 
 if TYPE_CHECKING:
-    from fxsparse.compaction.propagate import Layout, Propagation
+    from fxsparse.compaction.propagate import ConvPlan, Layout, Propagation
 
 
 @dataclass(frozen=True, eq=False)
@@ -30,6 +31,11 @@ class Chain:
     conv: fx.Node
     # the layout the chain writes its result in (see result_layout); None until planned
     result: Optional["Layout"] = None
+    # the conv's constants with its BatchNorm folded in (CONST_DTYPE, on the CPU): w' = w * a,
+    # b' = b * a + s, bias map' = bias map * a
+    weight: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
+    bias_map: Optional[torch.Tensor] = None
     bn: Optional[fx.Node] = None
     act: Optional[fx.Node] = None
     add: Optional[fx.Node] = None
@@ -69,8 +75,8 @@ def plan_chains(prop: "Propagation") -> dict:
     output = next(n for n in graph.nodes if n.op == "output")
     output_nodes = set(output.all_input_nodes)
     chains = {}
-    if not prop.enabled:  # per-conv compaction: the BN and what follows read full-width tensors
-        return chains
+    if not prop.enabled:  # per-conv compaction: each conv alone, the BN and what follows read full-width tensors
+        return {conv: planned(prop, Chain(conv), plan) for conv, plan in prop.conv_plans.items()}
     for conv, plan in prop.conv_plans.items():
         chain = Chain(conv)
         nxt = _only_user(conv, output_nodes)
@@ -84,10 +90,23 @@ def plan_chains(prop: "Propagation") -> dict:
                 chain = replace(chain, add=None, residual=None, act=None, residual_after_activation=False)
                 if nxt is not None and _activation(prop, nxt):
                     chain = replace(chain, act=nxt)
-        chain = replace(chain, result=result_layout(prop, chain))
+        chain = planned(prop, chain, plan)
         for n in chain.nodes:
             chains[n] = chain
     return chains
+
+
+def planned(prop: "Propagation", chain: Chain, plan: "ConvPlan") -> Chain:
+    """`chain` with its result layout and its BatchNorm-folded constants."""
+    from fxsparse.compaction.propagate import CONST_DTYPE
+    weight, bias, bias_map = plan.weight.to("cpu", CONST_DTYPE), plan.bias, plan.bias_map
+    if chain.bn is not None:
+        a, s = prop.bn_folds[chain.bn]
+        a_k, s_k = a[plan.out_layout.kept], s[plan.out_layout.kept]
+        weight = weight * a_k.reshape(-1, 1, 1, 1)
+        bias = (torch.zeros_like(a_k) if bias is None else bias) * a_k + s_k
+        bias_map = None if bias_map is None else bias_map * a_k.reshape(-1, 1, 1)
+    return replace(chain, result=result_layout(prop, chain), weight=weight, bias=bias, bias_map=bias_map)
 
 
 def result_layout(prop: "Propagation", chain: Chain) -> "Layout":

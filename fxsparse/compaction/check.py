@@ -60,6 +60,10 @@ def check_plan(prop) -> None:
     for node, chain in prop.chains.items():
         if chain.bn is not None and chain.bn not in prop.bn_folds:
             _fail(node, f"chain of node {node.name} folds batch_norm {chain.bn.name}, which the plan does not fold")
+        if chain.weight is None or chain.weight.shape != prop.conv_plans[chain.conv].weight.shape:
+            _fail(node, f"chain of node {node.name} has folded weight "
+                        f"{None if chain.weight is None else tuple(chain.weight.shape)}, its conv plan "
+                        f"{tuple(prop.conv_plans[chain.conv].weight.shape)}")
         check_layout(chain.anchor, chain.result, "chain result")
         if chain.result.channels != prop.layout[chain.anchor].channels:
             _fail(node, f"chain of node {node.name} writes {chain.result.channels} channels, its result has "

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from fxsparse.compaction.propagate import CONST_DTYPE, ConvPlan, LinearPlan, Layout, Propagation, at_least_one
+from fxsparse.compaction.propagate import ConvPlan, Layout, LinearPlan, Propagation, at_least_one
 from fxsparse.compaction.rules import SKIP, channel_axis, rule_for
 from fxsparse.graph.capture import OpView, module_path, written_args
 from fxsparse.kernels.layout import relayout, select_channels
@@ -84,7 +84,8 @@ class Lowering:
         self.constant_outputs: dict = {}  # output position -> tensor the wrapper returns
         # an aten chain's epilogue is emitted node by node (Inductor fuses it); it is a chain
         # all the same, so that its conv can write the residual add's layout (dense_out)
-        self.chains = prop.chains if inference else {}
+        # (without propagation the plan has a chain per conv, the conv alone, emitted by its rule)
+        self.chains = prop.chains if inference and prop.enabled else {}
         self.chooser = choose.current() if lowering == "auto" else None
         self.cudagraphs = cudagraphs  # what the chooser times: kernel time under CUDA graphs
 
@@ -224,8 +225,7 @@ class Lowering:
         sp: ConvSparsity = self.sparsity[n]
         plan = self.prop.conv_plans.get(n)
         if plan is not None:
-            # per-conv compaction (no chains planned): the conv alone, in its own layout
-            return self.emit_chain(self.prop.chains.get(n) or Chain(n, result=plan.out_layout))
+            return self.emit_chain(self.prop.chains[n])
         if not self.inference and sp.reason is None and sp.source == "mask" and v.conv.groups == 1 and (
                 bool(sp.zero_rows.any()) or bool(sp.zero_cols.any())):
             return self.emit_training_conv(n, v, sp)
@@ -240,15 +240,7 @@ class Lowering:
         x = self.read(conv.input, x_layout)
         like = self._example(conv.input)
         dtype, device = plan.weight.dtype, plan.weight.device
-        weight = plan.weight.to("cpu", CONST_DTYPE)
-        bias = plan.bias
-        bias_map = plan.bias_map
-        if chain.bn is not None:  # fold BatchNorm: w' = w * a, b' = b * a + s
-            a, s = self.prop.bn_folds[chain.bn]
-            a_k, s_k = a[plan.out_layout.kept], s[plan.out_layout.kept]
-            weight = weight * a_k.reshape(-1, 1, 1, 1)
-            bias = (torch.zeros_like(a_k) if bias is None else bias) * a_k + s_k
-            bias_map = None if bias_map is None else bias_map * a_k.reshape(-1, 1, 1)
+        weight, bias, bias_map = chain.weight, chain.bias, chain.bias_map  # BatchNorm folded in
         positions = x_layout.positions_of(plan.in_channels_used)
         identity_in = len(positions) == len(x_layout.kept) and torch.equal(positions, torch.arange(len(positions)))
         w_t = weight.to(device, dtype).contiguous(memory_format=torch.channels_last)
