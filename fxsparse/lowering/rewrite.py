@@ -30,12 +30,12 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from fxsparse.compaction.chains import Chain
 from fxsparse.compaction.propagate import ConvPlan, Layout, LinearPlan, Propagation, at_least_one
 from fxsparse.compaction.rules import SKIP, channel_axis, rule_for
 from fxsparse.graph.capture import OpView, module_path, written_args
 from fxsparse.kernels.layout import relayout, select_channels
 from fxsparse.lowering import choose
-from fxsparse.compaction.chains import Chain
 from fxsparse.sparsity.read import ConvSparsity, evaluate, other_conv_geometry, param_only
 from fxsparse.stages import StageError, check_graph
 
