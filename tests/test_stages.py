@@ -201,3 +201,19 @@ def test_the_unperturbed_plan_passes_and_lowers(stages):
     assert len(got) == len(want)
     for w, g in zip(want, got):
         torch.testing.assert_close(g, w)
+
+
+def test_lowering_reads_only_the_plan(stages, monkeypatch):
+    """Once the plan is made, the lowering evaluates no weight and re-decides no folding: the
+    propagation's evaluators may fail and the graph still lowers, folded BatchNorm, linear
+    head and all."""
+    cap, sparsity, prop = stages
+    assert prop.bn_folds and prop.linear_plans
+
+    def no_call_back(*args, **kwargs):
+        raise AssertionError("the lowering called back into the compaction stage")
+
+    for name in ("value", "bn_affine", "_foldable_bn", "_foldable_linear", "inference_value_ok"):
+        monkeypatch.setattr(type(prop), name, no_call_back)
+    gm, records, _ = rewrite.lower(prop, sparsity, "aten", inference=True)
+    assert any(r.fused == ["batch_norm"] or "batch_norm" in r.fused for r in records.values())
