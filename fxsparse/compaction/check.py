@@ -53,10 +53,11 @@ def check_plan(prop) -> None:
         if tuple(scale.shape) != (c,) or tuple(shift.shape) != (c,):
             _fail(node, f"folded batch_norm {node.name} has scale {tuple(scale.shape)} and shift "
                         f"{tuple(shift.shape)} for {c} channels")
-    for node, value in prop.channel_params.items():
-        if value.numel() != len(prop.layout[node].kept):
-            _fail(node, f"parameter of node {node.name} has {value.numel()} values for "
-                        f"{len(prop.layout[node].kept)} stored channels")
+    for node, values in prop.channel_params.items():
+        for value in values if isinstance(values, tuple) else (values,):
+            if value.numel() != len(prop.layout[node].kept):
+                _fail(node, f"parameter of node {node.name} has {value.numel()} values for "
+                            f"{len(prop.layout[node].kept)} stored channels")
     for node, chain in prop.chains.items():
         if chain.bn is not None and chain.bn not in prop.bn_folds:
             _fail(node, f"chain of node {node.name} folds batch_norm {chain.bn.name}, which the plan does not fold")

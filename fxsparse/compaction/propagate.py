@@ -157,7 +157,7 @@ class Propagation:
     `linear_plans[linear node]`, `materialize[(node, user)]`: the layout `user` needs `node`
     in where it cannot take constant channels, `bn_folds[batch_norm node]`: its inference
     affine (scale, shift), `channel_params[node]`: the kept channels of the parameter a per-channel
-    mul/add applies, and `chains[node]`: the conv chain a node belongs to (chains.py). After
+    mul/add applies (of the weight and bias, for a layer_norm), in the model's dtype, and `chains[node]`: the conv chain a node belongs to (chains.py). After
     `run` the plan is frozen (read-only mappings of frozen records) and checked (check_plan):
     the lowering reads it and decides nothing the plan holds."""
 

@@ -725,6 +725,8 @@ class LayerNorm(Rule):
         if not torch.equal(need, lin.kept_mask()):
             lin = Layout(c, prop.storage.round(need).nonzero().flatten(), lin.const)
             prop.materialize[(x, n)] = lin
+        like = n.meta["example_value"]
+        prop.channel_params[n] = tuple(t[lin.kept].to(like.device, like.dtype) for t in (w, b))
         return Layout(c, lin.kept, b.clone())
 
     def emit(self, low, n, v):
@@ -733,12 +735,10 @@ class LayerNorm(Rule):
         x = v.args["input"]
         lin = low.prop.materialize.get((x, n)) or low.prop.layout[x]
         c = lin.channels
-        like = n.meta["example_value"]
-        w, b = self.affine(low.prop, v, c)
+        weight, bias = low.prop.channel_params[n]
         dropped = ~lin.kept_mask()
         s1, s2 = float(lin.const[dropped].sum()), float((lin.const[dropped] ** 2).sum())
-        w_k = low.const(w[lin.kept].to(like.device, like.dtype), "ln_weight")
-        b_k = low.const(b[lin.kept].to(like.device, like.dtype), "ln_bias")
+        w_k, b_k = low.const(weight, "ln_weight"), low.const(bias, "ln_bias")
         return low.graph.call_function(layer_norm_kept, (low.read(x, lin), c, s1, s2, w_k, b_k, float(v.args["eps"])))
 
 
