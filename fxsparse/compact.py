@@ -191,12 +191,13 @@ def _model_state(model: nn.Module) -> dict:
 def _eager_without_state_writes(model: nn.Module, inputs: Sequence):
     """The eval-mode output; a forward that changes the model's state (a counter, a cache) is an
     error (a standalone module cannot reproduce it), and the state is put back as it was. (A pruned
-    module's `weight` attribute moves to the device on its first forward: not a write.)"""
+    module's `weight` attribute takes the device and dtype of `.cuda().half()` on its first forward:
+    not a write.)"""
     before = {k: t.detach().clone() for k, t in _model_state(model).items()}
     expected = _eager(model, inputs)
     after = _model_state(model)
     changed = [k for k, t in before.items() if k not in after or after[k].shape != t.shape
-               or not torch.equal(after[k].detach(), t.to(after[k].device))] + [k for k in after if k not in before]
+               or not torch.equal(after[k].detach(), t.to(after[k].device, after[k].dtype))] + [k for k in after if k not in before]
     if changed:
         with torch.no_grad():
             for k in changed:
