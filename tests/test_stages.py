@@ -183,13 +183,10 @@ def test_lowering_that_drops_an_output_fails_in_lowering(stages, monkeypatch):
         rewrite.lower(prop, sparsity, "aten", inference=True)
 
 
-def test_the_unperturbed_plan_passes_and_lowers(stages):
-    """The checks accept what the stages make: the plan lowers, and the lowered graph computes
-    what the captured graph computes on a fresh input."""
-    cap, sparsity, prop = stages
-    check_plan(prop)
-    gm, _, constant_outputs = rewrite.lower(prop, sparsity, "aten", inference=True)
-    _, shape = masked_resnet()
+def assert_lowered_matches(cap, sparsity, prop, shape) -> dict:
+    """Lowers the plan and checks the lowered graph computes what the captured graph computes
+    on a fresh input; returns the lowering's records."""
+    gm, records, constant_outputs = rewrite.lower(prop, sparsity, "aten", inference=True)
     args = [cap.values[p] for p in cap.gm.graph.find_nodes(op="placeholder")]
     args = [torch.randn(shape) if isinstance(a, torch.Tensor) and tuple(a.shape) == tuple(shape) else a for a in args]
     with torch.no_grad():
@@ -201,19 +198,58 @@ def test_the_unperturbed_plan_passes_and_lowers(stages):
     assert len(got) == len(want)
     for w, g in zip(want, got):
         torch.testing.assert_close(g, w)
+    return records
 
 
-def test_lowering_reads_only_the_plan(stages, monkeypatch):
-    """Once the plan is made, the lowering evaluates no weight and re-decides no folding: the
-    propagation's evaluators may fail and the graph still lowers, folded BatchNorm, linear
-    head and all."""
+def test_the_unperturbed_plan_passes_and_lowers(stages):
+    """The checks accept what the stages make, and the plan lowers to the captured graph's values."""
     cap, sparsity, prop = stages
-    assert prop.bn_folds and prop.linear_plans
+    check_plan(prop)
+    assert_lowered_matches(cap, sparsity, prop, masked_resnet()[1])
+
+
+class _ChannelsLastBlock(torch.nn.Module):
+    """conv -> channels last -> layer_norm -> linear -> layer scale: constants of the plan
+    beyond convs and BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.norm = torch.nn.LayerNorm(6)
+        self.fc = torch.nn.Linear(6, 10)
+        self.gamma = torch.nn.Parameter(torch.rand(10) + 0.5)
+
+    def forward(self, x):
+        y = self.fc(self.norm(self.conv(x).permute(0, 2, 3, 1))) * self.gamma
+        return y.permute(0, 3, 1, 2)
+
+
+def channels_last_block():
+    import torch.nn.utils.prune as prune
+    model = _ChannelsLastBlock().eval()
+    with torch.no_grad():
+        for p in (model.norm.weight, model.norm.bias):
+            p.copy_(torch.randn_like(p))
+    prune.custom_from_mask(model.conv, "weight", M.channel_mask(model.conv.weight, out=[1, 4]))
+    prune.custom_from_mask(model.fc, "weight", M.channel_mask(model.fc.weight, out=[0, 3, 7], inp=[1, 4]))
+    return model, (2, 3, 5, 7)
+
+
+@pytest.mark.parametrize("build", [masked_resnet, channels_last_block])
+def test_lowering_reads_only_the_plan(build, monkeypatch):
+    """Once the plan is made, the lowering evaluates no weight and re-decides no folding: the
+    propagation's evaluators may fail and the graph still lowers (folded BatchNorm, linear,
+    layer_norm and layer scale constants all come with the plan) and computes the same."""
+    model, shape = build()
+    cap = captured(model, shape)
+    sparsity = read.read_all(cap, inference=True)
+    prop = propagate(cap, sparsity)
+    assert prop.linear_plans and (prop.bn_folds or prop.channel_params)
 
     def no_call_back(*args, **kwargs):
         raise AssertionError("the lowering called back into the compaction stage")
 
     for name in ("value", "bn_affine", "_foldable_bn", "_foldable_linear", "inference_value_ok"):
         monkeypatch.setattr(type(prop), name, no_call_back)
-    gm, records, _ = rewrite.lower(prop, sparsity, "aten", inference=True)
-    assert any(r.fused == ["batch_norm"] or "batch_norm" in r.fused for r in records.values())
+    records = assert_lowered_matches(cap, sparsity, prop, shape)
+    assert records
