@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-# Card ceilings used for "% of floor" (anchors.md: H100, measured).
+# Card ceilings used for "% of floor" (H100, measured).
 PEAK_FLOPS_FP16 = 700e12
 PEAK_BYTES_PER_S = 2.7e12
 

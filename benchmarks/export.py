@@ -1,7 +1,7 @@
 """The compact model exported: ONNX Runtime on the CPU, AOTInductor on CUDA, against the masked original.
 
     PYTHONPATH=. python benchmarks/export.py --quick                       # test-sized, CPU (CI)
-    PYTHONPATH=. /work/venv-tv/bin/python benchmarks/export.py --models small_resnet,resnet50
+    PYTHONPATH=. python benchmarks/export.py --models small_resnet,resnet50   # needs torchvision
     PYTHONPATH=. python benchmarks/export.py --gpu --models resnet50 --batch 1,64   # CUDA, fp16
 
 CPU: the masked model (channel groups at `--keep`, prune hooks) and `fxsparse.compact` of it,

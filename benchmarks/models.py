@@ -159,7 +159,7 @@ def masked_models(name: str, keep: float, example: torch.Tensor, masks: str = "g
 def masked_problem(name: str, keep: float, batch: int, masks: str = "groups", device: str = "cuda",
                    dtype=torch.half) -> tuple:
     """(masked model, input, how the masks were chosen) on `device` in `dtype`, channels_last,
-    for the single-model scripts (host_split, host_profile, profiler_residue)."""
+    for the single-model scripts in tools/ (host_split, host_profile, profiler_residue)."""
     _, shape = build(name)
     masked, _, how = masked_models(name, keep, torch.randn(1, *shape), masks)
     masked = masked.to(device, dtype).to(memory_format=torch.channels_last)
@@ -225,8 +225,8 @@ def count_launches(fn, x) -> int:
     """GPU kernels one call launches (torch.profiler). Not used while anything is still to be
     timed in the process: once the profiler has run, fxsparse's plain call stays slower on the
     host (H100, MobileNet-v2 B=1: 332 -> 376 us, Inductor's 320 -> 318 us;
-    benchmarks/profiler_residue.py), which inflated the plain-call columns of earlier runs.
-    The tables count launches in Inductor's generated code instead (inductor_launches)."""
+    tools/profiler_residue.py), so the tables count launches in Inductor's generated code
+    instead (inductor_launches)."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()

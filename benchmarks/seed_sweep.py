@@ -6,15 +6,14 @@ sparsity kind (output channels, filter blocks of 4, input channels) and keep rat
 (keep = round half up of keep_ratio * C, in [1, C]). Columns:
 
   fx us          TritonConv2d forward (eager, compacted fxsparse op), CUDA-graph replay median
-                 per call (20 calls per graph; benchmarks/common.py, the method of anchors.md)
+                 per call (20 calls per graph; benchmarks/common.py)
   exec           how TritonConv2d ran the kept channels (fused in/out index in the kernel, or
                  gather / scatter copies around a compact conv: the fastest, timed per shape)
   vs dense op    our dense op (TritonConv2d, no mask) time / fx time
   vs cuDNN       cuDNN dense (the seed's nn.Conv2d, bias=True, channels_last) time / fx time
-                 (the bias is a separate pass for cuDNN: anchors.md's 22 us is without bias)
-  compact us     the conv with only the kept channels physically present (anchors.md's
-                 "compacted": the op on the compacted weight, the input already compact, only
-                 the kept outputs written): what the backend runs when the neighbours consume
+                 (the bias is a separate pass for cuDNN)
+  compact us     the conv with only the kept channels physically present (the op on the
+                 compacted weight, the input already compact, only the kept outputs written): what the backend runs when the neighbours consume
                  compact channels; "compact vs cuDNN" = cuDNN dense / compact
   vs Inductor    torch.compile (default) of the SAME masked nn.Conv2d / fx time
   kernel err     fx output vs the masked conv computed in fp32 (eager F.conv2d): mae, max,
@@ -83,7 +82,7 @@ class _Fp32(nn.Module):
 
 
 class _Compacted(nn.Module):
-    """The conv with only its kept channels physically present (anchors.md's "compacted"): the
+    """The conv with only its kept channels physically present ("compacted"): the
     fxsparse op on the compacted weight and an input already holding only the kept channels,
     writing only the kept output channels. What the fxsparse backend runs when the neighbouring
     layers consume the compact channels; the drop-in module must also produce the full output."""

@@ -16,9 +16,10 @@ import torch
 import torch.fx as fx
 
 from fxsparse.compaction.propagate import Storage, propagate
-from fxsparse.graph.capture import capture, placeholder_source, running_stat_counter
+from fxsparse.graph.capture import capture, placeholder_source, real_example_inputs, running_stat_counter
 from fxsparse.lowering import choose
 from fxsparse.lowering.rewrite import lower
+from fxsparse.lowering.training import lower_training
 from fxsparse.options import Options
 from fxsparse.report import GraphReport, current_report, log_graph, write_dumps
 from fxsparse.report.launches import captured_inductor_code, fxsparse_extra_launches, launch_sites
@@ -80,15 +81,20 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence, opts: Options, index: 
     lowering = conv_lowering(opts, example_inputs, inference)
     cap = capture(gm, example_inputs)
     sparsity = read_all(cap, inference)
-    enabled = inference and opts.propagate and not _mutates_shared_tensor(cap)
-    prop = propagate(cap, sparsity, enabled=enabled, storage=channel_storage(opts, example_inputs))
-    new_gm, records, constant_outputs = lower(prop, sparsity, lowering, inference, cudagraphs)
+    propagating = opts.propagate and not _mutates_shared_tensor(cap)
+    enabled = propagating
+    if inference or not propagating:
+        prop = propagate(cap, sparsity, enabled=enabled, storage=channel_storage(opts, example_inputs))
+        new_gm, records, constant_outputs = lower(prop, sparsity, lowering, inference, cudagraphs)
+    else:  # training: kept channels carried across the graph, constants as graph values
+        (new_gm, records), constant_outputs, prop = lower_training(cap, sparsity, lowering), {}, None
     report = GraphReport(index, "inference" if inference else "training", lowering, enabled,
                          [records[n] for n in gm.graph.nodes if n in records])
-    if inference and opts.propagate and not enabled:
+    if opts.propagate and not propagating:
         report.notes.append("an in-place op writes a tensor that other ops also read: channels not "
                             "carried across layers (per-conv compaction only)")
-    report.notes.extend(prop.stop_notes())
+    if prop is not None:
+        report.notes.extend(prop.stop_notes())
     if inference:
         report.notes.extend(freezing_hint(example_inputs, _on_cuda(example_inputs)))
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -117,8 +123,8 @@ FREEZING_HINT_MIN_PARAMETERS = 32
 def freezing_hint(example_inputs: Sequence, on_cuda: bool) -> list:
     """A report note for a CUDA inference graph traced without Inductor's freezing, whose
     parameters dynamo then marshals as inputs on every call: host time that small batches feel
-    (MobileNet-v2 at B=1 on an H100 host: 379 us a call against 275 us with freezing,
-    docs/benchmarks.md run 36). fxsparse's guard follows frozen weights (frozen_tensors), so
+    (MobileNet-v2 at B=1 on an H100: 377 us of host time a call against 288 us with freezing,
+    docs/benchmarks.md). fxsparse's guard follows frozen weights (frozen_tensors), so
     freezing costs no staleness here. Not on the CPU, where frozen convs measured slower per
     call at small sizes (docs/benchmarks.md, CPU)."""
     params = sum(isinstance(t, torch.nn.Parameter) for t in example_inputs)
@@ -196,13 +202,15 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, opts: Options):
     cudagraphs = _use_cudagraphs(opts, example_inputs, inference)
     report = current_report(opts.dump_dir)
 
-    def build(inputs: Sequence):
+    def build(inputs: Sequence, compile_inputs: Optional[Sequence] = None):
+        """`compile_inputs`: what Inductor compiles with, where `inputs` are not (fake inputs)."""
         rw = rewrite(gm, inputs, opts, index, cudagraphs)
         if opts.dump_dir:
             write_dumps(opts.dump_dir, index, gm, rw.gm, inputs)
         if opts.inductor:
             used = drop_unused_inputs(rw.gm)
-            fn, rw.report.launches = _inductor(rw.gm, [inputs[i] for i in used], opts, cudagraphs)
+            compile_inputs = inputs if compile_inputs is None else compile_inputs
+            fn, rw.report.launches = _inductor(rw.gm, [compile_inputs[i] for i in used], opts, cudagraphs)
             fn = with_inputs_at(fn, used, len(inputs))
         else:
             fn = rw.gm.forward
@@ -211,7 +219,11 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, opts: Options):
         return fn, ValueGuard(rw.depends_on, inputs, list(rw.constant_outputs.values()) + rw.counters + rw.frozen,
                               check=opts.guard_check(), scalars=rw.scalars)
 
-    return GuardedGraph(build, example_inputs)
+    real = real_example_inputs(gm, example_inputs)
+    if all(a is b for a, b in zip(real, example_inputs)):
+        return GuardedGraph(build, example_inputs)
+    # a piece of a graph DDPOptimizer split: values read from the real tensors, compiled on the fake ones
+    return GuardedGraph(build, real, built=build(real, example_inputs))
 
 
 def drop_unused_inputs(gm: fx.GraphModule) -> list:

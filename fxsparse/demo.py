@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 
 import torch
@@ -79,21 +80,53 @@ def build_model(device: str):
     return SmallResNet(32), "small resnet (width 32)", (3, 32, 32)
 
 
+REPORT_LEGEND = """\
+channels: in->out of the conv as written; kept: in->out after compaction. lowering: triton (the fused
+Triton op, CUDA fp16/bf16), aten (a compacted aten conv) or unchanged. fused: what runs inside the conv.
+MACs kept: this conv's multiply-adds after compaction. reason: why a conv was left unchanged (blank
+when it was rewritten)."""
+
+
+def time_in_rounds(variants, x, iters: int, min_rounds: int, max_rounds: int, tolerance: float = 0.03):
+    """Per variant, ms per call in each round. Rounds interleave the variants, so a busy machine
+    slows them alike; they go on until the median speed of the last variant against the second
+    moves by less than `tolerance` from one round to the next (or `max_rounds`)."""
+    from fxsparse.nn import benchmark_module
+
+    times = {name: [] for name, _ in variants}
+    last, first = variants[-1][0], variants[1][0]
+    previous = None
+    for r in range(max_rounds):
+        for name, fn in variants:
+            # the plain call, as users call it (host overhead and guards included)
+            times[name].append(benchmark_module(fn, x, iters=iters, warmup=2, cuda_graph=False))
+        speed = statistics.median(a / b for a, b in zip(times[first], times[last]))
+        if r + 1 >= min_rounds and previous is not None and abs(speed / previous - 1) < tolerance:
+            break
+        previous = speed
+    return times
+
+
+def spread(values) -> str:
+    """median [min-max]"""
+    return f"{statistics.median(values):.3g} [{min(values):.3g}-{max(values):.3g}]"
+
+
 def main(argv=None) -> None:
     import fxsparse
-    from fxsparse.nn import benchmark_module
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep", type=float, default=0.5, help="fraction of channels kept")
     parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--iters", type=int, default=None, help="calls per timing round")
+    parser.add_argument("--rounds", type=int, default=15, help="at most this many timing rounds (at least 5)")
     args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
     model, label, shape = build_model(device)
     batch = args.batch or (64 if device == "cuda" else 16)
-    iters = args.iters or (100 if device == "cuda" else 20)
+    iters = args.iters or (100 if device == "cuda" else 10)
     randomize_batchnorm(model)
     model.eval()
     example = torch.randn(batch, *shape)
@@ -102,29 +135,35 @@ def main(argv=None) -> None:
     x = torch.randn(batch, *shape, device=device, dtype=dtype).to(memory_format=torch.channels_last)
 
     print(f"fxsparse demo: {label}, channels kept {args.keep}, batch {batch}, {device}, {dtype}")
-    rows = []
     with torch.no_grad():
         ref = model(x)
         variants = [("eager", model), ("inductor", torch.compile(copy.deepcopy(model))),
                     ("fxsparse", torch.compile(model, backend="fxsparse"))]
+        first_call, err = {}, {}
         for name, fn in variants:
             t0 = time.perf_counter()
-            out = fn(x)
-            compile_s = time.perf_counter() - t0
-            # the plain call, as users call it (host overhead and guards included)
-            ms = benchmark_module(fn, x, iters=iters, warmup=3, cuda_graph=False)
-            err = (out.float() - ref.float()).abs().max().item()
-            rows.append([name, f"{ms:.3f}", f"{compile_s:.1f}", f"{err:.2e}"])
-    base = float(rows[1][1])
-    for r in rows:
-        r.append(f"{base / float(r[1]):.2f}x")
+            out = fn(x)  # a compiled model compiles on its first call
+            first_call[name] = time.perf_counter() - t0
+            err[name] = (out.float() - ref.float()).abs().max().item()
+        times = time_in_rounds(variants, x, iters, min_rounds=5, max_rounds=max(5, args.rounds))
     print(fxsparse.report.current_report(None))
+    print(REPORT_LEGEND)
     if device == "cuda":
         print("\nconv launches chosen by the tuner:")
         print(fxsparse.report.format_chosen_launches())
+    rounds = len(times["eager"])
+    rows = []
+    for name, _ in variants:
+        speeds = [spread([b / t for b, t in zip(times[base], times[name])]) + "x" if base != name else "-"
+                  for base in ("eager", "inductor")]
+        rows.append([name, spread(times[name]), f"{first_call[name]:.2f}", f"{err[name]:.2e}", *speeds])
     print()
-    print(tabulate(rows, headers=["model", "ms / call (median)", "first call s", "max |err| vs eager",
-                                  "speed vs inductor"]))
+    print(tabulate(rows, headers=["model", "ms / call", "first call s", "max |err| vs eager",
+                                  "speed vs eager", "speed vs inductor"]))
+    print(f"\nms / call and speeds: median [min-max] over {rounds} interleaved rounds of {iters} calls each\n"
+          "(a round's figure is the median of its calls; speeds are taken per round). first call s: the\n"
+          "first call, which for inductor and fxsparse includes compiling the model. max |err|: against\n"
+          "the eager masked model on the same input.")
 
 
 if __name__ == "__main__":

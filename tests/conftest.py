@@ -30,11 +30,31 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def poisoned_kernel_outputs(monkeypatch):
     """Makes the conv kernel allocate its outputs NaN-filled, so any element it does not write
-    shows up in the comparison."""
+    shows up in the comparison. Returns a list whose length counts the outputs allocated."""
     kernels = pytest.importorskip("fxsparse.kernels.conv2d")
     real = kernels._new_output
+    allocated = []
 
     def nan_output(shape, x):
+        allocated.append(tuple(shape))
         return real(shape, x).fill_(float("nan"))
 
     monkeypatch.setattr(kernels, "_new_output", nan_output)
+    return allocated
+
+
+# Hypothesis profiles for the property tests (tests/test_fuzz.py): "ci", the default, draws the
+# same examples every run (derandomized, no example database) so that CI is never flaky;
+# FXSPARSE_FUZZ=long explores afresh with 12x as many examples.
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # pragma: no cover - hypothesis is in the `test` extra
+    pass
+else:
+    _SLOW_EXAMPLES = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large,
+                      HealthCheck.filter_too_much]
+    settings.register_profile("ci", max_examples=500, derandomize=True, database=None, deadline=None,
+                              print_blob=True, suppress_health_check=_SLOW_EXAMPLES)
+    settings.register_profile("long", max_examples=6000, deadline=None, print_blob=True,
+                              suppress_health_check=_SLOW_EXAMPLES)
+    settings.load_profile(os.environ.get("FXSPARSE_FUZZ", "ci"))

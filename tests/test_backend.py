@@ -49,6 +49,7 @@ def test_zoo_matches_eager_and_compacts(name, mask, lowering, tmp_path):
             assert r["reason"], r  # never unchanged without saying why
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lowering", ["aten", "triton"])
 def test_end_to_end_with_inductor(lowering, tmp_path):
     model, c, shape = compiled_eval("resnet", "ln0", tmp_path, lowering=lowering, inductor=True)
@@ -356,6 +357,7 @@ def test_training_step_matches_eager(name, mask, tmp_path):
                for r in g["convs"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,mask", [("resnet", "custom_out"), ("chain", "ln0")])
 def test_training_step_through_inductor_matches_eager(name, mask, tmp_path):
     """The compacted training graph through Inductor, forward and backward. (Regression: two
@@ -381,6 +383,7 @@ def test_training_step_through_inductor_matches_eager(name, mask, tmp_path):
 
 # -- shapes ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_batch_size_change(tmp_path):
     model, c, shape = compiled_eval("resnet", "custom_out", tmp_path, lowering="triton")
     with torch.no_grad():
@@ -404,6 +407,7 @@ def test_dynamic_shapes(lowering, tmp_path):
     assert {r["name"]: r["kept_out_channels"] for r in graphs[0]["convs"]}["conv1"] == 10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mobilenet", "dense", "bottleneck"])
 def test_dynamic_shapes_zoo_through_inductor(name, tmp_path):
     """dynamic=True on the other block kinds, Inductor included. (Regression: dynamo passes

@@ -14,6 +14,7 @@ def _run(script, *args, timeout=180):
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_conv_layers_quick(tmp_path):
     out = tmp_path / "rows.json"
     proc = _run("conv_layers.py", "--quick", "--json", str(out))
@@ -24,6 +25,7 @@ def test_conv_layers_quick(tmp_path):
     assert out.exists() and '"rows"' in out.read_text()
 
 
+@pytest.mark.slow
 def test_models_quick(tmp_path):
     out = tmp_path / "models.json"
     proc = _run("models.py", "--quick", "--json", str(out), timeout=400)

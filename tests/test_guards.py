@@ -223,6 +223,7 @@ def test_bn_without_a_step_counter_is_named_in_the_report(tmp_path):
     assert all(f"{name}.running" not in note for name, m in model.named_modules() if m in bns[1:])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rebind", ["folded conv weight", "head weight"])
 def test_rebound_parameter_through_inductor(rebind, tmp_path):
     """Parameters are static inputs of Inductor's graph (keep_dynamo_metadata): a new Parameter
@@ -267,6 +268,7 @@ def _change(kind, model):
 
 @pytest.mark.parametrize("kind", ["weight_orig", "mask", "bn_stats", "bn_train_forward", "linear", "rebind",
                                   "data_swap"])
+@pytest.mark.slow
 def test_freezing_follows_every_frozen_tensor(kind):
     """With `torch._inductor.config.freezing` and grad off, dynamo hands the backend its
     parameters and buffers as graph attributes (no per-call input marshalling: what latency

@@ -225,7 +225,8 @@ class Propagation:
                 self._need(a)
 
     def _foldable_linear(self, v: OpView) -> bool:
-        return (isinstance(v.args.get("weight"), fx.Node)
+        # (an input whose feature count is symbolic, a flatten of a dynamic-size map, has no layout)
+        return (isinstance(v.args.get("weight"), fx.Node) and channel_count(v.args.get("input")) is not None
                 and self.inference_value_ok(v.args["weight"])
                 and (v.args.get("bias") is None or self.inference_value_ok(v.args["bias"])))
 

@@ -407,6 +407,10 @@ def _view_shuffle(node: fx.Node) -> OpView:
 def _view_conv(node: fx.Node, args: Optional[dict]) -> OpView:
     if args is None:
         return OpView("unknown", node)
+    if any(isinstance(a, fx.Node) for k in ("stride", "padding", "dilation", "groups")
+           for a in (args[k] if isinstance(args[k], (tuple, list)) else (args[k],))):
+        # e.g. under FSDP2, whose modules dynamo does not specialise: their ints are graph inputs
+        return OpView("conv_other", node, args={"reason": "stride, padding, dilation or groups given as graph values"})
     x = args["input"]
     stride, dilation = _pair(args["stride"]), _pair(args["dilation"])
     padding = args["padding"]
@@ -500,25 +504,50 @@ def _source_name(node: fx.Node) -> Optional[str]:
     if node.op == "get_attr":
         sources = getattr(node.graph.owning_module, "_param_name_to_source", None) or {}
         source = sources.get(node.target)
-    else:
-        source = getattr(node.meta.get("grapharg"), "source", None)
+    else:  # (a piece of a graph DDPOptimizer split keeps the source on the node)
+        source = getattr(node.meta.get("grapharg"), "source", None) or getattr(node, "_dynamo_source", None)
     name = getattr(source, "name", None)
     if callable(name):  # older torch: a method
         name = name()
     return name if isinstance(name, str) else None
 
 
+def _in_compiled_frame(source: str):
+    """The value of dynamo's source expression in the frame being compiled (raises where there
+    is none, or the expression cannot be evaluated)."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    tx = InstructionTranslator.current_tx()
+    # the source is dynamo's own guard expression over the frame's locals (L) and globals (G)
+    return eval(source, {"__builtins__": {}}, {"L": tx.f_locals, "G": tx.f_globals})
+
+
 def _find_counter(buffers_source: str) -> Optional[torch.Tensor]:
     try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
-        tx = InstructionTranslator.current_tx()
-        # the source is dynamo's own guard expression over the frame's locals (L) and globals (G)
-        buffers = eval(buffers_source, {"__builtins__": {}}, {"L": tx.f_locals, "G": tx.f_globals})
-        counter = buffers.get("num_batches_tracked")
+        counter = _in_compiled_frame(buffers_source).get("num_batches_tracked")
     except Exception:  # noqa: BLE001 - no frame being compiled, or a source we cannot evaluate
         return None
     return counter if isinstance(counter, torch.Tensor) else None
+
+
+def real_example_inputs(gm: fx.GraphModule, example_inputs) -> list:
+    """`example_inputs` with each fake parameter or buffer replaced by the real tensor it stands
+    for. DDPOptimizer compiles every piece of the graph it splits with fake example inputs;
+    masks and weights must be read from the real ones (looked up by the placeholder's source
+    in the frame dynamo is compiling). Activations stay fake; so does a tensor not found."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    out = list(example_inputs)
+    for i, p in enumerate(gm.graph.find_nodes(op="placeholder")[:len(out)]):
+        if not isinstance(out[i], FakeTensor) or placeholder_source(p) is None:
+            continue
+        try:
+            real = _in_compiled_frame(_source_name(p))
+        except Exception:  # noqa: BLE001 - not found: the value stays unknown (fake)
+            continue
+        if isinstance(real, torch.Tensor) and not isinstance(real, FakeTensor) and real.shape == out[i].shape:
+            out[i] = real
+    return out
 
 
 @dataclass

@@ -527,8 +527,7 @@ def keep_dynamo_metadata(dynamo_gm: fx.GraphModule, gm: fx.GraphModule) -> None:
     placeholder's `_dynamo_source` and its `tensor_dict` meta, and a source per lifted
     attribute. A graph without it has no static inputs, and under CUDA graphs Inductor then
     copies every parameter and buffer into the graph's memory on every call (for a pruned
-    ResNet-50: ~320 tensors, the full-size `weight_orig`s among them; the likely cause of the
-    90-140 us between its plain call and its kernel time on the H100, docs/benchmarks.md).
+    ResNet-50: ~320 tensors, the full-size `weight_orig`s among them).
     DDPOptimizer's split graphs carry the metadata over the same way. Our folded constants
     are attributes of `gm` that never change: each gets a constant source. Where dynamo's
     metadata is not all there, nothing is attached (the graph runs as any non-dynamo graph)."""

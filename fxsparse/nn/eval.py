@@ -57,7 +57,7 @@ def benchmark_module(module: Callable, x: Tensor, iters: int = 50, warmup: int =
 
     CUDA input: `calls_per_graph` calls captured in one CUDA graph, the median of
     `triton.testing.do_bench` on its replay divided by the calls (kernel time, launch gaps
-    hidden: the method of anchors.md); `cuda_graph=False` times the plain call with do_bench
+    hidden); `cuda_graph=False` times the plain call with do_bench
     (host overhead included). CPU input: the median wall-clock time of `iters` plain calls.
     """
     was_training = getattr(module, "training", None)
@@ -101,7 +101,8 @@ def _default_batch_shape(module: nn.Module) -> tuple:
 def finetune(student: nn.Module, teacher: nn.Module, steps: int, lr: float = 1e-3,
              batch_shape: Optional[Sequence[int]] = None, grad_clip: Optional[float] = 1.0,
              input_fn: Optional[Callable[[int], Tensor]] = None, progress: bool = True,
-             loss_fn: Callable[[Tensor, Tensor], Tensor] = F.mse_loss) -> list:
+             loss_fn: Callable[[Tensor, Tensor], Tensor] = F.mse_loss,
+             backend: Optional[str] = None, options: Optional[dict] = None) -> list:
     """Distils the dense `teacher` into the (masked) `student`: Adam on the student's parameters,
     MSE between outputs on random inputs (`input_fn(step)`, else randn of `batch_shape`, default
     (16, Cin of the first conv, 56, 56)), gradient norm clipped to `grad_clip` (None: off).
@@ -110,6 +111,10 @@ def finetune(student: nn.Module, teacher: nn.Module, steps: int, lr: float = 1e-
     back after). Prune masks stay applied (the forward uses weight_orig * mask, so pruned weights
     get no gradient); this is asserted after every step. A line is printed every steps // 5 steps
     when `progress`. Returns the loss of every step; the student is left in eval mode.
+
+    `backend` (e.g. "fxsparse", "inductor"): the student's forward and backward run through
+    `torch.compile(student, backend=backend, options=options)`, as a user would write it; the
+    optimizer still holds the student's own parameters. None: eager.
     """
     if steps <= 0:
         return []
@@ -127,13 +132,14 @@ def finetune(student: nn.Module, teacher: nn.Module, steps: int, lr: float = 1e-
     every = max(1, steps // 5)
     losses = []
     student.train()
+    forward = student if backend is None else torch.compile(student, backend=backend, options=options)
     try:
         for step in range(steps):
             x = input_fn(step) if input_fn is not None else torch.randn(*shape, device=device, dtype=dtype)
             x = x.to(device=device, dtype=dtype)
             with torch.no_grad():
                 target = teacher_copy(x)
-            loss = loss_fn(student(x), target)
+            loss = loss_fn(forward(x), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip is not None:

@@ -35,9 +35,10 @@ import re
 import weakref
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 log = logging.getLogger("fxsparse")
 
@@ -177,9 +178,10 @@ _graphs: "weakref.WeakSet[GuardedGraph]" = weakref.WeakSet()
 class GuardedGraph:
     """A compiled graph that recompacts itself when a value it folded changes."""
 
-    def __init__(self, build: Callable, example_inputs: Sequence):
+    def __init__(self, build: Callable, example_inputs: Sequence, built: Optional[tuple] = None):
         self._build = build  # (inputs) -> (callable, ValueGuard)
-        self.fn, self.guard = build(example_inputs)
+        # `built`: the first build, where it was made otherwise than from example_inputs
+        self.fn, self.guard = built if built is not None else build(example_inputs)
         self.recompactions = 0
         _graphs.add(self)
 
@@ -195,11 +197,22 @@ class GuardedGraph:
         return not mine.isdisjoint(storages)
 
     def __call__(self, *args):
+        if _fake(args):
+            # DDPOptimizer runs each compiled piece on fake tensors to propagate shapes to the
+            # next: nothing to read or recompact there (and fakes hold no values to read)
+            return self.fn(*args)
         if not self.guard.holds(args):
             log.info("fxsparse: a folded weight, mask or statistic changed: recompacting")
             self.fn, self.guard = self._build(args)
             self.recompactions += 1
         return self.fn(*args)
+
+
+def _fake(args: Sequence) -> bool:
+    """Whether the call is on fake tensors (DDPOptimizer fakes every tensor argument, so the
+    first one tells; cheap on the per-call path)."""
+    first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    return isinstance(first, FakeTensor)
 
 
 def refresh(model=None) -> int:

@@ -1,0 +1,318 @@
+"""Training step of a masked model: fxsparse against Inductor on the same masked model, and
+against the physically pruned model (Torch-Pruning) under Inductor.
+
+    PYTHONPATH=. python benchmarks/train.py --quick       # CPU, one thread, CI: asserts exactness
+    PYTHONPATH=. python benchmarks/train.py               # GPU: ResNet-50 and MobileNet-v2, B=64,
+                                                          # AMP fp16 and bf16, channels_last
+
+A step is forward, cross-entropy on random labels, backward and SGD (momentum 0.9) on the
+model's own parameters (`weight_orig` of the masked convs); on the GPU under autocast, with a
+GradScaler for fp16, the parameters fp32. Masks: 50% of the channel groups (benchmarks/models.py:
+Torch-Pruning's groups where it is installed, which also gives the physical model; else
+`fxsparse.sparsify`'s coupled groups). Columns (ms per step; GPU: CUDA-event time of `--steps`
+steps after warmup; CPU: median wall clock):
+
+  eager / Inductor / fxsparse / TP Ind    the masked model eager, under Inductor, under fxsparse;
+                                          Torch-Pruning's physical model under Inductor
+  fx vs Ind, fx vs TP                     speedups (Inductor / fxsparse, TP / fxsparse)
+  compile s                               the first step (forward and backward compiled)
+  MACs kept                               fxsparse's report: conv MACs computed / before
+  exact                                   after `--check-steps` steps from the same state on the
+                                          same batches: max |param - eager's| and max |buffer -
+                                          eager's| (BatchNorm running statistics), and whether
+                                          num_batches_tracked agree
+
+`--finetune-steps N` adds the seed's distillation fine-tune (`fxsparse.nn.finetune`, the seed
+layer Conv2d 64->128 3x3 on 56x56, B=16, 50% of output channels masked) per step, through
+fxsparse and through Inductor. The table is printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import common  # noqa: E402
+import models as bm  # noqa: E402
+
+import fxsparse  # noqa: E402
+
+COLUMNS = [
+    ("model", "model"), ("dtype", "dtype"), ("batch", "B"), ("macs_kept", "MACs kept"),
+    ("eager_ms", "eager ms"), ("ind_ms", "Inductor ms"), ("fx_ms", "fxsparse ms"), ("tp_ms", "TP Ind ms"),
+    ("fx_vs_ind", "fx vs Ind"), ("fx_vs_tp", "fx vs TP"),
+    ("ind_compile_s", "Ind compile s"), ("fx_compile_s", "fx compile s"), ("tp_compile_s", "TP compile s"),
+    ("param_err", "param err"), ("buffer_err", "buffer err"), ("counters_ok", "nbt ok"),
+]
+FINETUNE_COLUMNS = [("what", "fine-tune"), ("ind_ms", "Inductor ms/step"), ("fx_ms", "fxsparse ms/step"),
+                    ("fx_vs_ind", "fx vs Ind"), ("loss_err", "max |loss fx - loss Ind|")]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# --------------------------------------------------------------------------- models
+
+def masked_and_physical(name: str, keep: float, image: int, seed: int = 0) -> tuple:
+    """(a builder of identical masked models, the physical model or None, how the masks were chosen)."""
+    bm.IMAGE_SIZE["torchvision"] = image
+
+    def make():
+        torch.manual_seed(seed)
+        return bm.masked_models(name, keep, torch.randn(1, *bm.build(name)[1]))
+
+    masked, physical, how = make()
+
+    return (lambda: detached_weights(make()[0])), physical, how
+
+
+def detached_weights(model: nn.Module) -> nn.Module:
+    """The prune hooks recompute `weight` every forward; detached, the model deep-copies."""
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "weight_orig"):
+                m.weight = m.weight.detach()
+    return model
+
+
+def place(model: nn.Module, device: str) -> nn.Module:
+    model = model.to(device).train()
+    return model.to(memory_format=torch.channels_last) if device == "cuda" else model
+
+
+# --------------------------------------------------------------------------- one training step
+
+class Trainer:
+    """`step(x, y)`: forward (through `forward`), loss, backward, SGD on `model`'s parameters."""
+
+    def __init__(self, model: nn.Module, forward, dtype: torch.dtype, device: str):
+        self.model, self.forward, self.dtype, self.device = model, forward, dtype, device
+        self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        amp = device == "cuda" and dtype != torch.float32
+        self.autocast = torch.autocast(device, dtype=dtype, enabled=amp)
+        self.scaler = torch.amp.GradScaler(device, enabled=amp and dtype == torch.float16)
+
+    def step(self, x, y) -> torch.Tensor:
+        self.opt.zero_grad(set_to_none=True)
+        with self.autocast:
+            loss = F.cross_entropy(self.forward(x), y)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        return loss.detach()
+
+
+def timed_first_step(trainer: Trainer, x, y) -> float:
+    t0 = time.perf_counter()
+    trainer.step(x, y)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def step_ms(trainer: Trainer, x, y, steps: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        trainer.step(x, y)
+    if x.is_cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(steps):
+            trainer.step(x, y)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / steps
+    samples = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        trainer.step(x, y)
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def time_steps(trainers: dict, x, y, steps: int) -> dict:
+    """ms per step of each trainer: on the GPU each on its own (CUDA events); on the CPU in
+    rounds, one step of each per round, medians (a loaded host slows all of them alike)."""
+    if x.is_cuda:
+        return {k: step_ms(t, x, y, steps) for k, t in trainers.items()}
+    samples = {k: [] for k in trainers}
+    for t in trainers.values():
+        t.step(x, y)
+    for _ in range(steps):
+        for k, t in trainers.items():
+            t0 = time.perf_counter()
+            t.step(x, y)
+            samples[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def fxsparse_report_macs() -> Optional[float]:
+    graphs = [g for g in fxsparse.report.current_report(None).graphs if g.mode == "training"]
+    before = sum(g.macs_before for g in graphs)
+    return sum(g.macs_after for g in graphs) / before if before else None
+
+
+# --------------------------------------------------------------------------- exactness
+
+def exactness(make, device: str, dtype, batch: int, shape, classes: int, steps: int) -> dict:
+    """fxsparse against eager from the same state on the same batches."""
+    eager, mine = place(make(), device), place(make(), device)
+    torch._dynamo.reset()  # (after building: see model_row)
+    compiled = torch.compile(mine, backend="fxsparse", dynamic=False)
+    t_eager, t_fx = Trainer(eager, eager, dtype, device), Trainer(mine, compiled, dtype, device)
+    g = torch.Generator().manual_seed(1)
+    loss_err = 0.0
+    for _ in range(steps):
+        x, y = batch_of(batch, shape, classes, device, g)
+        loss_err = max(loss_err, abs(float(t_eager.step(x, y)) - float(t_fx.step(x, y))))
+    params = max(float((p - q).abs().max()) for p, q in zip(mine.parameters(), eager.parameters()))
+    bufs = [(n, b, c) for (n, b), (_, c) in zip(mine.named_buffers(), eager.named_buffers())]
+    stats = max((float((b.double() - c.double()).abs().max()) for n, b, c in bufs
+                 if b.is_floating_point() and "running" in n), default=0.0)
+    counters = all(torch.equal(b, c) for n, b, c in bufs if n.endswith("num_batches_tracked"))
+    return {"param_err": params, "buffer_err": stats, "counters_ok": counters, "loss_err": loss_err}
+
+
+def batch_of(batch: int, shape, classes: int, device: str, g: torch.Generator) -> tuple:
+    x = torch.randn(batch, *shape, generator=g).to(device)
+    if device == "cuda":
+        x = x.to(memory_format=torch.channels_last)
+    return x, torch.randint(0, classes, (batch,), generator=g).to(device)
+
+
+# --------------------------------------------------------------------------- a row
+
+def model_row(name: str, keep: float, dtype_name: str, batch: int, device: str, steps: int, check_steps: int,
+              image: int, variants: tuple) -> dict:
+    dtype = DTYPES[dtype_name]
+    make, physical, how = masked_and_physical(name, keep, image)
+    shape = bm.build(name)[1] if name != "small_resnet" else (3, image, image)
+    classes = bm.classifier(make()).out_features
+    g = torch.Generator().manual_seed(0)
+    x, y = batch_of(batch, shape, classes, device, g)
+    row = {"model": name, "dtype": dtype_name, "batch": batch, "keep": keep, "masks": how}
+    labels = [v for v in ("eager", "ind", "fx", "tp") if v in variants and (v != "tp" or physical is not None)]
+    models = {v: place(physical if v == "tp" else make(), device) for v in labels}
+    # models built (choosing masks traces at batch 1), then dynamo's caches cleared once: the
+    # compiled models stay compiled while they are timed in turns
+    torch._dynamo.reset()
+    fxsparse.report.current_report(None).graphs.clear()
+    trainers = {}
+    for label, m in models.items():
+        forward = m if label == "eager" else torch.compile(
+            m, backend="fxsparse" if label == "fx" else "inductor", dynamic=False)
+        trainers[label] = Trainer(m, forward, dtype, device)
+        if label != "eager":
+            row[f"{label}_compile_s"] = timed_first_step(trainers[label], x, y)
+        if label == "fx":
+            row["macs_kept"] = fxsparse_report_macs()
+    row.update({f"{k}_ms": v for k, v in time_steps(trainers, x, y, steps).items()})
+    if check_steps:
+        row.update(exactness(make, device, dtype, batch, shape, classes, check_steps))
+    row["fx_vs_ind"] = common.ratio(row.get("ind_ms"), row.get("fx_ms"))
+    row["fx_vs_tp"] = common.ratio(row.get("tp_ms"), row.get("fx_ms"))
+    return row
+
+
+def finetune_row(steps: int, device: str, quick: bool) -> dict:
+    """The seed layer's distillation (fxsparse.nn.finetune) per step, fxsparse vs Inductor."""
+    from torch.nn.utils import prune
+
+    cin, cout, size, batch = (8, 16, 12, 2) if quick else (64, 128, 56, 16)
+
+    def student_teacher():
+        torch.manual_seed(0)
+        teacher = nn.Conv2d(cin, cout, 3, padding=1).to(device)
+        student = nn.Conv2d(cin, cout, 3, padding=1).to(device)
+        student.load_state_dict(teacher.state_dict())
+        prune.ln_structured(student, "weight", amount=0.5, n=1, dim=0)
+        return student, teacher
+
+    row, losses = {"what": f"seed layer {cin}->{cout} 3x3 {size}x{size} B={batch}, 50% out channels"}, {}
+    for label, backend in (("ind", "inductor"), ("fx", "fxsparse")):
+        torch._dynamo.reset()
+        student, teacher = student_teacher()
+        inputs = lambda step: torch.randn(batch, cin, size, size, generator=torch.Generator().manual_seed(step),  # noqa: E731
+                                          device="cpu").to(device)
+        fxsparse.nn.finetune(student, teacher, 2, input_fn=inputs, progress=False, backend=backend)  # compiles
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        losses[label] = fxsparse.nn.finetune(student, teacher, steps, input_fn=inputs, progress=False, backend=backend)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        row[f"{label}_ms"] = (time.perf_counter() - t0) * 1e3 / steps
+    row["fx_vs_ind"] = common.ratio(row["ind_ms"], row["fx_ms"])
+    row["loss_err"] = max(abs(a - b) for a, b in zip(losses["ind"], losses["fx"]))
+    return row
+
+
+def main(argv: Optional[list] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small ResNet on the CPU, one thread; asserts exactness")
+    p.add_argument("--models", default="resnet50,mobilenet_v2")
+    p.add_argument("--dtypes", default="fp16,bf16", help="AMP dtypes on the GPU (fp32: no autocast)")
+    p.add_argument("--keep", type=float, default=0.5)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    p.add_argument("--check-steps", type=int, default=3, help="exactness steps against eager (0: skip)")
+    p.add_argument("--variants", default="eager,ind,fx,tp")
+    p.add_argument("--finetune-steps", type=int, default=20)
+    p.add_argument("--budget-s", type=float, default=540, help="start no new row after this many seconds")
+    p.add_argument("--json", metavar="PATH")
+    args = p.parse_args(argv)
+    common.raise_dynamo_recompile_limit()
+    device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True
+        os.environ.setdefault("FXSPARSE_TUNE", "off")  # training uses aten convs; nothing to tune
+    if args.quick:
+        torch.set_num_threads(1)
+        plan = [("small_resnet", "fp32", 16, 16)]
+        steps, finetune_steps = 7, 3
+    else:
+        plan = [(m, d, args.batch, args.image_size) for m in args.models.split(",") for d in args.dtypes.split(",")]
+        steps, finetune_steps = args.steps, args.finetune_steps
+    rows, start = [], time.perf_counter()
+    for name, dtype_name, batch, image in plan:
+        if time.perf_counter() - start > args.budget_s:
+            print(f"budget spent: {name} {dtype_name} skipped", flush=True)
+            continue
+        if name == "small_resnet":
+            bm.IMAGE_SIZE["small_resnet"] = image
+        row = model_row(name, args.keep, dtype_name, batch, device, steps, args.check_steps, image,
+                        tuple(args.variants.split(",")))
+        rows.append(row)
+        print(f"[{time.perf_counter() - start:6.1f}s] " + ", ".join(
+            f"{k}={common._fmt(v, '.3g')}" for k, v in row.items()), flush=True)
+    ft = []
+    if finetune_steps and time.perf_counter() - start < args.budget_s:
+        ft.append(finetune_row(finetune_steps, device, args.quick))
+        print(ft[-1], flush=True)
+    env = common.environment()
+    if args.json:
+        common.write_json(args.json, rows + ft, env)
+    if args.quick:
+        for r in rows:  # fp32 on the CPU: the compiled model trains as eager does
+            assert r["param_err"] < 1e-4 and r["buffer_err"] < 1e-4 and r["counters_ok"], r
+            assert r["macs_kept"] is not None and r["macs_kept"] < 0.5, r
+        for r in ft:
+            assert r["loss_err"] < 1e-4, r
+    print(f"\n{env['device']} | torch {env['torch']} | triton {env['triton']} | "
+          f"{'AMP channels_last' if device == 'cuda' else 'fp32 CPU, 1 thread'}, ms per train step")
+    if ft:
+        common.print_table(ft, FINETUNE_COLUMNS)
+    common.print_table(rows, COLUMNS)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,411 @@
+"""Stage 4 in training: the compacted training graph, exact in values, gradients and buffers.
+
+In training nothing may be folded into constants (every value changes each step), but the
+channels a mask removes are still structurally known: a masked conv's pruned output channel
+is its bias (zero without one) at every pixel, whatever the weights become. This lowering
+stores every channel-carrying tensor as its kept channels plus, for the others, a graph
+value: a vector `const` of the value each channel holds everywhere, computed in the graph
+from the parameters (so autograd sees it). Carried across:
+
+* train-mode BatchNorm: a constant channel has batch mean = the constant and batch variance
+  0, so its output is exactly `beta`. The kept channels run a compacted batch_norm; the
+  pruned channels' running statistics get the update aten would make (mean towards the
+  constant, variance towards 0) on small vectors, and both are written back to the buffers.
+  `gamma` of a pruned channel is not read, so its gradient is zero, as in eager.
+* eval-mode BatchNorm, activations, pooling, flatten: the constant goes through the op.
+* residual adds (the union of the operands' channels), concat (offsets).
+* the next conv: constant input channels become a bias (no padding) or a bias map (zero
+  padding), computed in the graph from the constants and those weight columns, so `beta`
+  and the weights get the gradients eager gives them. A linear head folds them likewise.
+* anything else reads its inputs at full width (constants materialised).
+
+Weights are gathered inside the graph from `mask * weight_orig`, so gradients reach
+`weight_orig` (zero on pruned rows) and optimizers keep the original parameters. Masks are
+the only source of sparsity here; the runtime guard watches them and rebuilds when one
+changes.
+"""
+from __future__ import annotations
+
+import inspect
+import operator
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from fxsparse.compaction.propagate import CONST_DTYPE, Propagation, at_least_one, channel_count
+from fxsparse.graph.capture import OpView
+from fxsparse.kernels.layout import relayout, select_channels
+from fxsparse.lowering.rewrite import Lowering
+from fxsparse.sparsity.read import ConvSparsity
+
+
+@dataclass
+class Stored:
+    """A tensor of `channels` channels stored as its `kept` channels (ascending); every other
+    channel c holds `const[c]` everywhere (`const`: a node of the new graph, a vector of all
+    `channels`; None: zeros)."""
+    channels: int
+    kept: torch.Tensor
+    const: Optional[fx.Node]
+
+    @staticmethod
+    def full(channels: int) -> "Stored":
+        return Stored(channels, torch.arange(channels), None)
+
+    @property
+    def is_full(self) -> bool:
+        return len(self.kept) == self.channels
+
+    def kept_mask(self) -> torch.Tensor:
+        m = torch.zeros(self.channels, dtype=torch.bool)
+        m[self.kept] = True
+        return m
+
+    def positions_of(self, channels: torch.Tensor) -> torch.Tensor:
+        pos = torch.full((self.channels,), -1, dtype=torch.long)
+        pos[self.kept] = torch.arange(len(self.kept))
+        out = pos[channels]
+        assert bool((out >= 0).all()), "channel not stored"
+        return out
+
+
+_INPLACE_FUNCTIONS = {torch.relu_: torch.relu, F.relu_: F.relu, operator.iadd: operator.add,
+                      operator.imul: operator.mul, operator.isub: operator.sub, operator.itruediv: operator.truediv}
+
+
+class TrainingLowering(Lowering):
+    def __init__(self, cap, sparsity: dict, conv_backend: str):
+        # the inference propagation is not run: only its helpers (cap, views) are used
+        super().__init__(Propagation(cap, sparsity, enabled=False), sparsity, conv_backend, inference=False)
+        self.stored: dict = {}  # captured node -> Stored (channel-carrying tensors only)
+
+    # -- layouts --------------------------------------------------------------------------
+    def layout(self, old) -> Optional[Stored]:
+        if not isinstance(old, fx.Node):
+            return None
+        if old in self.stored:
+            return self.stored[old]
+        c = channel_count(old)
+        return None if c is None else Stored.full(c)
+
+    def device_of(self, old) -> torch.device:
+        val = old.meta.get("example_value")
+        return val.device if isinstance(val, torch.Tensor) else torch.device("cpu")
+
+    def index(self, ids: torch.Tensor, old, hint: str) -> fx.Node:
+        return self.const(ids.to(self.device_of(old)), hint)
+
+    def call(self, fn, *args, **kwargs) -> fx.Node:
+        return self.graph.call_function(fn, args, kwargs)
+
+    def const_vector(self, s: Stored, ids: torch.Tensor, old) -> fx.Node:
+        """The constants of channels `ids` (a node of len(ids))."""
+        if s.const is None:
+            return self.const(torch.zeros(len(ids), device=self.device_of(old)), "zeros")
+        return self.call(torch.index_select, s.const, 0, self.index(ids, old, "const_ids"))
+
+    def read_as(self, old, kept: torch.Tensor) -> fx.Node:
+        """The emitted value of `old` stored as channels `kept` (constants materialised)."""
+        new = self.env[old]
+        s = self.layout(old)
+        if s is None or torch.equal(s.kept, kept):
+            return new
+        src = kept[s.kept_mask()[kept]]  # channels both store
+        fill = self.const_vector(s, kept, old)
+        return self.call(relayout, new, self.index(s.positions_of(src), old, "src_pos"),
+                         self.index(Stored(s.channels, kept, None).positions_of(src), old, "dst_pos"), fill)
+
+    def scalar(self, value):
+        """A non-tensor argument (with dynamic=True dynamo may pass one as a graph input)."""
+        return fx.node.map_arg(value, self.read_full)
+
+    def read_full(self, old):
+        if not isinstance(old, fx.Node):
+            return old
+        s = self.layout(old)
+        return self.env[old] if s is None or s.is_full else self.read_as(old, torch.arange(s.channels))
+
+    # -- the walk -------------------------------------------------------------------------
+    def emit_node(self, n: fx.Node) -> None:
+        v = self.cap.views.get(n)
+        kind = v.kind if v is not None else "unknown"
+        handler = {"conv2d": self.emit_train_conv, "batch_norm": self.emit_train_bn,
+                   "pointwise": self.emit_pointwise, "add": self.emit_add, "cat": self.emit_cat,
+                   "pool": self.emit_pool, "flatten": self.emit_same_channels,
+                   "linear": self.emit_train_linear}.get(kind)
+        if handler is None or not handler(n, v):
+            self.env[n] = self.copy_full(n)
+        self.env[n].meta["example_value"] = n.meta.get("example_value")
+
+    def copy_full(self, n: fx.Node) -> fx.Node:
+        """`n` as it is, its channel inputs at full width."""
+        args = fx.node.map_arg(n.args, self.read_full)
+        kwargs = fx.node.map_arg(n.kwargs, self.read_full)
+        new = self.graph.create_node(n.op, n.target, args, kwargs, n.name)
+        new.meta = dict(n.meta)
+        return new
+
+    def copy_with_input(self, n: fx.Node, old_input: fx.Node, new_input: fx.Node) -> fx.Node:
+        args = fx.node.map_arg(n.args, lambda a: new_input if a is old_input else self.read_full(a))
+        kwargs = fx.node.map_arg(n.kwargs, lambda a: new_input if a is old_input else self.read_full(a))
+        new = self.graph.create_node(n.op, n.target, args, kwargs, n.name)
+        new.meta = dict(n.meta)
+        return new
+
+    def emit_output(self, n: fx.Node) -> None:
+        self.graph.output(fx.node.map_arg(n.args[0], self.read_full))
+
+    # -- convs ----------------------------------------------------------------------------
+    def emit_train_conv(self, n: fx.Node, v: OpView) -> bool:
+        sp: ConvSparsity = self.sparsity[n]
+        conv = v.conv
+        if sp.reason is not None or not isinstance(conv.weight, fx.Node):
+            return False
+        if conv.groups == 1:
+            return self.emit_dense_conv(n, v, sp)
+        if conv.groups == sp.in_channels == sp.out_channels:
+            return self.emit_depthwise_conv(n, v, sp)
+        return False
+
+    def emit_dense_conv(self, n, v, sp) -> bool:
+        conv = v.conv
+        lin = self.layout(conv.input)
+        kept_out = at_least_one(~sp.zero_rows).nonzero().flatten()  # never a zero-size conv
+        used = ~sp.zero_cols
+        stored = lin.kept_mask()
+        const_cols = (used & ~stored).nonzero().flatten() if lin.const is not None else torch.zeros(0, dtype=torch.long)
+        spatial = conv.input.meta["example_value"].shape[2:]
+        if len(const_cols) and conv.padding != (0, 0) and not all(isinstance(s, int) for s in spatial):
+            # no bias map for a symbolic size: read those channels materialised
+            lin = Stored(lin.channels, torch.unique(torch.cat([lin.kept, const_cols])), lin.const)
+            self.env[conv.input] = self.read_as(conv.input, lin.kept)
+            self.stored[conv.input] = lin
+            stored, const_cols = lin.kept_mask(), torch.zeros(0, dtype=torch.long)
+        if len(kept_out) == sp.out_channels and lin.is_full and not bool(sp.zero_cols.any()):
+            return False
+        read = used & stored
+        x = self.env[conv.input]
+        if 8 * int((stored & ~used).sum()) > len(lin.kept):  # gather what the filters use
+            in_ids = read.nonzero().flatten() if bool(read.any()) else lin.kept[:1]  # (a zero column)
+            x = self.call(select_channels, x, self.index(lin.positions_of(in_ids), conv.input, "in_index"))
+        else:  # read the whole stored input, zero weight columns for the few unused
+            in_ids = lin.kept
+        w_rows = self.rows(self.env[conv.weight], kept_out, sp.out_channels, conv.input)
+        w = self.columns(w_rows, in_ids, sp.in_channels, conv.input)
+        bias = None if conv.bias is None else self.rows(self.env[conv.bias], kept_out, sp.out_channels, conv.input)
+        y = self.call(torch.conv2d, x, w, bias, conv.stride, conv.padding, conv.dilation, 1)
+        if len(const_cols):
+            y = self.call(torch.add, y, self.constant_input_term(conv, lin, const_cols, w_rows, y))
+        out_const = None if conv.bias is None else self.env[conv.bias]
+        self.stored[n] = Stored(sp.out_channels, kept_out, out_const)
+        self.env[n] = y
+        ideal_in = int(read.sum())
+        self.records[n] = self._record(sp, len(in_ids), len(kept_out), ideal_in, len(kept_out), "aten", None)
+        return True
+
+    def rows(self, t: fx.Node, ids: torch.Tensor, total: int, like) -> fx.Node:
+        if len(ids) == total:
+            return t
+        return self.call(torch.index_select, t, 0, self.index(ids, like, "out_index"))
+
+    def columns(self, w: fx.Node, ids: torch.Tensor, total: int, like) -> fx.Node:
+        if len(ids) == total:
+            return w
+        return self.call(torch.index_select, w, 1, self.index(ids, like, "in_index"))
+
+    def constant_input_term(self, conv, lin: Stored, const_cols, w_rows, y) -> fx.Node:
+        """What the constant input channels add to the conv's output, as a graph value of the
+        constants and the weight columns: a per-channel bias without padding, else the conv of
+        the constant image (a [1, Cout, Ho, Wo] map, exact where the filters meet padding)."""
+        w_c = self.call(torch.index_select, w_rows, 1, self.index(const_cols, conv.input, "const_cols"))
+        values = self.const_vector(lin, const_cols, conv.input)
+        if conv.padding == (0, 0):
+            term = self.call(torch.matmul, self.call(torch.sum, w_c, (2, 3)), values)
+            term = self.call(torch.reshape, term, (1, -1, 1, 1))
+        else:
+            h, w = conv.input.meta["example_value"].shape[2:]
+            image = self.call(torch.Tensor.expand, self.call(torch.reshape, values, (1, -1, 1, 1)), (1, len(const_cols), h, w))
+            term = self.call(torch.conv2d, image, w_c, None, conv.stride, conv.padding, conv.dilation, 1)
+        return self.call(torch.Tensor.type_as, term, y)
+
+    def emit_depthwise_conv(self, n, v, sp) -> bool:
+        """Channel c reads input channel c only: computed where its filter is kept, from the
+        input stored (materialised where the input holds a constant there)."""
+        conv = v.conv
+        lin = self.layout(conv.input)
+        kept_out = at_least_one(~sp.zero_rows).nonzero().flatten()
+        if len(kept_out) == sp.out_channels and lin.is_full:
+            return False
+        x = self.read_as(conv.input, kept_out) if not bool(lin.kept_mask()[kept_out].all()) else self.env[conv.input]
+        if bool(lin.kept_mask()[kept_out].all()) and not torch.equal(lin.kept, kept_out):
+            x = self.call(select_channels, x, self.index(lin.positions_of(kept_out), conv.input, "in_index"))
+        w = self.rows(self.env[conv.weight], kept_out, sp.out_channels, conv.input)
+        bias = None if conv.bias is None else self.rows(self.env[conv.bias], kept_out, sp.out_channels, conv.input)
+        self.env[n] = self.call(torch.conv2d, x, w, bias, conv.stride, conv.padding, conv.dilation, len(kept_out))
+        self.stored[n] = Stored(sp.out_channels, kept_out, None if conv.bias is None else self.env[conv.bias])
+        self.records[n] = self._record(sp, 1, len(kept_out), 1, len(kept_out), "aten", None)
+        return True
+
+    # -- BatchNorm ------------------------------------------------------------------------
+    def emit_train_bn(self, n: fx.Node, v: OpView) -> bool:
+        a = v.args
+        lin = self.layout(a["input"])
+        if lin is None or lin.is_full or not isinstance(a["training"], bool):
+            return False
+        if any(a[k] is not None and not isinstance(a[k], fx.Node) for k in ("running_mean", "running_var", "weight", "bias")):
+            return False
+        kept, like = lin.kept, a["input"]
+        pick = lambda k: None if a[k] is None else self.rows(self.env[a[k]], kept, lin.channels, like)  # noqa: E731
+        stats = a["running_mean"] is not None and a["running_var"] is not None
+        mean_k, var_k = pick("running_mean"), pick("running_var")
+        y = self.call(F.batch_norm, self.env[a["input"]], mean_k, var_k, pick("weight"), pick("bias"),
+                      a["training"], self.scalar(a["momentum"]), self.scalar(a["eps"]))
+        if a["training"]:
+            if stats:
+                self.update_pruned_stats(a, lin, mean_k, var_k)
+            out_const = None if a["bias"] is None else self.env[a["bias"]]  # exactly beta
+        else:
+            out_const = self.eval_bn_constants(a, lin)
+        self.env[n] = y
+        self.stored[n] = Stored(lin.channels, kept, out_const)
+        return True
+
+    def update_pruned_stats(self, a: dict, lin: Stored, mean_k: fx.Node, var_k: fx.Node) -> None:
+        """Writes the running statistics back: the kept channels' as the compacted batch_norm
+        updated them, the others' as aten would for a constant channel (batch mean = the
+        constant, unbiased batch variance 0). Small vectors, one permutation gather each."""
+        like = a["input"]
+        pruned = (~lin.kept_mask()).nonzero().flatten()
+        order = torch.cat([lin.kept, pruned])
+        inverse = self.index(torch.argsort(order), like, "stat_order")
+        m = self.scalar(a["momentum"])
+        keep = self.call(operator.sub, 1.0, m) if isinstance(m, fx.Node) else 1.0 - m
+        for key, batch_k, value in (("running_mean", mean_k, True), ("running_var", var_k, False)):
+            buf = self.env[a[key]]
+            old_p = self.call(torch.index_select, buf, 0, self.index(pruned, like, "pruned"))
+            new_p = self.call(operator.mul, old_p, keep)
+            if value and lin.const is not None:
+                batch_mean = self.call(torch.Tensor.detach, self.const_vector(lin, pruned, like))
+                new_p = self.call(operator.add, new_p,
+                                  self.call(torch.Tensor.type_as, self.call(operator.mul, batch_mean, m), buf))
+            full = self.call(torch.index_select, self.call(torch.cat, [batch_k, new_p]), 0, inverse)
+            self.graph.call_method("copy_", (buf, full))
+
+    def eval_bn_constants(self, a: dict, lin: Stored) -> Optional[fx.Node]:
+        """An eval-mode BatchNorm's value on the constant channels, by batch_norm itself on a
+        [1, C] row of the constants."""
+        like = a["input"]
+        values = self.const_vector(lin, torch.arange(lin.channels), like) if lin.const is None else lin.const
+        row = self.call(torch.reshape, values, (1, -1))
+        args = [None if a[k] is None else self.env[a[k]] for k in ("running_mean", "running_var", "weight", "bias")]
+        return self.call(torch.reshape, self.call(F.batch_norm, row, *args, False, self.scalar(a["momentum"]),
+                                                  self.scalar(a["eps"])), (-1,))
+
+    # -- channel-wise ops -----------------------------------------------------------------
+    def emit_pointwise(self, n: fx.Node, v: OpView) -> bool:
+        src = n.args[0] if n.args else None
+        lin = self.layout(src)
+        if lin is None or lin.is_full or v.fn is None:
+            return False
+        self.env[n] = self.copy_with_input(n, src, self.env[src])
+        self.stored[n] = Stored(lin.channels, lin.kept, self.pointwise_constants(n, v, lin, src))
+        return True
+
+    def pointwise_constants(self, n: fx.Node, v: OpView, lin: Stored, src) -> Optional[fx.Node]:
+        """The op applied (out of place) to the constant vector; None where it maps zeros to zeros."""
+        if lin.const is None:
+            zero = torch.zeros(1, 1, 1, 1, dtype=CONST_DTYPE)
+            value = float(v.fn(zero).reshape(-1)[0])
+            if value == 0.0:
+                return None
+            return self.const(torch.full((lin.channels,), value, device=self.device_of(src)), "const")
+        return out_of_place(self.graph, n, lin.const, src, self.read_full)
+
+    def emit_same_channels(self, n: fx.Node, v: OpView) -> bool:
+        src = v.args["input"]
+        lin = self.layout(src)
+        if lin is None or lin.is_full:
+            return False
+        self.env[n] = self.copy_with_input(n, src, self.env[src])
+        self.stored[n] = Stored(lin.channels, lin.kept, lin.const)
+        return True
+
+    def emit_pool(self, n: fx.Node, v: OpView) -> bool:
+        # a constant channel pools to itself only where the window never counts padding
+        return self.prop._uniform_pool(v) and self.emit_same_channels(n, v)
+
+    def emit_add(self, n: fx.Node, v: OpView) -> bool:
+        la, lb = self.layout(v.args["a"]), self.layout(v.args["b"])
+        if la.is_full and lb.is_full:
+            return False
+        kept = (la.kept_mask() | lb.kept_mask()).nonzero().flatten()
+        self.env[n] = self.call(torch.add, self.read_as(v.args["a"], kept), self.read_as(v.args["b"], kept))
+        consts = [c for c in (la.const, lb.const) if c is not None]
+        const = consts[0] if len(consts) == 1 else (self.call(torch.add, *consts) if consts else None)
+        self.stored[n] = Stored(la.channels, kept, const)
+        return True
+
+    def emit_cat(self, n: fx.Node, v: OpView) -> bool:
+        parts = v.args["tensors"]
+        layouts = [self.layout(t) for t in parts]
+        if all(s.is_full for s in layouts):
+            return False
+        kept, consts, start = [], [], 0
+        for t, s in zip(parts, layouts):
+            kept.append(s.kept + start)
+            consts.append(s.const if s.const is not None else self.const_vector(s, torch.arange(s.channels), t))
+            start += s.channels
+        self.env[n] = self.call(torch.cat, [self.env[t] for t in parts], 1)
+        any_const = any(s.const is not None for s in layouts)
+        self.stored[n] = Stored(start, torch.cat(kept), self.call(torch.cat, consts) if any_const else None)
+        return True
+
+    def emit_train_linear(self, n: fx.Node, v: OpView) -> bool:
+        x, weight, bias = v.args["input"], v.args["weight"], v.args.get("bias")
+        lin = self.layout(x)
+        if lin is None or lin.is_full or not isinstance(weight, fx.Node):
+            return False
+        w = self.env[weight]
+        y = self.call(F.linear, self.env[x], self.columns(w, lin.kept, lin.channels, x),
+                      None if bias is None else self.env[bias])
+        if lin.const is not None:
+            dropped = (~lin.kept_mask()).nonzero().flatten()
+            term = self.call(F.linear, self.call(torch.reshape, self.const_vector(lin, dropped, x), (1, -1)),
+                             self.columns(w, dropped, lin.channels, x))
+            y = self.call(torch.add, y, self.call(torch.Tensor.type_as, term, y))
+        self.env[n] = y
+        return True
+
+
+def out_of_place(graph: fx.Graph, n: fx.Node, vector: fx.Node, src, read) -> fx.Node:
+    """`n`'s op applied to `vector` in place of its tensor operand `src`, never in place (the
+    vector may be a parameter such as a BatchNorm's beta)."""
+    target = _INPLACE_FUNCTIONS.get(n.target, n.target)
+    args = list(fx.node.map_arg(n.args, lambda a: vector if a is src else read(a)))
+    kwargs = dict(fx.node.map_arg(n.kwargs, lambda a: vector if a is src else read(a)))
+    if n.op == "call_method":
+        name = n.target[:-1] if n.target.endswith("_") and not n.target.endswith("__") else n.target
+        return graph.call_method(name, tuple(args), kwargs)
+    if "inplace" in kwargs:
+        kwargs["inplace"] = False
+    else:
+        try:
+            params = list(inspect.signature(target).parameters)
+        except (TypeError, ValueError):
+            params = []
+        if "inplace" in params and params.index("inplace") < len(args):
+            args[params.index("inplace")] = False
+    return graph.call_function(target, tuple(args), kwargs)
+
+
+def lower_training(cap, sparsity: dict, conv_backend: str) -> tuple:
+    """(compacted training graph, {conv node: ConvRecord})."""
+    low = TrainingLowering(cap, sparsity, conv_backend)
+    gm = low.run()
+    for n, sp in sparsity.items():  # convs no handler rewrote
+        if n not in low.records:
+            low.record_unchanged(n, sp)
+    return gm, low.records

@@ -1,0 +1,305 @@
+"""Training on compacted tensors: exact against eager, step by step.
+
+Every test trains two copies of one model, eager and compiled with fxsparse, on the same
+fresh random batches, and compares losses, gradients, parameters, BatchNorm buffers
+(running mean/var, num_batches_tracked) and optimizer state after each step. Models have
+random BatchNorm statistics and affine parameters (tests/models.py), so a pruned channel
+carries a non-zero constant (beta) through the graph.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.utils.prune as prune
+
+import models as M
+from models import compile_model, fresh_dynamo, report  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
+
+def make(name: str, mask: str, seed: int = 0):
+    """The model in train mode, with masks (pruned modules hold non-leaf weights: no deepcopy)."""
+    model, shape = M.build(name, seed)
+    M.MASKS[mask](model)
+    return model.train(), shape
+
+
+def optimizer(kind: str, model: nn.Module):
+    if kind == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    return torch.optim.Adam(model.parameters(), lr=1e-2)
+
+
+def assert_state_equal(model, ref, opt, opt_ref, rtol=1e-4, atol=1e-5):
+    """Parameters, gradients, buffers and optimizer state of `model` equal `ref`'s."""
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=rtol, atol=atol, msg=lambda m, n=n: f"{n}: {m}")
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=rtol, atol=atol, msg=lambda m, n=n: f"grad {n}: {m}")
+        for key, value in opt_ref.state[q].items():
+            torch.testing.assert_close(opt.state[p][key], value, rtol=rtol, atol=atol, msg=lambda m, n=n, key=key: f"{key} {n}: {m}")
+    for (n, b), (_, c) in zip(model.named_buffers(), ref.named_buffers()):
+        if n.endswith("num_batches_tracked"):
+            assert int(b) == int(c), n
+        else:
+            torch.testing.assert_close(b, c, rtol=rtol, atol=atol, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def train_both(model, ref, compiled, shape, steps, opt_kind="sgd", between=None, seed=0, dtype=torch.float32):
+    """`steps` steps of both models; `between(step, model, ref)` runs after each step."""
+    opt, opt_ref = optimizer(opt_kind, model), optimizer(opt_kind, ref)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        x = torch.randn(shape, generator=g).to(dtype)
+        loss = (compiled(x) - 0.5).square().mean()
+        loss_ref = (ref(x) - 0.5).square().mean()
+        torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-6)
+        opt.zero_grad(), opt_ref.zero_grad()
+        loss.backward(), loss_ref.backward()
+        for mod in model.modules():  # pruned rows of weight_orig get no gradient, as in eager
+            if hasattr(mod, "weight_mask") and mod.weight_orig.grad is not None:
+                assert torch.all(mod.weight_orig.grad[mod.weight_mask == 0] == 0)
+        opt.step(), opt_ref.step()
+        assert_state_equal(model, ref, opt, opt_ref)
+        if between is not None:
+            between(step, model, ref)
+
+
+def compacted_rows(dump_dir) -> list:
+    g = report(dump_dir)["graphs"][-1]
+    assert g["mode"] == "training"
+    return [r for r in g["convs"] if r["lowering"] != "unchanged"]
+
+
+@pytest.mark.parametrize("name,mask", [
+    ("resnet", "ln0"), ("bottleneck", "custom_out"), ("dense", "ln0"), ("chain", "stacked"),
+    ("bias", "ln0"), ("poolhead", "custom_out"), ("mobilenet", "custom_out"), ("basic", "custom_in"),
+])
+def test_train_steps_match_eager(name, mask, tmp_path):
+    model, shape = make(name, mask)
+    ref, _ = make(name, mask)
+    compiled = compile_model(model, tmp_path)
+    train_both(model, ref, compiled, shape, steps=3)
+    rows = compacted_rows(tmp_path)
+    assert rows, "no conv compacted"
+
+
+@pytest.mark.parametrize("name", ["resnet", "bottleneck"])
+def test_channels_carried_to_next_conv(name, tmp_path):
+    """The next conv reads only the kept channels of its input (the pruned ones folded)."""
+    model, shape = make(name, "ln0")
+    compiled = compile_model(model, tmp_path)
+    compiled(torch.randn(shape)).sum().backward()
+    rows = compacted_rows(tmp_path)
+    assert any(r["kept_in_channels"] < r["in_channels"] for r in rows)
+    assert sum(r["macs_after"] for r in rows) < 0.5 * sum(r["macs_before"] for r in rows)
+
+
+def test_adam_state_matches_eager(tmp_path):
+    """In float64: some gradients are zero in exact arithmetic and rounding noise in both
+    models (a weight column reading a constant channel, into a train-mode BatchNorm, whose
+    input gradient sums to zero over each channel); Adam normalises a gradient by its own size,
+    so in fp32 that noise (~1e-7) becomes steps of lr/10 that differ between any two
+    implementations. In float64 the noise is far below Adam's eps."""
+    model, shape = make("resnet", "ln0")
+    ref, _ = make("resnet", "ln0")
+    model.double(), ref.double()
+    compiled = compile_model(model, tmp_path)
+    train_both(model, ref, compiled, shape, steps=3, opt_kind="adam", dtype=torch.float64)
+
+
+def test_masks_change_between_steps(tmp_path):
+    """Gradual pruning: ln_structured again after every step; the compiled model follows the
+    new masks on the next call (rebuilt), never the old ones."""
+    model, shape = make("resnet", "ln0")
+    ref, _ = make("resnet", "ln0")
+    compiled = compile_model(model, tmp_path)
+    kept = []
+
+    def prune_more(step, model, ref):
+        for m, r in zip(model.modules(), ref.modules()):
+            if isinstance(m, nn.Conv2d) and m.out_channels > 4:
+                prune.ln_structured(m, "weight", amount=0.2, n=2, dim=0)
+                prune.ln_structured(r, "weight", amount=0.2, n=2, dim=0)
+                torch.testing.assert_close(m.weight_mask, r.weight_mask)
+        kept.append(sum(r["kept_out_channels"] for r in compacted_rows(tmp_path)))
+
+    train_both(model, ref, compiled, shape, steps=4, between=prune_more)
+    assert kept[-1] < kept[0], kept
+
+
+def test_ao_sparsifier_masks(tmp_path):
+    """A torch.ao.pruning sparsifier (parametrization masks, updated in place by step()) that
+    zeroes the output channels of lowest L2 norm: compacted, exact, following each update."""
+    from torch.ao.pruning import BaseSparsifier
+
+    class ChannelSparsifier(BaseSparsifier):
+        def update_mask(self, module, tensor_name, sparsity_level=0.5, **kwargs):
+            mask = getattr(module.parametrizations, tensor_name)[0].mask
+            w = getattr(module.parametrizations, tensor_name).original.detach()
+            norms = (w * mask).flatten(1).norm(dim=1)
+            alive = mask.flatten(1).any(1)
+            norms[~alive] = float("inf")
+            drop = norms.argsort()[: max(1, int(sparsity_level * int(alive.sum())))]
+            new = torch.ones_like(mask)
+            new[drop] = 0
+            mask.copy_(new * mask)  # in place; each step drops more of the channels still alive
+
+    def build():
+        model, shape = M.build("resnet")
+        sparsifier = ChannelSparsifier(defaults={"sparsity_level": 0.25})
+        config = [{"tensor_fqn": f"{n}.weight"} for n, m in model.named_modules()
+                  if isinstance(m, nn.Conv2d) and n != "conv1"]
+        sparsifier.prepare(model, config)
+        sparsifier.step()
+        return model.train(), shape, sparsifier
+
+    model, shape, sp = build()
+    ref, _, sp_ref = build()
+    # dynamo skips torch.ao's code (its FakeSparsity parametrization) unless told otherwise
+    module = compile_model(model, tmp_path)
+    compiled = torch._dynamo.dont_skip_tracing(lambda x: module(x))
+    kept = []
+
+    def step_sparsifier(step, model, ref):
+        sp.step(), sp_ref.step()
+        kept.append(sum(r["kept_out_channels"] for r in compacted_rows(tmp_path)))
+
+    train_both(model, ref, compiled, shape, steps=3, between=step_sparsifier)
+    assert kept[-1] < kept[0], kept
+
+
+def test_eval_mode_batchnorm_while_training(tmp_path):
+    """Frozen BatchNorm (eval mode) inside a training graph: constants go through its affine map."""
+    model, shape = make("resnet", "ln0")
+    ref, _ = make("resnet", "ln0")
+    for m in list(model.modules()) + list(ref.modules()):
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    compiled = compile_model(model, tmp_path)
+    train_both(model, ref, compiled, shape, steps=2)
+    assert compacted_rows(tmp_path)
+
+
+@pytest.mark.parametrize("name,mask", [("resnet", "ln0"), ("dense", "custom_out"), ("mobilenet", "ln0")])
+def test_train_steps_through_inductor(name, mask, tmp_path):
+    """The same graphs through AOTAutograd and Inductor (index ops, buffer write-back)."""
+    model, shape = make(name, mask)
+    ref, _ = make(name, mask)
+    compiled = compile_model(model, tmp_path, inductor=True)
+    train_both(model, ref, compiled, shape, steps=3)
+    assert compacted_rows(tmp_path)
+
+
+def test_num_batches_tracked_advances(tmp_path):
+    model, shape = make("resnet", "ln0")
+    compiled = compile_model(model, tmp_path, inductor=True)
+    for _ in range(3):
+        compiled(torch.randn(shape)).sum().backward()
+    assert all(int(m.num_batches_tracked) == 3 for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_finetune_through_the_backend(tmp_path):
+    """fxsparse.nn.finetune(backend="fxsparse") distils as eager finetune does (same losses,
+    same weights), with the student's conv compacted."""
+    from fxsparse.nn import finetune
+
+    def student_teacher():
+        torch.manual_seed(0)
+        teacher = nn.Conv2d(4, 8, 3, padding=1)
+        student = nn.Conv2d(4, 8, 3, padding=1)
+        student.load_state_dict(teacher.state_dict())
+        prune.ln_structured(student, "weight", amount=0.5, n=1, dim=0)
+        return student, teacher
+
+    inputs = lambda step: torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(step))  # noqa: E731
+    student, teacher = student_teacher()
+    ref, _ = student_teacher()
+    losses = finetune(student, teacher, 4, input_fn=inputs, progress=False, backend="fxsparse",
+                      options={"inductor": False, "dump_dir": str(tmp_path)})
+    expected = finetune(ref, teacher, 4, input_fn=inputs, progress=False)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(student.weight_orig, ref.weight_orig, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(student.bias, ref.bias, rtol=1e-5, atol=1e-6)
+    (row,) = compacted_rows(tmp_path)
+    assert row["kept_out_channels"] == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_amp_train_steps_on_cuda(dtype, tmp_path):
+    """CUDA, autocast, channels_last, through Inductor: the compiled model trains as eager does
+    within AMP rounding, buffers included."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model, shape = make("resnet", "ln0")
+    ref, _ = make("resnet", "ln0")
+    model, ref = (m.cuda().to(memory_format=torch.channels_last) for m in (model, ref))
+    compiled = compile_model(model, tmp_path, inductor=True)
+    opt, opt_ref = optimizer("sgd", model), optimizer("sgd", ref)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = torch.randn((8,) + shape[1:], generator=g).cuda().to(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=dtype):
+            loss, loss_ref = (compiled(x) - 0.5).square().mean(), (ref(x) - 0.5).square().mean()
+        torch.testing.assert_close(loss.float(), loss_ref.float(), rtol=2e-2, atol=2e-3)
+        opt.zero_grad(), opt_ref.zero_grad()
+        loss.backward(), loss_ref.backward()
+        opt.step(), opt_ref.step()
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=2e-2, atol=2e-3, msg=lambda m, n=n: f"{n}: {m}")
+    for (n, b), (_, c) in zip(model.named_buffers(), ref.named_buffers()):
+        torch.testing.assert_close(b.float(), c.float(), rtol=2e-2, atol=2e-3, msg=lambda m, n=n: f"{n}: {m}")
+    assert compacted_rows(tmp_path)
+
+
+def test_dynamic_shapes_train(tmp_path):
+    """dynamic=True: one graph for every batch size (constants of padded convs read
+    materialised where the spatial size is symbolic), gradients as eager's."""
+    model, shape = make("resnet", "ln0")
+    ref, _ = make("resnet", "ln0")
+    compiled = compile_model(model, tmp_path, dynamic=True)
+    for n in (2, 3, 5):
+        x = torch.randn((n,) + shape[1:])
+        out, expected = compiled(x), ref(x)
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+        out.square().sum().backward(), expected.square().sum().backward()
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+    assert compacted_rows(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["train.py", "train_ddp.py"])
+def test_training_benchmarks_quick(script, tmp_path):
+    """benchmarks/train.py --quick (asserts exactness and compaction itself) and
+    benchmarks/train_ddp.py --quick (two gloo processes) run, exit 0 and print their table last."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", script), "--quick", "--json",
+                           str(tmp_path / "rows.json")], cwd=root, env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("| "), proc.stdout[-2000:]
+    rows = __import__("json").loads((tmp_path / "rows.json").read_text())["rows"]
+    if script == "train_ddp.py":
+        fx = [r for r in rows if r.get("variant") == "fx"]
+        assert fx and all("error" not in r and r["compacted"] > 0 and r["param_err"] < 1e-4 for r in fx), rows
+
+
+def test_every_output_channel_removed_float64(tmp_path):
+    """A mask removing every output channel of a conv (its constant channels reach the next
+    conv through a bias map): in float64, gradients equal eager's to rounding."""
+    model, shape = make("chain", "custom_out")
+    ref, _ = make("chain", "custom_out")
+    for m in (model, ref):
+        conv = m[1][0]
+        prune.custom_from_mask(conv, "weight", torch.zeros_like(conv.weight))
+        m.double()
+    compiled = compile_model(model, tmp_path)
+    train_both(model, ref, compiled, shape, steps=2, dtype=torch.float64)
