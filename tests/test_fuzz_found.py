@@ -99,9 +99,6 @@ class TrainBNBeforeMaskedHead(nn.Module):
         return self.fc(torch.flatten(self.bn(self.conv(x)), 1))
 
 
-@pytest.mark.xfail(strict=True, reason="a train-mode BatchNorm under no_grad (an inference graph) updates its "
-                   "running statistics over every channel, but channels only masked head columns read are "
-                   "dropped before it: running_mean/var of those channels go wrong")
 @pytest.mark.parametrize("groups", [1, 3])
 def test_train_mode_batchnorm_statistics_of_channels_the_head_ignores(groups, tmp_path):
     def build():

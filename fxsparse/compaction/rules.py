@@ -204,6 +204,11 @@ class BatchNorm(Elementwise):
     def axis(self, v):
         return 1
 
+    def live(self, prop, n, v, out_live):
+        if v.args.get("training") is not False and isinstance(v.args.get("running_mean"), fx.Node):
+            out_live = None  # its running-statistics update reads every channel, live or not
+        super().live(prop, n, v, out_live)
+
     def layout(self, prop, n, v, c):
         from fxsparse.compaction.propagate import Layout
         if not prop._foldable_bn(v):
