@@ -69,7 +69,7 @@ def channel_storage(opts: Options, example_inputs: Sequence) -> Storage:
     multiple = opts.align_channels
     if multiple is None:
         multiple = 8 if _on_cuda(example_inputs, floating_only=True) else 1
-    return Storage.aligned(multiple)
+    return Storage.align_channels(multiple)
 
 
 def rewrite(gm: fx.GraphModule, example_inputs: Sequence, opts: Options, index: int,

@@ -24,12 +24,12 @@ def mask(n, kept):
 def test_exact_storage_keeps_what_is_needed():
     m = mask(16, [1, 5, 9])
     assert torch.equal(Storage().round(m), m)
-    assert torch.equal(Storage.aligned(1).round(m), m)
+    assert torch.equal(Storage.align_channels(1).round(m), m)
     assert not Storage().reads_whole(1, 16)
 
 
 def test_rounds_up_with_the_lowest_unkept_channels():
-    s = Storage.aligned(8)
+    s = Storage.align_channels(8)
     got = s.round(mask(32, [3, 7, 9, 20, 21]))
     assert torch.equal(got, mask(32, [0, 1, 2, 3, 7, 9, 20, 21]))
     assert int(got.sum()) == 8
@@ -38,7 +38,7 @@ def test_rounds_up_with_the_lowest_unkept_channels():
 
 
 def test_near_full_is_stored_full_and_edges_stay():
-    s = Storage.aligned(8)
+    s = Storage.align_channels(8)
     assert bool(s.round(mask(512, range(495))).all())  # 495 of 512 > 7/8
     assert int(s.round(mask(512, range(440))).sum()) == 440  # 440 = 0.86: aligned already
     assert torch.equal(s.round(mask(24, [])), mask(24, []))
@@ -47,7 +47,7 @@ def test_near_full_is_stored_full_and_edges_stay():
 
 
 def test_reads_whole_only_for_few_unused_channels():
-    s = Storage.aligned(8)
+    s = Storage.align_channels(8)
     assert s.reads_whole(4, 16)  # fewer than one row's worth
     assert s.reads_whole(32, 256)  # an eighth
     assert not s.reads_whole(64, 256)  # a gather is cheaper than a quarter of zero columns

@@ -48,11 +48,13 @@ than gathering the channels it uses out of its input.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Optional
 
 import torch
 import torch.fx as fx
 
+from fxsparse.compaction.check import check_layout, check_plan
 from fxsparse.compaction.rules import channel_count, rule_for
 from fxsparse.graph.capture import Capture, OpView
 from fxsparse.sparsity.read import ConvSparsity, evaluate, param_only
@@ -60,7 +62,7 @@ from fxsparse.sparsity.read import ConvSparsity, evaluate, param_only
 CONST_DTYPE = torch.float64  # constants are folded in fp64, then cast to the model's dtype
 
 
-@dataclass
+@dataclass(frozen=True)
 class Layout:
     """A tensor of `channels` channels stored as its `kept` channels (in that order);
     every other channel c holds `const[c]` everywhere."""
@@ -102,7 +104,7 @@ class Storage:
     dense_above: float = 1.0
 
     @staticmethod
-    def aligned(multiple: int) -> "Storage":
+    def align_channels(multiple: int) -> "Storage":
         return Storage(multiple, 7 / 8) if multiple > 1 else Storage()
 
     def round(self, kept: torch.Tensor) -> torch.Tensor:
@@ -124,7 +126,7 @@ class Storage:
         return self.multiple > 1 and 0 < unused and (unused < self.multiple or 8 * unused <= stored)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ConvPlan:
     """How one conv runs: its compacted weight, which input channels it reads and what constants it folds."""
     sparsity: ConvSparsity
@@ -138,19 +140,26 @@ class ConvPlan:
     groups: int = 1  # a grouped conv: in_channels_used is per group (repeats pad short groups)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LinearPlan:
     """How a linear on the channel dim runs: it reads `in_channels_used` of its input stored as
     `in_layout` (the other channels' constants fold into its bias) and writes `out_layout`."""
     in_layout: Layout
     out_layout: Layout
     in_channels_used: torch.Tensor
+    weight: torch.Tensor  # [kept_out, used_in], model dtype
+    bias: torch.Tensor  # [kept_out], with the dropped inputs' constants folded in
+    ideal_in: int  # stored inputs some kept row reads with a non-zero weight (the report's ideal)
 
 
 class Propagation:
     """Runs both passes. Results: `live[node]`, `layout[node]`, `conv_plans[conv node]`,
-    `linear_plans[linear node]` and `materialize[(node, user)]`: the layout `user` needs `node`
-    in where it cannot take constant channels."""
+    `linear_plans[linear node]`, `materialize[(node, user)]`: the layout `user` needs `node`
+    in where it cannot take constant channels, `bn_folds[batch_norm node]`: its inference
+    affine (scale, shift), `channel_params[node]`: the kept channels of the parameter a per-channel
+    mul/add applies (of the weight and bias, for a layer_norm), in the model's dtype, and `chains[node]`: the conv chain a node belongs to (chains.py). After
+    `run` the plan is frozen (read-only mappings of frozen records) and checked (check_plan):
+    the lowering reads it and decides nothing the plan holds."""
 
     def __init__(self, cap: Capture, sparsity: dict, enabled: bool = True, storage: Storage = Storage()):
         self.cap = cap
@@ -164,6 +173,10 @@ class Propagation:
         self.materialize: dict = {}  # (node, user) -> Layout the user needs (full where unknown)
         self.stopped: dict = {}  # node -> why it read compacted inputs at full width
         self.ruled: set = set()
+        self.bn_folds: dict = {}
+        self.channel_params: dict = {}
+        self.widen: dict = {}
+        self.chains: dict = {}
         self._memo: dict = {}
 
     # -- helpers ------------------------------------------------------------------------
@@ -272,7 +285,7 @@ class Propagation:
 
     def _run_layouts_once(self) -> None:
         self.layout, self.conv_plans, self.linear_plans, self.materialize = {}, {}, {}, {}
-        self.stopped = {}
+        self.stopped, self.bn_folds, self.channel_params = {}, {}, {}
         self.ruled = set()  # nodes whose layout their channel rule made (lowering emits them by it)
         for n in self.cap.gm.graph.nodes:
             c = channel_count(n)
@@ -297,6 +310,7 @@ class Propagation:
         out = rule.layout(self, n, v, c)
         if isinstance(out, str):
             return self._plan_unknown(n, c, out if self.enabled else None)
+        check_layout(n, out)  # here, before any consumer's rule reads it
         self.ruled.add(n)
         return out
 
@@ -326,14 +340,21 @@ class Propagation:
         the bias."""
         w = self.value(v.args["weight"]).detach()
         b = v.args.get("bias")
-        bias = torch.zeros(c, dtype=CONST_DTYPE) if b is None else self.value(b).detach().to("cpu", CONST_DTYPE)
+        b = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if b is None else self.value(b).detach()
+        bias = b.to("cpu", CONST_DTYPE)
         live = self.live.get(n, torch.ones(c, dtype=torch.bool))
         zero_rows = ~(w != 0).any(1).cpu()
         kept_out = self.storage.round(at_least_one(live & ~zero_rows)).nonzero().flatten()
         lin = self.input_layout(v.args["input"])
         # every stored input is read (an unused one through a zero column): liveness already
         # keeps the producer from storing channels no consumer uses
-        self.linear_plans[n] = LinearPlan(lin, Layout(c, kept_out, bias.clone()), lin.kept)
+        rows = kept_out.to(w.device)
+        dropped = ~lin.kept_mask()
+        folded = w.to(CONST_DTYPE)[rows][:, dropped].cpu() @ lin.const[dropped]
+        w_k = w[rows][:, lin.kept.to(w.device)].contiguous()
+        b_k = (bias[kept_out] + folded).to(b.device, b.dtype)
+        ideal_in = int(((w[rows] != 0).any(0).cpu() & lin.kept_mask()).sum())
+        self.linear_plans[n] = LinearPlan(lin, Layout(c, kept_out, bias.clone()), lin.kept, w_k, b_k, ideal_in)
         return self.linear_plans[n].out_layout
 
     def _foldable_bn(self, v: OpView) -> bool:
@@ -528,9 +549,20 @@ class Propagation:
         return torch.zeros(bmap.shape[0], dtype=CONST_DTYPE), bmap
 
     def run(self) -> "Propagation":
+        from fxsparse.compaction.chains import plan_chains
         self.run_liveness()
         self.run_layouts()
+        self.chains = plan_chains(self)
+        self.freeze()
+        check_plan(self)
         return self
+
+    def freeze(self) -> None:
+        """Makes the plan read-only: what lowering reads is final."""
+        for name in ("live", "layout", "conv_plans", "linear_plans", "materialize", "stopped", "bn_folds",
+                     "channel_params", "widen", "chains"):
+            setattr(self, name, MappingProxyType(getattr(self, name)))
+        self.ruled = frozenset(self.ruled)
 
 
 def at_least_one(keep: torch.Tensor) -> torch.Tensor:

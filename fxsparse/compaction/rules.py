@@ -214,7 +214,7 @@ class BatchNorm(Elementwise):
         if not prop._foldable_bn(v):
             return f"batch_norm {n.name} in training or with statistics that are not parameters"
         lin = prop.input_layout(v.args["input"])
-        a, b = prop.bn_affine(v)
+        a, b = prop.bn_folds[n] = prop.bn_affine(v)
         return Layout(c, lin.kept, lin.const * a + b)
 
     def couple(self, b, g, n, v, values):
@@ -228,7 +228,7 @@ class BatchNorm(Elementwise):
             b.uf.union_ranges(b.pos(g, n), b.member(path, "bn", b.count(g, n)), b.count(g, n))
 
     def emit(self, low, n, v):
-        if n in low.prop.layout and low.prop._foldable_bn(v):
+        if n in low.prop.bn_folds:
             return low.emit_affine_bn(n, v)
         return None
 
@@ -364,6 +364,10 @@ class Mul(Rule):
             if not prop.inference_value_ok(p) or self._scale_dim(x, p) is None:
                 return f"mul {n.name} by a tensor that is not a parameter nor a channel tensor"
             lin = prop.input_layout(x)
+            # the lowering applies the parameter's kept channels, in the model's dtype
+            like = n.meta["example_value"]
+            value = prop.value(p).detach()
+            prop.channel_params[n] = value.index_select(self._scale_dim(x, p), lin.kept.to(value.device)).to(like.dtype)
             return Layout(c, lin.kept, self.apply(lin.const, self.scale(prop, x, p)))
         la, lb = prop.input_layout(v.args["a"]), prop.input_layout(v.args["b"])
         return self.combine(prop, la, lb, c)
@@ -403,10 +407,7 @@ class Mul(Rule):
         x, p = self.operands(v, low.prop)
         if p is None:
             return low.graph.call_function(self.op, (low.read(v.args["a"], want), low.read(v.args["b"], want)))
-        like = n.meta["example_value"]
-        dim = self._scale_dim(x, p)
-        value = low.prop.value(p).detach().index_select(dim, want.kept.to(like.device)).to(like.dtype)
-        return low.graph.call_function(self.op, (low.read(x, want), low.const(value, "scale")))
+        return low.graph.call_function(self.op, (low.read(x, want), low.const(low.prop.channel_params[n], "scale")))
 
 
 class AddBroadcast(Mul):
@@ -729,6 +730,8 @@ class LayerNorm(Rule):
         if not torch.equal(need, lin.kept_mask()):
             lin = Layout(c, prop.storage.round(need).nonzero().flatten(), lin.const)
             prop.materialize[(x, n)] = lin
+        like = n.meta["example_value"]
+        prop.channel_params[n] = tuple(t[lin.kept].to(like.device, like.dtype) for t in (w, b))
         return Layout(c, lin.kept, b.clone())
 
     def emit(self, low, n, v):
@@ -737,12 +740,10 @@ class LayerNorm(Rule):
         x = v.args["input"]
         lin = low.prop.materialize.get((x, n)) or low.prop.layout[x]
         c = lin.channels
-        like = n.meta["example_value"]
-        w, b = self.affine(low.prop, v, c)
+        weight, bias = low.prop.channel_params[n]
         dropped = ~lin.kept_mask()
         s1, s2 = float(lin.const[dropped].sum()), float((lin.const[dropped] ** 2).sum())
-        w_k = low.const(w[lin.kept].to(like.device, like.dtype), "ln_weight")
-        b_k = low.const(b[lin.kept].to(like.device, like.dtype), "ln_bias")
+        w_k, b_k = low.const(weight, "ln_weight"), low.const(bias, "ln_bias")
         return low.graph.call_function(layer_norm_kept, (low.read(x, lin), c, s1, s2, w_k, b_k, float(v.args["eps"])))
 
 

@@ -41,6 +41,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fxsparse.ops.activations import ACTIVATIONS
+from fxsparse.stages import check_graph
 
 
 @dataclass
@@ -577,6 +578,7 @@ def capture(gm: fx.GraphModule, example_inputs) -> Capture:
     for p in placeholders:  # at compile time, while dynamo's grapharg metadata still exists
         placeholder_source(p)
     values = dict(zip(placeholders, example_inputs))
+    check_graph("capture", gm)
     return Capture(gm, values, view_all(gm.graph), written=written_placeholders(gm.graph))
 
 

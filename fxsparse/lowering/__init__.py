@@ -1,2 +1,2 @@
-"""Stage 4: lowering, fused conv chains (fusion.py), the compacted graph (rewrite.py) and the choice of each
-chain's implementation (choose.py)."""
+"""Stage 4: lowering, the compacted graph emitted from the compaction plan (rewrite.py) and the choice
+of each conv chain's implementation (choose.py)."""

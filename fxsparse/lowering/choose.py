@@ -1,7 +1,7 @@
 """Lowering "auto": per conv chain, our fused Triton op or a cuDNN conv + Inductor epilogue, by measurement.
 
 As Inductor's max-autotune chooses between an extern cuDNN conv and its Triton
-template, each fused chain (conv [+BN] [+act] [+residual add], fusion.py) is
+template, each fused chain (conv [+BN] [+act] [+residual add], compaction/chains.py) is
 timed at compile time on its real shapes:
 
     triton   `torch.ops.fxsparse.conv2d`: conv, BN, activation, residual and the

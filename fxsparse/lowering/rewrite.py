@@ -3,7 +3,7 @@
 Walks the captured graph once, in order, and emits a new one in which every
 channel-carrying tensor is stored in its `Layout` (only kept channels), convs
 run on compacted constant weights with their BatchNorm folded in, and fused
-chains (see fusion.py) become one `torch.ops.fxsparse.conv2d` call (lowering
+chains (compaction/chains.py) become one `torch.ops.fxsparse.conv2d` call (lowering
 "triton") or a compacted aten conv (lowering "aten") whose epilogue (activation,
 residual add) is emitted as plain ops for Inductor to fuse; lowering "auto" picks
 one of the two per chain by timing both (choose.py). Where a chain's residual
@@ -12,6 +12,10 @@ add's layout and an aten conv writes it directly from zero filter rows
 (`dense_out`). Everything fxsparse does not rewrite is copied as it is, its
 channel inputs first restored to full width (`relayout`, kernels/layout.py, in
 the input's memory format), and the result goes to Inductor.
+
+The lowering reads the compaction plan (`Propagation`: layouts, conv and linear
+plans, folded BatchNorm, chains) and decides only how to emit it; the plan is
+frozen before it gets here.
 
 In training, values change every step, so nothing is folded: a conv whose mask
 removes channels gathers its kept weights from `mask * weight_orig` inside the
@@ -26,13 +30,14 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from fxsparse.compaction.propagate import CONST_DTYPE, ConvPlan, Layout, Propagation, at_least_one
+from fxsparse.compaction.chains import Chain
+from fxsparse.compaction.propagate import ConvPlan, Layout, LinearPlan, Propagation, at_least_one
 from fxsparse.compaction.rules import SKIP, channel_axis, rule_for
 from fxsparse.graph.capture import OpView, module_path, written_args
 from fxsparse.kernels.layout import relayout, select_channels
 from fxsparse.lowering import choose
-from fxsparse.lowering.fusion import Chain, plan_chains
 from fxsparse.sparsity.read import ConvSparsity, evaluate, other_conv_geometry, param_only
+from fxsparse.stages import StageError, check_graph
 
 
 @dataclass
@@ -61,12 +66,12 @@ class ConvRecord:
 
 
 class Lowering:
-    def __init__(self, prop: Propagation, sparsity: dict, conv_backend: str, inference: bool,
+    def __init__(self, prop: Propagation, sparsity: dict, lowering: str, inference: bool,
                  cudagraphs: bool = False):
         self.prop = prop
         self.cap = prop.cap
         self.sparsity = sparsity
-        self.conv_backend = conv_backend  # "triton" | "aten" | "auto" (measured per chain, choose.py)
+        self.lowering = lowering  # "triton" | "aten" | "auto" (measured per chain, choose.py)
         self.inference = inference
         self.graph = fx.Graph()
         self.env: dict = {}
@@ -79,8 +84,9 @@ class Lowering:
         self.constant_outputs: dict = {}  # output position -> tensor the wrapper returns
         # an aten chain's epilogue is emitted node by node (Inductor fuses it); it is a chain
         # all the same, so that its conv can write the residual add's layout (dense_out)
-        self.chains = plan_chains(prop, fuse_epilogue=True) if inference else {}
-        self.chooser = choose.current() if conv_backend == "auto" else None
+        # (without propagation the plan has a chain per conv, the conv alone, emitted by its rule)
+        self.chains = prop.chains if inference and prop.enabled else {}
+        self.chooser = choose.current() if lowering == "auto" else None
         self.cudagraphs = cudagraphs  # what the chooser times: kernel time under CUDA graphs
 
     # -- constants ----------------------------------------------------------------------
@@ -142,8 +148,7 @@ class Lowering:
         gm = fx.GraphModule(root, self.graph, class_name="FxsparseGraph")
         keep_dynamo_metadata(self.cap.gm, gm)
         self.drop_unused_weight_math(gm.graph)
-        gm.graph.lint()
-        gm.recompile()
+        check_lowered(self.cap.gm, gm, self.constant_outputs)
         return gm
 
     @staticmethod
@@ -220,7 +225,7 @@ class Lowering:
         sp: ConvSparsity = self.sparsity[n]
         plan = self.prop.conv_plans.get(n)
         if plan is not None:
-            return self.emit_chain(Chain(n))
+            return self.emit_chain(self.prop.chains[n])
         if not self.inference and sp.reason is None and sp.source == "mask" and v.conv.groups == 1 and (
                 bool(sp.zero_rows.any()) or bool(sp.zero_cols.any())):
             return self.emit_training_conv(n, v, sp)
@@ -235,22 +240,14 @@ class Lowering:
         x = self.read(conv.input, x_layout)
         like = self._example(conv.input)
         dtype, device = plan.weight.dtype, plan.weight.device
-        weight = plan.weight.to("cpu", CONST_DTYPE)
-        bias = plan.bias
-        bias_map = plan.bias_map
-        if chain.bn is not None:  # fold BatchNorm: w' = w * a, b' = b * a + s
-            a, s = self.prop.bn_affine(self.cap.views[chain.bn])
-            a_k, s_k = a[plan.out_layout.kept], s[plan.out_layout.kept]
-            weight = weight * a_k.reshape(-1, 1, 1, 1)
-            bias = (torch.zeros_like(a_k) if bias is None else bias) * a_k + s_k
-            bias_map = None if bias_map is None else bias_map * a_k.reshape(-1, 1, 1)
+        weight, bias, bias_map = chain.weight, chain.bias, chain.bias_map  # BatchNorm folded in
         positions = x_layout.positions_of(plan.in_channels_used)
         identity_in = len(positions) == len(x_layout.kept) and torch.equal(positions, torch.arange(len(positions)))
         w_t = weight.to(device, dtype).contiguous(memory_format=torch.channels_last)
         b_t = None if bias is None else bias.to(device, dtype)
         # (fp32 at least: the fused op's accumulator; a float64 model's own precision)
         m_t = None if bias_map is None else bias_map.to(device, torch.promote_types(dtype, torch.float32))
-        lowering = self.conv_backend if not (plan.depthwise or plan.groups > 1) else "aten"
+        lowering = self.lowering if not (plan.depthwise or plan.groups > 1) else "aten"
         choice = None
         if lowering == "auto":
             decision = self.choose_lowering(chain, x_layout, None if identity_in else positions, w_t, b_t, m_t, like)
@@ -274,7 +271,7 @@ class Lowering:
         return out
 
     def dense_out(self, chain: Chain, weight, bias, bias_map, fused: bool) -> Optional[tuple]:
-        """For a 1x1 chain whose result layout (result_layout) stores more channels than the
+        """For a 1x1 chain whose result layout (chains.result_layout) stores more channels than the
         conv computes: the (weight, bias, bias map) of a conv that writes that layout
         directly, the added channels from zero filter rows whose bias is their constant (their
         activation and residual then follow as for any row). Zero rows in a 1x1 conv cost
@@ -289,7 +286,7 @@ class Lowering:
         if not choose.writes_with_zero_rows(tuple(weight.shape[2:]), fused, chain.add is not None,
                                             chain.residual_after_activation):
             return None
-        if not fused and self.conv_backend != "auto":
+        if not fused and self.lowering != "auto":
             return None
         out_layout, out_index, fill = self.epilogue_layout(chain, weight.device)
         if out_index is None:
@@ -310,28 +307,11 @@ class Lowering:
             if not own.same_storage(out_layout):
                 self.stored_as[node] = Layout(own.channels, out_layout.kept, own.const)
 
-    def result_layout(self, chain: Chain) -> Layout:
-        """The layout a chain writes its result in: its residual add's; for a chain without one
-        whose only reader is an add storing more channels (a downsample branch), that add's,
-        which it then reads without a relayout; else the chain's own."""
-        if chain.add is not None:
-            return self.prop.layout[chain.add]
-        own = self.prop.layout[chain.anchor]
-        plan = self.prop.conv_plans[chain.conv]
-        if plan.depthwise or plan.groups > 1 or len(chain.anchor.users) != 1:
-            return own  # (a depthwise conv's filters are its channels: no rows to add)
-        (user,) = chain.anchor.users
-        v = self.cap.views.get(user)
-        if v is None or v.kind != "add" or user not in self.prop.layout or not self.prop.enabled:
-            return own
-        want = self.prop.layout[user]
-        return want if want.channels == own.channels and not want.same_storage(own) else own
-
     def epilogue_layout(self, chain: Chain, device) -> tuple:
         """(layout of the chain's result, out_index, fill): where the fused op scatters kept
         column j (None: in order) and the pre-activation constant of the channels it adds."""
         pre = self.prop.layout[chain.pre_activation]
-        out_layout = self.result_layout(chain)
+        out_layout = chain.result
         if out_layout.same_storage(pre):
             return out_layout, None, None
         out_index = out_layout.positions_of(pre.kept).to(device)
@@ -376,7 +356,7 @@ class Lowering:
             fill = self.const(fill, "fill")
         if chain.add is not None:
             residual = self.read(chain.residual, out_layout)
-        else:  # a downsample branch written in its add's layout (result_layout)
+        else:  # a downsample branch written in its add's layout (chains.result_layout)
             self.mark_widened(chain, out_layout, (chain.anchor,))
         act = self.cap.views[chain.act].activation if chain.act is not None else "none"
         in_index = None if positions is None else self.const(positions.to(like.device), "in_index")
@@ -413,38 +393,28 @@ class Lowering:
         """A linear on the channel dim, compacted as a 1x1 conv: rows of its kept outputs, columns
         of its stored inputs, the other inputs' constants folded into the bias."""
         plan = self.prop.linear_plans[n]
-        lin, out = plan.in_layout, plan.out_layout
-        w = evaluate(v.args["weight"], self.cap).detach()
-        b = v.args.get("bias")
-        b = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if b is None else evaluate(b, self.cap).detach()
-        rows = out.kept.to(w.device)
-        dropped = ~lin.kept_mask()
-        folded = w.to(CONST_DTYPE)[rows][:, dropped].cpu() @ lin.const[dropped]
-        w_k = w[rows][:, plan.in_channels_used.to(w.device)]
-        b_k = (b[rows].to("cpu", CONST_DTYPE) + folded).to(b.device, b.dtype)
-        x = self.read(v.args["input"], lin)
+        x = self.read(v.args["input"], plan.in_layout)
         if self._example(v.args["input"]).dim() == 4:
-            self.record_linear(n, w, rows, lin)
+            self.record_linear(n, plan)
         return self.graph.call_function(torch.nn.functional.linear, (
-            x, self.const(w_k.contiguous(), "linear_weight"), self.const(b_k, "linear_bias")))
+            x, self.const(plan.weight, "linear_weight"), self.const(plan.bias, "linear_bias")))
 
-    def record_linear(self, n: fx.Node, w: torch.Tensor, rows: torch.Tensor, lin: Layout) -> None:
+    def record_linear(self, n: fx.Node, plan: LinearPlan) -> None:
         """A report row for a linear on the channel dim of a channels-last activation: a 1x1 conv
         (a ConvNeXt block's MLP), with its MACs beside the convs'."""
         shape = self._example(self.cap.views[n].args["input"]).shape
         pixels = int(torch.tensor([int(d) for d in shape[1:-1]]).prod()) if all(
             isinstance(d, int) for d in shape[1:-1]) else 0
-        cout, cin = w.shape
-        used = int(((w[rows] != 0).any(0).cpu() & lin.kept_mask()).sum())
-        kin, kout = len(lin.kept), len(rows)
+        cout, cin = plan.out_layout.channels, plan.in_layout.channels
+        kin, kout = len(plan.in_layout.kept), len(plan.out_layout.kept)
         self.records[n] = ConvRecord(
             module_path(n), cin, cout, kin, kout, (1, 1), (1, 1), 1, "aten", None, "linear on channels",
-            "values", pixels * cin * cout, pixels * kin * kout, pixels * used * kout)
+            "values", pixels * cin * cout, pixels * kin * kout, pixels * plan.ideal_in * kout)
 
     def emit_affine_bn(self, n: fx.Node, v: OpView) -> fx.Node:
         """A BatchNorm that follows no conv (e.g. after a concat), run on its kept channels."""
         layout = self.prop.layout[n]
-        a, s = self.prop.bn_affine(v)
+        a, s = self.prop.bn_folds[n]
         like = self._example(n)
         shape = (1, -1, 1, 1)
         a_n = self.const(a[layout.kept].reshape(shape).to(like.device, like.dtype), "bn_scale")
@@ -575,8 +545,28 @@ def keep_dynamo_metadata(dynamo_gm: fx.GraphModule, gm: fx.GraphModule) -> None:
     gm.meta.update(dynamo_gm.meta)
 
 
-def lower(prop: Propagation, sparsity: dict, conv_backend: str, inference: bool, cudagraphs: bool = False) -> tuple:
+def lower(prop: Propagation, sparsity: dict, lowering: str, inference: bool, cudagraphs: bool = False) -> tuple:
     """(compacted graph, {conv node: ConvRecord}, {output position: constant tensor})."""
-    low = Lowering(prop, sparsity, conv_backend, inference, cudagraphs)
+    low = Lowering(prop, sparsity, lowering, inference, cudagraphs)
     gm = low.run()
     return gm, low.records, low.constant_outputs
+
+
+def output_count(gm: fx.GraphModule) -> int:
+    outs = gm.graph.find_nodes(op="output")[0].args[0]
+    return len(outs) if isinstance(outs, (tuple, list)) else 1
+
+
+def check_lowered(before: fx.GraphModule, after: fx.GraphModule, constant_outputs: dict) -> None:
+    """The compacted graph lints, compiles to Python, and returns what the captured one returned
+    (its outputs plus those the wrapper hands out as constants)."""
+    check_graph("lowering", after)
+    try:
+        after.recompile()
+    except Exception as e:  # noqa: BLE001 - codegen of a malformed graph fails in many ways
+        raise StageError("lowering", f"graph does not compile to Python: {e}") from e
+    want = output_count(before)
+    got = output_count(after) + len(constant_outputs)
+    if got != want:
+        raise StageError("lowering", f"graph returns {got} outputs, the captured graph {want}",
+                         before.graph.find_nodes(op="output")[0])

@@ -77,9 +77,9 @@ _INPLACE_FUNCTIONS = {torch.relu_: torch.relu, F.relu_: F.relu, operator.iadd: o
 
 
 class TrainingLowering(Lowering):
-    def __init__(self, cap, sparsity: dict, conv_backend: str):
+    def __init__(self, cap, sparsity: dict, lowering: str):
         # the inference propagation is not run: only its helpers (cap, views) are used
-        super().__init__(Propagation(cap, sparsity, enabled=False), sparsity, conv_backend, inference=False)
+        super().__init__(Propagation(cap, sparsity, enabled=False), sparsity, lowering, inference=False)
         self.stored: dict = {}  # captured node -> Stored (channel-carrying tensors only)
 
     # -- layouts --------------------------------------------------------------------------
@@ -414,9 +414,9 @@ def out_of_place(graph: fx.Graph, n: fx.Node, vector: fx.Node, src, read) -> fx.
     return graph.call_function(target, tuple(args), kwargs)
 
 
-def lower_training(cap, sparsity: dict, conv_backend: str) -> tuple:
+def lower_training(cap, sparsity: dict, lowering: str) -> tuple:
     """(compacted training graph, {conv node: ConvRecord})."""
-    low = TrainingLowering(cap, sparsity, conv_backend)
+    low = TrainingLowering(cap, sparsity, lowering)
     gm = low.run()
     for n, sp in sparsity.items():  # convs no handler rewrote
         if n not in low.records:

@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 
 from fxsparse.graph.capture import Capture, OpView, module_path
+from fxsparse.stages import StageError
 
 
 class SparsityError(ValueError):
@@ -230,4 +231,27 @@ def read_conv(v: OpView, cap: Capture, inference: bool) -> ConvSparsity:
 
 def read_all(cap: Capture, inference: bool) -> dict:
     """Reads every conv of the graph: {conv node: ConvSparsity}."""
-    return {v.node: read_conv(v, cap, inference) for v in cap.convs()}
+    out = {v.node: read_conv(v, cap, inference) for v in cap.convs()}
+    for node, sp in out.items():
+        check_sparsity(node, sp)
+    return out
+
+
+def check_sparsity(node, sp: ConvSparsity) -> None:
+    """One conv's masks agree with its shape (and its evaluated weight and bias, where read).
+    A conv left unchanged (a reason) carries no masks."""
+    def fail(message):
+        raise StageError("sparsity", f"conv {node.name}: {message}", node)
+
+    if sp.reason is not None:
+        return
+
+    if tuple(sp.zero_rows.shape) != (sp.out_channels,) or sp.zero_rows.dtype != torch.bool:
+        fail(f"zero-row mask {tuple(sp.zero_rows.shape)} {sp.zero_rows.dtype} for {sp.out_channels} output channels")
+    if sp.zero_cols.dim() != 1 or sp.zero_cols.dtype != torch.bool:
+        fail(f"zero-column mask {tuple(sp.zero_cols.shape)} {sp.zero_cols.dtype} is not a channel mask")
+    if sp.weight is not None and tuple(sp.weight.shape[:2]) != (sp.out_channels, len(sp.zero_cols)):
+        fail(f"weight {tuple(sp.weight.shape)} does not match its masks "
+             f"({sp.out_channels} rows, {len(sp.zero_cols)} columns)")
+    if sp.bias is not None and sp.bias.numel() != sp.out_channels:
+        fail(f"bias of {sp.bias.numel()} values for {sp.out_channels} output channels")
