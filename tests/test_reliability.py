@@ -411,3 +411,39 @@ def test_buffers_written_in_forward_through_inductor(mode):
             x = torch.randn(shape, generator=torch.Generator().manual_seed(s))
             torch.testing.assert_close(c(x), ref(x), rtol=1e-5, atol=1e-5)
             assert_state_equal(model, ref)
+
+
+class LayerScaleBlock(nn.Module):
+    """ConvNeXt's residual: `result = layer_scale * branch; result += input` (an in-place add on
+    the product, which is a new tensor: the layer scale itself is never written)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.layer_scale = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+        self.head = nn.Conv2d(c, 4, 1)
+
+    def forward(self, x):
+        result = self.layer_scale * self.conv(x)
+        result += x
+        return self.head(result)
+
+
+def test_inplace_add_on_a_product_leaves_its_parameter_foldable():
+    torch.manual_seed(0)
+    model = LayerScaleBlock().eval()
+    prune.custom_from_mask(model.conv, "weight", M.channel_mask(model.conv.weight, out=[1, 4, 6]))
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        report = fxsparse_explain(model, x)
+        out = compiled(model)(x)
+    assert not any("not a parameter" in note for g in report.graphs for note in g.notes), report
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    conv = next(r for g in report.graphs for r in g.convs if r.kept_out_channels < r.out_channels)
+    assert conv.macs_after < conv.macs_before
+
+
+def fxsparse_explain(model, x):
+    import fxsparse
+
+    return fxsparse.explain(model, x)

@@ -632,15 +632,32 @@ def _bn_training(node: fx.Node) -> bool:
     return training is not False
 
 
+# Ops whose result is a new tensor, never a view of an argument: a write to their result does
+# not reach the argument (torchvision's ConvNeXt: `result = layer_scale * x; result += input`).
+_FRESH_FUNCTIONS = frozenset({
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.matmul, operator.neg,
+    torch.add, torch.sub, torch.mul, torch.div, torch.matmul, torch.cat, torch.stack, torch.clone,
+    torch.conv2d, F.conv2d, F.linear, torch._C._nn.linear})
+_FRESH_METHODS = frozenset({"add", "sub", "mul", "div", "matmul", "clone",
+                            "__add__", "__sub__", "__mul__", "__truediv__", "__matmul__"})
+
+
+def _fresh_result(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _FRESH_FUNCTIONS
+    return node.op == "call_method" and node.target in _FRESH_METHODS
+
+
 def written_placeholders(graph: fx.Graph) -> frozenset:
     """Placeholders some node of `graph` writes, directly or through a view or an in-place
     op's result (`buf.mul_(2).add_(1)`, `buf[1:].fill_(0)`): each written node is traced back
-    through first arguments to the placeholder it aliases (an over-approximation)."""
+    through first arguments to the placeholder it aliases, stopping at an op known to return a
+    new tensor (an over-approximation otherwise)."""
     written = set()
     for node in graph.nodes:
         for a in written_args(node):
             while isinstance(a, fx.Node) and a.op != "placeholder":
-                a = a.args[0] if a.args else None
+                a = None if _fresh_result(a) else (a.args[0] if a.args else None)
             if isinstance(a, fx.Node):
                 written.add(a)
     return frozenset(written)
