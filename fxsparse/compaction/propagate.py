@@ -62,17 +62,11 @@ from fxsparse.sparsity.read import ConvSparsity, evaluate, param_only
 CONST_DTYPE = torch.float64  # constants are folded in fp64, then cast to the model's dtype
 
 
-@dataclass(frozen=True)
-class Layout:
-    """A tensor of `channels` channels stored as its `kept` channels (in that order);
-    every other channel c holds `const[c]` everywhere."""
+class KeptChannels:
+    """What a tensor of `channels` channels stored as its `kept` channels (ascending original
+    ids) answers; shared by the inference plan's `Layout` and the training lowering's layouts."""
     channels: int
-    kept: torch.Tensor  # int64, ascending original channel ids
-    const: torch.Tensor  # CONST_DTYPE [channels]; meaningful where not kept
-
-    @staticmethod
-    def full(channels: int) -> "Layout":
-        return Layout(channels, torch.arange(channels), torch.zeros(channels, dtype=CONST_DTYPE))
+    kept: torch.Tensor
 
     @property
     def is_full(self) -> bool:
@@ -83,9 +77,6 @@ class Layout:
         m[self.kept] = True
         return m
 
-    def same_storage(self, other: "Layout") -> bool:
-        return self.channels == other.channels and torch.equal(self.kept, other.kept)
-
     def positions_of(self, channels: torch.Tensor) -> torch.Tensor:
         """Where each of `channels` (all kept here) sits in the stored tensor."""
         pos = torch.full((self.channels,), -1, dtype=torch.long)
@@ -93,6 +84,22 @@ class Layout:
         out = pos[channels]
         assert bool((out >= 0).all()), "channel not stored"
         return out
+
+
+@dataclass(frozen=True)
+class Layout(KeptChannels):
+    """A tensor of `channels` channels stored as its `kept` channels (in that order);
+    every other channel c holds `const[c]` everywhere."""
+    channels: int
+    kept: torch.Tensor  # int64, ascending original channel ids
+    const: torch.Tensor  # CONST_DTYPE [channels]; meaningful where not kept
+
+    @staticmethod
+    def full(channels: int) -> "Layout":
+        return Layout(channels, torch.arange(channels), torch.zeros(channels, dtype=CONST_DTYPE))
+
+    def same_storage(self, other: "Layout") -> bool:
+        return self.channels == other.channels and torch.equal(self.kept, other.kept)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from fxsparse.compaction.propagate import CONST_DTYPE, Propagation, at_least_one, channel_count
+from fxsparse.compaction.propagate import CONST_DTYPE, KeptChannels, Propagation, at_least_one, channel_count
 from fxsparse.graph.capture import OpView
 from fxsparse.kernels.layout import relayout, select_channels
 from fxsparse.lowering.rewrite import Lowering
@@ -43,7 +43,7 @@ from fxsparse.sparsity.read import ConvSparsity
 
 
 @dataclass
-class Stored:
+class Stored(KeptChannels):
     """A tensor of `channels` channels stored as its `kept` channels (ascending); every other
     channel c holds `const[c]` everywhere (`const`: a node of the new graph, a vector of all
     `channels`; None: zeros)."""
@@ -54,22 +54,6 @@ class Stored:
     @staticmethod
     def full(channels: int) -> "Stored":
         return Stored(channels, torch.arange(channels), None)
-
-    @property
-    def is_full(self) -> bool:
-        return len(self.kept) == self.channels
-
-    def kept_mask(self) -> torch.Tensor:
-        m = torch.zeros(self.channels, dtype=torch.bool)
-        m[self.kept] = True
-        return m
-
-    def positions_of(self, channels: torch.Tensor) -> torch.Tensor:
-        pos = torch.full((self.channels,), -1, dtype=torch.long)
-        pos[self.kept] = torch.arange(len(self.kept))
-        out = pos[channels]
-        assert bool((out >= 0).all()), "channel not stored"
-        return out
 
 
 _INPLACE_FUNCTIONS = {torch.relu_: torch.relu, F.relu_: F.relu, operator.iadd: operator.add,
