@@ -14,9 +14,12 @@ from typing import Optional, Sequence
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from fxsparse.compaction.propagate import Storage, propagate
-from fxsparse.graph.capture import capture, placeholder_source, real_example_inputs, running_stat_counter
+from fxsparse.graph.capture import (_SOURCE_KEY, Capture, capture, placeholder_source, real_example_inputs,
+                                    running_stat_counter, written_placeholders)
 from fxsparse.lowering import choose
 from fxsparse.lowering.rewrite import lower
 from fxsparse.lowering.training import lower_training
@@ -24,7 +27,7 @@ from fxsparse.options import Options
 from fxsparse.report import GraphReport, current_report, log_graph, write_dumps
 from fxsparse.report.launches import captured_inductor_code, fxsparse_extra_launches, launch_sites
 from fxsparse.runtime import GuardedGraph, ValueGuard
-from fxsparse.sparsity.read import read_all
+from fxsparse.sparsity.read import evaluate, param_only, placeholder_deps, read_all
 
 _graph_counter = itertools.count()
 
@@ -37,7 +40,7 @@ class Rewrite:
     constant_outputs: dict  # output position -> tensor returned as it is (see with_constant_outputs)
     counters: list = field(default_factory=list)  # tensors watched in place of BatchNorm statistics
     frozen: list = field(default_factory=list)  # tensors the graph holds as attributes (see frozen_tensors)
-    scalars: list = field(default_factory=list)  # positions of read inputs guarded by value (wrapped_scalar)
+    by_value: list = field(default_factory=list)  # positions of read inputs guarded by value (made anew per call)
 
 
 def is_inference(example_inputs: Sequence) -> bool:
@@ -100,12 +103,12 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence, opts: Options, index: 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     read = [i for i, p in enumerate(placeholders) if p in cap.read]
     # a float attribute (a BatchNorm's eps) that dynamo passes as a fresh 0-d tensor every call
-    # under dynamic shapes: guarded by its value, not its identity
-    scalars = [i for i in read if wrapped_scalar(placeholders[i])]
-    depends_on = [i for i in read if i not in scalars]
+    # under dynamic shapes, a mask an earlier piece of a split graph passes on: guarded by value
+    by_value = [i for i in read if wrapped_scalar(placeholders[i]) or from_earlier_piece(placeholders[i])]
+    depends_on = [i for i in read if i not in by_value]
     # (attributes: under freezing every statistic is one, and the guard watches them all)
     counters = batchnorm_counters([placeholders[i] for i in depends_on] + gm.graph.find_nodes(op="get_attr"), report)
-    return Rewrite(new_gm, report, depends_on, constant_outputs, counters, frozen_tensors(gm), scalars)
+    return Rewrite(new_gm, report, depends_on, constant_outputs, counters, frozen_tensors(gm), by_value)
 
 
 def wrapped_scalar(p: fx.Node) -> bool:
@@ -217,13 +220,58 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, opts: Options):
         _record(report, rw.report, opts)
         fn = with_constant_outputs(fn, rw.constant_outputs, graph_output_count(gm))
         return fn, ValueGuard(rw.depends_on, inputs, list(rw.constant_outputs.values()) + rw.counters + rw.frozen,
-                              check=opts.guard_check(), scalars=rw.scalars)
+                              check=opts.guard_check(), by_value=rw.by_value)
 
-    real = real_example_inputs(gm, example_inputs)
+    real = values_from_earlier_pieces(gm, real_example_inputs(gm, example_inputs))
     if all(a is b for a, b in zip(real, example_inputs)):
         return GuardedGraph(build, example_inputs)
     # a piece of a graph DDPOptimizer split: values read from the real tensors, compiled on the fake ones
+    remember_parameter_outputs(gm, real)
     return GuardedGraph(build, real, built=build(real, example_inputs))
+
+
+# -- values crossing the cuts of a graph DDPOptimizer split --------------------------------
+# DDPOptimizer cuts the graph where a bucket of parameters fills, counting backwards, so a cut
+# often falls between a pruned conv's `mask.to(dtype)` (a buffer: in no bucket) and its
+# `mask * weight_orig`: the next piece receives the mask as an activation, without a source.
+# A piece's outputs computed from non-trainable parameters and buffers alone are evaluated on
+# the real tensors when the piece is compiled, and kept under the fake value dynamo gave the
+# node: split_module gives the next piece's placeholder that same object in its metadata.
+
+_piece_outputs = WeakIdKeyDictionary()  # dynamo's fake value of a node -> (real value, source name)
+_FROM_PIECE_KEY = "_fxsparse_from_piece"
+
+
+def remember_parameter_outputs(gm: fx.GraphModule, inputs: Sequence) -> None:
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    cap = Capture(gm, dict(zip(placeholders, inputs)), {}, written=written_placeholders(gm.graph))
+    (output,) = gm.graph.find_nodes(op="output")
+    for n in output.all_input_nodes:
+        fake = n.meta.get("example_value")
+        if n.op == "placeholder" or not isinstance(fake, torch.Tensor) or fake in _piece_outputs:
+            continue
+        deps = placeholder_deps(n)
+        values = [cap.values.get(p) for p in deps]
+        if (deps and param_only(n, cap) and all(isinstance(v, torch.Tensor) and not isinstance(v, FakeTensor)
+                                                  and not v.requires_grad for v in values)):
+            _piece_outputs[fake] = (evaluate(n, cap), placeholder_source(deps[0]))
+
+
+def values_from_earlier_pieces(gm: fx.GraphModule, inputs: list) -> list:
+    """`inputs` with each value an earlier piece remembered (remember_parameter_outputs) in
+    place of its fake; such a placeholder counts as a buffer from then on (its source: the
+    first buffer it was computed from), guarded by value since it arrives anew every call."""
+    out = list(inputs)
+    for i, p in enumerate(gm.graph.find_nodes(op="placeholder")[:len(out)]):
+        found = _piece_outputs.get(p.meta.get("example_value")) if isinstance(out[i], FakeTensor) else None
+        if found is not None and found[0].shape == out[i].shape and placeholder_source(p) is None:
+            out[i], p.meta[_SOURCE_KEY] = found
+            p.meta[_FROM_PIECE_KEY] = True
+    return out
+
+
+def from_earlier_piece(p: fx.Node) -> bool:
+    return p.meta.get(_FROM_PIECE_KEY, False)
 
 
 def drop_unused_inputs(gm: fx.GraphModule) -> list:

@@ -117,7 +117,7 @@ class ValueGuard:
     are still recorded, for refresh())."""
 
     def __init__(self, positions: Sequence[int], args: Sequence, held: Sequence[torch.Tensor] = (),
-                 check: str = "version", scalars: Sequence[int] = ()):
+                 check: str = "version", by_value: Sequence[int] = ()):
         self.positions = tuple(positions)
         self._pick = operator.itemgetter(*self.positions) if len(self.positions) > 1 else (
             (lambda a, i=self.positions[0]: (a[i],)) if self.positions else (lambda a: ()))
@@ -132,8 +132,9 @@ class ValueGuard:
         self.held_footprints = list(map(_footprint, self.held))
         self._storages = [_storage_or_none(t) for t in self.tensors + self.held]  # (see the module doc)
         self.check = check
-        # positions of 0-d tensors dynamo makes anew each call (floats under dynamic shapes): their values
-        self.scalars = [(i, args[i].item()) for i in scalars]
+        # positions of tensors made anew each call whose values the graph read: 0-d floats dynamo
+        # wraps under dynamic shapes, a mask an earlier piece of a split graph passes on
+        self.by_value = [(i, args[i].detach().clone()) for i in by_value]
         self.content = ContentCheck(self.tensors + self.held) if check == "content" else None
         native = native_checker() if check != "off" else None
         self._native = native.VersionGuard(list(self.positions), self.tensors + self.held) if native else None
@@ -143,7 +144,7 @@ class ValueGuard:
             return True
         if not self._versions_hold(args):
             return False
-        if self.scalars and not all(i < len(args) and args[i].item() == v for i, v in self.scalars):
+        if self.by_value and not all(i < len(args) and torch.equal(args[i], v) for i, v in self.by_value):
             return False
         return self.content is None or self.content.unchanged()
 
