@@ -303,3 +303,20 @@ def test_every_output_channel_removed_float64(tmp_path):
         m.double()
     compiled = compile_model(model, tmp_path)
     train_both(model, ref, compiled, shape, steps=2, dtype=torch.float64)
+
+
+def test_relu_output_through_inductor(tmp_path):
+    """A compacted conv + ReLU returned by the graph (DDPOptimizer's cut returns one to the next
+    piece): restored to full width through Inductor, its gradients reach the conv (torch 2.13's
+    Inductor misordered a gather's backward feeding index_copy and zeroed them)."""
+
+    def make_one():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.ReLU())
+        prune.ln_structured(m[0], "weight", amount=0.5, n=2, dim=0)
+        return m.train()
+
+    model, ref = make_one(), make_one()
+    compiled = compile_model(model, tmp_path, inductor=True)
+    train_both(model, ref, compiled, (2, 3, 6, 6), steps=2)
+    assert compacted_rows(tmp_path)

@@ -3,6 +3,8 @@ into a wider channel layout (used by the kernels' launcher, the lowering's graph
 timing, so that all three build the same layout)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
@@ -30,20 +32,25 @@ def select_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.index_select(1, index)
 
 
-def relayout(x: torch.Tensor, src_pos: torch.Tensor, dst_pos: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
-    """A tensor whose channel dst_pos[i] is x's channel src_pos[i]; other channels hold fill.
-    It has x's memory format (channels_last in, channels_last out; see select_channels).
+def relayout(x: torch.Tensor, src_pos: Optional[torch.Tensor], dst_pos: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """A tensor whose channel dst_pos[i] is x's channel src_pos[i] (src_pos None: x's channel
+    i, every one of them); other channels hold fill. It has x's memory format (channels_last in,
+    channels_last out; see select_channels).
 
     The base is materialised (a broadcast add), never an expanded view: Inductor (seen on
     torch 2.13, CPU) miscompiles index_copy into a base expanded from a 0-d tensor, and a
     training graph built on a gather with repeated indices or on cat + gather got wrong
-    gradients (or heap corruption) from it; this form matches eager, forward and backward."""
+    gradients (or heap corruption) from it; this form matches eager, forward and backward.
+    Training graphs pass src_pos None: torch 2.13's Inductor (fixed in 2.14) orders the
+    gather's backward (an index_add into zeros) after the relu backward that reads it, when a
+    gather feeds index_copy, and returns zero gradients upstream."""
     if is_channels_last(x):
         nhwc = x.permute(0, 2, 3, 1)
         base = fill.to(x.dtype).reshape(1, 1, 1, -1) + nhwc.new_zeros((*nhwc.shape[:3], fill.shape[0]))
-        return base.index_copy(3, dst_pos, nhwc.index_select(3, src_pos)).permute(0, 3, 1, 2)
+        src = nhwc if src_pos is None else nhwc.index_select(3, src_pos)
+        return base.index_copy(3, dst_pos, src).permute(0, 3, 1, 2)
     shape = [x.shape[0], fill.shape[0], *x.shape[2:]]
     view = [1] * x.dim()
     view[1] = -1
     base = fill.to(x.dtype).reshape(view) + x.new_zeros(shape)
-    return base.index_copy(1, dst_pos, x.index_select(1, src_pos))
+    return base.index_copy(1, dst_pos, x if src_pos is None else x.index_select(1, src_pos))

@@ -97,10 +97,18 @@ class TrainingLowering(Lowering):
         s = self.layout(old)
         if s is None or torch.equal(s.kept, kept):
             return new
-        src = kept[s.kept_mask()[kept]]  # channels both store
+        wanted = torch.zeros(s.channels, dtype=torch.bool)
+        wanted[kept] = True
+        if not bool(wanted[s.kept].all()):
+            # stored channels `kept` drops: widened first, then selected (never a gather into
+            # relayout: see kernels/layout.py)
+            union = (wanted | s.kept_mask()).nonzero().flatten()
+            wide = self.read_as(old, union)
+            return self.call(select_channels, wide, self.index(Stored(s.channels, union, None).positions_of(kept),
+                                                              old, "in_index"))
         fill = self.const_vector(s, kept, old)
-        return self.call(relayout, new, self.index(s.positions_of(src), old, "src_pos"),
-                         self.index(Stored(s.channels, kept, None).positions_of(src), old, "dst_pos"), fill)
+        return self.call(relayout, new, None, self.index(Stored(s.channels, kept, None).positions_of(s.kept), old,
+                                                         "dst_pos"), fill)
 
     def scalar(self, value):
         """A non-tensor argument (with dynamic=True dynamo may pass one as a graph input)."""
