@@ -59,7 +59,8 @@ def train(model, forward, shape, steps, rank):
     return losses, opt
 
 
-def worker(rank: int, world: int, port: int, how: str, optimize_ddp: bool, inductor: bool, out: dict) -> None:
+def worker(rank: int, world: int, port: int, how: str, optimize_ddp: bool, inductor: bool, dynamic: bool,
+           out: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -78,10 +79,11 @@ def worker(rank: int, world: int, port: int, how: str, optimize_ddp: bool, induc
         # compacted, and runs each compiled piece on fake tensors to reach the next
         dist._DEFAULT_FIRST_BUCKET_BYTES = 2000
         if how == "ddp_of_compiled":
-            compiled = torch.compile(model, backend="fxsparse", options=options)
+            compiled = torch.compile(model, backend="fxsparse", options=options, dynamic=dynamic)
             forward = DDP(compiled, bucket_cap_mb=0.005)
         else:
-            forward = torch.compile(DDP(model, bucket_cap_mb=0.005), backend="fxsparse", options=options)
+            forward = torch.compile(DDP(model, bucket_cap_mb=0.005), backend="fxsparse", options=options,
+                                    dynamic=dynamic)
         losses, opt = train(model, forward, shape, 3, rank)
         for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
             torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"rank {rank} {n}: {m}")
@@ -106,17 +108,17 @@ def worker(rank: int, world: int, port: int, how: str, optimize_ddp: bool, induc
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("how,optimize_ddp,inductor", [
-    ("ddp_of_compiled", True, False), ("compiled_ddp", True, False), ("compiled_ddp", False, False),
-    ("compiled_ddp", True, True), ("ddp_of_compiled", True, True),
+@pytest.mark.parametrize("how,optimize_ddp,inductor,dynamic", [
+    ("ddp_of_compiled", True, False, None), ("compiled_ddp", True, False, None), ("compiled_ddp", False, False, None),
+    ("compiled_ddp", True, True, None), ("ddp_of_compiled", True, True, True),
 ])
-def test_ddp_matches_eager_and_compacts(how, optimize_ddp, inductor):
+def test_ddp_matches_eager_and_compacts(how, optimize_ddp, inductor, dynamic):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     world = 2
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(worker, args=(world, free_port(), how, optimize_ddp, inductor, out), nprocs=world, join=True)
+        mp.spawn(worker, args=(world, free_port(), how, optimize_ddp, inductor, dynamic, out), nprocs=world, join=True)
         results = dict(out)
     assert sorted(results) == list(range(world))
     for rank, r in results.items():

@@ -185,12 +185,12 @@ class TrainingLowering(Lowering):
             x = self.call(select_channels, x, self.index(lin.positions_of(in_ids), conv.input, "in_index"))
         else:  # read the whole stored input, zero weight columns for the few unused
             in_ids = lin.kept
-        w_rows = self.rows(self.env[conv.weight], kept_out, sp.out_channels, conv.input)
-        w = self.columns(w_rows, in_ids, sp.in_channels, conv.input)
+        w = self.weight_block(conv.weight, kept_out, in_ids, conv.input)
         bias = None if conv.bias is None else self.rows(self.env[conv.bias], kept_out, sp.out_channels, conv.input)
         y = self.call(torch.conv2d, x, w, bias, conv.stride, conv.padding, conv.dilation, 1)
         if len(const_cols):
-            y = self.call(torch.add, y, self.constant_input_term(conv, lin, const_cols, w_rows, y))
+            w_c = self.weight_block(conv.weight, kept_out, const_cols, conv.input)
+            y = self.call(torch.add, y, self.constant_input_term(conv, lin, const_cols, w_c, y))
         out_const = None if conv.bias is None else self.env[conv.bias]
         self.stored[n] = Stored(sp.out_channels, kept_out, out_const)
         self.env[n] = y
@@ -203,16 +203,30 @@ class TrainingLowering(Lowering):
             return t
         return self.call(torch.index_select, t, 0, self.index(ids, like, "out_index"))
 
+    def weight_block(self, weight, rows: torch.Tensor, cols: torch.Tensor, like) -> fx.Node:
+        """weight[rows][:, cols] in one gather over its (out, in) pairs: its backward is one
+        scatter into the full-size gradient, not two (rows, then columns)."""
+        out_channels, in_channels, *kernel = weight.meta["example_value"].shape
+        w = self.env[weight]
+        if len(cols) == in_channels:
+            return self.rows(w, rows, out_channels, like)
+        if len(rows) == out_channels:
+            return self.columns(w, cols, in_channels, like)
+        pairs = (rows[:, None] * in_channels + cols[None, :]).flatten()
+        flat = self.call(torch.Tensor.flatten, w, 0, 1)
+        block = self.call(torch.index_select, flat, 0, self.index(pairs, like, "weight_index"))
+        return self.call(torch.reshape, block, (len(rows), len(cols), *kernel))
+
     def columns(self, w: fx.Node, ids: torch.Tensor, total: int, like) -> fx.Node:
         if len(ids) == total:
             return w
         return self.call(torch.index_select, w, 1, self.index(ids, like, "in_index"))
 
-    def constant_input_term(self, conv, lin: Stored, const_cols, w_rows, y) -> fx.Node:
+    def constant_input_term(self, conv, lin: Stored, const_cols, w_c, y) -> fx.Node:
         """What the constant input channels add to the conv's output, as a graph value of the
-        constants and the weight columns: a per-channel bias without padding, else the conv of
-        the constant image (a [1, Cout, Ho, Wo] map, exact where the filters meet padding)."""
-        w_c = self.call(torch.index_select, w_rows, 1, self.index(const_cols, conv.input, "const_cols"))
+        constants and their weight columns `w_c` (kept rows): a per-channel bias without
+        padding, else the conv of the constant image (a [1, Cout, Ho, Wo] map, exact where the
+        filters meet padding)."""
         values = self.const_vector(lin, const_cols, conv.input)
         if conv.padding == (0, 0):
             term = self.call(torch.matmul, self.call(torch.sum, w_c, (2, 3)), values)
