@@ -320,3 +320,27 @@ def test_relu_output_through_inductor(tmp_path):
     compiled = compile_model(model, tmp_path, inductor=True)
     train_both(model, ref, compiled, (2, 3, 6, 6), steps=2)
     assert compacted_rows(tmp_path)
+
+
+@pytest.mark.xfail(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 14), strict=False,
+                   reason="torch 2.13's Inductor zeroes this gradient (fixed in 2.14); relayout avoids the pattern")
+def test_inductor_gather_into_index_copy_upstream():
+    """The upstream miscompile kernels/layout.py avoids, with backend="inductor" alone: a gather
+    of a conv + ReLU output feeding index_copy. Inductor schedules the gather's backward (an
+    index_add into zeros) after the ReLU backward that reads it, so the conv weight's gradient
+    is zero. When this passes on every supported torch, relayout may gather again."""
+
+    def f(x, w, b, src, dst):
+        y = torch.relu(torch.conv2d(x, w, b.index_select(0, dst)))
+        base = b.reshape(1, -1, 1, 1) + y.new_zeros((2, 8, 6, 6))
+        return base.index_copy(1, dst, y.index_select(1, src))
+
+    torch.manual_seed(0)
+    x, w0, b0 = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 1, 1), torch.randn(8)
+    src, dst = torch.arange(4), torch.tensor([0, 2, 4, 6])
+    grads = []
+    for fn in (f, torch.compile(f, backend="inductor")):
+        w, b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
+        fn(x, w, b, src, dst).sum().backward()
+        grads.append(w.grad)
+    torch.testing.assert_close(grads[1], grads[0])
