@@ -57,8 +57,12 @@ class Chain:
 
 
 def _position(node: fx.Node) -> int:
-    # fx node lists are ordered; a node's index in its graph is its position
-    return node.meta.setdefault("_fxsparse_pos", list(node.graph.nodes).index(node))
+    # fx node lists are ordered; a node's index in its graph is its position (plan_chains
+    # numbers them all: searching the node list on every call made chains quadratic)
+    pos = node.meta.get("_fxsparse_pos")
+    if pos is None:
+        pos = node.meta["_fxsparse_pos"] = list(node.graph.nodes).index(node)
+    return pos
 
 
 def _only_user(node: fx.Node, output_nodes: set) -> Optional[fx.Node]:

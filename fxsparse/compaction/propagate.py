@@ -184,7 +184,6 @@ class Propagation:
         self.channel_params: dict = {}
         self.widen: dict = {}
         self.chains: dict = {}
-        self._memo: dict = {}
 
     # -- helpers ------------------------------------------------------------------------
     def view(self, node) -> Optional[OpView]:
@@ -201,7 +200,7 @@ class Propagation:
                 and sp.in_channels == v.conv.groups and sp.out_channels == v.conv.groups)
 
     def value(self, node):
-        return evaluate(node, self.cap, self._memo)
+        return evaluate(node, self.cap)
 
     # -- pass 1: liveness ---------------------------------------------------------------
     def run_liveness(self) -> None:

@@ -560,6 +560,11 @@ class Capture:
     # placeholders the graph itself writes (a BatchNorm's step counter, a module's own
     # `self.count.add_(1)`): their values change every call, so nothing folds them
     written: frozenset = frozenset()
+    # what every stage computes once about the (unchanging) graph and its values: node -> the
+    # evaluated tensor of a parameter-only subgraph (sparsity.read.evaluate), node -> whether
+    # it depends on parameters and buffers only (param_only)
+    evaluated: dict = field(default_factory=dict, repr=False)
+    param_only: dict = field(default_factory=dict, repr=False)
 
     def value(self, node) -> Any:
         """The real tensor behind a placeholder, remembered as a value the result depends on."""

@@ -145,9 +145,9 @@ class Lowering:
         for n in self.graph.nodes:  # attributes the captured graph itself reads
             if n.op == "get_attr" and not hasattr(root, n.target):
                 setattr(root, n.target, getattr(self.cap.gm, n.target))
-        gm = fx.GraphModule(root, self.graph, class_name="FxsparseGraph")
+        self.drop_unused_weight_math(self.graph)  # before the module generates its code, once
+        gm = python_module(root, self.graph)
         keep_dynamo_metadata(self.cap.gm, gm)
-        self.drop_unused_weight_math(gm.graph)
         check_lowered(self.cap.gm, gm, self.constant_outputs)
         return gm
 
@@ -557,14 +557,19 @@ def output_count(gm: fx.GraphModule) -> int:
     return len(outs) if isinstance(outs, (tuple, list)) else 1
 
 
-def check_lowered(before: fx.GraphModule, after: fx.GraphModule, constant_outputs: dict) -> None:
-    """The compacted graph lints, compiles to Python, and returns what the captured one returned
-    (its outputs plus those the wrapper hands out as constants)."""
-    check_graph("lowering", after)
+def python_module(root: torch.nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """The compacted graph as a module, its Python code generated (once: a ResNet-50 graph's code
+    takes tens of milliseconds)."""
     try:
-        after.recompile()
+        return fx.GraphModule(root, graph, class_name="FxsparseGraph")
     except Exception as e:  # noqa: BLE001 - codegen of a malformed graph fails in many ways
         raise StageError("lowering", f"graph does not compile to Python: {e}") from e
+
+
+def check_lowered(before: fx.GraphModule, after: fx.GraphModule, constant_outputs: dict) -> None:
+    """The compacted graph lints and returns what the captured one returned (its outputs plus
+    those the wrapper hands out as constants); python_module made its code."""
+    check_graph("lowering", after)
     want = output_count(before)
     got = output_count(after) + len(constant_outputs)
     if got != want:
