@@ -18,6 +18,8 @@ lowering's triton-vs-aten choices (`pick s`). The table is printed last.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -30,13 +32,108 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+# fxsparse's stages (the names of fxsparse/stages.py), then what the backend adds around them:
+# the value guard, Inductor's compile of the rewritten graph, and whatever else the backend did.
+STAGES = ("capture", "sparsity", "compaction", "lowering", "report", "guard", "inductor", "other")
+# fxsparse.backend's names for each stage's entry point (report: the rewrite's own bookkeeping
+# after lowering, plus recording and dumps).
+_STAGE_FUNCTIONS = {"capture": ("capture",), "sparsity": ("read_all",),
+                    "compaction": ("propagate",), "lowering": ("lower", "lower_training"),
+                    "report": ("_record", "write_dumps"), "guard": ("ValueGuard",), "inductor": ("_inductor",)}
+
+
+@contextlib.contextmanager
+def stage_clock():
+    """{stage: seconds} of fxsparse's compile, filled while the block runs: each stage's entry
+    point in fxsparse.backend wrapped with a clock. `backend` is the whole of compile_graph;
+    `report` also takes what rewrite() spends beyond its four stages; `other` is the rest of the
+    backend (dropping unused inputs, wrappers)."""
+    import fxsparse.backend as B
+
+    seconds = dict.fromkeys(STAGES + ("backend", "rewrite"), 0.0)
+    wrapped = {name: stage for stage, names in _STAGE_FUNCTIONS.items() for name in names}
+    wrapped.update(rewrite="rewrite", compile_graph="backend")
+    saved = {name: getattr(B, name) for name in wrapped}
+
+    def clocked(fn, stage):
+        def run(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                seconds[stage] += time.perf_counter() - t0
+        return run
+
+    for name, stage in wrapped.items():
+        setattr(B, name, clocked(saved[name], stage))
+    try:
+        yield seconds
+    finally:
+        for name, fn in saved.items():
+            setattr(B, name, fn)
+        inner = sum(seconds[s] for s in ("capture", "sparsity", "compaction", "lowering"))
+        seconds["report"] += seconds.pop("rewrite") - inner
+        seconds["other"] = seconds["backend"] - sum(seconds[s] for s in STAGES if s != "other")
+
+
+@contextlib.contextmanager
+def compile_fx_clock(seconds: dict):
+    """Adds the seconds Inductor's compile_fx takes (for either backend) to seconds["compile_fx"]."""
+    import torch._inductor.compile_fx as C
+
+    compile_fx = C.compile_fx
+
+    def clocked(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return compile_fx(*a, **k)
+        finally:
+            seconds["compile_fx"] = seconds.get("compile_fx", 0.0) + time.perf_counter() - t0
+
+    C.compile_fx = clocked
+    try:
+        yield
+    finally:
+        C.compile_fx = compile_fx
+
+
+@contextlib.contextmanager
+def gc_clock(seconds: dict):
+    """Adds the seconds Python's cyclic garbage collector runs inside the block to seconds["gc"]
+    (full collections, the costly ones, counted in seconds["gc_full"]): a process holding more
+    objects pays more for each, wherever in the first call one happens to fall."""
+    import gc
+
+    started = [0.0]
+
+    def on_gc(phase, info):
+        if phase == "start":
+            started[0] = time.perf_counter()
+            return
+        seconds["gc"] = seconds.get("gc", 0.0) + time.perf_counter() - started[0]
+        seconds["gc_full"] = seconds.get("gc_full", 0) + (info["generation"] == 2)
+
+    gc.callbacks.append(on_gc)
+    try:
+        yield
+    finally:
+        gc.callbacks.remove(on_gc)
+
+
 def child(args) -> None:
     """One first call, timed; prints one JSON line."""
     import torch
+    # torch.compile(backend="inductor") imports Inductor's compile_fx when it is called (0.7 s on
+    # a CPU), before the clock; fxsparse's backend imports it on its first graph: imported here,
+    # neither first call counts it
+    import torch._inductor.compile_fx  # noqa: F401
 
+    import models
     from models import masked_problem
 
     cuda = args.device == "cuda"
+    if args.image_size:
+        models.IMAGE_SIZE["torchvision"] = args.image_size
     masked, x, _ = masked_problem(args.model, args.keep, args.batch, device=args.device,
                                   dtype=torch.half if cuda else torch.float32)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -74,22 +171,27 @@ def child(args) -> None:
     else:
         compiled = torch.compile(masked)
     sync()
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        compiled(x)
-    sync()
-    print(json.dumps(dict(stats, compile_s=time.perf_counter() - t0)), flush=True)
+    with contextlib.ExitStack() as clocks:
+        seconds = clocks.enter_context(stage_clock()) if args.backend == "fxsparse" else {}
+        clocks.enter_context(compile_fx_clock(seconds))
+        clocks.enter_context(gc_clock(seconds))
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            compiled(x)
+        sync()
+        total = time.perf_counter() - t0
+    print(json.dumps(dict(stats, compile_s=total, stages=seconds)), flush=True)
 
 
 def measure(backend: str, model: str, keep: float, batch: int, dirs: dict, table: bool, timeout: float,
-            device: str = "cuda", workers: int = 0) -> dict:
+            device: str = "cuda", workers: int = 0, image_size: int = 0) -> dict:
     env = dict(os.environ, TRITON_CACHE_DIR=dirs["triton"], TORCHINDUCTOR_CACHE_DIR=dirs["inductor"],
                FXSPARSE_CACHE_DIR=dirs["fxsparse"], FXSPARSE_SHIPPED_TABLE="1" if table else "0",
                FXSPARSE_COMPILE_WORKERS=str(workers),
                PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
     env.pop("FXSPARSE_TUNE", None)
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--backend", backend, "--model", model,
-           "--keep", str(keep), "--batch", str(batch), "--device", device]
+           "--keep", str(keep), "--batch", str(batch), "--device", device, "--image-size", str(image_size)]
     try:
         run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -98,6 +200,26 @@ def measure(backend: str, model: str, keep: float, batch: int, dirs: dict, table
     if run.returncode != 0 or not lines:
         return dict(error=(run.stderr.strip().splitlines() or ["no output"])[-1][:160])
     return json.loads(lines[-1])
+
+
+def median_run(results: list) -> dict:
+    """The result whose first call is the median of `results` (the first error where one failed)."""
+    errors = [r for r in results if "error" in r]
+    if errors:
+        return errors[0]
+    return sorted(results, key=lambda r: r["compile_s"])[len(results) // 2]
+
+
+def stage_columns(label: str, result: dict) -> dict:
+    """One backend's part of the stage table: its first call, Inductor's compile_fx within it and,
+    for fxsparse, the time outside the backend (dynamo's trace, guards, the first run) and each stage."""
+    stages = result.get("stages") or {}
+    out = {f"{label}_warm": result.get("compile_s"), f"{label}_compile_fx": stages.get("compile_fx"),
+           f"{label}_gc": stages.get("gc"), f"{label}_gc_full": stages.get("gc_full")}
+    if label == "fx" and "backend" in stages:
+        out["fx_outside"] = result["compile_s"] - stages["backend"]
+        out.update({f"fx_{s}": stages.get(s) for s in STAGES})
+    return out
 
 
 def fresh_dirs() -> dict:
@@ -117,20 +239,27 @@ def main(argv=None) -> int:
     p.add_argument("--backend", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--device", default="cuda", help="cuda; cpu only to check the script (small_resnet)")
+    p.add_argument("--image-size", type=int, default=0, help="torchvision models' input size (default 224)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="warm processes per backend: the warm figures and the stage table are their medians")
     args = p.parse_args(argv)
     if args.child:
         child(args)
         return 0
     import common
 
-    rows = []
+    rows, stage_rows = [], []
     for model in args.models.split(","):
         row = dict(model=model, keep=args.keep, batch=args.batch)
+        stage_row = dict(model=model, batch=args.batch)
         for backend, label in (("inductor", "ind"), ("fxsparse", "fx")):
             dirs = fresh_dirs()
-            cold = measure(backend, model, args.keep, args.batch, dirs, True, args.timeout, args.device)
-            warm = measure(backend, model, args.keep, args.batch, dirs, True, args.timeout, args.device)
+            run = functools.partial(measure, backend, model, args.keep, args.batch, dirs, True, args.timeout,
+                                    args.device, image_size=args.image_size)
+            cold = run()
+            warm = median_run([run() for _ in range(max(1, args.repeat))])
             row[f"{label}_cold"], row[f"{label}_warm"] = cold.get("compile_s"), warm.get("compile_s")
+            stage_row.update(stage_columns(label, warm))
             if backend == "fxsparse":
                 row.update(tune_s=cold.get("tune_s"), pick_s=cold.get("pick_s"), timed=cold.get("timed"),
                            shipped=cold.get("shipped"), warm_timed=warm.get("timed"))
@@ -149,6 +278,7 @@ def main(argv=None) -> int:
         row["warm_ratio"] = common.ratio(row.get("fx_warm"), row.get("ind_warm"))
         print(row, flush=True)
         rows.append(row)
+        stage_rows.append(stage_row)
     env = common.environment()
     columns = [("model", "model"), ("keep", "keep"), ("batch", "B"), ("ind_cold", "Ind cold s"),
                ("fx_cold", "fx cold s"), ("cold_ratio", "cold fx/Ind"), ("ind_warm", "Ind warm s"),
@@ -160,6 +290,13 @@ def main(argv=None) -> int:
     if args.workers:
         columns += [("fx_cold_par", f"fx cold, {args.workers} compile threads s"), ("par_tune_s", "tune s")]
     columns.append(("note", "note"))
+    stage_table = [("model", "model"), ("batch", "B"), ("ind_warm", "Ind warm s"), ("ind_compile_fx", "Ind compile_fx s"),
+                   ("ind_gc", "Ind GC s"), ("ind_gc_full", "full GCs"),
+                   ("fx_warm", "fx warm s"), ("fx_gc", "fx GC s"), ("fx_gc_full", "full GCs"),
+                   ("fx_outside", "fx: trace + run s")]
+    stage_table += [(f"fx_{s}", f"{s} s") for s in STAGES]
+    common.print_table(stage_rows, stage_table, title=f"\nwhere the warm first call goes (median of {args.repeat}): "
+                                                      "dynamo's trace and the first run, then fxsparse's stages")
     common.print_table(rows, columns, title=f"\ncompile time of the first call | {env['device']} | torch {env['torch']} "
                                             f"| triton {env['triton']} | fp16 channels_last, no_grad")
     return 0
