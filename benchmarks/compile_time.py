@@ -1,19 +1,27 @@
 """Compile time: the first call of torch.compile(backend="fxsparse") against Inductor's default on
-the same masked model, cold and warm.
+the same masked model, cold and warm, and where fxsparse's warm first call goes.
 
     PYTHONPATH=. python benchmarks/compile_time.py [--models resnet50,resnet18,mobilenet_v2] [--keep 0.5]
-        [--batch 64] [--no-table] [--workers 8]
+        [--batch 64] [--no-table] [--workers 8] [--repeat 3] [--image-size 224]
 
 Each measurement runs in a fresh process (Python, torch and the model already loaded when the clock
-starts; the clock covers the first call: tracing, compiling, tuning, running). Cold: empty
+starts, and Inductor's compile_fx imported: torch.compile(backend="inductor") imports it before the
+first call, fxsparse's backend on its first graph; the clock covers the first call: tracing,
+compiling, tuning, running). Cold: empty
 TRITON_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR and FXSPARSE_CACHE_DIR (fxsparse still reads the table of
 tuned launches shipped with it; --no-table adds a column without it; --workers N one with
 settings.compile_workers = N: each shape's candidates compiled on N threads before timing, and the
 launches the cache holds compiled on background threads during the graph's compile). Warm: a second
-process on
-the caches the cold one filled. fxsparse's columns also say where its first call went: seconds in
-the selector's timing of launches (`tune s`, shapes timed / read from the shipped table) and of the
-lowering's triton-vs-aten choices (`pick s`). The table is printed last.
+process on the caches the cold one filled (--repeat N: N such processes, the median). fxsparse's
+columns also say where its first call went: seconds in the selector's timing of launches (`tune s`,
+shapes timed / read from the shipped table) and of the lowering's triton-vs-aten choices (`pick s`).
+
+Then, per model, where the warm first call goes, for both backends: dynamo's trace (and guards),
+the compile (Inductor's compile_fx; fxsparse's whole backend, its compile_fx included), the first
+run of the compiled graph (kernels loaded, CUDA-graph trees warmed up), the garbage collector's
+share of all that, and fxsparse's backend by stage (capture, sparsity, compaction, lowering,
+report: the names of fxsparse/stages.py; then the value guard, Inductor, the rest). The main
+table is printed last.
 """
 from __future__ import annotations
 
@@ -42,59 +50,85 @@ _STAGE_FUNCTIONS = {"capture": ("capture",), "sparsity": ("read_all",),
                     "report": ("_record", "write_dumps"), "guard": ("ValueGuard",), "inductor": ("_inductor",)}
 
 
-@contextlib.contextmanager
-def stage_clock():
-    """{stage: seconds} of fxsparse's compile, filled while the block runs: each stage's entry
-    point in fxsparse.backend wrapped with a clock. `backend` is the whole of compile_graph;
-    `report` also takes what rewrite() spends beyond its four stages; `other` is the rest of the
-    backend (dropping unused inputs, wrappers)."""
-    import fxsparse.backend as B
+def _clocked(fn, seconds: dict, key: str, first_run: bool = False):
+    """`fn`, adding the seconds of its outermost calls to seconds[key] (compile_fx calls itself);
+    with `first_run`, what it returns (a compiled graph) adds its first call to seconds["first_run"]."""
+    depth = [0]
 
-    seconds = dict.fromkeys(STAGES + ("backend", "rewrite"), 0.0)
-    wrapped = {name: stage for stage, names in _STAGE_FUNCTIONS.items() for name in names}
-    wrapped.update(rewrite="rewrite", compile_graph="backend")
-    saved = {name: getattr(B, name) for name in wrapped}
-
-    def clocked(fn, stage):
-        def run(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                seconds[stage] += time.perf_counter() - t0
-        return run
-
-    for name, stage in wrapped.items():
-        setattr(B, name, clocked(saved[name], stage))
-    try:
-        yield seconds
-    finally:
-        for name, fn in saved.items():
-            setattr(B, name, fn)
-        inner = sum(seconds[s] for s in ("capture", "sparsity", "compaction", "lowering"))
-        seconds["report"] += seconds.pop("rewrite") - inner
-        seconds["other"] = seconds["backend"] - sum(seconds[s] for s in STAGES if s != "other")
+    @functools.wraps(fn)
+    def run(*a, **k):
+        t0 = time.perf_counter()
+        depth[0] += 1
+        try:
+            out = fn(*a, **k)
+        finally:
+            depth[0] -= 1
+            if not depth[0]:
+                seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t0
+        return _first_call_clocked(out, seconds) if first_run and not depth[0] else out
+    return run
 
 
-@contextlib.contextmanager
-def compile_fx_clock(seconds: dict):
-    """Adds the seconds Inductor's compile_fx takes (for either backend) to seconds["compile_fx"]."""
-    import torch._inductor.compile_fx as C
+def _first_call_clocked(compiled, seconds: dict):
+    """`compiled`, adding the seconds of its first call to seconds["first_run"]: the compiled graph's
+    first run (kernels loaded, CUDA-graph trees warmed up) inside the first call of the model."""
+    state = {"first": True}
 
-    compile_fx = C.compile_fx
-
-    def clocked(*a, **k):
+    @functools.wraps(compiled)
+    def run(*a, **k):
+        if not state["first"]:
+            return compiled(*a, **k)
+        state["first"] = False
         t0 = time.perf_counter()
         try:
-            return compile_fx(*a, **k)
+            return compiled(*a, **k)
         finally:
-            seconds["compile_fx"] = seconds.get("compile_fx", 0.0) + time.perf_counter() - t0
+            seconds["first_run"] = seconds.get("first_run", 0.0) + time.perf_counter() - t0
+    return run
 
-    C.compile_fx = clocked
+
+@contextlib.contextmanager
+def _patched(module, clocks: dict):
+    """Module attributes replaced by `clocks` {name: replacement} inside the block."""
+    saved = {name: getattr(module, name) for name in clocks}
+    for name, fn in clocks.items():
+        setattr(module, name, fn)
     try:
         yield
     finally:
-        C.compile_fx = compile_fx
+        for name, fn in saved.items():
+            setattr(module, name, fn)
+
+
+@contextlib.contextmanager
+def stage_clock():
+    """{stage: seconds} of fxsparse's compile, filled while the block runs: each stage's entry
+    point in fxsparse.backend wrapped with a clock. `backend` is the whole of compile_graph and
+    `first_run` the first call of the graph it compiled; `report` also takes what rewrite()
+    spends beyond its four stages; `other` is the rest of the backend (dropping unused inputs,
+    wrappers)."""
+    import fxsparse.backend as B
+
+    seconds = dict.fromkeys(STAGES + ("backend", "rewrite"), 0.0)
+    clocks = {name: _clocked(getattr(B, name), seconds, stage)
+              for stage, names in _STAGE_FUNCTIONS.items() for name in names}
+    clocks["rewrite"] = _clocked(B.rewrite, seconds, "rewrite")
+    clocks["compile_graph"] = _clocked(B.compile_graph, seconds, "backend", first_run=True)
+    with _patched(B, clocks):
+        yield seconds
+    inner = sum(seconds[s] for s in ("capture", "sparsity", "compaction", "lowering"))
+    seconds["report"] += seconds.pop("rewrite") - inner
+    seconds["other"] = seconds["backend"] - sum(seconds[s] for s in STAGES if s != "other")
+
+
+@contextlib.contextmanager
+def compile_fx_clock(seconds: dict, first_run: bool = False):
+    """Adds the seconds Inductor's compile_fx takes (for either backend) to seconds["compile_fx"]
+    and, with `first_run` (Inductor alone), the first call of what it compiled to seconds["first_run"]."""
+    import torch._inductor.compile_fx as C
+
+    with _patched(C, {"compile_fx": _clocked(C.compile_fx, seconds, "compile_fx", first_run)}):
+        yield
 
 
 @contextlib.contextmanager
@@ -173,7 +207,7 @@ def child(args) -> None:
     sync()
     with contextlib.ExitStack() as clocks:
         seconds = clocks.enter_context(stage_clock()) if args.backend == "fxsparse" else {}
-        clocks.enter_context(compile_fx_clock(seconds))
+        clocks.enter_context(compile_fx_clock(seconds, first_run=args.backend != "fxsparse"))
         clocks.enter_context(gc_clock(seconds))
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -210,16 +244,31 @@ def median_run(results: list) -> dict:
     return sorted(results, key=lambda r: r["compile_s"])[len(results) // 2]
 
 
-def stage_columns(label: str, result: dict) -> dict:
-    """One backend's part of the stage table: its first call, Inductor's compile_fx within it and,
-    for fxsparse, the time outside the backend (dynamo's trace, guards, the first run) and each stage."""
-    stages = result.get("stages") or {}
-    out = {f"{label}_warm": result.get("compile_s"), f"{label}_compile_fx": stages.get("compile_fx"),
-           f"{label}_gc": stages.get("gc"), f"{label}_gc_full": stages.get("gc_full")}
-    if label == "fx" and "backend" in stages:
-        out["fx_outside"] = result["compile_s"] - stages["backend"]
-        out.update({f"fx_{s}": stages.get(s) for s in STAGES})
+# The rows of the stage table: the warm first call, its parts, then fxsparse's backend by stage.
+PARTS = (("first call", "compile_s"), ("  dynamo's trace and guards", "trace"),
+         ("  compile (Ind: compile_fx; fx: backend)", "compile"), ("  first run of the graph", "first_run"),
+         ("  garbage collection, within those", "gc"), ("  full collections (count)", "gc_full"),
+         ("  Inductor's compile_fx", "compile_fx"))
+
+
+def stage_parts(result: dict, label: str) -> dict:
+    """{part: seconds} of one backend's warm first call (keys of PARTS and, for fxsparse, STAGES)."""
+    stages = dict(result.get("stages") or {})
+    compile_s = stages.get("backend" if label == "fx" else "compile_fx")
+    out = {**stages, "compile_s": result.get("compile_s"), "compile": compile_s}
+    if None not in (compile_s, stages.get("first_run"), result.get("compile_s")):
+        out["trace"] = result["compile_s"] - compile_s - stages["first_run"]
     return out
+
+
+def stage_table(ind: dict, fx: dict) -> list:
+    """Rows (part, Ind s, fx s, fx - Ind s) of the stage table."""
+    rows = [dict(part=name, ind=ind.get(key), fx=fx.get(key)) for name, key in PARTS]
+    rows += [dict(part=f"    fx {stage}", fx=fx.get(stage)) for stage in STAGES]
+    for row in rows:
+        if isinstance(row.get("ind"), (int, float)) and isinstance(row.get("fx"), (int, float)):
+            row["diff"] = row["fx"] - row["ind"]
+    return rows
 
 
 def fresh_dirs() -> dict:
@@ -251,7 +300,7 @@ def main(argv=None) -> int:
     rows, stage_rows = [], []
     for model in args.models.split(","):
         row = dict(model=model, keep=args.keep, batch=args.batch)
-        stage_row = dict(model=model, batch=args.batch)
+        parts = {}
         for backend, label in (("inductor", "ind"), ("fxsparse", "fx")):
             dirs = fresh_dirs()
             run = functools.partial(measure, backend, model, args.keep, args.batch, dirs, True, args.timeout,
@@ -259,7 +308,7 @@ def main(argv=None) -> int:
             cold = run()
             warm = median_run([run() for _ in range(max(1, args.repeat))])
             row[f"{label}_cold"], row[f"{label}_warm"] = cold.get("compile_s"), warm.get("compile_s")
-            stage_row.update(stage_columns(label, warm))
+            parts[label] = stage_parts(warm, label)
             if backend == "fxsparse":
                 row.update(tune_s=cold.get("tune_s"), pick_s=cold.get("pick_s"), timed=cold.get("timed"),
                            shipped=cold.get("shipped"), warm_timed=warm.get("timed"))
@@ -278,7 +327,7 @@ def main(argv=None) -> int:
         row["warm_ratio"] = common.ratio(row.get("fx_warm"), row.get("ind_warm"))
         print(row, flush=True)
         rows.append(row)
-        stage_rows.append(stage_row)
+        stage_rows.append((model, stage_table(parts.get("ind", {}), parts.get("fx", {}))))
     env = common.environment()
     columns = [("model", "model"), ("keep", "keep"), ("batch", "B"), ("ind_cold", "Ind cold s"),
                ("fx_cold", "fx cold s"), ("cold_ratio", "cold fx/Ind"), ("ind_warm", "Ind warm s"),
@@ -290,13 +339,10 @@ def main(argv=None) -> int:
     if args.workers:
         columns += [("fx_cold_par", f"fx cold, {args.workers} compile threads s"), ("par_tune_s", "tune s")]
     columns.append(("note", "note"))
-    stage_table = [("model", "model"), ("batch", "B"), ("ind_warm", "Ind warm s"), ("ind_compile_fx", "Ind compile_fx s"),
-                   ("ind_gc", "Ind GC s"), ("ind_gc_full", "full GCs"),
-                   ("fx_warm", "fx warm s"), ("fx_gc", "fx GC s"), ("fx_gc_full", "full GCs"),
-                   ("fx_outside", "fx: trace + run s")]
-    stage_table += [(f"fx_{s}", f"{s} s") for s in STAGES]
-    common.print_table(stage_rows, stage_table, title=f"\nwhere the warm first call goes (median of {args.repeat}): "
-                                                      "dynamo's trace and the first run, then fxsparse's stages")
+    for model, table in stage_rows:
+        common.print_table(table, [("part", "part"), ("ind", "Ind s"), ("fx", "fx s"), ("diff", "fx - Ind s")],
+                           title=f"\nwhere the warm first call goes | {model} keep {args.keep} B={args.batch} | "
+                                 f"median of {args.repeat} warm processes")
     common.print_table(rows, columns, title=f"\ncompile time of the first call | {env['device']} | torch {env['torch']} "
                                             f"| triton {env['triton']} | fp16 channels_last, no_grad")
     return 0
