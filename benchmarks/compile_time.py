@@ -11,7 +11,8 @@ compiling, tuning, running). Cold: empty
 TRITON_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR and FXSPARSE_CACHE_DIR (fxsparse still reads the table of
 tuned launches shipped with it; --no-table adds a column without it; --workers N one with
 settings.compile_workers = N: each shape's candidates compiled on N threads before timing, and the
-launches the cache holds compiled on background threads during the graph's compile). Warm: a second
+launches the cache holds compiled on background threads during the graph's compile, cold and
+warm). Warm: a second
 process on the caches the cold one filled (--repeat N: N such processes, the median). fxsparse's
 columns also say where its first call went: seconds in the selector's timing of launches (`tune s`,
 shapes timed / read from the shipped table) and of the lowering's triton-vs-aten choices (`pick s`).
@@ -320,9 +321,11 @@ def main(argv=None) -> int:
             row["fx_cold_bare"], row["bare_tune_s"], row["bare_timed"] = (bare.get("compile_s"), bare.get("tune_s"),
                                                                           bare.get("timed"))
         if args.workers:
-            par = measure("fxsparse", model, args.keep, args.batch, fresh_dirs(), not args.no_table, args.timeout,
-                          args.device, args.workers)
+            run = functools.partial(measure, "fxsparse", model, args.keep, args.batch, fresh_dirs(), not args.no_table,
+                                    args.timeout, args.device, args.workers, image_size=args.image_size)
+            par = run()
             row["fx_cold_par"], row["par_tune_s"] = par.get("compile_s"), par.get("tune_s")
+            row["fx_warm_par"] = median_run([run() for _ in range(max(1, args.repeat))]).get("compile_s")
         row["cold_ratio"] = common.ratio(row.get("fx_cold"), row.get("ind_cold"))
         row["warm_ratio"] = common.ratio(row.get("fx_warm"), row.get("ind_warm"))
         print(row, flush=True)
@@ -337,7 +340,8 @@ def main(argv=None) -> int:
     if args.no_table:
         columns += [("fx_cold_bare", "fx cold, no table s"), ("bare_tune_s", "tune s"), ("bare_timed", "timed")]
     if args.workers:
-        columns += [("fx_cold_par", f"fx cold, {args.workers} compile threads s"), ("par_tune_s", "tune s")]
+        columns += [("fx_cold_par", f"fx cold, {args.workers} compile threads s"), ("par_tune_s", "tune s"),
+                    ("fx_warm_par", f"fx warm, {args.workers} compile threads s")]
     columns.append(("note", "note"))
     for model, table in stage_rows:
         common.print_table(table, [("part", "part"), ("ind", "Ind s"), ("fx", "fx s"), ("diff", "fx - Ind s")],

@@ -30,6 +30,7 @@ How each kind maps channels is fxsparse/compaction/rules.py.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 import re
@@ -80,8 +81,9 @@ class OpView:
 
 # -- signatures, bound once per target -------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
 def _sig(fn):
-    return inspect.signature(fn)
+    return inspect.signature(fn)  # (slow to build: one per signature function, kept)
 
 
 def _conv2d_sig(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1): ...
