@@ -354,12 +354,12 @@ class Propagation:
         lin = self.input_layout(v.args["input"])
         # every stored input is read (an unused one through a zero column): liveness already
         # keeps the producer from storing channels no consumer uses
-        rows = kept_out.to(w.device)
+        w_rows = w[kept_out.to(w.device)]  # (rows gathered once, then converted: the head is large)
         dropped = ~lin.kept_mask()
-        folded = w.to(CONST_DTYPE)[rows][:, dropped].cpu() @ lin.const[dropped]
-        w_k = w[rows][:, lin.kept.to(w.device)].contiguous()
+        folded = w_rows[:, dropped.to(w.device)].to("cpu", CONST_DTYPE) @ lin.const[dropped]
+        w_k = w_rows[:, lin.kept.to(w.device)].contiguous()
         b_k = (bias[kept_out] + folded).to(b.device, b.dtype)
-        ideal_in = int(((w[rows] != 0).any(0).cpu() & lin.kept_mask()).sum())
+        ideal_in = int(((w_rows != 0).any(0).cpu() & lin.kept_mask()).sum())
         self.linear_plans[n] = LinearPlan(lin, Layout(c, kept_out, bias.clone()), lin.kept, w_k, b_k, ideal_in)
         return self.linear_plans[n].out_layout
 
