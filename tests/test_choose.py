@@ -197,15 +197,34 @@ def test_auto_on_cpu_without_override_is_aten(tmp_path):
     assert all(r["choice"] is None for r in g["convs"])
 
 
-def test_training_is_not_measured(tmp_path):
+def test_training_is_measured_per_conv_under_its_own_key(tmp_path):
+    """In training "auto" times each compacted dense conv, forward and backward, as a
+    TrainConvShape (never as an inference chain); a failure there keeps aten."""
+    from fxsparse.ops import triton_interpreter_on
+
+    if not triton_interpreter_on():
+        pytest.skip("on the CPU the op runs training convs only under the Triton interpreter")
     model, shape = pruned("chain")
     model.train()
     log = []
     with choose.override(rule_timer(lambda s: True, log=log)):
         c = compile_model(model, tmp_path, lowering="auto")
         c(torch.randn(shape)).sum().backward()
-    assert not log
-    assert report(tmp_path)["graphs"][0]["lowering"] == "aten"
+    g = report(tmp_path)["graphs"][0]
+    rows = [r for r in g["convs"] if r["lowering"] != "unchanged"]
+    assert g["lowering"] == "auto" and rows
+    assert log and all(isinstance(s, choose.TrainConvShape) for _, s in log), log
+    assert all(r["lowering"] == "aten" and r["choice"] == "measured: triton 10.0 us vs aten 5.0 us" for r in rows)
+
+    def broken(name, shape, fn):
+        raise RuntimeError("no timer here")
+
+    torch._dynamo.reset()
+    with choose.override(broken):
+        c = compile_model(model, tmp_path, lowering="auto")
+        c(torch.randn(shape)).sum().backward()
+    rows = [r for r in report(tmp_path)["graphs"][-1]["convs"] if r["lowering"] != "unchanged"]
+    assert rows and all(r["lowering"] == "aten" and r["choice"].startswith("timing failed") for r in rows), rows
 
 
 def test_timing_failure_keeps_the_fused_op(tmp_path):

@@ -19,10 +19,17 @@ cost included) where it will not. Decisions are kept per shape signature
 (`ChainShape`) for the process and in the tuning cache on disk, so identical
 layers are timed once. A failure while timing falls back to "triton" and says why.
 
+In training (lowering/training.py) the question is the same per compacted dense conv,
+forward and backward together (`TrainConvProblem`): the op, whose backward is aten's
+conv backward, against the aten conv, on the conv's compacted shapes and its autocast
+dtype; its decisions are kept under their own key, apart from the chains'. A failure
+while timing keeps aten there.
+
 The timer is pluggable: `override(timer)` installs one (with a fresh cache) and
 also enables the choice where it is otherwise off (CPU, fp32), which is how the
-CPU tests drive a mixed graph. Without an override the choice runs only for
-fp16/bf16 inference on CUDA outside the Triton interpreter.
+CPU tests drive a mixed graph. Without an override the choice runs only on CUDA
+outside the Triton interpreter: for fp16/bf16 inference, and in training for each conv
+that runs in fp16/bf16 (autocast or a half model).
 """
 from __future__ import annotations
 
@@ -98,6 +105,10 @@ def zero_row_weights(weight, bias, bias_map, index, fill, rows: int) -> tuple:
 @dataclass
 class ChainProblem:
     """One chain as the lowering will emit it: constants real, activations to be made up."""
+    KEY = "chain"  # the selector's key, beside the shape
+    FALLBACK = "triton"  # kept where timing fails
+    ATEN = "aten+epilogue"  # what the aten candidate runs, as the reason names it
+
     shape: ChainShape
     weight: torch.Tensor  # [out_channels, used_in, kh, kw], channels_last, model dtype
     bias: Optional[torch.Tensor]
@@ -107,6 +118,10 @@ class ChainProblem:
     fill: Optional[torch.Tensor]
     out_hw: tuple
     fused_args: Optional[ConvArgs] = field(default=None, repr=False)  # the op's arguments, once candidates() ran
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
 
     @property
     def has_epilogue(self) -> bool:
@@ -160,6 +175,84 @@ class ChainProblem:
         return {"triton": triton, "aten": aten_path}
 
 
+@dataclass(frozen=True)
+class TrainConvShape:
+    """What decides a training conv's forward + backward speed: the cache key (kept apart
+    from the chains' by its own key in the selector and on disk)."""
+    batch: int
+    in_channels: int  # channels the conv reads (after any gather)
+    height: int
+    width: int
+    out_channels: int  # kept output channels
+    kernel: tuple
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    bias: bool
+    dtype: str  # the conv's compute dtype (autocast's)
+    device: str
+    channels_last: bool  # the input's memory format
+    input_grad: bool  # the backward computes the input's gradient (not for the first conv)
+    weight_grad: bool
+    graphed: bool = False
+
+    def describe(self) -> str:
+        k = "x".join(map(str, self.kernel))
+        return (f"train N={self.batch} {self.in_channels}->{self.out_channels} {k} s{self.stride[0]} "
+                f"{self.height}x{self.width} {self.dtype}")
+
+
+@dataclass
+class TrainConvProblem:
+    """One compacted dense conv of a training graph: forward and backward of the fused op (a plain
+    conv, backward by aten's conv backward) against the aten conv, on random tensors of its shapes."""
+    KEY = "train-conv"
+    FALLBACK = "aten"  # the training lowering's long-standing conv
+    ATEN = "aten"
+
+    shape: TrainConvShape
+    device: torch.device
+
+    def candidates(self) -> dict:
+        """{"triton": fn, "aten": fn}, each one forward and backward; returns the forward's output."""
+        s = self.shape
+        dtype = getattr(torch, s.dtype)
+        make = dict(device=self.device, dtype=dtype)
+        x = torch.randn(s.batch, s.in_channels, s.height, s.width, **make)
+        if s.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        w = torch.randn(s.out_channels, s.in_channels, *s.kernel, **make) / (s.in_channels * s.kernel[0] * s.kernel[1]) ** 0.5
+        w_cl = w.contiguous(memory_format=torch.channels_last)  # as the lowering hands it to the op
+        b = torch.randn(s.out_channels, **make) if s.bias else None
+        x.requires_grad_(s.input_grad)
+        for t in (w, w_cl, b):
+            if t is not None:
+                t.requires_grad_(s.weight_grad)
+        ho, wo = (output_size(size, k, st, p, d) for size, k, st, p, d in
+                  zip((s.height, s.width), s.kernel, s.stride, s.padding, s.dilation))
+        grad = torch.randn(s.batch, s.out_channels, ho, wo, **make).contiguous(memory_format=torch.channels_last)
+        stride, padding, dilation = list(s.stride), list(s.padding), list(s.dilation)
+
+        def forward_backward(forward, weight):
+            leaves = [t for t in (x, weight, b) if t is not None and t.requires_grad]
+
+            def run():
+                y = forward(weight)
+                if leaves:
+                    torch.autograd.grad(y, leaves, grad)
+                return y
+            return run
+
+        def triton(weight):
+            return torch.ops.fxsparse.conv2d.default(x, weight, b, stride, padding, dilation, None, None,
+                                                     s.out_channels, None, None, None, "none", False)
+
+        def aten(weight):
+            return torch.conv2d(x, weight, b, s.stride, s.padding, s.dilation, 1)
+
+        return {"triton": forward_backward(triton, w_cl), "aten": forward_backward(aten, w)}
+
+
 def aten_call(args: ConvArgs) -> ConvCall:
     """The tensors of `args` as the aten choice reads them (its output is computed, not written: `out`
     only carries the output's shape)."""
@@ -201,9 +294,9 @@ class Chooser:
         self.timed: list = []  # ChainShape of every chain actually timed, in order
 
     def enabled(self, on_gpu: bool, half: bool, inference: bool) -> bool:
-        if not inference:
-            return False
-        return self.forced or (on_gpu and half and not triton_interpreter_on())
+        """Whether "auto" measures at all; in training `half` is known per conv only (autocast),
+        and convs that do not run in fp16/bf16 keep aten there."""
+        return self.forced or (on_gpu and (half or not inference) and not triton_interpreter_on())
 
     def choose(self, problem: ChainProblem) -> Decision:
         hit = self.cache.get(problem.shape)
@@ -214,28 +307,30 @@ class Chooser:
             self.cache[problem.shape] = decision
         return decision
 
-    def _measure(self, problem: ChainProblem) -> Decision:
-        if problem.weight.is_cuda and torch.cuda.is_current_stream_capturing():
-            return Decision("triton", "not measured (a CUDA graph capture is in progress): triton")
+    def _measure(self, problem) -> Decision:
+        """`problem`: a ChainProblem or a TrainConvProblem (their KEY, FALLBACK and ATEN say how)."""
+        fallback = problem.FALLBACK
+        if problem.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return Decision(fallback, f"not measured (a CUDA graph capture is in progress): {fallback}")
         try:
             cands = problem.candidates()
             self.timed.append(problem.shape)
             timer = None if self.timer is cuda_timer else (lambda name, fn: self.timer(name, problem.shape, fn))
             # (an overriding timer is the tests': its answers are not kept on disk)
-            name, times = selector.pick(("chain", problem.shape), cands, graphed=problem.shape.graphed, timer=timer,
-                                        persist=timer is None)
-        except Exception as e:  # noqa: BLE001 - any failure keeps the fused op
-            return Decision("triton", f"timing failed ({type(e).__name__}: {e}): triton")
+            name, times = selector.pick((problem.KEY, problem.shape), cands, graphed=problem.shape.graphed,
+                                        timer=timer, persist=timer is None)
+        except Exception as e:  # noqa: BLE001 - any failure keeps the fallback
+            return Decision(fallback, f"timing failed ({type(e).__name__}: {e}): {fallback}")
         if not times:
-            if name == "triton":
+            if name == "triton" and isinstance(problem, ChainProblem):
                 _compile_ahead(problem, cands["triton"])
             return Decision(name, f"from the tuning cache: {name}", measured=True)
         t, a = times.get("triton"), times.get("aten")
         if timer is None:
             t, a = (None if v is None else v * 1e3 for v in (t, a))
         if t is None:
-            return Decision("triton", "timing failed (the fused op did not run): triton")
-        reason = f"measured: triton {t:.1f} us vs aten+epilogue {a:.1f} us" if a is not None else \
+            return Decision(fallback, f"timing failed (the fused op did not run): {fallback}")
+        reason = f"measured: triton {t:.1f} us vs {problem.ATEN} {a:.1f} us" if a is not None else \
             f"measured: triton {t:.1f} us (aten failed)"
         return Decision(name, reason, t, a, measured=True)
 
