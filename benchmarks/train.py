@@ -4,6 +4,9 @@ against the physically pruned model (Torch-Pruning) under Inductor.
     PYTHONPATH=. python benchmarks/train.py --quick       # CPU, one thread, CI: asserts exactness
     PYTHONPATH=. python benchmarks/train.py               # GPU: ResNet-50 and MobileNet-v2, B=64,
                                                           # AMP fp16 and bf16, channels_last
+    PYTHONPATH=. python benchmarks/train.py --variants ind,fxa,fx --lowering auto
+                                                          # GPU: fxsparse's convs on aten against
+                                                          # the faster of the fused op and cuDNN
 
 A step is forward, cross-entropy on random labels, backward and SGD (momentum 0.9) on the
 model's own parameters (`weight_orig` of the masked convs); on the GPU under autocast, with a
@@ -12,9 +15,13 @@ Torch-Pruning's groups where it is installed, which also gives the physical mode
 `fxsparse.sparsify`'s coupled groups). Columns (ms per step; GPU: CUDA-event time of `--steps`
 steps after warmup; CPU: median wall clock):
 
-  eager / Inductor / fxsparse / TP Ind    the masked model eager, under Inductor, under fxsparse;
+  eager / Inductor / fxsparse / TP Ind    the masked model eager, under Inductor, under fxsparse
+                                          (option `lowering` = `--lowering`, default auto);
                                           Torch-Pruning's physical model under Inductor
-  fx vs Ind, fx vs TP                     speedups (Inductor / fxsparse, TP / fxsparse)
+  fx aten                                 variant `fxa`: fxsparse with lowering "aten" (every
+                                          compacted conv on cuDNN), beside `fx`
+  triton convs                            fxsparse's report: compacted convs run as the fused op / all
+  fx vs Ind, fx vs TP, fx vs fx aten      speedups (Inductor / fxsparse, TP / fxsparse, fxa / fx)
   compile s                               the first step (forward and backward compiled)
   MACs kept                               fxsparse's report: conv MACs computed / before
   exact                                   after `--check-steps` steps from the same state on the
@@ -49,9 +56,11 @@ import fxsparse  # noqa: E402
 
 COLUMNS = [
     ("model", "model"), ("dtype", "dtype"), ("batch", "B"), ("macs_kept", "MACs kept"),
-    ("eager_ms", "eager ms"), ("ind_ms", "Inductor ms"), ("fx_ms", "fxsparse ms"), ("tp_ms", "TP Ind ms"),
-    ("fx_vs_ind", "fx vs Ind"), ("fx_vs_tp", "fx vs TP"),
-    ("ind_compile_s", "Ind compile s"), ("fx_compile_s", "fx compile s"), ("tp_compile_s", "TP compile s"),
+    ("lowering", "lowering"), ("triton_convs", "triton convs"),
+    ("eager_ms", "eager ms"), ("ind_ms", "Inductor ms"), ("fxa_ms", "fx aten ms"), ("fx_ms", "fxsparse ms"),
+    ("tp_ms", "TP Ind ms"), ("fx_vs_ind", "fx vs Ind"), ("fx_vs_tp", "fx vs TP"), ("fx_vs_fxa", "fx vs fx aten"),
+    ("ind_compile_s", "Ind compile s"), ("fxa_compile_s", "fx aten compile s"), ("fx_compile_s", "fx compile s"),
+    ("tp_compile_s", "TP compile s"),
     ("param_err", "param err"), ("buffer_err", "buffer err"), ("counters_ok", "nbt ok"),
 ]
 FINETUNE_COLUMNS = [("what", "fine-tune"), ("ind_ms", "Inductor ms/step"), ("fx_ms", "fxsparse ms/step"),
@@ -154,19 +163,33 @@ def time_steps(trainers: dict, x, y, steps: int) -> dict:
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def fxsparse_report_macs() -> Optional[float]:
-    graphs = [g for g in fxsparse.report.current_report(None).graphs if g.mode == "training"]
+def training_graphs(start: int = 0) -> list:
+    """fxsparse's training graphs in the report, from the `start`th graph on."""
+    return [g for g in fxsparse.report.current_report(None).graphs[start:] if g.mode == "training"]
+
+
+def fxsparse_report_macs(graphs: list) -> Optional[float]:
     before = sum(g.macs_before for g in graphs)
     return sum(g.macs_after for g in graphs) / before if before else None
 
 
+def triton_convs(graphs: list) -> str:
+    """"k/n": of the n compacted convs, k run as the fused op."""
+    rows = [c for g in graphs for c in g.convs if c.lowering != "unchanged"]
+    return f"{sum(c.lowering == 'triton' for c in rows)}/{len(rows)}"
+
+
+def fxsparse_forward(model: nn.Module, lowering: str):
+    return torch.compile(model, backend="fxsparse", dynamic=False, options={"lowering": lowering})
+
+
 # --------------------------------------------------------------------------- exactness
 
-def exactness(make, device: str, dtype, batch: int, shape, classes: int, steps: int) -> dict:
+def exactness(make, device: str, dtype, batch: int, shape, classes: int, steps: int, lowering: str) -> dict:
     """fxsparse against eager from the same state on the same batches."""
     eager, mine = place(make(), device), place(make(), device)
     torch._dynamo.reset()  # (after building: see model_row)
-    compiled = torch.compile(mine, backend="fxsparse", dynamic=False)
+    compiled = fxsparse_forward(mine, lowering)
     t_eager, t_fx = Trainer(eager, eager, dtype, device), Trainer(mine, compiled, dtype, device)
     g = torch.Generator().manual_seed(1)
     loss_err = 0.0
@@ -191,15 +214,15 @@ def batch_of(batch: int, shape, classes: int, device: str, g: torch.Generator) -
 # --------------------------------------------------------------------------- a row
 
 def model_row(name: str, keep: float, dtype_name: str, batch: int, device: str, steps: int, check_steps: int,
-              image: int, variants: tuple) -> dict:
+              image: int, variants: tuple, lowering: str = "auto") -> dict:
     dtype = DTYPES[dtype_name]
     make, physical, how = masked_and_physical(name, keep, image)
     shape = bm.build(name)[1] if name != "small_resnet" else (3, image, image)
     classes = bm.classifier(make()).out_features
     g = torch.Generator().manual_seed(0)
     x, y = batch_of(batch, shape, classes, device, g)
-    row = {"model": name, "dtype": dtype_name, "batch": batch, "keep": keep, "masks": how}
-    labels = [v for v in ("eager", "ind", "fx", "tp") if v in variants and (v != "tp" or physical is not None)]
+    row = {"model": name, "dtype": dtype_name, "batch": batch, "keep": keep, "masks": how, "lowering": lowering}
+    labels = [v for v in ("eager", "ind", "fxa", "fx", "tp") if v in variants and (v != "tp" or physical is not None)]
     models = {v: place(physical if v == "tp" else make(), device) for v in labels}
     # models built (choosing masks traces at batch 1), then dynamo's caches cleared once: the
     # compiled models stay compiled while they are timed in turns
@@ -207,18 +230,25 @@ def model_row(name: str, keep: float, dtype_name: str, batch: int, device: str, 
     fxsparse.report.current_report(None).graphs.clear()
     trainers = {}
     for label, m in models.items():
-        forward = m if label == "eager" else torch.compile(
-            m, backend="fxsparse" if label == "fx" else "inductor", dynamic=False)
+        if label == "eager":
+            forward = m
+        elif label in ("fx", "fxa"):
+            forward = fxsparse_forward(m, lowering if label == "fx" else "aten")
+        else:
+            forward = torch.compile(m, backend="inductor", dynamic=False)
         trainers[label] = Trainer(m, forward, dtype, device)
+        start = len(fxsparse.report.current_report(None).graphs)
         if label != "eager":
             row[f"{label}_compile_s"] = timed_first_step(trainers[label], x, y)
         if label == "fx":
-            row["macs_kept"] = fxsparse_report_macs()
+            row["macs_kept"] = fxsparse_report_macs(training_graphs(start))
+            row["triton_convs"] = triton_convs(training_graphs(start))
     row.update({f"{k}_ms": v for k, v in time_steps(trainers, x, y, steps).items()})
     if check_steps:
-        row.update(exactness(make, device, dtype, batch, shape, classes, check_steps))
+        row.update(exactness(make, device, dtype, batch, shape, classes, check_steps, lowering))
     row["fx_vs_ind"] = common.ratio(row.get("ind_ms"), row.get("fx_ms"))
     row["fx_vs_tp"] = common.ratio(row.get("tp_ms"), row.get("fx_ms"))
+    row["fx_vs_fxa"] = common.ratio(row.get("fxa_ms"), row.get("fx_ms"))
     return row
 
 
@@ -265,7 +295,10 @@ def main(argv: Optional[list] = None) -> None:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     p.add_argument("--check-steps", type=int, default=3, help="exactness steps against eager (0: skip)")
-    p.add_argument("--variants", default="eager,ind,fx,tp")
+    p.add_argument("--variants", default="eager,ind,fx,tp",
+                   help="of eager, ind, fx, fxa (fxsparse with lowering aten), tp")
+    p.add_argument("--lowering", default="auto", choices=("auto", "triton", "aten"),
+                   help="fxsparse's option `lowering` for the fx variant (and the exactness check)")
     p.add_argument("--finetune-steps", type=int, default=20)
     p.add_argument("--budget-s", type=float, default=540, help="start no new row after this many seconds")
     p.add_argument("--json", metavar="PATH")
@@ -274,7 +307,8 @@ def main(argv: Optional[list] = None) -> None:
     device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
     if device == "cuda":
         torch.backends.cudnn.benchmark = True
-        os.environ.setdefault("FXSPARSE_TUNE", "off")  # training uses aten convs; nothing to tune
+        if args.lowering == "aten":
+            os.environ.setdefault("FXSPARSE_TUNE", "off")  # aten convs only: nothing to tune
     if args.quick:
         torch.set_num_threads(1)
         plan = [("small_resnet", "fp32", 16, 16)]
@@ -290,7 +324,7 @@ def main(argv: Optional[list] = None) -> None:
         if name == "small_resnet":
             bm.IMAGE_SIZE["small_resnet"] = image
         row = model_row(name, args.keep, dtype_name, batch, device, steps, args.check_steps, image,
-                        tuple(args.variants.split(",")))
+                        tuple(args.variants.split(",")), args.lowering)
         rows.append(row)
         print(f"[{time.perf_counter() - start:6.1f}s] " + ", ".join(
             f"{k}={common._fmt(v, '.3g')}" for k, v in row.items()), flush=True)

@@ -214,43 +214,41 @@ class TrainConvProblem:
     device: torch.device
 
     def candidates(self) -> dict:
-        """{"triton": fn, "aten": fn}, each one forward and backward; returns the forward's output."""
+        """{"triton": fn, "aten": fn}, each one forward and backward as the compiled training graph
+        runs them: the fused op or aten's conv, then aten's conv backward (the op's backward) for
+        the gradients the graph needs. Returns the forward's output."""
         s = self.shape
-        dtype = getattr(torch, s.dtype)
-        make = dict(device=self.device, dtype=dtype)
+        make = dict(device=self.device, dtype=getattr(torch, s.dtype))
         x = torch.randn(s.batch, s.in_channels, s.height, s.width, **make)
         if s.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        w = torch.randn(s.out_channels, s.in_channels, *s.kernel, **make) / (s.in_channels * s.kernel[0] * s.kernel[1]) ** 0.5
+        fan_in = s.in_channels * s.kernel[0] * s.kernel[1]
+        w = torch.randn(s.out_channels, s.in_channels, *s.kernel, **make) / fan_in ** 0.5
         w_cl = w.contiguous(memory_format=torch.channels_last)  # as the lowering hands it to the op
         b = torch.randn(s.out_channels, **make) if s.bias else None
-        x.requires_grad_(s.input_grad)
-        for t in (w, w_cl, b):
-            if t is not None:
-                t.requires_grad_(s.weight_grad)
         ho, wo = (output_size(size, k, st, p, d) for size, k, st, p, d in
                   zip((s.height, s.width), s.kernel, s.stride, s.padding, s.dilation))
         grad = torch.randn(s.batch, s.out_channels, ho, wo, **make).contiguous(memory_format=torch.channels_last)
         stride, padding, dilation = list(s.stride), list(s.padding), list(s.dilation)
+        mask = [s.input_grad, s.weight_grad, s.bias and s.weight_grad]  # (a bias trains as its weight)
 
-        def forward_backward(forward, weight):
-            leaves = [t for t in (x, weight, b) if t is not None and t.requires_grad]
+        def backward(weight):
+            if any(mask):
+                torch.ops.aten.convolution_backward(grad, x, weight, [s.out_channels] if s.bias else None, stride,
+                                                    padding, dilation, False, [0, 0], 1, mask)
 
-            def run():
-                y = forward(weight)
-                if leaves:
-                    torch.autograd.grad(y, leaves, grad)
-                return y
-            return run
+        def triton():
+            y = torch.ops.fxsparse.conv2d.default(x, w_cl, b, stride, padding, dilation, None, None,
+                                                  s.out_channels, None, None, None, "none", False)
+            backward(w_cl)
+            return y
 
-        def triton(weight):
-            return torch.ops.fxsparse.conv2d.default(x, weight, b, stride, padding, dilation, None, None,
-                                                     s.out_channels, None, None, None, "none", False)
+        def aten():
+            y = torch.conv2d(x, w, b, s.stride, s.padding, s.dilation, 1)
+            backward(w)
+            return y
 
-        def aten(weight):
-            return torch.conv2d(x, weight, b, s.stride, s.padding, s.dilation, 1)
-
-        return {"triton": forward_backward(triton, w_cl), "aten": forward_backward(aten, w)}
+        return {"triton": triton, "aten": aten}
 
 
 def aten_call(args: ConvArgs) -> ConvCall:
