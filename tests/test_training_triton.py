@@ -201,3 +201,30 @@ def test_amp_train_steps_with_the_fused_op_on_cuda(lowering, dtype, tmp_path):
         assert fused_calls(tmp_path) == len(dense)
     else:
         assert all(r["choice"] and r["choice"].startswith(("measured", "from the tuning cache")) for r in dense), rows
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("stride,dilation,bias", [(1, 1, False), (2, 2, True)])
+def test_fused_op_gradients_are_cudnn_conv_gradients(dtype, stride, dilation, bias):
+    """On CUDA the op as training calls it (plain conv + bias, channels_last weight) gives the
+    forward of the aten conv within fp16/bf16 rounding and the same input, weight and bias
+    gradients (its backward is aten's conv backward)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    kw = dict(device="cuda", dtype=dtype)
+    x = torch.randn(4, 24, 14, 14, generator=g, **kw).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(40, 24, 3, 3, generator=g, **kw) / 15).contiguous(memory_format=torch.channels_last)
+    b = torch.randn(40, generator=g, **kw) if bias else None
+    leaves = [t.requires_grad_(True) for t in (x, w, b) if t is not None]
+    args = (list((stride, stride)), [dilation, dilation], [dilation, dilation])
+    y = torch.ops.fxsparse.conv2d.default(x, w, b, *args, None, None, 40, None, None, None, "none", False)
+    ref = torch.conv2d(x, w, b, *args, 1)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(y, ref, **tol)
+    gy = torch.randn(y.shape, generator=g, **kw).contiguous(memory_format=torch.channels_last)
+    got = torch.autograd.grad(y, leaves, gy)
+    want = torch.autograd.grad(ref, leaves, gy)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-3, atol=1e-3)
