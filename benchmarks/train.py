@@ -14,7 +14,9 @@ steps after warmup; CPU: median wall clock):
 
   eager / Inductor / fxsparse / TP Ind    the masked model eager, under Inductor, under fxsparse;
                                           Torch-Pruning's physical model under Inductor
-  fx vs Ind, fx vs TP                     speedups (Inductor / fxsparse, TP / fxsparse)
+  Ind+cg / fx+cg / TP+cg                  the same under CUDA graphs (variants indcg, fxcg, tpcg)
+  fx vs Ind, fx vs TP                     speedups, each side the better of with and without CUDA
+                                          graphs
   compile s                               the first step (forward and backward compiled)
   MACs kept                               fxsparse's report: conv MACs computed / before
   exact                                   after `--check-steps` steps from the same state on the
@@ -29,6 +31,7 @@ fxsparse and through Inductor. The table is printed last.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -49,13 +52,15 @@ import fxsparse  # noqa: E402
 
 COLUMNS = [
     ("model", "model"), ("dtype", "dtype"), ("batch", "B"), ("macs_kept", "MACs kept"),
-    ("eager_ms", "eager ms"), ("ind_ms", "Inductor ms"), ("fx_ms", "fxsparse ms"), ("tp_ms", "TP Ind ms"),
+    ("eager_ms", "eager ms"), ("ind_ms", "Inductor ms"), ("indcg_ms", "Ind+cg ms"), ("fx_ms", "fxsparse ms"),
+    ("fxcg_ms", "fx+cg ms"), ("tp_ms", "TP Ind ms"), ("tpcg_ms", "TP+cg ms"),
     ("fx_vs_ind", "fx vs Ind"), ("fx_vs_tp", "fx vs TP"),
     ("ind_compile_s", "Ind compile s"), ("fx_compile_s", "fx compile s"), ("tp_compile_s", "TP compile s"),
     ("param_err", "param err"), ("buffer_err", "buffer err"), ("counters_ok", "nbt ok"),
 ]
 FINETUNE_COLUMNS = [("what", "fine-tune"), ("ind_ms", "Inductor ms/step"), ("fx_ms", "fxsparse ms/step"),
                     ("fx_vs_ind", "fx vs Ind"), ("loss_err", "max |loss fx - loss Ind|")]
+VARIANTS = ("eager", "ind", "indcg", "fx", "fxcg", "tp", "tpcg")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -199,27 +204,41 @@ def model_row(name: str, keep: float, dtype_name: str, batch: int, device: str, 
     g = torch.Generator().manual_seed(0)
     x, y = batch_of(batch, shape, classes, device, g)
     row = {"model": name, "dtype": dtype_name, "batch": batch, "keep": keep, "masks": how}
-    labels = [v for v in ("eager", "ind", "fx", "tp") if v in variants and (v != "tp" or physical is not None)]
-    models = {v: place(physical if v == "tp" else make(), device) for v in labels}
+    labels = [v for v in VARIANTS if v in variants and (not v.startswith("tp") or physical is not None)]
+    models = {v: place(copy.deepcopy(physical) if v.startswith("tp") else make(), device) for v in labels}
     # models built (choosing masks traces at batch 1), then dynamo's caches cleared once: the
     # compiled models stay compiled while they are timed in turns
     torch._dynamo.reset()
     fxsparse.report.current_report(None).graphs.clear()
     trainers = {}
     for label, m in models.items():
-        forward = m if label == "eager" else torch.compile(
-            m, backend="fxsparse" if label == "fx" else "inductor", dynamic=False)
-        trainers[label] = Trainer(m, forward, dtype, device)
-        if label != "eager":
+        trainers[label] = Trainer(m, compiled(m, label), dtype, device)
+        if label in ("ind", "fx", "tp"):
             row[f"{label}_compile_s"] = timed_first_step(trainers[label], x, y)
         if label == "fx":
             row["macs_kept"] = fxsparse_report_macs()
     row.update({f"{k}_ms": v for k, v in time_steps(trainers, x, y, steps).items()})
     if check_steps:
         row.update(exactness(make, device, dtype, batch, shape, classes, check_steps))
-    row["fx_vs_ind"] = common.ratio(row.get("ind_ms"), row.get("fx_ms"))
-    row["fx_vs_tp"] = common.ratio(row.get("tp_ms"), row.get("fx_ms"))
+    row["fx_vs_ind"] = common.ratio(best_ms(row, "ind"), best_ms(row, "fx"))
+    row["fx_vs_tp"] = common.ratio(best_ms(row, "tp"), best_ms(row, "fx"))
     return row
+
+
+def compiled(model: nn.Module, label: str):
+    """The step's forward for a variant: eager, or compiled (a "cg" suffix: under CUDA graphs)."""
+    if label == "eager":
+        return model
+    graphs = label.endswith("cg")
+    if label.startswith("fx"):
+        return torch.compile(model, backend="fxsparse", dynamic=False, options={"cudagraphs": True} if graphs else None)
+    return torch.compile(model, dynamic=False, mode="reduce-overhead" if graphs else None)
+
+
+def best_ms(row: dict, label: str) -> Optional[float]:
+    """The faster of a variant with and without CUDA graphs."""
+    times = [row[k] for k in (f"{label}_ms", f"{label}cg_ms") if row.get(k) is not None]
+    return min(times) if times else None
 
 
 def finetune_row(steps: int, device: str, quick: bool) -> dict:
@@ -265,7 +284,8 @@ def main(argv: Optional[list] = None) -> None:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     p.add_argument("--check-steps", type=int, default=3, help="exactness steps against eager (0: skip)")
-    p.add_argument("--variants", default="eager,ind,fx,tp")
+    p.add_argument("--variants", default="eager,ind,fx,tp",
+                   help=f"of {','.join(VARIANTS)} (cg: the compiled graphs under CUDA graphs)")
     p.add_argument("--finetune-steps", type=int, default=20)
     p.add_argument("--budget-s", type=float, default=540, help="start no new row after this many seconds")
     p.add_argument("--json", metavar="PATH")
