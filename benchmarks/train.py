@@ -20,9 +20,11 @@ steps after warmup; CPU: median wall clock):
   compile s                               the first step (forward and backward compiled)
   MACs kept                               fxsparse's report: conv MACs computed / before
   exact                                   after `--check-steps` steps from the same state on the
-                                          same batches: max |param - eager's| and max |buffer -
-                                          eager's| (BatchNorm running statistics), and whether
-                                          num_batches_tracked agree
+                                          same batches (fp16: loss scale 256, so that no step is
+                                          skipped on one side only): max |param - eager's| beside
+                                          how far eager's parameters moved, max |buffer - eager's|
+                                          / max(1, |eager's|) (BatchNorm running statistics), and
+                                          whether num_batches_tracked agree
 
 `--finetune-steps N` adds the seed's distillation fine-tune (`fxsparse.nn.finetune`, the seed
 layer Conv2d 64->128 3x3 on 56x56, B=16, 50% of output channels masked) per step, through
@@ -56,7 +58,7 @@ COLUMNS = [
     ("fxcg_ms", "fx+cg ms"), ("tp_ms", "TP Ind ms"), ("tpcg_ms", "TP+cg ms"),
     ("fx_vs_ind", "fx vs Ind"), ("fx_vs_tp", "fx vs TP"),
     ("ind_compile_s", "Ind compile s"), ("fx_compile_s", "fx compile s"), ("tp_compile_s", "TP compile s"),
-    ("param_err", "param err"), ("buffer_err", "buffer err"), ("counters_ok", "nbt ok"),
+    ("param_err", "param err"), ("param_moved", "params moved"), ("buffer_err", "buffer err (rel)"), ("counters_ok", "nbt ok"),
 ]
 FINETUNE_COLUMNS = [("what", "fine-tune"), ("ind_ms", "Inductor ms/step"), ("fx_ms", "fxsparse ms/step"),
                     ("fx_vs_ind", "fx vs Ind"), ("loss_err", "max |loss fx - loss Ind|")]
@@ -98,12 +100,12 @@ def place(model: nn.Module, device: str) -> nn.Module:
 class Trainer:
     """`step(x, y)`: forward (through `forward`), loss, backward, SGD on `model`'s parameters."""
 
-    def __init__(self, model: nn.Module, forward, dtype: torch.dtype, device: str):
+    def __init__(self, model: nn.Module, forward, dtype: torch.dtype, device: str, init_scale: float = 2.0**16):
         self.model, self.forward, self.dtype, self.device = model, forward, dtype, device
         self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         amp = device == "cuda" and dtype != torch.float32
         self.autocast = torch.autocast(device, dtype=dtype, enabled=amp)
-        self.scaler = torch.amp.GradScaler(device, enabled=amp and dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(device, init_scale=init_scale, enabled=amp and dtype == torch.float16)
 
     def step(self, x, y) -> torch.Tensor:
         self.opt.zero_grad(set_to_none=True)
@@ -169,21 +171,27 @@ def fxsparse_report_macs() -> Optional[float]:
 
 def exactness(make, device: str, dtype, batch: int, shape, classes: int, steps: int) -> dict:
     """fxsparse against eager from the same state on the same batches."""
-    eager, mine = place(make(), device), place(make(), device)
+    eager, mine, start = place(make(), device), place(make(), device), place(make(), device)
     torch._dynamo.reset()  # (after building: see model_row)
     compiled = torch.compile(mine, backend="fxsparse", dynamic=False)
-    t_eager, t_fx = Trainer(eager, eager, dtype, device), Trainer(mine, compiled, dtype, device)
+    # a loss scale that overflows in neither: a step one side skips and the other takes is not an error
+    t_eager, t_fx = Trainer(eager, eager, dtype, device, 2.0**8), Trainer(mine, compiled, dtype, device, 2.0**8)
     g = torch.Generator().manual_seed(1)
     loss_err = 0.0
     for _ in range(steps):
         x, y = batch_of(batch, shape, classes, device, g)
         loss_err = max(loss_err, abs(float(t_eager.step(x, y)) - float(t_fx.step(x, y))))
+    moved = max(float((p - q).abs().max()) for p, q in zip(eager.parameters(), start.parameters()))
     params = max(float((p - q).abs().max()) for p, q in zip(mine.parameters(), eager.parameters()))
     bufs = [(n, b, c) for (n, b), (_, c) in zip(mine.named_buffers(), eager.named_buffers())]
-    stats = max((float((b.double() - c.double()).abs().max()) for n, b, c in bufs
-                 if b.is_floating_point() and "running" in n), default=0.0)
+    stats = max((relative(b, c) for n, b, c in bufs if b.is_floating_point() and "running" in n), default=0.0)
     counters = all(torch.equal(b, c) for n, b, c in bufs if n.endswith("num_batches_tracked"))
-    return {"param_err": params, "buffer_err": stats, "counters_ok": counters, "loss_err": loss_err}
+    return {"param_err": params, "param_moved": moved, "buffer_err": stats, "counters_ok": counters,
+            "loss_err": loss_err}
+
+
+def relative(b: torch.Tensor, c: torch.Tensor) -> float:
+    return float((b.double() - c.double()).abs().max()) / max(1.0, float(c.double().abs().max()))
 
 
 def batch_of(batch: int, shape, classes: int, device: str, g: torch.Generator) -> tuple:
