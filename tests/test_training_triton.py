@@ -89,6 +89,28 @@ def test_triton_lowering_trains_as_eager(kind, tmp_path, poisoned_kernel_outputs
     assert all(int(m.num_batches_tracked) == 3 for m in model.modules() if isinstance(m, nn.BatchNorm2d))
 
 
+def test_triton_lowering_with_dynamic_shapes(tmp_path, poisoned_kernel_outputs):
+    """dynamic=True: one training graph for every batch size, its convs the fused op (the op's
+    shapes symbolic), outputs and gradients eager's."""
+    needs_interpreter()
+    model, shape = M.build("resnet")
+    ref, _ = M.build("resnet")
+    M.MASKS["ln0"](model), M.MASKS["ln0"](ref)
+    model.train(), ref.train()
+    compiled = compile_model(model, tmp_path, dynamic=True, lowering="triton")
+    with triton_on_cpu():
+        for n in (2, 3):
+            x = torch.randn((n,) + shape[1:])
+            out, expected = compiled(x), ref(x)
+            torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+            out.square().sum().backward(), expected.square().sum().backward()
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+    rows = compacted_rows(tmp_path)
+    assert rows and all(r["lowering"] == "triton" for r in rows) and fused_calls(tmp_path) == len(rows)
+    assert poisoned_kernel_outputs, "the kernel did not run"
+
+
 def test_aten_lowering_has_no_fused_op(tmp_path):
     model, shape = make_block("strided_dilated_bias")
     ref, _ = make_block("strided_dilated_bias")
