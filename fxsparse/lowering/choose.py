@@ -283,20 +283,21 @@ def cuda_timer(name: str, shape: ChainShape, fn: Callable[[], object]) -> float:
 
 
 class Chooser:
-    """The lowering's question to the selector: per chain, the fused op or aten."""
+    """The lowering's question to the selector: per chain (per training conv), the fused op or aten."""
 
     def __init__(self, timer: Timer, forced: bool = False):
         self.timer = timer
         self.forced = forced  # choose even where it is off by default (CPU tests)
         self.cache: dict = {}  # ChainShape -> Decision
-        self.timed: list = []  # ChainShape of every chain actually timed, in order
+        self.timed: list = []  # the shape (ChainShape, TrainConvShape) of every problem actually timed, in order
 
     def enabled(self, on_gpu: bool, half: bool, inference: bool) -> bool:
         """Whether "auto" measures at all; in training `half` is known per conv only (autocast),
         and convs that do not run in fp16/bf16 keep aten there."""
         return self.forced or (on_gpu and (half or not inference) and not triton_interpreter_on())
 
-    def choose(self, problem: ChainProblem) -> Decision:
+    def choose(self, problem) -> Decision:
+        """`problem`: a ChainProblem or a TrainConvProblem."""
         hit = self.cache.get(problem.shape)
         if hit is not None:
             return hit
@@ -306,7 +307,7 @@ class Chooser:
         return decision
 
     def _measure(self, problem) -> Decision:
-        """`problem`: a ChainProblem or a TrainConvProblem (their KEY, FALLBACK and ATEN say how)."""
+        # (KEY, FALLBACK and ATEN of the problem's class: its key, what a failure keeps, the report's word)
         fallback = problem.FALLBACK
         if problem.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return Decision(fallback, f"not measured (a CUDA graph capture is in progress): {fallback}")
