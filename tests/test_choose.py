@@ -320,3 +320,18 @@ def test_aten_everywhere_writes_add_layouts_exactly(name, mask, tmp_path):
         assert r["macs_after"] % ((r["kept_out_channels"] + zero) * kin * taps) == 0, r
     if name in ("bottleneck", "mobilenet") and mask == "ln0":  # 1x1 convs feeding adds: rows added
         assert widened, rows
+
+
+def test_training_auto_offers_the_fused_op_only_with_a_known_launch(tmp_path):
+    """A training compile does not tune launches: with nothing cached for a conv's shape, "auto"
+    keeps aten for it without timing; with tuning off (a safe launch) the op is a candidate."""
+    from fxsparse.lowering.choose import TrainConvProblem, TrainConvShape
+    from fxsparse.options import configure
+
+    shape = TrainConvShape(2, 8, 6, 6, 4, (3, 3), (1, 1), (1, 1), (1, 1), False, "float32", "cpu", True,
+                           True, True)
+    problem = TrainConvProblem(shape, torch.device("cpu"))
+    with configure(tune="cache", cache_dir=str(tmp_path), shipped_table=False):
+        assert not problem.launch_known()
+    with configure(tune="off"):
+        assert problem.launch_known()

@@ -213,6 +213,24 @@ class TrainConvProblem:
     shape: TrainConvShape
     device: torch.device
 
+    def launch_known(self) -> bool:
+        """Whether the fused op's launch for this conv is known without tuning (the disk cache, the
+        shipped table, or tuning off): a training compile does not tune launches for "auto"."""
+        from fxsparse.kernels.conv2d import conv_call
+        from fxsparse.options import kernel_settings
+
+        if self.device.type != "cuda":  # (the interpreter: no tuned launches, only the safe one)
+            return kernel_settings().tune == "off"
+        s = self.shape
+        make = dict(device=self.device, dtype=getattr(torch, s.dtype))
+        x = torch.empty(s.batch, s.in_channels, s.height, s.width, **make)
+        w = torch.empty(s.out_channels, s.in_channels, *s.kernel, **make)
+        args = ConvArgs(x.contiguous(memory_format=torch.channels_last) if s.channels_last else x,
+                        w.contiguous(memory_format=torch.channels_last),
+                        torch.empty(s.out_channels, **make) if s.bias else None, list(s.stride), list(s.padding),
+                        list(s.dilation), None, None, s.out_channels, None, None, None, "none", False)
+        return selector.known(conv_call(args))
+
     def candidates(self) -> dict:
         """{"triton": fn, "aten": fn}, each one forward and backward as the compiled training graph
         runs them: the fused op or aten's conv, then aten's conv backward (the op's backward) for

@@ -224,7 +224,12 @@ class TrainingLowering(Lowering):
                 bool(w.requires_grad), self.cudagraphs)
         except Exception as e:  # noqa: BLE001 - e.g. a size with no concrete value
             return "aten", f"not measured ({type(e).__name__}: {e}): aten"
-        decision = self.chooser.choose(choose.TrainConvProblem(shape, device))
+        problem = choose.TrainConvProblem(shape, device)
+        if not self.chooser.forced and not problem.launch_known():
+            # tuning every training conv's launch would cost minutes of compile for a plain conv
+            # that rarely beats cuDNN; lowering="triton" tunes them (and fills the cache "auto" reads)
+            return "aten", "aten: the fused op has no tuned launch for this shape"
+        decision = self.chooser.choose(problem)
         return decision.lowering, decision.reason
 
     def emit_fused_conv(self, n, conv, x, w, bias, out_channels: int) -> fx.Node:
