@@ -7,15 +7,15 @@ the same masked model, cold and warm, and where fxsparse's warm first call goes.
 Each measurement runs in a fresh process (Python, torch and the model already loaded when the clock
 starts, and Inductor's compile_fx imported: torch.compile(backend="inductor") imports it before the
 first call, fxsparse's backend on its first graph; the clock covers the first call: tracing,
-compiling, tuning, running). Cold: empty
-TRITON_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR and FXSPARSE_CACHE_DIR (fxsparse still reads the table of
-tuned launches shipped with it; --no-table adds a column without it; --workers N one with
-settings.compile_workers = N: each shape's candidates compiled on N threads before timing, and the
-launches the cache holds compiled on background threads during the graph's compile, cold and
-warm). Warm: a second
-process on the caches the cold one filled (--repeat N: N such processes, the median). fxsparse's
-columns also say where its first call went: seconds in the selector's timing of launches (`tune s`,
-shapes timed / read from the shipped table) and of the lowering's triton-vs-aten choices (`pick s`).
+compiling, tuning, running). Cold: empty TRITON_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR and
+FXSPARSE_CACHE_DIR (fxsparse still reads the table of tuned launches shipped with it; --no-table
+adds a column without it; --workers N one with settings.compile_workers = N: each shape's
+candidates compiled on N threads before timing, and the launches the cache holds compiled on
+background threads during the graph's compile, cold and warm). Warm: a second process on the caches
+the cold one filled (--repeat N: N such processes, the median). fxsparse's columns also say where
+its first call went: seconds in the selector's timing of launches (`tune s`, shapes timed / read
+from the shipped table), of the lowering's triton-vs-aten choices (`pick s`) and of the value guard
+(`guard s`: a fresh machine builds its C++ check in the cold process).
 
 Then, per model, where the warm first call goes, for both backends: dynamo's trace (and guards),
 the compile (Inductor's compile_fx; fxsparse's whole backend, its compile_fx included), the first
@@ -318,7 +318,8 @@ def main(argv=None) -> int:
             parts[label] = stage_parts(warm, label)
             if backend == "fxsparse":
                 row.update(tune_s=cold.get("tune_s"), pick_s=cold.get("pick_s"), timed=cold.get("timed"),
-                           shipped=cold.get("shipped"), warm_timed=warm.get("timed"))
+                           shipped=cold.get("shipped"), warm_timed=warm.get("timed"),
+                           cold_guard=(cold.get("stages") or {}).get("guard"))
             errors = [f"{label} {k}: {r['error']}" for k, r in (("cold", cold), ("warm", warm)) if "error" in r]
             if errors:
                 row["note"] = "; ".join(filter(None, [row.get("note"), *errors]))
@@ -342,7 +343,7 @@ def main(argv=None) -> int:
                ("fx_cold", "fx cold s"), ("cold_ratio", "cold fx/Ind"), ("ind_warm", "Ind warm s"),
                ("fx_warm", "fx warm s"), ("warm_ratio", "warm fx/Ind"), ("tune_s", "fx cold: tune s"),
                ("timed", "shapes timed"), ("shipped", "from table"), ("pick_s", "pick s"),
-               ("warm_timed", "warm: timed")]
+               ("warm_timed", "warm: timed"), ("cold_guard", "fx cold: guard s")]
     if args.no_table:
         columns += [("fx_cold_bare", "fx cold, no table s"), ("bare_tune_s", "tune s"), ("bare_timed", "timed")]
     if args.workers:

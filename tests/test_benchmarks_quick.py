@@ -69,13 +69,16 @@ def test_compile_time_stage_clock_splits_the_backend():
     clock leaves the backend as it found it (the compiled model still computes the eager result)."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import compile_time
-    import models
+    import torch
 
+    import fxsparse
     import fxsparse.backend as B
+    from fxsparse.demo import SmallResNet, randomize_batchnorm
 
-    torch = pytest.importorskip("torch")
     torch.manual_seed(0)
-    model, x, _ = models.masked_problem("small_resnet", 0.5, 2, device="cpu", dtype=torch.float32)
+    model, x = SmallResNet(16), torch.randn(2, 3, 16, 16)
+    randomize_batchnorm(model)
+    fxsparse.sparsify(model.eval(), 0.5, example_inputs=(x,))
     compiled = torch.compile(model, backend="fxsparse", options={"inductor": False})
     functions = {name: getattr(B, name) for name in ("capture", "read_all", "propagate", "lower", "compile_graph")}
     torch._dynamo.reset()
