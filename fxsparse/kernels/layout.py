@@ -40,10 +40,17 @@ def relayout(x: torch.Tensor, src_pos: torch.Tensor, dst_pos: torch.Tensor, fill
     gradients (or heap corruption) from it; this form matches eager, forward and backward."""
     if is_channels_last(x):
         nhwc = x.permute(0, 2, 3, 1)
-        base = fill.to(x.dtype).reshape(1, 1, 1, -1) + nhwc.new_zeros((*nhwc.shape[:3], fill.shape[0]))
+        base = _filled(nhwc.new_zeros((*nhwc.shape[:3], fill.shape[0])), fill, 3)
         return base.index_copy(3, dst_pos, nhwc.index_select(3, src_pos)).permute(0, 3, 1, 2)
-    shape = [x.shape[0], fill.shape[0], *x.shape[2:]]
-    view = [1] * x.dim()
-    view[1] = -1
-    base = fill.to(x.dtype).reshape(view) + x.new_zeros(shape)
+    base = _filled(x.new_zeros((x.shape[0], fill.shape[0], *x.shape[2:])), fill, 1)
     return base.index_copy(1, dst_pos, x.index_select(1, src_pos))
+
+
+def _filled(zeros: torch.Tensor, fill: torch.Tensor, dim: int) -> torch.Tensor:
+    """`zeros` plus `fill` along `dim`, with `fill` expanded to the full shape first: Inductor
+    broadcasts a size-1 dim against a size its guards know to be 1 (a 4-pixel-wide input after
+    a stride-2 3x3 conv, under dynamic shapes) as the literal 1, and a flatten of the result
+    then compared N*C*H*1 with the graph's N*C*H*W and failed to lower (ValueRangeError)."""
+    view = [1] * zeros.dim()
+    view[dim] = -1
+    return zeros + fill.to(zeros.dtype).reshape(view).expand(zeros.shape)
