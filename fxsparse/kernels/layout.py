@@ -1,6 +1,7 @@
 """Channel moves that keep a tensor's memory format: selecting channels and scattering them
 into a wider channel layout (used by the kernels' launcher, the lowering's graph code and its
-timing, so that all three build the same layout)."""
+timing, so that all three build the same layout); and the bias map of a conv's constant input
+channels, which the lowered graph computes on every call where the spatial size is symbolic."""
 from __future__ import annotations
 
 import torch
@@ -54,3 +55,13 @@ def _filled(zeros: torch.Tensor, fill: torch.Tensor, dim: int) -> torch.Tensor:
     view = [1] * zeros.dim()
     view[dim] = -1
     return zeros + fill.to(zeros.dtype).reshape(view).expand(zeros.shape)
+
+
+def constant_input_map(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
+    """[rows, Ho, Wo]: what a conv's constant input channels add to its output for an input of
+    x's spatial size (only x's size is read). `weight` is [rows, 1, kh, kw]: each output row's
+    weight columns of those channels, times their constants, summed. Convolved over an all-ones
+    image with the conv's stride, padding and dilation, it is exact where the filters meet the
+    zero padding: one 1-channel conv at batch 1."""
+    ones = weight.new_ones((1, 1, x.shape[-2], x.shape[-1]))
+    return torch.conv2d(ones, weight, None, stride, padding, dilation)[0]
