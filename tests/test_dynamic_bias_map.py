@@ -115,6 +115,7 @@ def test_automatic_dynamic_after_a_spatial_change(tmp_path):
     assert_folded(tmp_path, static, 1)
 
 
+@pytest.mark.slow
 def test_through_inductor(tmp_path):
     model = build()
     c = compile_model(model, tmp_path, dynamic=True, inductor=True)
