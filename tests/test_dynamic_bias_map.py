@@ -145,3 +145,18 @@ def test_training_graph(tmp_path):
         torch.testing.assert_close(b, q, rtol=1e-4, atol=1e-5, msg=name)
     assert all(r["kept_in_channels"] == KEPT_1 for r in c2_rows(tmp_path))
     assert "constant_input_map(" in after_graph(tmp_path, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lowering", ["triton", "aten", "auto"])
+def test_half_channels_last_on_cuda(lowering, tmp_path):
+    """The fused op reads the per-call map (fp32, as cuDNN lays it out); aten adds it in fp16."""
+    model = build().cuda().half().to(memory_format=torch.channels_last)
+    c = compile_model(model, tmp_path, lowering=lowering, dynamic=True, inductor=True)
+    with torch.no_grad():
+        for n, h, w in ((2, 16, 16), (3, 20, 12), (4, 9, 13)):
+            x = torch.randn(n, 3, h, w, device="cuda", dtype=torch.half).to(memory_format=torch.channels_last)
+            got, want = c(x).float(), model(x).float()
+            assert ((got - want).norm() / want.norm()).item() < 2e-3, (n, h, w)
+    assert len(report(tmp_path)["graphs"]) == 1
+    assert all(r["kept_in_channels"] == KEPT_1 for r in c2_rows(tmp_path))
