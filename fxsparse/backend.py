@@ -236,8 +236,8 @@ def drop_unused_inputs(gm: fx.GraphModule) -> list:
     placeholders = gm.graph.find_nodes(op="placeholder")
     used = [i for i, p in enumerate(placeholders) if p.users or _symbolic_size(p)]
     if len(used) < len(placeholders):
-        for p in placeholders:
-            if not p.users:
+        for i, p in enumerate(placeholders):
+            if i not in used:
                 gm.graph.erase_node(p)
         gm.recompile()
     return used

@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.utils.prune as prune
 
-from models import after_graph, assert_matches, channel_mask, compile_model, fresh_dynamo, randomize_bn, report  # noqa: F401
+from models import (after_graph, assert_matches, channel_mask, compile_model, fresh_dynamo,  # noqa: F401
+                    randomize_bn, report)
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 

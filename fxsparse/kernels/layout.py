@@ -35,8 +35,8 @@ def relayout(x: torch.Tensor, src_pos: torch.Tensor, dst_pos: torch.Tensor, fill
     """A tensor whose channel dst_pos[i] is x's channel src_pos[i]; other channels hold fill.
     It has x's memory format (channels_last in, channels_last out; see select_channels).
 
-    The base is materialised (a copy of the expanded fill, `_filled`), never an expanded view: Inductor (seen on
-    torch 2.13, CPU) miscompiles index_copy into a base expanded from a 0-d tensor, and a
+    The base is materialised (a copy of the expanded fill, `_filled`), never an expanded view:
+    Inductor (seen on torch 2.13, CPU) miscompiles index_copy into a base expanded from a 0-d tensor, and a
     training graph built on a gather with repeated indices or on cat + gather got wrong
     gradients (or heap corruption) from it; this form matches eager, forward and backward."""
     if is_channels_last(x):
