@@ -87,7 +87,7 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence, opts: Options, index: 
         prop = propagate(cap, sparsity, enabled=enabled, storage=channel_storage(opts, example_inputs))
         new_gm, records, constant_outputs = lower(prop, sparsity, lowering, inference, cudagraphs)
     else:  # training: kept channels carried across the graph, constants as graph values
-        (new_gm, records), constant_outputs, prop = lower_training(cap, sparsity, lowering), {}, None
+        (new_gm, records), constant_outputs, prop = lower_training(cap, sparsity, lowering, cudagraphs), {}, None
     report = GraphReport(index, "inference" if inference else "training", lowering, enabled,
                          [records[n] for n in gm.graph.nodes if n in records])
     if opts.propagate and not propagating:

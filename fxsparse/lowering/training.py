@@ -23,6 +23,14 @@ Weights are gathered inside the graph from `mask * weight_orig`, so gradients re
 `weight_orig` (zero on pruned rows) and optimizers keep the original parameters. Masks are
 the only source of sparsity here; the runtime guard watches them and rebuilds when one
 changes.
+
+Each compacted dense conv runs as the option `lowering` says, as in inference: an aten conv
+("aten"), the fused op `torch.ops.fxsparse.conv2d` as a plain conv (+ bias) where it runs
+("triton": fp16/bf16 on CUDA, autocast's casts written out; the Triton interpreter on the
+CPU), or the faster of the two, forward and backward timed on the compacted shapes
+("auto", choose.TrainConvProblem). The op's backward is aten's conv backward on the same
+compacted tensors, so gradients are those of the aten conv. Nothing is fused into the op
+here: a conv before a train-mode BatchNorm has no epilogue to fold.
 """
 from __future__ import annotations
 
@@ -38,7 +46,9 @@ import torch.nn.functional as F
 from fxsparse.compaction.propagate import CONST_DTYPE, KeptChannels, Propagation, at_least_one, channel_count
 from fxsparse.graph.capture import OpView
 from fxsparse.kernels.layout import constant_input_map, relayout, select_channels
+from fxsparse.lowering import choose
 from fxsparse.lowering.rewrite import Lowering
+from fxsparse.ops.conv2d import triton_interpreter_on
 from fxsparse.sparsity.read import ConvSparsity
 
 
@@ -61,9 +71,10 @@ _INPLACE_FUNCTIONS = {torch.relu_: torch.relu, F.relu_: F.relu, operator.iadd: o
 
 
 class TrainingLowering(Lowering):
-    def __init__(self, cap, sparsity: dict, lowering: str):
+    def __init__(self, cap, sparsity: dict, lowering: str, cudagraphs: bool = False):
         # the inference propagation is not run: only its helpers (cap, views) are used
-        super().__init__(Propagation(cap, sparsity, enabled=False), sparsity, lowering, inference=False)
+        super().__init__(Propagation(cap, sparsity, enabled=False), sparsity, lowering, inference=False,
+                         cudagraphs=cudagraphs)
         self.stored: dict = {}  # captured node -> Stored (channel-carrying tensors only)
 
     # -- layouts --------------------------------------------------------------------------
@@ -173,15 +184,60 @@ class TrainingLowering(Lowering):
         w_rows = self.rows(self.env[conv.weight], kept_out, sp.out_channels, conv.input)
         w = self.columns(w_rows, in_ids, sp.in_channels, conv.input)
         bias = None if conv.bias is None else self.rows(self.env[conv.bias], kept_out, sp.out_channels, conv.input)
-        y = self.call(torch.conv2d, x, w, bias, conv.stride, conv.padding, conv.dilation, 1)
+        lowering, why = self.conv_lowering(n, conv, len(in_ids), len(kept_out))
+        if lowering == "triton":
+            y = self.emit_fused_conv(n, conv, x, w, bias, len(kept_out))
+        else:
+            y = self.call(torch.conv2d, x, w, bias, conv.stride, conv.padding, conv.dilation, 1)
         if len(const_cols):
             y = self.call(torch.add, y, self.constant_input_term(conv, lin, const_cols, w_rows, x, y))
         out_const = None if conv.bias is None else self.env[conv.bias]
         self.stored[n] = Stored(sp.out_channels, kept_out, out_const)
         self.env[n] = y
         ideal_in = int(read.sum())
-        self.records[n] = self._record(sp, len(in_ids), len(kept_out), ideal_in, len(kept_out), "aten", None)
+        self.records[n] = self._record(sp, len(in_ids), len(kept_out), ideal_in, len(kept_out), lowering, None)
+        self.records[n].choice = why
         return True
+
+    def conv_lowering(self, n, conv, in_channels: int, out_channels: int) -> tuple:
+        """("triton" | "aten", why where it was measured) for a compacted dense conv reading
+        `in_channels` and computing `out_channels`."""
+        dtype, device = example_dtype(n), self.device_of(conv.input)
+        if self.lowering == "aten" or not triton_trains(device, dtype):
+            return "aten", None
+        if self.lowering == "triton":
+            return "triton", None
+        try:
+            x, w = conv.input.meta["example_value"], conv.weight.meta["example_value"]
+            c = choose.concrete
+            shape = choose.TrainConvShape(
+                c(x.shape[0]), in_channels, c(x.shape[2]), c(x.shape[3]), out_channels, tuple(w.shape[2:]),
+                tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.bias is not None,
+                str(dtype).replace("torch.", ""), device.type, channels_last(x), bool(x.requires_grad),
+                bool(w.requires_grad), self.cudagraphs)
+        except Exception as e:  # noqa: BLE001 - e.g. a size with no concrete value
+            return "aten", f"not measured ({type(e).__name__}: {e}): aten"
+        problem = choose.TrainConvProblem(shape, device)
+        if not self.chooser.forced and not problem.launch_known():
+            # tuning every training conv's launch would cost minutes of compile for a plain conv
+            # that rarely beats cuDNN; lowering="triton" tunes them (and fills the cache "auto" reads)
+            return "aten", "aten: the fused op has no tuned launch for this shape"
+        decision = self.chooser.choose(problem)
+        return decision.lowering, decision.reason
+
+    def emit_fused_conv(self, n, conv, x, w, bias, out_channels: int) -> fx.Node:
+        """The conv as the fused op, a plain conv (+ bias) in the conv's dtype: the casts autocast
+        makes for an aten conv are written out (the op has no autocast rule), the weight
+        channels_last as the op reads it best."""
+        dtype = example_dtype(n)
+        x = self.cast(x, conv.input, dtype)
+        w = self.call(torch.Tensor.contiguous, self.cast(w, conv.weight, dtype), memory_format=torch.channels_last)
+        bias = None if bias is None else self.cast(bias, conv.bias, dtype)
+        return self.call(torch.ops.fxsparse.conv2d.default, x, w, bias, list(conv.stride), list(conv.padding),
+                         list(conv.dilation), None, None, out_channels, None, None, None, "none", False)
+
+    def cast(self, new: fx.Node, old: fx.Node, dtype: torch.dtype) -> fx.Node:
+        return new if example_dtype(old) == dtype else self.call(torch.Tensor.to, new, dtype)
 
     def rows(self, t: fx.Node, ids: torch.Tensor, total: int, like) -> fx.Node:
         if len(ids) == total:
@@ -371,6 +427,24 @@ class TrainingLowering(Lowering):
         return True
 
 
+def example_dtype(node) -> Optional[torch.dtype]:
+    val = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    return val.dtype if isinstance(val, torch.Tensor) else None
+
+
+def channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def triton_trains(device: torch.device, dtype: Optional[torch.dtype]) -> bool:
+    """Where the fused op runs a training conv: fp16/bf16 on CUDA (under autocast, the conv's
+    dtype); on the CPU only with the Triton interpreter on (how the tests run the kernel)."""
+    if device.type == "cuda":
+        return dtype in (torch.float16, torch.bfloat16)
+    return device.type == "cpu" and triton_interpreter_on() and dtype in (
+        torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def out_of_place(graph: fx.Graph, n: fx.Node, vector: fx.Node, src, read) -> fx.Node:
     """`n`'s op applied to `vector` in place of its tensor operand `src`, never in place (the
     vector may be a parameter such as a BatchNorm's beta)."""
@@ -392,9 +466,10 @@ def out_of_place(graph: fx.Graph, n: fx.Node, vector: fx.Node, src, read) -> fx.
     return graph.call_function(target, tuple(args), kwargs)
 
 
-def lower_training(cap, sparsity: dict, lowering: str) -> tuple:
-    """(compacted training graph, {conv node: ConvRecord})."""
-    low = TrainingLowering(cap, sparsity, lowering)
+def lower_training(cap, sparsity: dict, lowering: str, cudagraphs: bool = False) -> tuple:
+    """(compacted training graph, {conv node: ConvRecord}). `cudagraphs`: what lowering "auto"
+    times (kernel time where the graph runs under CUDA graphs)."""
+    low = TrainingLowering(cap, sparsity, lowering, cudagraphs)
     gm = low.run()
     for n, sp in sparsity.items():  # convs no handler rewrote
         if n not in low.records:
