@@ -113,8 +113,9 @@ def check_conv_plan(prop, node, plan) -> None:
                     f"outputs and {cols} inputs read")
     if plan.bias is not None and tuple(plan.bias.shape) != (rows,):
         _fail(node, f"conv plan of node {node.name} has bias {tuple(plan.bias.shape)} for {rows} kept outputs")
-    if plan.bias_map is not None and (plan.bias_map.dim() != 3 or plan.bias_map.shape[0] != rows):
-        _fail(node, f"conv plan of node {node.name} has bias map {tuple(plan.bias_map.shape)} for {rows} kept outputs")
+    if plan.bias_map is not None and tuple(plan.bias_map.weight.shape[:2]) != (rows, 1):
+        _fail(node, f"conv plan of node {node.name} has a bias map of weight {tuple(plan.bias_map.weight.shape)} "
+                    f"for {rows} kept outputs")
 
 
 def check_linear_plan(prop, node, plan) -> None:
