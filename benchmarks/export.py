@@ -156,18 +156,18 @@ def gpu_rows(name: str, keep: float, batches: list, lowerings: list, with_masked
         with torch.no_grad():
             ref = masked(x)
         row = {"model": name, "keep": keep, "batch": batch, "masks": how}
-        runs = {}
+        builders = {}  # each is built, then timed, before the next: a crash leaves the rows before it printed
+        if pruned is not None:
+            builders["aoti_tp"] = lambda d: aoti_package(pruned, x, os.path.join(d, "tp.pt2"))
+        builders["fx_compile"] = lambda d: compiled_fxsparse(masked)
+        if with_masked:
+            builders["aoti_masked"] = lambda d: aoti_package(copy.deepcopy(masked), x, os.path.join(d, "masked.pt2"))
+        for lowering in sorted(lowerings, key=lambda low: low != "aten"):  # "auto" times each conv chain at this batch
+            builders[f"aoti_compact_{lowering}"] = lambda d, low=lowering: aoti_package(
+                fxsparse.compact(masked, x, lowering=low), x, os.path.join(d, f"compact_{low}.pt2"))
         with tempfile.TemporaryDirectory() as d:
-            for lowering in lowerings:  # "auto" times each conv chain at this batch
-                small = fxsparse.compact(masked, x, lowering=lowering)
-                runs[f"aoti_compact_{lowering}"] = aoti_package(small, x, os.path.join(d, f"compact_{lowering}.pt2"))
-            if with_masked:
-                runs["aoti_masked"] = aoti_package(copy.deepcopy(masked), x, os.path.join(d, "masked.pt2"))
-            if pruned is not None:
-                runs["aoti_tp"] = aoti_package(pruned, x, os.path.join(d, "tp.pt2"))
-            torch._dynamo.reset()
-            runs["fx_compile"] = torch.compile(masked, backend="fxsparse")
-            for label, fn in runs.items():
+            for label, build in builders.items():
+                fn = build(d)
                 err_key = "err_" + label.replace("aoti_", "")
                 with torch.no_grad():
                     row[err_key] = common.max_abs_err(fn(x), ref)
@@ -179,6 +179,11 @@ def gpu_rows(name: str, keep: float, batches: list, lowerings: list, with_masked
         row["compact_vs_tp"] = common.ratio(row.get("aoti_tp"), row.get("aoti_compact_auto"))
         rows.append(row)
     return rows
+
+
+def compiled_fxsparse(masked):
+    torch._dynamo.reset()
+    return torch.compile(masked, backend="fxsparse")
 
 
 # --------------------------------------------------------------------------- main

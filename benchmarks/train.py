@@ -4,6 +4,9 @@ against the physically pruned model (Torch-Pruning) under Inductor.
     PYTHONPATH=. python benchmarks/train.py --quick       # CPU, one thread, CI: asserts exactness
     PYTHONPATH=. python benchmarks/train.py               # GPU: ResNet-50 and MobileNet-v2, B=64,
                                                           # AMP fp16 and bf16, channels_last
+    PYTHONPATH=. python benchmarks/train.py --variants fxa,fx --lowering auto
+                                                          # GPU: fxsparse's convs on cuDNN against
+                                                          # the faster of the fused op and cuDNN
 
 A step is forward, cross-entropy on random labels, backward and SGD (momentum 0.9) on the
 model's own parameters (`weight_orig` of the masked convs); on the GPU under autocast, with a
@@ -12,15 +15,24 @@ Torch-Pruning's groups where it is installed, which also gives the physical mode
 `fxsparse.sparsify`'s coupled groups). Columns (ms per step; GPU: CUDA-event time of `--steps`
 steps after warmup; CPU: median wall clock):
 
-  eager / Inductor / fxsparse / TP Ind    the masked model eager, under Inductor, under fxsparse;
+  eager / Inductor / fxsparse / TP Ind    the masked model eager, under Inductor, under fxsparse
+                                          (option `lowering` = `--lowering`, default auto);
                                           Torch-Pruning's physical model under Inductor
-  fx vs Ind, fx vs TP                     speedups (Inductor / fxsparse, TP / fxsparse)
+  Ind+cg / fx+cg / TP+cg                  the same under CUDA graphs (variants indcg, fxcg, tpcg)
+  fx aten                                 variant `fxa`: fxsparse with lowering "aten" (every
+                                          compacted conv on cuDNN), beside `fx`
+  triton convs                            fxsparse's report: compacted convs run as the fused op / all
+  fx vs Ind, fx vs TP                     speedups, each side the better of with and without CUDA
+                                          graphs
+  fx vs fx aten                           fx aten / fxsparse (both without CUDA graphs)
   compile s                               the first step (forward and backward compiled)
   MACs kept                               fxsparse's report: conv MACs computed / before
   exact                                   after `--check-steps` steps from the same state on the
-                                          same batches: max |param - eager's| and max |buffer -
-                                          eager's| (BatchNorm running statistics), and whether
-                                          num_batches_tracked agree
+                                          same batches (fp16: loss scale 256, so that no step is
+                                          skipped on one side only): max |param - eager's| beside
+                                          how far eager's parameters moved, max |buffer - eager's|
+                                          / max(1, |eager's|) (BatchNorm running statistics), and
+                                          whether num_batches_tracked agree
 
 `--finetune-steps N` adds the seed's distillation fine-tune (`fxsparse.nn.finetune`, the seed
 layer Conv2d 64->128 3x3 on 56x56, B=16, 50% of output channels masked) per step, through
@@ -29,6 +41,7 @@ fxsparse and through Inductor. The table is printed last.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -49,13 +62,17 @@ import fxsparse  # noqa: E402
 
 COLUMNS = [
     ("model", "model"), ("dtype", "dtype"), ("batch", "B"), ("macs_kept", "MACs kept"),
-    ("eager_ms", "eager ms"), ("ind_ms", "Inductor ms"), ("fx_ms", "fxsparse ms"), ("tp_ms", "TP Ind ms"),
-    ("fx_vs_ind", "fx vs Ind"), ("fx_vs_tp", "fx vs TP"),
-    ("ind_compile_s", "Ind compile s"), ("fx_compile_s", "fx compile s"), ("tp_compile_s", "TP compile s"),
-    ("param_err", "param err"), ("buffer_err", "buffer err"), ("counters_ok", "nbt ok"),
+    ("lowering", "lowering"), ("triton_convs", "triton convs"),
+    ("eager_ms", "eager ms"), ("ind_ms", "Inductor ms"), ("indcg_ms", "Ind+cg ms"), ("fxa_ms", "fx aten ms"),
+    ("fx_ms", "fxsparse ms"), ("fxcg_ms", "fx+cg ms"), ("tp_ms", "TP Ind ms"), ("tpcg_ms", "TP+cg ms"),
+    ("fx_vs_ind", "fx vs Ind"), ("fx_vs_tp", "fx vs TP"), ("fx_vs_fxa", "fx vs fx aten"),
+    ("ind_compile_s", "Ind compile s"), ("fxa_compile_s", "fx aten compile s"), ("fx_compile_s", "fx compile s"),
+    ("tp_compile_s", "TP compile s"),
+    ("param_err", "param err"), ("param_moved", "params moved"), ("buffer_err", "buffer err (rel)"), ("counters_ok", "nbt ok"),
 ]
 FINETUNE_COLUMNS = [("what", "fine-tune"), ("ind_ms", "Inductor ms/step"), ("fx_ms", "fxsparse ms/step"),
                     ("fx_vs_ind", "fx vs Ind"), ("loss_err", "max |loss fx - loss Ind|")]
+VARIANTS = ("eager", "ind", "indcg", "fxa", "fx", "fxcg", "tp", "tpcg")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -93,12 +110,12 @@ def place(model: nn.Module, device: str) -> nn.Module:
 class Trainer:
     """`step(x, y)`: forward (through `forward`), loss, backward, SGD on `model`'s parameters."""
 
-    def __init__(self, model: nn.Module, forward, dtype: torch.dtype, device: str):
+    def __init__(self, model: nn.Module, forward, dtype: torch.dtype, device: str, init_scale: float = 2.0**16):
         self.model, self.forward, self.dtype, self.device = model, forward, dtype, device
         self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         amp = device == "cuda" and dtype != torch.float32
         self.autocast = torch.autocast(device, dtype=dtype, enabled=amp)
-        self.scaler = torch.amp.GradScaler(device, enabled=amp and dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(device, init_scale=init_scale, enabled=amp and dtype == torch.float16)
 
     def step(self, x, y) -> torch.Tensor:
         self.opt.zero_grad(set_to_none=True)
@@ -154,31 +171,47 @@ def time_steps(trainers: dict, x, y, steps: int) -> dict:
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def fxsparse_report_macs() -> Optional[float]:
-    graphs = [g for g in fxsparse.report.current_report(None).graphs if g.mode == "training"]
+def training_graphs(start: int = 0) -> list:
+    """fxsparse's training graphs in the report, from the `start`th graph on."""
+    return [g for g in fxsparse.report.current_report(None).graphs[start:] if g.mode == "training"]
+
+
+def fxsparse_report_macs(graphs: list) -> Optional[float]:
     before = sum(g.macs_before for g in graphs)
     return sum(g.macs_after for g in graphs) / before if before else None
 
 
+def triton_convs(graphs: list) -> str:
+    """"k/n": of the n compacted convs, k run as the fused op."""
+    rows = [c for g in graphs for c in g.convs if c.lowering != "unchanged"]
+    return f"{sum(c.lowering == 'triton' for c in rows)}/{len(rows)}"
+
+
 # --------------------------------------------------------------------------- exactness
 
-def exactness(make, device: str, dtype, batch: int, shape, classes: int, steps: int) -> dict:
+def exactness(make, device: str, dtype, batch: int, shape, classes: int, steps: int, lowering: str) -> dict:
     """fxsparse against eager from the same state on the same batches."""
-    eager, mine = place(make(), device), place(make(), device)
+    eager, mine, start = place(make(), device), place(make(), device), place(make(), device)
     torch._dynamo.reset()  # (after building: see model_row)
-    compiled = torch.compile(mine, backend="fxsparse", dynamic=False)
-    t_eager, t_fx = Trainer(eager, eager, dtype, device), Trainer(mine, compiled, dtype, device)
+    compiled = torch.compile(mine, backend="fxsparse", dynamic=False, options={"lowering": lowering})
+    # a loss scale that overflows in neither: a step one side skips and the other takes is not an error
+    t_eager, t_fx = Trainer(eager, eager, dtype, device, 2.0**8), Trainer(mine, compiled, dtype, device, 2.0**8)
     g = torch.Generator().manual_seed(1)
     loss_err = 0.0
     for _ in range(steps):
         x, y = batch_of(batch, shape, classes, device, g)
         loss_err = max(loss_err, abs(float(t_eager.step(x, y)) - float(t_fx.step(x, y))))
+    moved = max(float((p - q).abs().max()) for p, q in zip(eager.parameters(), start.parameters()))
     params = max(float((p - q).abs().max()) for p, q in zip(mine.parameters(), eager.parameters()))
     bufs = [(n, b, c) for (n, b), (_, c) in zip(mine.named_buffers(), eager.named_buffers())]
-    stats = max((float((b.double() - c.double()).abs().max()) for n, b, c in bufs
-                 if b.is_floating_point() and "running" in n), default=0.0)
+    stats = max((relative(b, c) for n, b, c in bufs if b.is_floating_point() and "running" in n), default=0.0)
     counters = all(torch.equal(b, c) for n, b, c in bufs if n.endswith("num_batches_tracked"))
-    return {"param_err": params, "buffer_err": stats, "counters_ok": counters, "loss_err": loss_err}
+    return {"param_err": params, "param_moved": moved, "buffer_err": stats, "counters_ok": counters,
+            "loss_err": loss_err}
+
+
+def relative(b: torch.Tensor, c: torch.Tensor) -> float:
+    return float((b.double() - c.double()).abs().max()) / max(1.0, float(c.double().abs().max()))
 
 
 def batch_of(batch: int, shape, classes: int, device: str, g: torch.Generator) -> tuple:
@@ -191,35 +224,54 @@ def batch_of(batch: int, shape, classes: int, device: str, g: torch.Generator) -
 # --------------------------------------------------------------------------- a row
 
 def model_row(name: str, keep: float, dtype_name: str, batch: int, device: str, steps: int, check_steps: int,
-              image: int, variants: tuple) -> dict:
+              image: int, variants: tuple, lowering: str = "auto") -> dict:
     dtype = DTYPES[dtype_name]
     make, physical, how = masked_and_physical(name, keep, image)
     shape = bm.build(name)[1] if name != "small_resnet" else (3, image, image)
     classes = bm.classifier(make()).out_features
     g = torch.Generator().manual_seed(0)
     x, y = batch_of(batch, shape, classes, device, g)
-    row = {"model": name, "dtype": dtype_name, "batch": batch, "keep": keep, "masks": how}
-    labels = [v for v in ("eager", "ind", "fx", "tp") if v in variants and (v != "tp" or physical is not None)]
-    models = {v: place(physical if v == "tp" else make(), device) for v in labels}
+    row = {"model": name, "dtype": dtype_name, "batch": batch, "keep": keep, "masks": how, "lowering": lowering}
+    labels = [v for v in VARIANTS if v in variants and (not v.startswith("tp") or physical is not None)]
+    models = {v: place(copy.deepcopy(physical) if v.startswith("tp") else make(), device) for v in labels}
     # models built (choosing masks traces at batch 1), then dynamo's caches cleared once: the
     # compiled models stay compiled while they are timed in turns
     torch._dynamo.reset()
     fxsparse.report.current_report(None).graphs.clear()
     trainers = {}
     for label, m in models.items():
-        forward = m if label == "eager" else torch.compile(
-            m, backend="fxsparse" if label == "fx" else "inductor", dynamic=False)
-        trainers[label] = Trainer(m, forward, dtype, device)
-        if label != "eager":
+        trainers[label] = Trainer(m, compiled(m, label, lowering), dtype, device)
+        start = len(fxsparse.report.current_report(None).graphs)
+        if label in ("ind", "fxa", "fx", "tp"):
             row[f"{label}_compile_s"] = timed_first_step(trainers[label], x, y)
         if label == "fx":
-            row["macs_kept"] = fxsparse_report_macs()
+            row["macs_kept"] = fxsparse_report_macs(training_graphs(start))
+            row["triton_convs"] = triton_convs(training_graphs(start))
     row.update({f"{k}_ms": v for k, v in time_steps(trainers, x, y, steps).items()})
     if check_steps:
-        row.update(exactness(make, device, dtype, batch, shape, classes, check_steps))
-    row["fx_vs_ind"] = common.ratio(row.get("ind_ms"), row.get("fx_ms"))
-    row["fx_vs_tp"] = common.ratio(row.get("tp_ms"), row.get("fx_ms"))
+        row.update(exactness(make, device, dtype, batch, shape, classes, check_steps, lowering))
+    row["fx_vs_ind"] = common.ratio(best_ms(row, "ind"), best_ms(row, "fx"))
+    row["fx_vs_tp"] = common.ratio(best_ms(row, "tp"), best_ms(row, "fx"))
+    row["fx_vs_fxa"] = common.ratio(row.get("fxa_ms"), row.get("fx_ms"))
     return row
+
+
+def compiled(model: nn.Module, label: str, lowering: str = "auto"):
+    """The step's forward for a variant: eager, or compiled (a "cg" suffix: under CUDA graphs;
+    fxsparse with option `lowering`, "aten" for the fxa variant)."""
+    if label == "eager":
+        return model
+    graphs = label.endswith("cg")
+    if label.startswith("fx"):
+        options = {"lowering": "aten" if label == "fxa" else lowering, **({"cudagraphs": True} if graphs else {})}
+        return torch.compile(model, backend="fxsparse", dynamic=False, options=options)
+    return torch.compile(model, dynamic=False, mode="reduce-overhead" if graphs else None)
+
+
+def best_ms(row: dict, label: str) -> Optional[float]:
+    """The faster of a variant with and without CUDA graphs."""
+    times = [row[k] for k in (f"{label}_ms", f"{label}cg_ms") if row.get(k) is not None]
+    return min(times) if times else None
 
 
 def finetune_row(steps: int, device: str, quick: bool) -> dict:
@@ -265,7 +317,11 @@ def main(argv: Optional[list] = None) -> None:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     p.add_argument("--check-steps", type=int, default=3, help="exactness steps against eager (0: skip)")
-    p.add_argument("--variants", default="eager,ind,fx,tp")
+    p.add_argument("--variants", default="eager,ind,fx,tp",
+                   help=f"of {','.join(VARIANTS)} (cg: the compiled graphs under CUDA graphs; fxa: fxsparse "
+                        "with lowering aten)")
+    p.add_argument("--lowering", default="auto", choices=("auto", "triton", "aten"),
+                   help="fxsparse's option `lowering` for the fx and fxcg variants and the exactness check")
     p.add_argument("--finetune-steps", type=int, default=20)
     p.add_argument("--budget-s", type=float, default=540, help="start no new row after this many seconds")
     p.add_argument("--json", metavar="PATH")
@@ -274,7 +330,8 @@ def main(argv: Optional[list] = None) -> None:
     device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
     if device == "cuda":
         torch.backends.cudnn.benchmark = True
-        os.environ.setdefault("FXSPARSE_TUNE", "off")  # training uses aten convs; nothing to tune
+        if args.lowering == "aten":
+            os.environ.setdefault("FXSPARSE_TUNE", "off")  # aten convs only: nothing to tune
     if args.quick:
         torch.set_num_threads(1)
         plan = [("small_resnet", "fp32", 16, 16)]
@@ -290,7 +347,7 @@ def main(argv: Optional[list] = None) -> None:
         if name == "small_resnet":
             bm.IMAGE_SIZE["small_resnet"] = image
         row = model_row(name, args.keep, dtype_name, batch, device, steps, args.check_steps, image,
-                        tuple(args.variants.split(",")))
+                        tuple(args.variants.split(",")), args.lowering)
         rows.append(row)
         print(f"[{time.perf_counter() - start:6.1f}s] " + ", ".join(
             f"{k}={common._fmt(v, '.3g')}" for k, v in row.items()), flush=True)

@@ -13,8 +13,9 @@ _CHOICES = {"lowering": ("auto", "triton", "aten"), "mode": MODES}
 @dataclass(frozen=True)
 class Options:
     # which conv implementation the rewritten graph calls: our Triton op ("triton"), compacted
-    # aten convs ("aten"), or "auto": for fp16/bf16 inference on CUDA, per conv chain the faster
-    # of the two, timed at compile time (lowering/choose.py); aten otherwise
+    # aten convs ("aten"), or "auto": on CUDA the faster of the two, timed at compile time
+    # (lowering/choose.py), per conv chain for fp16/bf16 inference and per compacted conv, forward
+    # and backward, for training convs in fp16/bf16 (autocast); aten otherwise
     lowering: str = "auto"
     # carry removed channels across the graph (off: each conv compacts only itself)
     propagate: bool = True

@@ -197,15 +197,34 @@ def test_auto_on_cpu_without_override_is_aten(tmp_path):
     assert all(r["choice"] is None for r in g["convs"])
 
 
-def test_training_is_not_measured(tmp_path):
+def test_training_is_measured_per_conv_under_its_own_key(tmp_path):
+    """In training "auto" times each compacted dense conv, forward and backward, as a
+    TrainConvShape (never as an inference chain); a failure there keeps aten."""
+    from fxsparse.ops import triton_interpreter_on
+
+    if not triton_interpreter_on():
+        pytest.skip("on the CPU the op runs training convs only under the Triton interpreter")
     model, shape = pruned("chain")
     model.train()
     log = []
     with choose.override(rule_timer(lambda s: True, log=log)):
         c = compile_model(model, tmp_path, lowering="auto")
         c(torch.randn(shape)).sum().backward()
-    assert not log
-    assert report(tmp_path)["graphs"][0]["lowering"] == "aten"
+    g = report(tmp_path)["graphs"][0]
+    rows = [r for r in g["convs"] if r["lowering"] != "unchanged"]
+    assert g["lowering"] == "auto" and rows
+    assert log and all(isinstance(s, choose.TrainConvShape) for _, s in log), log
+    assert all(r["lowering"] == "aten" and r["choice"] == "measured: triton 10.0 us vs aten 5.0 us" for r in rows)
+
+    def broken(name, shape, fn):
+        raise RuntimeError("no timer here")
+
+    torch._dynamo.reset()
+    with choose.override(broken):
+        c = compile_model(model, tmp_path, lowering="auto")
+        c(torch.randn(shape)).sum().backward()
+    rows = [r for r in report(tmp_path)["graphs"][-1]["convs"] if r["lowering"] != "unchanged"]
+    assert rows and all(r["lowering"] == "aten" and r["choice"].startswith("timing failed") for r in rows), rows
 
 
 def test_timing_failure_keeps_the_fused_op(tmp_path):
@@ -301,3 +320,18 @@ def test_aten_everywhere_writes_add_layouts_exactly(name, mask, tmp_path):
         assert r["macs_after"] % ((r["kept_out_channels"] + zero) * kin * taps) == 0, r
     if name in ("bottleneck", "mobilenet") and mask == "ln0":  # 1x1 convs feeding adds: rows added
         assert widened, rows
+
+
+def test_training_auto_offers_the_fused_op_only_with_a_known_launch(tmp_path):
+    """A training compile does not tune launches: with nothing cached for a conv's shape, "auto"
+    keeps aten for it without timing; with tuning off (a safe launch) the op is a candidate."""
+    from fxsparse.lowering.choose import TrainConvProblem, TrainConvShape
+    from fxsparse.options import configure
+
+    shape = TrainConvShape(2, 8, 6, 6, 4, (3, 3), (1, 1), (1, 1), (1, 1), False, "float32", "cpu", True,
+                           True, True)
+    problem = TrainConvProblem(shape, torch.device("cpu"))
+    with configure(tune="cache", cache_dir=str(tmp_path), shipped_table=False):
+        assert not problem.launch_known()
+    with configure(tune="off"):
+        assert problem.launch_known()

@@ -41,6 +41,10 @@ def problem(kind, dtype=torch.float64, seed=0):
                           out_index=torch.tensor([6, 2, 0, 3]), out_channels=7, fill=R(7, dtype=dtype, g=g),
                           bias=R(4, dtype=dtype, g=g), residual=R(n, 7, h, wd, dtype=dtype, g=g),
                           activation="gelu", residual_after_activation=True)
+    if kind == "gathered":  # a plain conv (the form training lowers to the op): in_index, bias, stride, dilation
+        x, w = R(n, 9, h, wd, dtype=dtype, g=g), R(4, 5, 3, 2, dtype=dtype, g=g)
+        return x, w, dict(stride=(2, 1), padding=(2, 1), dilation=(2, 1), in_index=torch.tensor([8, 0, 3, 5, 1]),
+                          bias=R(4, dtype=dtype, g=g))
     if kind == "out_index_no_fill":
         x, w = R(n, 5, h, wd, dtype=dtype, g=g), R(3, 5, 1, 1, dtype=dtype, g=g)
         return x, w, dict(out_index=torch.tensor([4, 1, 2], dtype=torch.int32), out_channels=5,
@@ -48,7 +52,7 @@ def problem(kind, dtype=torch.float64, seed=0):
     raise KeyError(kind)
 
 
-KINDS = ["plain", "epilogue", "compact", "out_index_no_fill"]
+KINDS = ["plain", "gathered", "epilogue", "compact", "out_index_no_fill"]
 
 
 # ------------------------------------------------------------------ values
@@ -104,7 +108,7 @@ def _grad_leaves(x, w, kw):
     return leaves
 
 
-@pytest.mark.parametrize("kind", ["epilogue", "compact"])
+@pytest.mark.parametrize("kind", ["plain", "gathered", "epilogue", "compact"])
 def test_gradients_match_eager_oracle(kind):
     x, w, kw = problem(kind)
     leaves = _grad_leaves(x, w, kw)
@@ -116,7 +120,7 @@ def test_gradients_match_eager_oracle(kind):
         torch.testing.assert_close(a, b, msg=lambda m, name=name: f"grad of {name}: {m}")
 
 
-@pytest.mark.parametrize("kind", ["epilogue", "compact"])
+@pytest.mark.parametrize("kind", ["plain", "gathered", "epilogue", "compact"])
 def test_gradcheck(kind):
     x, w, kw = problem(kind)
     leaves = _grad_leaves(x, w, kw)
@@ -128,6 +132,38 @@ def test_gradcheck(kind):
         return call(ts[0], ts[1], **k)
 
     assert torch.autograd.gradcheck(f, tuple(leaves.values()))
+
+
+@pytest.mark.parametrize("wanted", [("x",), ("weight",), ("bias",), ("x", "bias"), ("x", "weight", "bias")])
+def test_plain_conv_backward_is_aten_conv_backward(wanted, monkeypatch):
+    """A plain conv's backward is one aten.convolution_backward on the tensors the forward read,
+    asking only for the gradients autograd needs, with no recompute of the forward; its
+    gradients are the oracle's."""
+    import sys
+
+    masks = []
+    real = torch.ops.aten.convolution_backward
+
+    class Spy(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is real.default:
+                masks.append(list(args[-1]))
+            return func(*args, **(kwargs or {}))
+
+    x, w, kw = problem("gathered")
+    leaves = {"x": x, "weight": w, "bias": kw["bias"]}
+    for name in wanted:
+        leaves[name].requires_grad_(True)
+    y = call(x, w, **kw)  # (on the CPU the forward is the reference itself)
+    gy = R(*y.shape)
+    monkeypatch.setattr(sys.modules["fxsparse.ops.conv2d"], "conv2d_reference",
+                        lambda *a: pytest.fail("the forward was recomputed"))
+    with Spy():
+        got = torch.autograd.grad(y, [leaves[n] for n in wanted], gy)
+    assert masks == [[n in wanted for n in ("x", "weight", "bias")]]
+    want = torch.autograd.grad(oracle(x, w, **kw), [leaves[n] for n in wanted], gy)
+    for name, a, b in zip(wanted, got, want):
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"grad of {name}: {m}")
 
 
 def test_gradients_fp32_vs_oracle():

@@ -47,22 +47,28 @@ def assert_state_equal(model, ref, opt, opt_ref, rtol=1e-4, atol=1e-5):
             torch.testing.assert_close(b, c, rtol=rtol, atol=atol, msg=lambda m, n=n: f"{n}: {m}")
 
 
-def train_both(model, ref, compiled, shape, steps, opt_kind="sgd", between=None, seed=0, dtype=torch.float32):
-    """`steps` steps of both models; `between(step, model, ref)` runs after each step."""
+def train_both(model, ref, compiled, shape, steps, opt_kind="sgd", between=None, seed=0, dtype=torch.float32,
+               rtol=1e-4, atol=1e-5, loss_atol=1e-6, autocast=None):
+    """`steps` steps of both models; `between(step, model, ref)` runs after each step;
+    `autocast`: the dtype of a CPU autocast around both forwards."""
     opt, opt_ref = optimizer(opt_kind, model), optimizer(opt_kind, ref)
     g = torch.Generator().manual_seed(seed)
     for step in range(steps):
         x = torch.randn(shape, generator=g).to(dtype)
-        loss = (compiled(x) - 0.5).square().mean()
-        loss_ref = (ref(x) - 0.5).square().mean()
-        torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-6)
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            out, out_ref = compiled(x), ref(x)
+        if autocast is not None:
+            out, out_ref = out.float(), out_ref.float()
+        loss = (out - 0.5).square().mean()
+        loss_ref = (out_ref - 0.5).square().mean()
+        torch.testing.assert_close(loss, loss_ref, rtol=rtol, atol=loss_atol)
         opt.zero_grad(), opt_ref.zero_grad()
         loss.backward(), loss_ref.backward()
         for mod in model.modules():  # pruned rows of weight_orig get no gradient, as in eager
             if hasattr(mod, "weight_mask") and mod.weight_orig.grad is not None:
                 assert torch.all(mod.weight_orig.grad[mod.weight_mask == 0] == 0)
         opt.step(), opt_ref.step()
-        assert_state_equal(model, ref, opt, opt_ref)
+        assert_state_equal(model, ref, opt, opt_ref, rtol, atol)
         if between is not None:
             between(step, model, ref)
 
@@ -256,8 +262,8 @@ def test_amp_train_steps_on_cuda(dtype, tmp_path):
 
 
 def test_dynamic_shapes_train(tmp_path):
-    """dynamic=True: one graph for every batch size (constants of padded convs read
-    materialised where the spatial size is symbolic), gradients as eager's."""
+    """dynamic=True: one graph for every batch size (constants of padded convs folded into a
+    bias map computed from each call's size), gradients as eager's."""
     model, shape = make("resnet", "ln0")
     ref, _ = make("resnet", "ln0")
     compiled = compile_model(model, tmp_path, dynamic=True)

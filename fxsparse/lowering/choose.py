@@ -19,10 +19,17 @@ cost included) where it will not. Decisions are kept per shape signature
 (`ChainShape`) for the process and in the tuning cache on disk, so identical
 layers are timed once. A failure while timing falls back to "triton" and says why.
 
+In training (lowering/training.py) the question is the same per compacted dense conv,
+forward and backward together (`TrainConvProblem`): the op, whose backward is aten's
+conv backward, against the aten conv, on the conv's compacted shapes and its autocast
+dtype; its decisions are kept under their own key, apart from the chains'. A failure
+while timing keeps aten there.
+
 The timer is pluggable: `override(timer)` installs one (with a fresh cache) and
 also enables the choice where it is otherwise off (CPU, fp32), which is how the
-CPU tests drive a mixed graph. Without an override the choice runs only for
-fp16/bf16 inference on CUDA outside the Triton interpreter.
+CPU tests drive a mixed graph. Without an override the choice runs only on CUDA
+outside the Triton interpreter: for fp16/bf16 inference, and in training for each conv
+that runs in fp16/bf16 (autocast or a half model).
 """
 from __future__ import annotations
 
@@ -82,7 +89,8 @@ def writes_with_zero_rows(kernel, fused: bool, residual: bool, residual_after_ac
 
 def zero_row_weights(weight, bias, bias_map, index, fill, rows: int) -> tuple:
     """(weight, bias, bias map) with `rows` output rows: the given ones at `index`, zero rows
-    elsewhere whose bias is `fill` (the channel's constant), in the given dtypes and devices."""
+    elsewhere whose bias is `fill` (the channel's constant), in the given dtypes and devices.
+    The bias map is a map [k, Ho, Wo] or a BiasMap's summed weight [k, 1, kh, kw]: zero rows either way."""
     index = index.long()
     w = weight.new_zeros((rows, *weight.shape[1:]))
     w[index.to(w.device)] = weight
@@ -98,6 +106,10 @@ def zero_row_weights(weight, bias, bias_map, index, fill, rows: int) -> tuple:
 @dataclass
 class ChainProblem:
     """One chain as the lowering will emit it: constants real, activations to be made up."""
+    KEY = "chain"  # the selector's key, beside the shape
+    FALLBACK = "triton"  # kept where timing fails
+    ATEN = "aten+epilogue"  # what the aten candidate runs, as the reason names it
+
     shape: ChainShape
     weight: torch.Tensor  # [out_channels, used_in, kh, kw], channels_last, model dtype
     bias: Optional[torch.Tensor]
@@ -107,6 +119,10 @@ class ChainProblem:
     fill: Optional[torch.Tensor]
     out_hw: tuple
     fused_args: Optional[ConvArgs] = field(default=None, repr=False)  # the op's arguments, once candidates() ran
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
 
     @property
     def has_epilogue(self) -> bool:
@@ -160,6 +176,100 @@ class ChainProblem:
         return {"triton": triton, "aten": aten_path}
 
 
+@dataclass(frozen=True)
+class TrainConvShape:
+    """What decides a training conv's forward + backward speed: the cache key (kept apart
+    from the chains' by its own key in the selector and on disk)."""
+    batch: int
+    in_channels: int  # channels the conv reads (after any gather)
+    height: int
+    width: int
+    out_channels: int  # kept output channels
+    kernel: tuple
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    bias: bool
+    dtype: str  # the conv's compute dtype (autocast's)
+    device: str
+    channels_last: bool  # the input's memory format
+    input_grad: bool  # the backward computes the input's gradient (not for the first conv)
+    weight_grad: bool
+    graphed: bool = False
+
+    def describe(self) -> str:
+        k = "x".join(map(str, self.kernel))
+        return (f"train N={self.batch} {self.in_channels}->{self.out_channels} {k} s{self.stride[0]} "
+                f"{self.height}x{self.width} {self.dtype}")
+
+
+@dataclass
+class TrainConvProblem:
+    """One compacted dense conv of a training graph: forward and backward of the fused op (a plain
+    conv, backward by aten's conv backward) against the aten conv, on random tensors of its shapes."""
+    KEY = "train-conv"
+    FALLBACK = "aten"  # the training lowering's long-standing conv
+    ATEN = "aten"
+
+    shape: TrainConvShape
+    device: torch.device
+
+    def launch_known(self) -> bool:
+        """Whether the fused op's launch for this conv is known without tuning (the disk cache, the
+        shipped table, or tuning off): a training compile does not tune launches for "auto"."""
+        from fxsparse.kernels.conv2d import conv_call
+        from fxsparse.options import kernel_settings
+
+        if self.device.type != "cuda":  # (the interpreter: no tuned launches, only the safe one)
+            return kernel_settings().tune == "off"
+        s = self.shape
+        make = dict(device=self.device, dtype=getattr(torch, s.dtype))
+        x = torch.empty(s.batch, s.in_channels, s.height, s.width, **make)
+        w = torch.empty(s.out_channels, s.in_channels, *s.kernel, **make)
+        args = ConvArgs(x.contiguous(memory_format=torch.channels_last) if s.channels_last else x,
+                        w.contiguous(memory_format=torch.channels_last),
+                        torch.empty(s.out_channels, **make) if s.bias else None, list(s.stride), list(s.padding),
+                        list(s.dilation), None, None, s.out_channels, None, None, None, "none", False)
+        return selector.known(conv_call(args))
+
+    def candidates(self) -> dict:
+        """{"triton": fn, "aten": fn}, each one forward and backward as the compiled training graph
+        runs them: the fused op or aten's conv, then aten's conv backward (the op's backward) for
+        the gradients the graph needs. Returns the forward's output."""
+        s = self.shape
+        make = dict(device=self.device, dtype=getattr(torch, s.dtype))
+        x = torch.randn(s.batch, s.in_channels, s.height, s.width, **make)
+        if s.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        fan_in = s.in_channels * s.kernel[0] * s.kernel[1]
+        w = torch.randn(s.out_channels, s.in_channels, *s.kernel, **make) / fan_in ** 0.5
+        w_cl = w.contiguous(memory_format=torch.channels_last)  # as the lowering hands it to the op
+        b = torch.randn(s.out_channels, **make) if s.bias else None
+        ho, wo = (output_size(size, k, st, p, d) for size, k, st, p, d in
+                  zip((s.height, s.width), s.kernel, s.stride, s.padding, s.dilation))
+        grad = torch.randn(s.batch, s.out_channels, ho, wo, **make).contiguous(memory_format=torch.channels_last)
+        stride, padding, dilation = list(s.stride), list(s.padding), list(s.dilation)
+        mask = [s.input_grad, s.weight_grad, s.bias and s.weight_grad]  # (a bias trains as its weight)
+
+        def backward(weight):
+            if any(mask):
+                torch.ops.aten.convolution_backward(grad, x, weight, [s.out_channels] if s.bias else None, stride,
+                                                    padding, dilation, False, [0, 0], 1, mask)
+
+        def triton():
+            y = torch.ops.fxsparse.conv2d.default(x, w_cl, b, stride, padding, dilation, None, None,
+                                                  s.out_channels, None, None, None, "none", False)
+            backward(w_cl)
+            return y
+
+        def aten():
+            y = torch.conv2d(x, w, b, s.stride, s.padding, s.dilation, 1)
+            backward(w)
+            return y
+
+        return {"triton": triton, "aten": aten}
+
+
 def aten_call(args: ConvArgs) -> ConvCall:
     """The tensors of `args` as the aten choice reads them (its output is computed, not written: `out`
     only carries the output's shape)."""
@@ -192,20 +302,21 @@ def cuda_timer(name: str, shape: ChainShape, fn: Callable[[], object]) -> float:
 
 
 class Chooser:
-    """The lowering's question to the selector: per chain, the fused op or aten."""
+    """The lowering's question to the selector: per chain (per training conv), the fused op or aten."""
 
     def __init__(self, timer: Timer, forced: bool = False):
         self.timer = timer
         self.forced = forced  # choose even where it is off by default (CPU tests)
         self.cache: dict = {}  # ChainShape -> Decision
-        self.timed: list = []  # ChainShape of every chain actually timed, in order
+        self.timed: list = []  # the shape (ChainShape, TrainConvShape) of every problem actually timed, in order
 
     def enabled(self, on_gpu: bool, half: bool, inference: bool) -> bool:
-        if not inference:
-            return False
-        return self.forced or (on_gpu and half and not triton_interpreter_on())
+        """Whether "auto" measures at all; in training `half` is known per conv only (autocast),
+        and convs that do not run in fp16/bf16 keep aten there."""
+        return self.forced or (on_gpu and (half or not inference) and not triton_interpreter_on())
 
-    def choose(self, problem: ChainProblem) -> Decision:
+    def choose(self, problem) -> Decision:
+        """`problem`: a ChainProblem or a TrainConvProblem."""
         hit = self.cache.get(problem.shape)
         if hit is not None:
             return hit
@@ -214,28 +325,30 @@ class Chooser:
             self.cache[problem.shape] = decision
         return decision
 
-    def _measure(self, problem: ChainProblem) -> Decision:
-        if problem.weight.is_cuda and torch.cuda.is_current_stream_capturing():
-            return Decision("triton", "not measured (a CUDA graph capture is in progress): triton")
+    def _measure(self, problem) -> Decision:
+        # (KEY, FALLBACK and ATEN of the problem's class: its key, what a failure keeps, the report's word)
+        fallback = problem.FALLBACK
+        if problem.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return Decision(fallback, f"not measured (a CUDA graph capture is in progress): {fallback}")
         try:
             cands = problem.candidates()
             self.timed.append(problem.shape)
             timer = None if self.timer is cuda_timer else (lambda name, fn: self.timer(name, problem.shape, fn))
             # (an overriding timer is the tests': its answers are not kept on disk)
-            name, times = selector.pick(("chain", problem.shape), cands, graphed=problem.shape.graphed, timer=timer,
-                                        persist=timer is None)
-        except Exception as e:  # noqa: BLE001 - any failure keeps the fused op
-            return Decision("triton", f"timing failed ({type(e).__name__}: {e}): triton")
+            name, times = selector.pick((problem.KEY, problem.shape), cands, graphed=problem.shape.graphed,
+                                        timer=timer, persist=timer is None)
+        except Exception as e:  # noqa: BLE001 - any failure keeps the fallback
+            return Decision(fallback, f"timing failed ({type(e).__name__}: {e}): {fallback}")
         if not times:
-            if name == "triton":
+            if name == "triton" and isinstance(problem, ChainProblem):
                 _compile_ahead(problem, cands["triton"])
             return Decision(name, f"from the tuning cache: {name}", measured=True)
         t, a = times.get("triton"), times.get("aten")
         if timer is None:
             t, a = (None if v is None else v * 1e3 for v in (t, a))
         if t is None:
-            return Decision("triton", "timing failed (the fused op did not run): triton")
-        reason = f"measured: triton {t:.1f} us vs aten+epilogue {a:.1f} us" if a is not None else \
+            return Decision(fallback, f"timing failed (the fused op did not run): {fallback}")
+        reason = f"measured: triton {t:.1f} us vs {problem.ATEN} {a:.1f} us" if a is not None else \
             f"measured: triton {t:.1f} us (aten failed)"
         return Decision(name, reason, t, a, measured=True)
 

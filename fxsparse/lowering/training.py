@@ -23,6 +23,14 @@ Weights are gathered inside the graph from `mask * weight_orig`, so gradients re
 `weight_orig` (zero on pruned rows) and optimizers keep the original parameters. Masks are
 the only source of sparsity here; the runtime guard watches them and rebuilds when one
 changes.
+
+Each compacted dense conv runs as the option `lowering` says, as in inference: an aten conv
+("aten"), the fused op `torch.ops.fxsparse.conv2d` as a plain conv (+ bias) where it runs
+("triton": fp16/bf16 on CUDA, autocast's casts written out; the Triton interpreter on the
+CPU), or the faster of the two, forward and backward timed on the compacted shapes
+("auto", choose.TrainConvProblem). The op's backward is aten's conv backward on the same
+compacted tensors, so gradients are those of the aten conv. Nothing is fused into the op
+here: a conv before a train-mode BatchNorm has no epilogue to fold.
 """
 from __future__ import annotations
 
@@ -37,8 +45,10 @@ import torch.nn.functional as F
 
 from fxsparse.compaction.propagate import CONST_DTYPE, KeptChannels, Propagation, at_least_one, channel_count
 from fxsparse.graph.capture import OpView
-from fxsparse.kernels.layout import relayout, select_channels
+from fxsparse.kernels.layout import constant_input_map, relayout, select_channels
+from fxsparse.lowering import choose
 from fxsparse.lowering.rewrite import Lowering
+from fxsparse.ops.conv2d import triton_interpreter_on
 from fxsparse.sparsity.read import ConvSparsity
 
 
@@ -61,9 +71,10 @@ _INPLACE_FUNCTIONS = {torch.relu_: torch.relu, F.relu_: F.relu, operator.iadd: o
 
 
 class TrainingLowering(Lowering):
-    def __init__(self, cap, sparsity: dict, lowering: str):
+    def __init__(self, cap, sparsity: dict, lowering: str, cudagraphs: bool = False):
         # the inference propagation is not run: only its helpers (cap, views) are used
-        super().__init__(Propagation(cap, sparsity, enabled=False), sparsity, lowering, inference=False)
+        super().__init__(Propagation(cap, sparsity, enabled=False), sparsity, lowering, inference=False,
+                         cudagraphs=cudagraphs)
         self.stored: dict = {}  # captured node -> Stored (channel-carrying tensors only)
 
     # -- layouts --------------------------------------------------------------------------
@@ -169,13 +180,6 @@ class TrainingLowering(Lowering):
         used = ~sp.zero_cols
         stored = lin.kept_mask()
         const_cols = (used & ~stored).nonzero().flatten() if lin.const is not None else torch.zeros(0, dtype=torch.long)
-        spatial = conv.input.meta["example_value"].shape[2:]
-        if len(const_cols) and conv.padding != (0, 0) and not all(isinstance(s, int) for s in spatial):
-            # no bias map for a symbolic size: read those channels materialised
-            lin = Stored(lin.channels, torch.unique(torch.cat([lin.kept, const_cols])), lin.const)
-            self.env[conv.input] = self.read_as(conv.input, lin.kept)
-            self.stored[conv.input] = lin
-            stored, const_cols = lin.kept_mask(), torch.zeros(0, dtype=torch.long)
         if len(kept_out) == sp.out_channels and lin.is_full and not bool(sp.zero_cols.any()):
             return False
         read = used & stored
@@ -187,16 +191,61 @@ class TrainingLowering(Lowering):
             in_ids = lin.kept
         w = self.weight_block(conv.weight, kept_out, in_ids, conv.input)
         bias = None if conv.bias is None else self.rows(self.env[conv.bias], kept_out, sp.out_channels, conv.input)
-        y = self.call(torch.conv2d, x, w, bias, conv.stride, conv.padding, conv.dilation, 1)
+        lowering, why = self.conv_lowering(n, conv, len(in_ids), len(kept_out))
+        if lowering == "triton":
+            y = self.emit_fused_conv(n, conv, x, w, bias, len(kept_out))
+        else:
+            y = self.call(torch.conv2d, x, w, bias, conv.stride, conv.padding, conv.dilation, 1)
         if len(const_cols):
             w_c = self.weight_block(conv.weight, kept_out, const_cols, conv.input)
-            y = self.call(torch.add, y, self.constant_input_term(conv, lin, const_cols, w_c, y))
+            y = self.call(torch.add, y, self.constant_input_term(conv, lin, const_cols, w_c, x, y))
         out_const = None if conv.bias is None else self.env[conv.bias]
         self.stored[n] = Stored(sp.out_channels, kept_out, out_const)
         self.env[n] = y
         ideal_in = int(read.sum())
-        self.records[n] = self._record(sp, len(in_ids), len(kept_out), ideal_in, len(kept_out), "aten", None)
+        self.records[n] = self._record(sp, len(in_ids), len(kept_out), ideal_in, len(kept_out), lowering, None)
+        self.records[n].choice = why
         return True
+
+    def conv_lowering(self, n, conv, in_channels: int, out_channels: int) -> tuple:
+        """("triton" | "aten", why where it was measured) for a compacted dense conv reading
+        `in_channels` and computing `out_channels`."""
+        dtype, device = example_dtype(n), self.device_of(conv.input)
+        if self.lowering == "aten" or not triton_trains(device, dtype):
+            return "aten", None
+        if self.lowering == "triton":
+            return "triton", None
+        try:
+            x, w = conv.input.meta["example_value"], conv.weight.meta["example_value"]
+            c = choose.concrete
+            shape = choose.TrainConvShape(
+                c(x.shape[0]), in_channels, c(x.shape[2]), c(x.shape[3]), out_channels, tuple(w.shape[2:]),
+                tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.bias is not None,
+                str(dtype).replace("torch.", ""), device.type, channels_last(x), bool(x.requires_grad),
+                bool(w.requires_grad), self.cudagraphs)
+        except Exception as e:  # noqa: BLE001 - e.g. a size with no concrete value
+            return "aten", f"not measured ({type(e).__name__}: {e}): aten"
+        problem = choose.TrainConvProblem(shape, device)
+        if not self.chooser.forced and not problem.launch_known():
+            # tuning every training conv's launch would cost minutes of compile for a plain conv
+            # that rarely beats cuDNN; lowering="triton" tunes them (and fills the cache "auto" reads)
+            return "aten", "aten: the fused op has no tuned launch for this shape"
+        decision = self.chooser.choose(problem)
+        return decision.lowering, decision.reason
+
+    def emit_fused_conv(self, n, conv, x, w, bias, out_channels: int) -> fx.Node:
+        """The conv as the fused op, a plain conv (+ bias) in the conv's dtype: the casts autocast
+        makes for an aten conv are written out (the op has no autocast rule), the weight
+        channels_last as the op reads it best."""
+        dtype = example_dtype(n)
+        x = self.cast(x, conv.input, dtype)
+        w = self.call(torch.Tensor.contiguous, self.cast(w, conv.weight, dtype), memory_format=torch.channels_last)
+        bias = None if bias is None else self.cast(bias, conv.bias, dtype)
+        return self.call(torch.ops.fxsparse.conv2d.default, x, w, bias, list(conv.stride), list(conv.padding),
+                         list(conv.dilation), None, None, out_channels, None, None, None, "none", False)
+
+    def cast(self, new: fx.Node, old: fx.Node, dtype: torch.dtype) -> fx.Node:
+        return new if example_dtype(old) == dtype else self.call(torch.Tensor.to, new, dtype)
 
     def rows(self, t: fx.Node, ids: torch.Tensor, total: int, like) -> fx.Node:
         if len(ids) == total:
@@ -222,19 +271,19 @@ class TrainingLowering(Lowering):
             return w
         return self.call(torch.index_select, w, 1, self.index(ids, like, "in_index"))
 
-    def constant_input_term(self, conv, lin: Stored, const_cols, w_c, y) -> fx.Node:
+    def constant_input_term(self, conv, lin: Stored, const_cols, w_c, x, y) -> fx.Node:
         """What the constant input channels add to the conv's output, as a graph value of the
         constants and their weight columns `w_c` (kept rows): a per-channel bias without
-        padding, else the conv of the constant image (a [1, Cout, Ho, Wo] map, exact where the
-        filters meet padding)."""
+        padding, else the bias map of x's size (`constant_input_map`, exact where the filters
+        meet padding; computed from each call's size, so it holds under dynamic shapes too)."""
         values = self.const_vector(lin, const_cols, conv.input)
         if conv.padding == (0, 0):
             term = self.call(torch.matmul, self.call(torch.sum, w_c, (2, 3)), values)
             term = self.call(torch.reshape, term, (1, -1, 1, 1))
         else:
-            h, w = conv.input.meta["example_value"].shape[2:]
-            image = self.call(torch.Tensor.expand, self.call(torch.reshape, values, (1, -1, 1, 1)), (1, len(const_cols), h, w))
-            term = self.call(torch.conv2d, image, w_c, None, conv.stride, conv.padding, conv.dilation, 1)
+            weighted = self.call(torch.mul, w_c, self.call(torch.reshape, values, (1, -1, 1, 1)))
+            summed = self.call(torch.sum, weighted, 1, True)
+            term = self.call(constant_input_map, x, summed, conv.stride, conv.padding, conv.dilation)
         return self.call(torch.Tensor.type_as, term, y)
 
     def emit_depthwise_conv(self, n, v, sp) -> bool:
@@ -399,6 +448,24 @@ class TrainingLowering(Lowering):
         return True
 
 
+def example_dtype(node) -> Optional[torch.dtype]:
+    val = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    return val.dtype if isinstance(val, torch.Tensor) else None
+
+
+def channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def triton_trains(device: torch.device, dtype: Optional[torch.dtype]) -> bool:
+    """Where the fused op runs a training conv: fp16/bf16 on CUDA (under autocast, the conv's
+    dtype); on the CPU only with the Triton interpreter on (how the tests run the kernel)."""
+    if device.type == "cuda":
+        return dtype in (torch.float16, torch.bfloat16)
+    return device.type == "cpu" and triton_interpreter_on() and dtype in (
+        torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def out_of_place(graph: fx.Graph, n: fx.Node, vector: fx.Node, src, read) -> fx.Node:
     """`n`'s op applied to `vector` in place of its tensor operand `src`, never in place (the
     vector may be a parameter such as a BatchNorm's beta)."""
@@ -420,9 +487,10 @@ def out_of_place(graph: fx.Graph, n: fx.Node, vector: fx.Node, src, read) -> fx.
     return graph.call_function(target, tuple(args), kwargs)
 
 
-def lower_training(cap, sparsity: dict, lowering: str) -> tuple:
-    """(compacted training graph, {conv node: ConvRecord})."""
-    low = TrainingLowering(cap, sparsity, lowering)
+def lower_training(cap, sparsity: dict, lowering: str, cudagraphs: bool = False) -> tuple:
+    """(compacted training graph, {conv node: ConvRecord}). `cudagraphs`: what lowering "auto"
+    times (kernel time where the graph runs under CUDA graphs)."""
+    low = TrainingLowering(cap, sparsity, lowering, cudagraphs)
     gm = low.run()
     for n, sp in sparsity.items():  # convs no handler rewrote
         if n not in low.records:

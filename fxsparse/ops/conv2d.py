@@ -15,7 +15,10 @@ Implementations: CPU -> aten (`reference.py`), or the Triton kernel inside
 `triton_on_cpu()` (needs the Triton interpreter, TRITON_INTERPRET=1: how the
 kernel is tested without a GPU); CUDA -> the launch the selector picks among the Triton kernels (`fxsparse/kernels/`). The fake
 implementation only computes the output's shape, so the op traces under
-torch.compile and make_fx. Backward differentiates the reference formula.
+torch.compile and make_fx. Backward: a plain conv (bias at most, the form training lowers to
+the op) gets aten's own `convolution_backward` on the same tensors, only the gradients asked
+for (cuDNN on CUDA, as eager's conv backward); a call with an epilogue differentiates the
+reference formula.
 """
 from __future__ import annotations
 
@@ -181,8 +184,9 @@ def _(*args):
     return args[0].new_empty(check_conv2d_args(ConvArgs(*args))).contiguous(memory_format=torch.channels_last)
 
 
-_GRAD_INPUTS = {name: i for i, name in enumerate(ConvArgs._fields)
-                if name in ("x", "weight", "bias", "fill", "bias_map", "residual")}
+_SLOT = {name: i for i, name in enumerate(ConvArgs._fields)}
+# (x, weight, bias first: the order the conv backward reads them in)
+_GRAD_INPUTS = {name: _SLOT[name] for name in ("x", "weight", "bias", "fill", "bias_map", "residual")}
 
 
 def _setup_context(ctx, inputs, output):
@@ -190,9 +194,45 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*(inputs[i] for i in _GRAD_INPUTS.values()))
 
 
+def plain_conv(args: ConvArgs) -> bool:
+    """Whether the call is a conv plus bias at most: no channel scatter, fill, bias map,
+    residual or activation, and at least one output row."""
+    return (args.out_index is None and args.fill is None and args.bias_map is None and args.residual is None
+            and args.activation == "none" and args.weight.shape[0] > 0)
+
+
 def _backward(ctx, grad_out):
-    # Differentiating the aten formula gives aten's own conv gradients on the
-    # compacted weight: exact, and as fast as eager's backward.
+    inputs = ConvArgs(*ctx.inputs)
+    if plain_conv(inputs):
+        return _conv_backward(ctx, grad_out)
+    return _reference_backward(ctx, grad_out)
+
+
+def _conv_backward(ctx, grad_out):
+    """aten's conv backward on the tensors the forward read: what eager's conv backward runs,
+    with no recompute of the forward."""
+    x, weight, bias = ctx.saved_tensors[:3]
+    args = ConvArgs(*ctx.inputs)
+    need = ctx.needs_input_grad
+    need_x, need_w, need_b = need[_SLOT["x"]], need[_SLOT["weight"]], bias is not None and need[_SLOT["bias"]]
+    result = [None] * len(ConvArgs._fields)
+    if not (need_x or need_w or need_b):
+        return tuple(result)
+    xs = x if args.in_index is None else x.index_select(1, args.in_index.long())
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        grad_out.to(x.dtype), xs, weight, None if bias is None else [bias.shape[0]], list(args.stride),
+        list(args.padding), list(args.dilation), False, [0, 0], 1, [need_x, need_w, need_b])
+    if need_x and args.in_index is not None:  # back to x's channels (repeated ones add up)
+        gx = x.new_zeros(x.shape).index_add(1, args.in_index.long(), gx)
+    result[_SLOT["x"]], result[_SLOT["weight"]] = gx, gw
+    if need_b:
+        result[_SLOT["bias"]] = gb.to(bias.dtype)
+    return tuple(result)
+
+
+def _reference_backward(ctx, grad_out):
+    # Differentiating the aten formula gives aten's own conv gradients on the compacted weight
+    # and the epilogue's through autograd (one recompute of the conv).
     saved = ctx.saved_tensors
     inputs = list(ctx.inputs)
     wanted = []

@@ -1,0 +1,99 @@
+"""Where a training step's time goes: fxsparse against Inductor and the physically pruned model.
+
+Per variant, on the GPU: ms per step (CUDA events over `--steps` steps), the kernel time and
+the number of kernels per step from the profiler (a step much longer than its kernel time is
+bound by the host launching kernels), and the kernels that take the most time.
+
+    PYTHONPATH=. python tools/train_profile.py --model resnet50 --dtype fp16 --variants ind,fx,tp,fxcg,indcg
+
+Variants: ind (Inductor on the masked model), fx (fxsparse), tp (Torch-Pruning's physically
+pruned model under Inductor); a "cg" suffix runs the compiled graphs under CUDA graphs
+(Inductor's mode "reduce-overhead", fxsparse's option cudagraphs=True).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import defaultdict
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "benchmarks"))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import common  # noqa: E402
+import train  # noqa: E402
+
+import fxsparse  # noqa: E402,F401  (registers the backend)
+
+
+def compiled(model, variant: str):
+    graphs = variant.endswith("cg")
+    if variant.startswith("fx"):
+        return torch.compile(model, backend="fxsparse", dynamic=False, options={"cudagraphs": graphs})
+    return torch.compile(model, dynamic=False, mode="reduce-overhead" if graphs else None)
+
+
+def kernel_profile(trainer, x, y, steps: int) -> tuple:
+    """(kernel ms per step, kernels per step, {kernel name: ms per step})."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            trainer.step(x, y)
+        torch.cuda.synchronize()
+    per_kernel, count = defaultdict(float), 0
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[e.name] += e.device_time_total / 1e3 / steps
+            count += 1
+    return sum(per_kernel.values()), count / steps, per_kernel
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--dtype", default="fp16", choices=sorted(train.DTYPES))
+    p.add_argument("--keep", type=float, default=0.5)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--variants", default="ind,fx,tp")
+    p.add_argument("--top", type=int, default=12, help="kernels listed per variant")
+    args = p.parse_args(argv)
+    common.raise_dynamo_recompile_limit()
+    torch.backends.cudnn.benchmark = True
+    os.environ.setdefault("FXSPARSE_TUNE", "off")
+    dtype = train.DTYPES[args.dtype]
+    make, physical, how = train.masked_and_physical(args.model, args.keep, 224)
+    shape = train.bm.build(args.model)[1]
+    classes = train.bm.classifier(make()).out_features
+    x, y = train.batch_of(args.batch, shape, classes, "cuda", torch.Generator().manual_seed(0))
+    rows = []
+    for variant in args.variants.split(","):
+        if variant.startswith("tp") and physical is None:
+            continue
+        torch._dynamo.reset()
+        model = train.place(physical if variant.startswith("tp") else make(), "cuda")
+        trainer = train.Trainer(model, compiled(model, variant), dtype, "cuda")
+        compile_s = train.timed_first_step(trainer, x, y)
+        step_ms = train.step_ms(trainer, x, y, args.steps)
+        kernel_ms, kernels, per_kernel = kernel_profile(trainer, x, y, 5)
+        rows.append({"variant": variant, "step_ms": step_ms, "kernel_ms": kernel_ms, "kernels": kernels,
+                     "host_bound": step_ms - kernel_ms, "compile_s": compile_s})
+        print(f"\n{variant}: {step_ms:.2f} ms/step, kernels {kernel_ms:.2f} ms in {kernels:.0f} launches", flush=True)
+        for name, ms in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:args.top]:
+            print(f"   {ms:7.3f} ms  {name[:140]}")
+        del trainer, model
+        torch.cuda.empty_cache()
+    env = common.environment()
+    common.print_table(rows, [("variant", "variant"), ("step_ms", "ms/step"), ("kernel_ms", "kernel ms/step"),
+                              ("kernels", "kernels/step"), ("host_bound", "step - kernel ms"),
+                              ("compile_s", "compile s")],
+                       title=f"\n{args.model} {args.dtype} B={args.batch} keep {args.keep} ({how}) | {env['device']} | "
+                             f"torch {env['torch']} | triton {env['triton']}")
+
+
+if __name__ == "__main__":
+    main()
