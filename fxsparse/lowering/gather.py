@@ -62,8 +62,8 @@ class _KeptSlice(torch.autograd.Function):
             if mask is not None:
                 m = _along(mask, dim, ctx.rank)
                 kept = m if kept is None else kept & m
-        # where, not a multiply by 0/1: an inf or nan in the compact gradient stays where it is
-        return torch.where(kept, full, full.new_zeros(())), None, None, None, None, None, None
+        # a fill, not a multiply by 0/1: an inf or nan in the compact gradient stays where it is
+        return full.masked_fill(~kept, 0), None, None, None, None, None, None
 
 
 def kept_slice(t: torch.Tensor, row_ids=None, row_pos=None, row_kept=None,
