@@ -120,7 +120,7 @@ class TrainingLowering(Lowering):
         fuses a parameter's gradient into one pointwise kernel."""
         args = []
         for picked, hint in ((rows, "rows"), (cols, "cols")):
-            if picked is None or torch.equal(picked[0], torch.arange(picked[1])):
+            if picked is None or torch.equal(picked[0], torch.arange(picked[1], device=picked[0].device)):
                 args += [None, None, None]
                 continue
             k = self.kept_index(*picked, like)
