@@ -234,13 +234,21 @@ def drop_unused_inputs(gm: fx.GraphModule) -> list:
     would cost on every call (Inductor's wrappers and CUDA-graph tree walk the argument list).
     """
     placeholders = gm.graph.find_nodes(op="placeholder")
-    used = [i for i, p in enumerate(placeholders) if p.users]
+    used = [i for i, p in enumerate(placeholders) if p.users or _symbolic_size(p)]
     if len(used) < len(placeholders):
-        for p in placeholders:
-            if not p.users:
+        for i, p in enumerate(placeholders):
+            if i not in used:
                 gm.graph.erase_node(p)
         gm.recompile()
     return used
+
+
+def _symbolic_size(p: fx.Node) -> bool:
+    """A size dynamo passes as an input under dynamic shapes. Kept though unread: AOTAutograd then
+    saves it for the backward rather than a size expression of an activation, whose cached
+    guards named a tensor the backward does not take (a warm FX graph cache failed every later
+    compile of the graph with KeyError)."""
+    return isinstance(p.meta.get("example_value"), torch.SymInt)
 
 
 def with_inputs_at(fn, positions: list, count: int):

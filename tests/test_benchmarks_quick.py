@@ -61,3 +61,34 @@ def test_compile_time_runs_on_the_cpu():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("| small_resnet") and "error" not in proc.stdout, proc.stdout[-3000:]
+
+
+def test_compile_time_stage_clock_splits_the_backend():
+    """compile_time.py's stage clock: every stage of fxsparse's backend is timed inside the backend
+    (none counted twice or outside it), the compiled graph's first run is timed apart, and the
+    clock leaves the backend as it found it (the compiled model still computes the eager result)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import compile_time
+    import torch
+
+    import fxsparse
+    import fxsparse.backend as B
+    from fxsparse.demo import SmallResNet, randomize_batchnorm
+
+    torch.manual_seed(0)
+    model, x = SmallResNet(16), torch.randn(2, 3, 16, 16)
+    randomize_batchnorm(model)
+    fxsparse.sparsify(model.eval(), 0.5, example_inputs=(x,))
+    compiled = torch.compile(model, backend="fxsparse", options={"inductor": False})
+    functions = {name: getattr(B, name) for name in ("capture", "read_all", "propagate", "lower", "compile_graph")}
+    torch._dynamo.reset()
+    with torch.no_grad(), compile_time.stage_clock() as seconds:
+        out = compiled(x)
+    assert {name: getattr(B, name) for name in functions} == functions
+    for stage in ("capture", "sparsity", "compaction", "lowering", "guard", "first_run"):
+        assert seconds[stage] > 0, (stage, seconds)
+    assert seconds["inductor"] == 0  # inductor=False: the rewritten graph runs as it is
+    assert seconds["report"] >= 0 and seconds["other"] >= 0, seconds
+    assert sum(seconds[s] for s in compile_time.STAGES) == pytest.approx(seconds["backend"])
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)

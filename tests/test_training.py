@@ -262,8 +262,8 @@ def test_amp_train_steps_on_cuda(dtype, tmp_path):
 
 
 def test_dynamic_shapes_train(tmp_path):
-    """dynamic=True: one graph for every batch size (constants of padded convs read
-    materialised where the spatial size is symbolic), gradients as eager's."""
+    """dynamic=True: one graph for every batch size (constants of padded convs folded into a
+    bias map computed from each call's size), gradients as eager's."""
     model, shape = make("resnet", "ln0")
     ref, _ = make("resnet", "ln0")
     compiled = compile_model(model, tmp_path, dynamic=True)

@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 if TYPE_CHECKING:
-    from fxsparse.compaction.propagate import ConvPlan, Layout, Propagation
+    from fxsparse.compaction.propagate import BiasMap, ConvPlan, Layout, Propagation
 
 
 @dataclass(frozen=True, eq=False)
@@ -35,7 +35,7 @@ class Chain:
     # b' = b * a + s, bias map' = bias map * a
     weight: Optional[torch.Tensor] = None
     bias: Optional[torch.Tensor] = None
-    bias_map: Optional[torch.Tensor] = None
+    bias_map: Optional["BiasMap"] = None
     bn: Optional[fx.Node] = None
     act: Optional[fx.Node] = None
     add: Optional[fx.Node] = None
@@ -57,8 +57,12 @@ class Chain:
 
 
 def _position(node: fx.Node) -> int:
-    # fx node lists are ordered; a node's index in its graph is its position
-    return node.meta.setdefault("_fxsparse_pos", list(node.graph.nodes).index(node))
+    # fx node lists are ordered; a node's index in its graph is its position (plan_chains
+    # numbers them all: searching the node list on every call made chains quadratic)
+    pos = node.meta.get("_fxsparse_pos")
+    if pos is None:
+        pos = node.meta["_fxsparse_pos"] = list(node.graph.nodes).index(node)
+    return pos
 
 
 def _only_user(node: fx.Node, output_nodes: set) -> Optional[fx.Node]:
@@ -105,7 +109,7 @@ def planned(prop: "Propagation", chain: Chain, plan: "ConvPlan") -> Chain:
         a_k, s_k = a[plan.out_layout.kept], s[plan.out_layout.kept]
         weight = weight * a_k.reshape(-1, 1, 1, 1)
         bias = (torch.zeros_like(a_k) if bias is None else bias) * a_k + s_k
-        bias_map = None if bias_map is None else bias_map * a_k.reshape(-1, 1, 1)
+        bias_map = None if bias_map is None else bias_map.scaled(a_k)
     return replace(chain, result=result_layout(prop, chain), weight=weight, bias=bias, bias_map=bias_map)
 
 

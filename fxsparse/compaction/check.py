@@ -8,6 +8,8 @@ A violation raises StageError("compaction", ...) naming the node.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from fxsparse.compaction.rules import channel_count
@@ -18,7 +20,15 @@ def _fail(node, message: str):
     raise StageError("compaction", message, node)
 
 
-def check_layout(node, layout, what: str = "layout") -> None:
+def check_layout(node, layout, what: str = "layout", verified: Optional[dict] = None) -> None:
+    """`layout` is well formed and describes `node`'s channels. `verified` ({id: layout}): layouts
+    already found well formed in this check (many nodes share one), whose own tensors are not
+    read again."""
+    count = channel_count(node)
+    if verified is not None and verified.get(id(layout)) is layout:
+        if count is not None and count != layout.channels:
+            _fail(node, f"{what} of node {node.name} describes {layout.channels} channels, the tensor has {count}")
+        return
     name = f"{what} of node {node.name}"
     kept, c = layout.kept, layout.channels
     if kept.dim() != 1 or kept.dtype != torch.int64:
@@ -31,16 +41,18 @@ def check_layout(node, layout, what: str = "layout") -> None:
         _fail(node, f"{name} stores channels not in ascending order or repeated")
     if tuple(layout.const.shape) != (c,):
         _fail(node, f"{name} has constants of shape {tuple(layout.const.shape)} for {c} channels")
-    count = channel_count(node)
     if count is not None and count != c:
         _fail(node, f"{name} describes {c} channels, the tensor has {count}")
+    if verified is not None:
+        verified[id(layout)] = layout
 
 
 def check_plan(prop) -> None:
+    verified: dict = {}
     for node, layout in prop.layout.items():
-        check_layout(node, layout)
+        check_layout(node, layout, verified=verified)
     for (node, user), layout in prop.materialize.items():
-        check_layout(node, layout, f"layout {user.name} reads")
+        check_layout(node, layout, f"layout {user.name} reads", verified)
         if node in prop.layout and prop.layout[node].channels != layout.channels:
             _fail(user, f"layout {user.name} reads of node {node.name} has {layout.channels} channels, "
                         f"the node {prop.layout[node].channels}")
@@ -65,7 +77,7 @@ def check_plan(prop) -> None:
             _fail(node, f"chain of node {node.name} has folded weight "
                         f"{None if chain.weight is None else tuple(chain.weight.shape)}, its conv plan "
                         f"{tuple(prop.conv_plans[chain.conv].weight.shape)}")
-        check_layout(chain.anchor, chain.result, "chain result")
+        check_layout(chain.anchor, chain.result, "chain result", verified)
         if chain.result.channels != prop.layout[chain.anchor].channels:
             _fail(node, f"chain of node {node.name} writes {chain.result.channels} channels, its result has "
                         f"{prop.layout[chain.anchor].channels}")
@@ -101,8 +113,9 @@ def check_conv_plan(prop, node, plan) -> None:
                     f"outputs and {cols} inputs read")
     if plan.bias is not None and tuple(plan.bias.shape) != (rows,):
         _fail(node, f"conv plan of node {node.name} has bias {tuple(plan.bias.shape)} for {rows} kept outputs")
-    if plan.bias_map is not None and (plan.bias_map.dim() != 3 or plan.bias_map.shape[0] != rows):
-        _fail(node, f"conv plan of node {node.name} has bias map {tuple(plan.bias_map.shape)} for {rows} kept outputs")
+    if plan.bias_map is not None and tuple(plan.bias_map.weight.shape[:2]) != (rows, 1):
+        _fail(node, f"conv plan of node {node.name} has a bias map of weight {tuple(plan.bias_map.weight.shape)} "
+                    f"for {rows} kept outputs")
 
 
 def check_linear_plan(prop, node, plan) -> None:

@@ -18,13 +18,15 @@ channel rule (rules.py, one entry per op kind) how its channels map:
    constant, `act(gamma * (b - mean) / sqrt(var + eps) + beta)`. Constants
    travel through the graph (evaluated by each op's own function) and are
    folded where they are consumed: into the next conv's bias (no padding) or a
-   bias map (zero padding: exact at the borders), into the linear head's bias.
+   bias map (zero padding: exact at the borders; `BiasMap`, a constant where the
+   spatial size is static, computed in the graph on every call where it is
+   symbolic), into the linear head's bias.
    A channel that is live but not constant is kept; a channel that nobody
    needs is dropped whatever its value.
 
-Where a constant cannot be folded (a conv of symbolic spatial size with
-padding, a pooling that is not uniform at the borders, an unknown op), the
-consumer gets the channels it needs materialised (`Relayout`).
+Where a constant cannot be folded (a depthwise conv, a pooling that is not
+uniform at the borders, an unknown op), the consumer gets the channels it needs
+materialised (`Relayout`).
 
 A residual stream stores one layout from block to block. An add keeps the union
 of its operands' channels, so where masks disagree (each conv pruned on its
@@ -47,7 +49,7 @@ than gathering the channels it uses out of its input.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Optional
 
@@ -57,6 +59,7 @@ import torch.fx as fx
 from fxsparse.compaction.check import check_layout, check_plan
 from fxsparse.compaction.rules import channel_count, rule_for
 from fxsparse.graph.capture import Capture, OpView
+from fxsparse.kernels.layout import constant_input_map
 from fxsparse.sparsity.read import ConvSparsity, evaluate, param_only
 
 CONST_DTYPE = torch.float64  # constants are folded in fp64, then cast to the model's dtype
@@ -134,6 +137,30 @@ class Storage:
 
 
 @dataclass(frozen=True)
+class BiasMap:
+    """What a conv's constant input channels add to its kept outputs where the conv pads: per
+    output channel and position, exact at the borders (where some taps read the zero padding).
+    `weight` [rows, 1, kh, kw] holds each row's weight columns of those channels times their
+    constants, summed; the map is its conv over an all-ones image of the input's size
+    (`constant_input_map`). The lowering makes it a constant where the spatial size is static,
+    else a conv in the graph on every call (batch 1, one channel: cheaper than reading the
+    constant channels at every batch item)."""
+    weight: torch.Tensor  # CONST_DTYPE [rows, 1, kh, kw], on the CPU
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+
+    def at(self, size: tuple) -> torch.Tensor:
+        """The map [rows, Ho, Wo] for an input of spatial `size` (ints)."""
+        return constant_input_map(self.weight.new_empty((0, 0, *size)), self.weight, self.stride, self.padding,
+                                  self.dilation)
+
+    def scaled(self, a: torch.Tensor) -> "BiasMap":
+        """The map of rows scaled by `a` (a folded BatchNorm)."""
+        return replace(self, weight=self.weight * a.reshape(-1, 1, 1, 1))
+
+
+@dataclass(frozen=True)
 class ConvPlan:
     """How one conv runs: its compacted weight, which input channels it reads and what constants it folds."""
     sparsity: ConvSparsity
@@ -142,7 +169,7 @@ class ConvPlan:
     in_channels_used: torch.Tensor  # original input channel ids read, in order
     weight: torch.Tensor  # [kept_out, used_in, kh, kw], model dtype
     bias: Optional[torch.Tensor]  # [kept_out], with folded constants
-    bias_map: Optional[torch.Tensor]  # [kept_out, Ho, Wo] where constant inputs meet padding
+    bias_map: Optional[BiasMap]  # where constant inputs meet padding
     depthwise: bool = False
     groups: int = 1  # a grouped conv: in_channels_used is per group (repeats pad short groups)
 
@@ -184,7 +211,6 @@ class Propagation:
         self.channel_params: dict = {}
         self.widen: dict = {}
         self.chains: dict = {}
-        self._memo: dict = {}
 
     # -- helpers ------------------------------------------------------------------------
     def view(self, node) -> Optional[OpView]:
@@ -201,7 +227,7 @@ class Propagation:
                 and sp.in_channels == v.conv.groups and sp.out_channels == v.conv.groups)
 
     def value(self, node):
-        return evaluate(node, self.cap, self._memo)
+        return evaluate(node, self.cap)
 
     # -- pass 1: liveness ---------------------------------------------------------------
     def run_liveness(self) -> None:
@@ -355,12 +381,12 @@ class Propagation:
         lin = self.input_layout(v.args["input"])
         # every stored input is read (an unused one through a zero column): liveness already
         # keeps the producer from storing channels no consumer uses
-        rows = kept_out.to(w.device)
+        w_rows = w[kept_out.to(w.device)]  # (rows gathered once, then converted: the head is large)
         dropped = ~lin.kept_mask()
-        folded = w.to(CONST_DTYPE)[rows][:, dropped].cpu() @ lin.const[dropped]
-        w_k = w[rows][:, lin.kept.to(w.device)].contiguous()
+        folded = w_rows[:, dropped.to(w.device)].to("cpu", CONST_DTYPE) @ lin.const[dropped]
+        w_k = w_rows[:, lin.kept.to(w.device)].contiguous()
         b_k = (bias[kept_out] + folded).to(b.device, b.dtype)
-        ideal_in = int(((w[rows] != 0).any(0).cpu() & lin.kept_mask()).sum())
+        ideal_in = int(((w_rows != 0).any(0).cpu() & lin.kept_mask()).sum())
         self.linear_plans[n] = LinearPlan(lin, Layout(c, kept_out, bias.clone()), lin.kept, w_k, b_k, ideal_in)
         return self.linear_plans[n].out_layout
 
@@ -413,13 +439,8 @@ class Propagation:
         kept_bias = None if bias is None else bias[kept_out]
         bias_map = None
         if len(const_in):
-            folded = self._fold_constant_inputs(w_out, const_in, lin.const[const_in], x, conv)
-            if folded is None:  # cannot fold: read those channels materialised instead
-                lin = Layout(lin.channels, torch.unique(torch.cat([lin.kept, const_in])), lin.const)
-                self.materialize[(x, n)] = lin
-            else:
-                base = torch.zeros(len(kept_out), dtype=CONST_DTYPE) if kept_bias is None else kept_bias
-                kept_bias, bias_map = base + folded[0], folded[1]
+            folded, bias_map = self._fold_constant_inputs(w_out, const_in, lin.const[const_in], x, conv)
+            kept_bias = folded + (0 if kept_bias is None else kept_bias)
         stored = lin.kept_mask()
         in_mask = used & stored
         if self.storage.reads_whole(int((stored & ~used).sum()), len(lin.kept)):
@@ -433,22 +454,29 @@ class Propagation:
         self.conv_plans[n] = ConvPlan(sp, lin, out_layout, in_ids, w_in, kept_bias, bias_map)
         return out_layout
 
-    def _fold_constant_inputs(self, w_out, const_in, values, x, conv):
-        """Contribution of constant input channels: (bias [Cout_k], bias map or None), or None."""
+    def _fold_constant_inputs(self, w_out, const_in, values, x, conv) -> tuple:
+        """Contribution of constant input channels: (bias [Cout_k], BiasMap or None)."""
         w = w_out[:, const_in].to("cpu", CONST_DTYPE)
-        v = values.to(CONST_DTYPE)
-        if conv.padding == (0, 0):
-            return (w.sum((2, 3)) @ v, None)
-        shape = x.meta["example_value"].shape
-        h, wd = shape[2], shape[3]
-        if not isinstance(h, int) or not isinstance(wd, int):
-            return None
-        image = v.reshape(1, -1, 1, 1).expand(1, len(v), h, wd)
-        bmap = torch.nn.functional.conv2d(image, w, None, conv.stride, conv.padding, conv.dilation)[0]
+        summed = (w * values.to(CONST_DTYPE).reshape(1, -1, 1, 1)).sum(1, keepdim=True)
+        return self._fold_summed(summed, x, conv)
+
+    @staticmethod
+    def _fold_summed(summed: torch.Tensor, x, conv) -> tuple:
+        """(bias, BiasMap or None) of constant inputs whose weighted columns sum to `summed`
+        [rows, 1, kh, kw]: a bias where every tap reads the input (no padding) or where the map
+        is uniform at the example's static size, else the map."""
+        zeros = torch.zeros(summed.shape[0], dtype=CONST_DTYPE)
+        if conv.padding == (0, 0) or not bool(summed.any()):
+            return summed.sum((1, 2, 3)), None
+        bias_map = BiasMap(summed, tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation))
+        size = tuple(x.meta["example_value"].shape[2:4])
+        if not all(isinstance(s, int) for s in size):
+            return zeros, bias_map  # symbolic: computed on every call
+        bmap = bias_map.at(size)
         uniform = bmap.amax((1, 2))
         if torch.equal(bmap.amin((1, 2)), uniform):
-            return (uniform, None)
-        return (torch.zeros(bmap.shape[0], dtype=CONST_DTYPE), bmap)
+            return uniform, None
+        return zeros, bias_map
 
     def _plan_depthwise(self, n, v, sp, lin, weight, bias, live_out) -> Layout:
         # in and out channels are tied: channel c is computed iff it is live, its filter is
@@ -483,14 +511,8 @@ class Propagation:
         bias_k = (torch.zeros(sp.out_channels, dtype=CONST_DTYPE) if bias is None else bias.clone())[rows.flatten()]
         bias_map = None
         if bool(const_in.any()):
-            folded = self._fold_grouped(weight, rows, const_in, const, x, conv)
-            if folded is None:  # symbolic size and padding: read them materialised instead
-                need = lin.kept_mask() | const_in.flatten()
-                lin = Layout(lin.channels, need.nonzero().flatten(), lin.const)
-                self.materialize[(x, n)] = lin
-                stored = lin.kept_mask().reshape(g, ig)
-            else:
-                bias_k, bias_map = bias_k + folded[0], folded[1]
+            folded, bias_map = self._fold_grouped(weight, rows, const_in, const, x, conv)
+            bias_k = bias_k + folded
         read = used & stored
         if not bool(read.any()):  # nothing to read: one stored (or materialised) channel, zero columns
             read = stored.clone() if bool(stored.any()) else read
@@ -532,28 +554,14 @@ class Propagation:
             out.append(ids + i * per)
         return torch.stack(out)
 
-    def _fold_grouped(self, weight, rows, const_in, const, x, conv):
-        """Contribution of a grouped conv's constant inputs to its kept rows: (bias, map or None)."""
+    def _fold_grouped(self, weight, rows, const_in, const, x, conv) -> tuple:
+        """Contribution of a grouped conv's constant inputs to its kept rows: (bias, BiasMap or None)."""
         g = conv.groups
-        image_c = torch.where(const_in, const, torch.zeros((), dtype=CONST_DTYPE)).reshape(1, -1, 1, 1)
+        values = torch.where(const_in, const, torch.zeros((), dtype=CONST_DTYPE))  # [g, ig]
         w = weight.to("cpu", CONST_DTYPE)
-        if conv.padding == (0, 0):
-            per_row = w.sum((2, 3))  # [Cout, ig]
-            vals = image_c.reshape(g, -1)
-            og = w.shape[0] // g
-            contrib = (per_row.reshape(g, og, -1) * vals.reshape(g, 1, -1)).sum(2).reshape(-1)
-            return contrib[rows.flatten()], None
-        shape = x.meta["example_value"].shape
-        h, wd = shape[2], shape[3]
-        if not isinstance(h, int) or not isinstance(wd, int):
-            return None
-        image = image_c.expand(1, image_c.shape[1], h, wd)
-        bmap = torch.nn.functional.conv2d(image, w, None, conv.stride, conv.padding, conv.dilation, g)[0]
-        bmap = bmap[rows.flatten()]
-        uniform = bmap.amax((1, 2))
-        if torch.equal(bmap.amin((1, 2)), uniform):
-            return uniform, None
-        return torch.zeros(bmap.shape[0], dtype=CONST_DTYPE), bmap
+        per_row = values.repeat_interleave(w.shape[0] // g, 0)  # each output row's group's constants
+        summed = (w * per_row.reshape(*per_row.shape, 1, 1)).sum(1, keepdim=True)
+        return self._fold_summed(summed[rows.flatten()], x, conv)
 
     def run(self) -> "Propagation":
         from fxsparse.compaction.chains import plan_chains

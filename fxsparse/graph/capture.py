@@ -30,6 +30,7 @@ How each kind maps channels is fxsparse/compaction/rules.py.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 import re
@@ -80,8 +81,9 @@ class OpView:
 
 # -- signatures, bound once per target -------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
 def _sig(fn):
-    return inspect.signature(fn)
+    return inspect.signature(fn)  # (slow to build: one per signature function, kept)
 
 
 def _conv2d_sig(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1): ...
@@ -560,6 +562,11 @@ class Capture:
     # placeholders the graph itself writes (a BatchNorm's step counter, a module's own
     # `self.count.add_(1)`): their values change every call, so nothing folds them
     written: frozenset = frozenset()
+    # what every stage computes once about the (unchanging) graph and its values: node -> the
+    # evaluated tensor of a parameter-only subgraph (sparsity.read.evaluate), node -> whether
+    # it depends on parameters and buffers only (param_only)
+    evaluated: dict = field(default_factory=dict, repr=False)
+    param_only: dict = field(default_factory=dict, repr=False)
 
     def value(self, node) -> Any:
         """The real tensor behind a placeholder, remembered as a value the result depends on."""

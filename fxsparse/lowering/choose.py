@@ -89,7 +89,8 @@ def writes_with_zero_rows(kernel, fused: bool, residual: bool, residual_after_ac
 
 def zero_row_weights(weight, bias, bias_map, index, fill, rows: int) -> tuple:
     """(weight, bias, bias map) with `rows` output rows: the given ones at `index`, zero rows
-    elsewhere whose bias is `fill` (the channel's constant), in the given dtypes and devices."""
+    elsewhere whose bias is `fill` (the channel's constant), in the given dtypes and devices.
+    The bias map is a map [k, Ho, Wo] or a BiasMap's summed weight [k, 1, kh, kw]: zero rows either way."""
     index = index.long()
     w = weight.new_zeros((rows, *weight.shape[1:]))
     w[index.to(w.device)] = weight

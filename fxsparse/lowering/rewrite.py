@@ -24,17 +24,17 @@ back to full width, pruned channels holding their bias.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
 import torch.fx as fx
 
 from fxsparse.compaction.chains import Chain
-from fxsparse.compaction.propagate import ConvPlan, Layout, LinearPlan, Propagation, at_least_one
+from fxsparse.compaction.propagate import BiasMap, ConvPlan, Layout, LinearPlan, Propagation, at_least_one
 from fxsparse.compaction.rules import SKIP, channel_axis, rule_for
 from fxsparse.graph.capture import OpView, module_path, written_args
-from fxsparse.kernels.layout import relayout, select_channels
+from fxsparse.kernels.layout import constant_input_map, relayout, select_channels
 from fxsparse.lowering import choose
 from fxsparse.sparsity.read import ConvSparsity, evaluate, other_conv_geometry, param_only
 from fxsparse.stages import StageError, check_graph
@@ -145,9 +145,9 @@ class Lowering:
         for n in self.graph.nodes:  # attributes the captured graph itself reads
             if n.op == "get_attr" and not hasattr(root, n.target):
                 setattr(root, n.target, getattr(self.cap.gm, n.target))
-        gm = fx.GraphModule(root, self.graph, class_name="FxsparseGraph")
+        self.drop_unused_weight_math(self.graph)  # before the module generates its code, once
+        gm = python_module(root, self.graph)
         keep_dynamo_metadata(self.cap.gm, gm)
-        self.drop_unused_weight_math(gm.graph)
         check_lowered(self.cap.gm, gm, self.constant_outputs)
         return gm
 
@@ -245,22 +245,21 @@ class Lowering:
         identity_in = len(positions) == len(x_layout.kept) and torch.equal(positions, torch.arange(len(positions)))
         w_t = weight.to(device, dtype).contiguous(memory_format=torch.channels_last)
         b_t = None if bias is None else bias.to(device, dtype)
-        # (fp32 at least: the fused op's accumulator; a float64 model's own precision)
-        m_t = None if bias_map is None else bias_map.to(device, torch.promote_types(dtype, torch.float32))
+        # the bias map's summed weight (CONST_DTYPE, on the CPU), rows as the conv computes them
+        m_w = None if bias_map is None else bias_map.weight
         lowering = self.lowering if not (plan.depthwise or plan.groups > 1) else "aten"
         choice = None
         if lowering == "auto":
-            decision = self.choose_lowering(chain, x_layout, None if identity_in else positions, w_t, b_t, m_t, like)
+            decision = self.choose_lowering(chain, x_layout, None if identity_in else positions, w_t, b_t, bias_map,
+                                            like)
             lowering, choice = decision.lowering, decision.reason
         fused = lowering == "triton"
-        wide = self.dense_out(chain, w_t, b_t, m_t, fused)
+        wide = self.dense_out(chain, w_t, b_t, m_w, fused)
         if wide is not None:
-            w_t, b_t, m_t = wide
-        # the fused op adds the bias map to its fp32 accumulator; aten adds it to the conv's
-        # output, in the model's dtype (an fp32 map would promote the rest of the graph)
+            w_t, b_t, m_w = wide
         w_node = self.const(w_t.contiguous(memory_format=torch.channels_last), "weight")
         b_node = None if b_t is None else self.const(b_t, "bias")
-        m_node = None if m_t is None else self.const(m_t if fused else m_t.to(dtype), "bias_map")
+        m_node = None if m_w is None else self.emit_bias_map(replace(bias_map, weight=m_w), x, like, dtype, fused)
         if fused:
             out = self.emit_fused_op(chain, plan, x, None if identity_in else positions, w_node, b_node, m_node, like,
                                      scatter=wide is None)
@@ -269,6 +268,20 @@ class Lowering:
             out = self.emit_aten_epilogue(chain, out)
         self.record_rewritten(chain, plan, lowering, choice)
         return out
+
+    def emit_bias_map(self, bias_map: BiasMap, x: fx.Node, like: torch.Tensor, dtype, fused: bool) -> fx.Node:
+        """The bias map as a graph value: a constant where the input's spatial size is static, else
+        computed from the size on every call. The fused op adds it to its fp32 accumulator (fp32
+        at least; a float64 model's own precision); aten adds it to the conv's output in the
+        model's dtype (an fp32 map would promote the rest of the graph)."""
+        exact = torch.promote_types(dtype, torch.float32)
+        size = tuple(like.shape[2:4])
+        if all(isinstance(s, int) for s in size):
+            return self.const(bias_map.at(size).to(like.device, exact if fused else dtype), "bias_map")
+        weight = self.const(bias_map.weight.to(like.device, exact), "bias_map_weight")
+        m = self.graph.call_function(constant_input_map, (
+            x, weight, bias_map.stride, bias_map.padding, bias_map.dilation))
+        return m if fused or dtype == exact else self.graph.call_method("to", (m, dtype))
 
     def dense_out(self, chain: Chain, weight, bias, bias_map, fused: bool) -> Optional[tuple]:
         """For a 1x1 chain whose result layout (chains.result_layout) stores more channels than the
@@ -334,8 +347,10 @@ class Lowering:
                 chain.add is not None, chain.residual_after_activation,
                 None if positions is None else len(positions), out_index is not None, bias_map is not None,
                 self.cudagraphs)
+            hw = (c(like.shape[2]), c(like.shape[3]))  # (timed at the example's size)
+            m_t = None if bias_map is None else bias_map.at(hw).to(weight.device, torch.float32)
             problem = choose.ChainProblem(
-                shape, weight, bias, bias_map,
+                shape, weight, bias, m_t,
                 None if positions is None else positions.to(weight.device), out_index, fill,
                 (c(out_val.shape[2]), c(out_val.shape[3])))
         except Exception as e:  # noqa: BLE001 - e.g. a size with no concrete value
@@ -557,14 +572,19 @@ def output_count(gm: fx.GraphModule) -> int:
     return len(outs) if isinstance(outs, (tuple, list)) else 1
 
 
-def check_lowered(before: fx.GraphModule, after: fx.GraphModule, constant_outputs: dict) -> None:
-    """The compacted graph lints, compiles to Python, and returns what the captured one returned
-    (its outputs plus those the wrapper hands out as constants)."""
-    check_graph("lowering", after)
+def python_module(root: torch.nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """The compacted graph as a module, its Python code generated (once: a ResNet-50 graph's code
+    takes tens of milliseconds)."""
     try:
-        after.recompile()
+        return fx.GraphModule(root, graph, class_name="FxsparseGraph")
     except Exception as e:  # noqa: BLE001 - codegen of a malformed graph fails in many ways
         raise StageError("lowering", f"graph does not compile to Python: {e}") from e
+
+
+def check_lowered(before: fx.GraphModule, after: fx.GraphModule, constant_outputs: dict) -> None:
+    """The compacted graph lints and returns what the captured one returned (its outputs plus
+    those the wrapper hands out as constants); python_module made its code."""
+    check_graph("lowering", after)
     want = output_count(before)
     got = output_count(after) + len(constant_outputs)
     if got != want:

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from fxsparse.compaction.propagate import CONST_DTYPE, KeptChannels, Propagation, at_least_one, channel_count
 from fxsparse.graph.capture import OpView
-from fxsparse.kernels.layout import relayout, select_channels
+from fxsparse.kernels.layout import constant_input_map, relayout, select_channels
 from fxsparse.lowering import choose
 from fxsparse.lowering.gather import KeptIndex, kept_slice
 from fxsparse.lowering.rewrite import Lowering
@@ -198,13 +198,6 @@ class TrainingLowering(Lowering):
         used = ~sp.zero_cols
         stored = lin.kept_mask()
         const_cols = (used & ~stored).nonzero().flatten() if lin.const is not None else torch.zeros(0, dtype=torch.long)
-        spatial = conv.input.meta["example_value"].shape[2:]
-        if len(const_cols) and conv.padding != (0, 0) and not all(isinstance(s, int) for s in spatial):
-            # no bias map for a symbolic size: read those channels materialised
-            lin = Stored(lin.channels, torch.unique(torch.cat([lin.kept, const_cols])), lin.const)
-            self.env[conv.input] = self.read_as(conv.input, lin.kept)
-            self.stored[conv.input] = lin
-            stored, const_cols = lin.kept_mask(), torch.zeros(0, dtype=torch.long)
         if len(kept_out) == sp.out_channels and lin.is_full and not bool(sp.zero_cols.any()):
             return False
         read = used & stored
@@ -223,7 +216,7 @@ class TrainingLowering(Lowering):
         else:
             y = self.call(torch.conv2d, x, w, bias, conv.stride, conv.padding, conv.dilation, 1)
         if len(const_cols):
-            y = self.call(torch.add, y, self.constant_input_term(conv, lin, const_cols, weight, kept_out, sp, y))
+            y = self.call(torch.add, y, self.constant_input_term(conv, lin, const_cols, weight, kept_out, sp, x, y))
         out_const = None if conv.bias is None else self.env[conv.bias]
         self.stored[n] = Stored(sp.out_channels, kept_out, out_const)
         self.env[n] = y
@@ -278,19 +271,20 @@ class TrainingLowering(Lowering):
     def columns(self, w: fx.Node, ids: torch.Tensor, total: int, like) -> fx.Node:
         return self.kept_slice(w, like, cols=(ids, total))
 
-    def constant_input_term(self, conv, lin: Stored, const_cols, weight, kept_out, sp, y) -> fx.Node:
+    def constant_input_term(self, conv, lin: Stored, const_cols, weight, kept_out, sp, x, y) -> fx.Node:
         """What the constant input channels add to the conv's output, as a graph value of the
-        constants and the weight columns: a per-channel bias without padding, else the conv of
-        the constant image (a [1, Cout, Ho, Wo] map, exact where the filters meet padding)."""
+        constants and the weight columns: a per-channel bias without padding, else the bias map
+        of x's size (`constant_input_map`, exact where the filters meet padding; computed from
+        each call's size, so it holds under dynamic shapes too)."""
         w_c = self.kept_slice(weight, conv.input, rows=(kept_out, sp.out_channels), cols=(const_cols, sp.in_channels))
         values = self.const_vector(lin, const_cols, conv.input)
         if conv.padding == (0, 0):
             term = self.call(torch.matmul, self.call(torch.sum, w_c, (2, 3)), values)
             term = self.call(torch.reshape, term, (1, -1, 1, 1))
         else:
-            h, w = conv.input.meta["example_value"].shape[2:]
-            image = self.call(torch.Tensor.expand, self.call(torch.reshape, values, (1, -1, 1, 1)), (1, len(const_cols), h, w))
-            term = self.call(torch.conv2d, image, w_c, None, conv.stride, conv.padding, conv.dilation, 1)
+            weighted = self.call(torch.mul, w_c, self.call(torch.reshape, values, (1, -1, 1, 1)))
+            summed = self.call(torch.sum, weighted, 1, True)
+            term = self.call(constant_input_map, x, summed, conv.stride, conv.padding, conv.dilation)
         return self.call(torch.Tensor.type_as, term, y)
 
     def emit_depthwise_conv(self, n, v, sp) -> bool:

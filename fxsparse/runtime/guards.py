@@ -28,6 +28,7 @@ of every guarded tensor with a copy taken when the graph was compacted (`Content
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import operator
 import os
@@ -69,9 +70,12 @@ def native_checker():
     try:
         from torch.utils.cpp_extension import load
 
-        name = "fxsparse_version_guard_" + re.sub(r"\W", "_", torch.__version__)
-        return load(name, sources=[str(Path(__file__).with_name("version_guard.cpp"))], extra_cflags=["-O3"],
-                    verbose=False)
+        source = Path(__file__).with_name("version_guard.cpp").resolve()
+        # one build per torch version and per checkout: checkouts sharing a build directory
+        # rebuild it in turn (ninja sees another source path), 20 s in the first call each time
+        checkout = hashlib.sha1(str(source).encode()).hexdigest()[:8]
+        name = "fxsparse_version_guard_" + re.sub(r"\W", "_", torch.__version__) + "_" + checkout
+        return load(name, sources=[str(source)], extra_cflags=["-O3"], verbose=False)
     except Exception as e:  # noqa: BLE001 - no compiler, no headers: the Python check is exact too
         log.info("fxsparse: compiled guard unavailable (%s: %s); checking in Python", type(e).__name__, e)
         return None

@@ -78,12 +78,25 @@ def placeholder_deps(node: fx.Node) -> list:
 
 def param_only(node: fx.Node, cap: Capture) -> bool:
     """True when `node` depends on parameters and buffers only (not on the model's input)."""
-    return all(cap.is_param(p) for p in placeholder_deps(node))
+    if not cap.param_only:
+        cap.param_only.update(_param_only_nodes(cap.gm.graph, cap))
+    known = cap.param_only.get(node)
+    return known if known is not None else all(cap.is_param(p) for p in placeholder_deps(node))
+
+
+def _param_only_nodes(graph: fx.Graph, cap: Capture) -> dict:
+    """param_only of every node of `graph`, in one pass in graph order (a node's inputs come
+    before it): asked of each activation, a walk back through the graph was quadratic."""
+    out = {}
+    for n in graph.nodes:
+        out[n] = cap.is_param(n) if n.op == "placeholder" else all(out.get(a, False) for a in n.all_input_nodes)
+    return out
 
 
 def evaluate(node, cap: Capture, memo: Optional[dict] = None):
-    """Runs the (parameter-only) subgraph that produces `node` on the real tensors."""
-    memo = {} if memo is None else memo
+    """Runs the (parameter-only) subgraph that produces `node` on the real tensors, each node
+    once per capture (`memo`: the capture's own unless given)."""
+    memo = cap.evaluated if memo is None else memo
     if not isinstance(node, fx.Node):
         return node
     if node in memo:
@@ -145,16 +158,24 @@ def _mask_zeros(mask: torch.Tensor, shape, name: str) -> torch.Tensor:
         ) from None
 
 
-def _rows_cols(zero: torch.Tensor) -> tuple:
-    rows = zero.flatten(1).all(1)
-    cols = zero.transpose(0, 1).flatten(1).all(1)
-    return rows, cols
+def _zero_pairs(zero: torch.Tensor) -> tuple:
+    """[Cout, Cin / groups] masks, on the CPU: whether all / some of each (output, input) pair's
+    kh * kw weights are zero. Reduced where the weight lives; rows and columns are read off
+    these small matrices."""
+    flat = zero.flatten(2)
+    return flat.all(2).cpu(), flat.any(2).cpu()
 
 
-def _leftover_zeros(zero: torch.Tensor, rows, cols) -> float:
+def _rows_cols(whole: torch.Tensor) -> tuple:
+    return whole.all(1), whole.all(0)
+
+
+def _leftover_zeros(zero: torch.Tensor, some: torch.Tensor, rows, cols) -> float:
     """Fraction of the weights still zero once zero rows and columns are removed."""
-    rest = zero[~rows][:, ~cols]
-    return float(rest.float().mean()) if rest.numel() else 0.0
+    if not bool(some[~rows][:, ~cols].any()):
+        return 0.0
+    rest = zero[~rows.to(zero.device)][:, ~cols.to(zero.device)].cpu()
+    return float(rest.float().mean())
 
 
 # -- reading one conv ------------------------------------------------------------------
@@ -208,7 +229,7 @@ def read_conv(v: OpView, cap: Capture, inference: bool) -> ConvSparsity:
         sp.weight = weight
         sp.bias = evaluate(conv.bias, cap) if conv.bias is not None else None
         sp.depends_on = placeholder_deps(wnode) + (placeholder_deps(conv.bias) if conv.bias is not None else [])
-        zero = (weight == 0).cpu()
+        zero = weight == 0
         sp.source = "mask" if structural is not None and bool(structural.any()) else "values"
     else:
         if structural is None:
@@ -216,13 +237,14 @@ def read_conv(v: OpView, cap: Capture, inference: bool) -> ConvSparsity:
         zero = structural
         sp.source = "mask"
         sp.depends_on = [p for p in placeholder_deps(wnode) if not _depends_on_trainable(p, cap)]
-    rows, cols = _rows_cols(zero)
+    whole, some = _zero_pairs(zero)
+    rows, cols = _rows_cols(whole)
     if conv.groups != 1:
         cols = torch.zeros_like(cols)  # a grouped conv's columns are not whole input channels
     sp.zero_rows, sp.zero_cols = rows, cols
     if not bool(rows.any() or cols.any()):
-        sp.source = "none" if not bool(zero.any()) else sp.source
-    leftover = _leftover_zeros(zero, rows, cols)
+        sp.source = "none" if not bool(some.any()) else sp.source
+    leftover = _leftover_zeros(zero, some, rows, cols)
     if leftover > 0:
         sp.notes.append(f"{leftover:.0%} of the remaining weights are zero but form no whole channel "
                         "(element-wise or 2-D block sparsity): computed as dense")
