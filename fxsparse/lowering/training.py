@@ -20,9 +20,12 @@ from the parameters (so autograd sees it). Carried across:
 * anything else reads its inputs at full width (constants materialised).
 
 Weights are gathered inside the graph from `mask * weight_orig`, so gradients reach
-`weight_orig` (zero on pruned rows) and optimizers keep the original parameters. Masks are
-the only source of sparsity here; the runtime guard watches them and rebuilds when one
-changes.
+`weight_orig` (zero on pruned rows) and optimizers keep the original parameters. Every such
+gather (conv weights, rows and columns at once, BatchNorm's parameters and buffers, the
+constants) is `gather.kept_slice`, whose backward gathers the compact gradient back by
+inverse positions instead of scattering it: one pointwise kernel with `grad * mask` under
+Inductor, where index_select's backward costs a fill and a scatter per dim. Masks are the
+only source of sparsity here; the runtime guard watches them and rebuilds when one changes.
 
 Each compacted dense conv runs as the option `lowering` says, as in inference: an aten conv
 ("aten"), the fused op `torch.ops.fxsparse.conv2d` as a plain conv (+ bias) where it runs
@@ -47,6 +50,7 @@ from fxsparse.compaction.propagate import CONST_DTYPE, KeptChannels, Propagation
 from fxsparse.graph.capture import OpView
 from fxsparse.kernels.layout import constant_input_map, relayout, select_channels
 from fxsparse.lowering import choose
+from fxsparse.lowering.gather import KeptIndex, kept_slice
 from fxsparse.lowering.rewrite import Lowering
 from fxsparse.ops.conv2d import triton_interpreter_on
 from fxsparse.sparsity.read import ConvSparsity
@@ -76,6 +80,7 @@ class TrainingLowering(Lowering):
         super().__init__(Propagation(cap, sparsity, enabled=False), sparsity, lowering, inference=False,
                          cudagraphs=cudagraphs)
         self.stored: dict = {}  # captured node -> Stored (channel-carrying tensors only)
+        self.kept_indices: dict = {}  # (ids, total, device) -> KeptIndex: one set of constants each
 
     # -- layouts --------------------------------------------------------------------------
     def layout(self, old) -> Optional[Stored]:
@@ -100,7 +105,28 @@ class TrainingLowering(Lowering):
         """The constants of channels `ids` (a node of len(ids))."""
         if s.const is None:
             return self.const(torch.zeros(len(ids), device=self.device_of(old)), "zeros")
-        return self.call(torch.index_select, s.const, 0, self.index(ids, old, "const_ids"))
+        return self.kept_slice(s.const, old, rows=(ids, s.channels))
+
+    def kept_index(self, ids: torch.Tensor, total: int, like) -> KeptIndex:
+        device = self.device_of(like)
+        key = (tuple(ids.tolist()), total, str(device))
+        if key not in self.kept_indices:
+            self.kept_indices[key] = KeptIndex.of(ids.to(device), total)
+        return self.kept_indices[key]
+
+    def kept_slice(self, t: fx.Node, like, rows: Optional[tuple] = None, cols: Optional[tuple] = None) -> fx.Node:
+        """`t`'s kept rows (dim 0) and/or columns (dim 1), each given as (ids, total); a dim
+        kept whole in order is left as it is. The backward gathers too (gather.py), so Inductor
+        fuses a parameter's gradient into one pointwise kernel."""
+        args = []
+        for picked, hint in ((rows, "rows"), (cols, "cols")):
+            if picked is None or torch.equal(picked[0], torch.arange(picked[1], device=picked[0].device)):
+                args += [None, None, None]
+                continue
+            k = self.kept_index(*picked, like)
+            args += [self.index(k.ids, like, f"{hint}_ids"), self.index(k.positions, like, f"{hint}_pos"),
+                     self.index(k.kept, like, f"{hint}_kept")]
+        return t if all(a is None for a in args) else self.call(kept_slice, t, *args)
 
     def read_as(self, old, kept: torch.Tensor) -> fx.Node:
         """The emitted value of `old` stored as channels `kept` (constants materialised)."""
@@ -189,7 +215,8 @@ class TrainingLowering(Lowering):
             x = self.call(select_channels, x, self.index(lin.positions_of(in_ids), conv.input, "in_index"))
         else:  # read the whole stored input, zero weight columns for the few unused
             in_ids = lin.kept
-        w = self.weight_block(conv.weight, kept_out, in_ids, conv.input)
+        weight = self.env[conv.weight]
+        w = self.kept_slice(weight, conv.input, rows=(kept_out, sp.out_channels), cols=(in_ids, sp.in_channels))
         bias = None if conv.bias is None else self.rows(self.env[conv.bias], kept_out, sp.out_channels, conv.input)
         lowering, why = self.conv_lowering(n, conv, len(in_ids), len(kept_out))
         if lowering == "triton":
@@ -197,8 +224,7 @@ class TrainingLowering(Lowering):
         else:
             y = self.call(torch.conv2d, x, w, bias, conv.stride, conv.padding, conv.dilation, 1)
         if len(const_cols):
-            w_c = self.weight_block(conv.weight, kept_out, const_cols, conv.input)
-            y = self.call(torch.add, y, self.constant_input_term(conv, lin, const_cols, w_c, x, y))
+            y = self.call(torch.add, y, self.constant_input_term(conv, lin, const_cols, weight, kept_out, sp, x, y))
         out_const = None if conv.bias is None else self.env[conv.bias]
         self.stored[n] = Stored(sp.out_channels, kept_out, out_const)
         self.env[n] = y
@@ -248,34 +274,17 @@ class TrainingLowering(Lowering):
         return new if example_dtype(old) == dtype else self.call(torch.Tensor.to, new, dtype)
 
     def rows(self, t: fx.Node, ids: torch.Tensor, total: int, like) -> fx.Node:
-        if len(ids) == total:
-            return t
-        return self.call(torch.index_select, t, 0, self.index(ids, like, "out_index"))
-
-    def weight_block(self, weight, rows: torch.Tensor, cols: torch.Tensor, like) -> fx.Node:
-        """weight[rows][:, cols] in one gather over its (out, in) pairs: its backward is one
-        scatter into the full-size gradient, not two (rows, then columns)."""
-        out_channels, in_channels, *kernel = weight.meta["example_value"].shape
-        w = self.env[weight]
-        if len(cols) == in_channels:
-            return self.rows(w, rows, out_channels, like)
-        if len(rows) == out_channels:
-            return self.columns(w, cols, in_channels, like)
-        pairs = (rows[:, None] * in_channels + cols[None, :]).flatten()
-        flat = self.call(torch.Tensor.flatten, w, 0, 1)
-        block = self.call(torch.index_select, flat, 0, self.index(pairs, like, "weight_index"))
-        return self.call(torch.reshape, block, (len(rows), len(cols), *kernel))
+        return self.kept_slice(t, like, rows=(ids, total))
 
     def columns(self, w: fx.Node, ids: torch.Tensor, total: int, like) -> fx.Node:
-        if len(ids) == total:
-            return w
-        return self.call(torch.index_select, w, 1, self.index(ids, like, "in_index"))
+        return self.kept_slice(w, like, cols=(ids, total))
 
-    def constant_input_term(self, conv, lin: Stored, const_cols, w_c, x, y) -> fx.Node:
+    def constant_input_term(self, conv, lin: Stored, const_cols, weight, kept_out, sp, x, y) -> fx.Node:
         """What the constant input channels add to the conv's output, as a graph value of the
-        constants and their weight columns `w_c` (kept rows): a per-channel bias without
-        padding, else the bias map of x's size (`constant_input_map`, exact where the filters
-        meet padding; computed from each call's size, so it holds under dynamic shapes too)."""
+        constants and the weight columns: a per-channel bias without padding, else the bias map
+        of x's size (`constant_input_map`, exact where the filters meet padding; computed from
+        each call's size, so it holds under dynamic shapes too)."""
+        w_c = self.kept_slice(weight, conv.input, rows=(kept_out, sp.out_channels), cols=(const_cols, sp.in_channels))
         values = self.const_vector(lin, const_cols, conv.input)
         if conv.padding == (0, 0):
             term = self.call(torch.matmul, self.call(torch.sum, w_c, (2, 3)), values)
@@ -331,22 +340,20 @@ class TrainingLowering(Lowering):
     def update_pruned_stats(self, a: dict, lin: Stored, mean_k: fx.Node, var_k: fx.Node) -> None:
         """Writes the running statistics back: the kept channels' as the compacted batch_norm
         updated them, the others' as aten would for a constant channel (batch mean = the
-        constant, unbiased batch variance 0). Small vectors, one permutation gather each."""
+        constant, unbiased batch variance 0). One full-size pointwise expression per buffer."""
         like = a["input"]
-        pruned = (~lin.kept_mask()).nonzero().flatten()
-        order = torch.cat([lin.kept, pruned])
-        inverse = self.index(torch.argsort(order), like, "stat_order")
+        k = self.kept_index(lin.kept, lin.channels, like)
+        kept, positions = self.index(k.kept, like, "rows_kept"), self.index(k.positions, like, "rows_pos")
         m = self.scalar(a["momentum"])
         keep = self.call(operator.sub, 1.0, m) if isinstance(m, fx.Node) else 1.0 - m
         for key, batch_k, value in (("running_mean", mean_k, True), ("running_var", var_k, False)):
             buf = self.env[a[key]]
-            old_p = self.call(torch.index_select, buf, 0, self.index(pruned, like, "pruned"))
-            new_p = self.call(operator.mul, old_p, keep)
+            decayed = self.call(operator.mul, buf, keep)  # (the kept channels' values are not read)
             if value and lin.const is not None:
-                batch_mean = self.call(torch.Tensor.detach, self.const_vector(lin, pruned, like))
-                new_p = self.call(operator.add, new_p,
-                                  self.call(torch.Tensor.type_as, self.call(operator.mul, batch_mean, m), buf))
-            full = self.call(torch.index_select, self.call(torch.cat, [batch_k, new_p]), 0, inverse)
+                batch_mean = self.call(torch.Tensor.detach, lin.const)
+                decayed = self.call(operator.add, decayed,
+                                    self.call(torch.Tensor.type_as, self.call(operator.mul, batch_mean, m), buf))
+            full = self.call(torch.where, kept, self.call(torch.index_select, batch_k, 0, positions), decayed)
             self.graph.call_method("copy_", (buf, full))
 
     def eval_bn_constants(self, a: dict, lin: Stored) -> Optional[fx.Node]:

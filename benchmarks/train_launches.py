@@ -1,0 +1,105 @@
+"""Kernel launches per training step (forward + backward) of a masked model: fxsparse's
+compacted training graph against Inductor on the same masked model, counted in the wrapper
+code Inductor generates (fxsparse.report.launches), no timing involved.
+
+    PYTHONPATH=. python benchmarks/train_launches.py                      # small ResNet, CPU
+    PYTHONPATH=. python benchmarks/train_launches.py --model resnet50 --image-size 64 --batch 4
+    PYTHONPATH=. python benchmarks/train_launches.py --model resnet50 --batch 64 --device cuda --dtype fp16
+
+On the GPU every launch costs host time (~20 us each in a training step of ResNet-50), so a
+compacted graph pays for each kernel it adds. Columns: launches in the forward and backward
+wrappers (generated kernels, extern calls such as convs, aten fallbacks), Inductor's
+generated kernel count, and `scatters`: backward kernels whose name says they scatter
+(index_add / scatter): gradients of gathers that Inductor cannot fuse into pointwise kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import common  # noqa: E402
+import models as bm  # noqa: E402
+
+import fxsparse  # noqa: E402,F401  (registers the backend)
+from fxsparse.report.launches import _call_lines, captured_inductor_code, launch_sites  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+COLUMNS = [("variant", "variant"), ("model", "model"), ("fw", "fw launches"), ("bw", "bw launches"),
+           ("kernels_fw", "fw kernels"), ("kernels_bw", "bw kernels"), ("extern", "extern+aten"),
+           ("generated", "generated kernels"), ("scatters", "bw scatter kernels")]
+
+
+def masked_model(name: str, keep: float, image: int, device: str):
+    if name == "small_resnet":
+        bm.IMAGE_SIZE["small_resnet"] = image
+    else:
+        bm.IMAGE_SIZE["torchvision"] = image
+    torch.manual_seed(0)
+    model, _, _ = bm.masked_models(name, keep, torch.randn(1, *bm.build(name)[1]))
+    model = model.to(device).train()
+    return model.to(memory_format=torch.channels_last) if device == "cuda" else model
+
+
+def scatter_kernels(code: str) -> int:
+    return sum(1 for line in _call_lines(code)
+               if any(k in line for k in ("index_add", "scatter")) and "(" in line
+               and not line.lstrip().startswith("#"))
+
+
+def count(model, label: str, x, y, dtype) -> dict:
+    from torch._inductor import metrics
+
+    torch._dynamo.reset()
+    metrics.reset()
+    fn = torch.compile(model, backend="fxsparse", dynamic=False) if label == "fxsparse" else \
+        torch.compile(model, dynamic=False)
+    fw, bw = [], []
+    autocast = torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32)
+    with captured_inductor_code(fw):
+        with autocast:
+            loss = F.cross_entropy(fn(x), y)
+    with captured_inductor_code(bw):
+        loss.backward()
+    sites = {"fw": sum((launch_sites(c) for c in fw), Counter()), "bw": sum((launch_sites(c) for c in bw), Counter())}
+    kernels = lambda c: c["inductor_triton"] + c["inductor_cpp"]  # noqa: E731
+    return {"variant": label, "fw": sum(sites["fw"].values()), "bw": sum(sites["bw"].values()),
+            "kernels_fw": kernels(sites["fw"]), "kernels_bw": kernels(sites["bw"]),
+            "extern": sum(c["extern"] + c["aten"] + c["fxsparse"] for c in sites.values()),
+            "generated": metrics.generated_kernel_count, "scatters": sum(scatter_kernels(c) for c in bw)}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="small_resnet", help="small_resnet or a torchvision model name")
+    p.add_argument("--keep", type=float, default=0.5)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--image-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=DTYPES)
+    p.add_argument("--variants", default="inductor,fxsparse")
+    args = p.parse_args(argv)
+    common.raise_dynamo_recompile_limit()
+    torch._inductor.config.fx_graph_cache = False  # every graph generated, so metrics count it
+    dtype = DTYPES[args.dtype]
+    model = masked_model(args.model, args.keep, args.image_size, args.device)
+    x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=args.device)
+    if args.device == "cuda":
+        x = x.to(memory_format=torch.channels_last)
+    classes = bm.classifier(model).out_features
+    y = torch.randint(0, classes, (args.batch,), device=args.device)
+    rows = [dict(model=args.model, **count(model, v, x, y, dtype)) for v in args.variants.split(",")]
+    print(f"\n{args.model} B={args.batch} {args.image_size}x{args.image_size} {args.device} {args.dtype}, "
+          f"keep {args.keep}: launches per training step")
+    common.print_table(rows, COLUMNS)
+
+
+if __name__ == "__main__":
+    main()

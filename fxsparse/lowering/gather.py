@@ -1,0 +1,76 @@
+"""Kept slices of a trainable tensor whose backward is a gather, not a scatter.
+
+`t.index_select(0, rows)` has `new_zeros + index_add` as its backward: a fill and an atomic
+scatter per level, kernels Inductor cannot fuse into the pointwise math around them (the
+prune mask's `grad * mask`). Every kept index appears once, so the full-size gradient is
+also a gather: channel i reads the compact gradient at its position in the kept list, or
+is zero where it was not kept. That is one pointwise expression Inductor fuses with its
+neighbours, and exact: each entry is a copy of one value or zero, as index_add makes it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class KeptIndex:
+    """The kept indices `ids` (unique) of a dim of size `total`, with their inverse: for each
+    index, its position in `ids` (0 where not kept) and whether it is kept."""
+    ids: torch.Tensor
+    positions: torch.Tensor
+    kept: torch.Tensor
+
+    @staticmethod
+    def of(ids: torch.Tensor, total: int) -> "KeptIndex":
+        ids = ids.to(torch.long)
+        kept = torch.zeros(total, dtype=torch.bool, device=ids.device)
+        kept[ids] = True
+        if int(kept.sum()) != len(ids):
+            raise ValueError(f"kept indices must be unique, got {ids.tolist()}")
+        positions = torch.zeros(total, dtype=torch.long, device=ids.device)
+        positions[ids] = torch.arange(len(ids), device=ids.device)
+        return KeptIndex(ids, positions, kept)
+
+
+def _pick(t: torch.Tensor, dim: int, index: Optional[torch.Tensor]) -> torch.Tensor:
+    return t if index is None else t.index_select(dim, index)
+
+
+def _along(mask: torch.Tensor, dim: int, rank: int) -> torch.Tensor:
+    """`mask` shaped to broadcast along `dim` of a rank-`rank` tensor."""
+    shape = [1] * rank
+    shape[dim] = -1
+    return mask.reshape(shape)
+
+
+class _KeptSlice(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, row_ids, row_pos, row_kept, col_ids, col_pos, col_kept):
+        ctx.save_for_backward(row_pos, row_kept, col_pos, col_kept)
+        ctx.rank = t.dim()
+        return _pick(_pick(t, 0, row_ids), 1, col_ids)
+
+    @staticmethod
+    def backward(ctx, grad):
+        row_pos, row_kept, col_pos, col_kept = ctx.saved_tensors
+        full = _pick(_pick(grad, 0, row_pos), 1, col_pos)
+        kept = None
+        for mask, dim in ((row_kept, 0), (col_kept, 1)):
+            if mask is not None:
+                m = _along(mask, dim, ctx.rank)
+                kept = m if kept is None else kept & m
+        # a fill, not a multiply by 0/1: an inf or nan in the compact gradient stays where it is
+        return full.masked_fill(~kept, 0), None, None, None, None, None, None
+
+
+def kept_slice(t: torch.Tensor, row_ids=None, row_pos=None, row_kept=None,
+               col_ids=None, col_pos=None, col_kept=None) -> torch.Tensor:
+    """`t` restricted to the kept rows (dim 0) and/or columns (dim 1): `ids` the kept
+    indices, `pos` and `kept` their inverse (KeptIndex); None for a dim kept whole.
+    Values and gradients are those of `index_select` on each dim."""
+    if row_ids is None and col_ids is None:
+        return t
+    return _KeptSlice.apply(t, row_ids, row_pos, row_kept, col_ids, col_pos, col_kept)

@@ -1,0 +1,135 @@
+"""The compacted training graph's gathers of parameters: their backward is a gather too.
+
+`index_select`'s backward is `new_zeros + index_add` (a fill and a scatter per dim, kernels
+Inductor cannot fuse); `gather.kept_slice` builds the full-size gradient by gathering the
+compact one by inverse positions. These tests check that no scatter is left in the backward
+of a masked conv + BatchNorm + linear graph, and that every gradient and buffer is eager's.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.utils.prune as prune
+
+import models as M
+from models import fresh_dynamo  # noqa: F401
+
+from fxsparse.lowering.gather import KeptIndex, kept_slice
+
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
+SCATTERS = ("index_add", "scatter", "index_put")
+
+
+def masked_net() -> tuple:
+    """conv-BN-ReLU x3 (3x3 padded, 3x3 padded, 1x1), pool, linear: every conv's output
+    channels masked, so beta reaches the next conv as a bias map (padding), a bias (1x1) and
+    the linear head; no activation is gathered or relaid out (nothing but parameters)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(M.ConvBNReLU(3, 8), M.ConvBNReLU(8, 8), M.ConvBNReLU(8, 8, k=1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    M.randomize_bn(model)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            prune.ln_structured(m, "weight", amount=0.5, n=2, dim=0)
+    return model.train().double(), (4, 3, 6, 6)
+
+
+def joint_graphs(model, x) -> dict:
+    """{"fw", "bw"}: AOTAutograd's graphs of fxsparse's rewritten training graph (what Inductor
+    compiles), the model run once forward and backward."""
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    from fxsparse.backend import rewrite
+    from fxsparse.options import Options
+
+    graphs = {}
+
+    def keep(kind):
+        def compiler(gm, inputs):
+            graphs[kind] = gm
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    def backend(gm, inputs):
+        new = rewrite(gm, inputs, Options.parse({}), 0).gm
+        graphs["rewritten"] = new
+        return aot_module_simplified(new, inputs, fw_compiler=keep("fw"), bw_compiler=keep("bw"))
+
+    torch.compile(model, backend=backend, fullgraph=True)(x).square().sum().backward()
+    return graphs
+
+
+def targets(gm) -> list:
+    return [getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def test_backward_has_no_scatter_and_matches_eager():
+    model, shape = masked_net()
+    ref, _ = masked_net()
+    x = torch.randn(shape, dtype=torch.float64)
+    graphs = joint_graphs(model, x)
+    ref(x).square().sum().backward()
+    assert sum(t == "kept_slice" for t in targets(graphs["rewritten"])) >= 8, "parameters not gathered"
+    scatters = [t for t in targets(graphs["bw"]) if any(s in t for s in SCATTERS)]
+    assert not scatters, scatters
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=lambda m, n=n: f"grad {n}: {m}")
+    for (n, b), (_, c) in zip(model.named_buffers(), ref.named_buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-12, atol=1e-14, msg=lambda m, n=n: f"{n}: {m}")
+    for m in model.modules():  # pruned rows: exactly zero, as eager's grad * mask
+        if hasattr(m, "weight_mask"):
+            assert torch.all(m.weight_orig.grad[m.weight_mask == 0] == 0)
+            assert m.weight_orig.grad[m.weight_mask == 1].abs().sum() > 0
+
+
+def test_inductor_backward_code_has_no_scatter(tmp_path):
+    """Through Inductor (in float64: Inductor's fp32 reductions differ from eager's in order,
+    ~2e-5 on these gradients either way): its backward code has no index_add or scatter
+    kernel, and the gradients and running statistics are eager's."""
+    from fxsparse.report.launches import captured_inductor_code
+
+    model, shape = masked_net()
+    ref, _ = masked_net()
+    compiled = torch.compile(model, backend="fxsparse", fullgraph=True,
+                             options={"inductor": True, "dump_dir": str(tmp_path)})
+    x = torch.randn(shape, dtype=torch.float64)
+    out = compiled(x)
+    codes = []
+    with captured_inductor_code(codes):
+        out.square().sum().backward()
+    ref(x).square().sum().backward()
+    assert codes, "no backward compiled"
+    assert not [s for s in SCATTERS for c in codes if s in c], [s for s in SCATTERS for c in codes if s in c]
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=lambda m, n=n: f"grad {n}: {m}")
+    for (n, b), (_, c) in zip(model.named_buffers(), ref.named_buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-12, atol=1e-14, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("rows,cols", [((5, 1, 3), None), (None, (0, 4)), ((4, 0), (2, 1, 3))])
+def test_kept_slice_is_index_select(rows, cols):
+    """Values and gradients bit for bit those of index_select (any order of kept indices), and an
+    inf in the compact gradient stays on its own entry (pruned entries exactly zero)."""
+    t = torch.randn(6, 5, 3, dtype=torch.float64, requires_grad=True)
+    r = None if rows is None else KeptIndex.of(torch.tensor(rows), 6)
+    c = None if cols is None else KeptIndex.of(torch.tensor(cols), 5)
+    args = [None] * 3 if r is None else [r.ids, r.positions, r.kept]
+    args += [None] * 3 if c is None else [c.ids, c.positions, c.kept]
+    got = kept_slice(t, *args)
+    want = t if r is None else t.index_select(0, r.ids)
+    want = want if c is None else want.index_select(1, c.ids)
+    assert torch.equal(got, want)
+    grad = torch.randn_like(got)
+    grad.view(-1)[0] = float("inf")
+    g_got, = torch.autograd.grad(got, t, grad)
+    g_want, = torch.autograd.grad(want, t, grad)
+    assert torch.equal(g_got, g_want)
+    torch.autograd.gradcheck(lambda t: kept_slice(t, *args), (t.detach().requires_grad_(),))
+
+
+def test_kept_index_rejects_repeated_indices():
+    with pytest.raises(ValueError, match="unique"):
+        KeptIndex.of(torch.tensor([1, 1, 2]), 4)
