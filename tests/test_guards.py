@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
 import torch.nn.utils.prune as prune
 
+import fxsparse
 import models as M
 from fxsparse.backend import fxsparse_backend
 from fxsparse.runtime import GuardedGraph
@@ -287,3 +288,32 @@ def test_freezing_follows_every_frozen_tensor(kind):
         _change(kind, model)
         assert_matches(c, model, shape, seeds=(41, 42))
     assert spy.recompactions + len(spy.graphs) - 1 >= 1
+
+
+def test_two_instances_of_one_class_take_turns_without_recompacting():
+    """Two models of one class share dynamo's graph: each keeps its own build, so calling them in
+    turn compacts each once; a change to one model's weight still rebuilds that one only."""
+    spy = Spy()
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model, shape = M.build("chain")
+        M.MASKS["custom_out"](model)
+        models.append((model, torch.compile(model, backend=spy, fullgraph=True)))
+    with torch.no_grad():
+        for s in range(3):
+            for model, c in models:
+                assert_matches(c, model, shape, seeds=(s,))
+    assert len(spy.graphs) == 1 and spy.recompactions == 1, "one build per model, then turns"
+    (a, ca), (b, cb) = models
+    with torch.no_grad():
+        next(m for m in a.modules() if isinstance(m, nn.Conv2d)).weight_orig.mul_(2)
+        for s in (7, 8):
+            assert_matches(ca, a, shape, seeds=(s,))
+            assert_matches(cb, b, shape, seeds=(s,))
+    assert spy.recompactions == 2, "the changed model rebuilt once; the other kept its build"
+    assert fxsparse.refresh(b) == 1
+    with torch.no_grad():
+        assert_matches(cb, b, shape, seeds=(9,))
+        assert_matches(ca, a, shape, seeds=(9,))
+    assert spy.recompactions == 4, "refresh drops every kept build of the graph"

@@ -152,6 +152,14 @@ class ValueGuard:
             return False
         return self.content is None or self.content.unchanged()
 
+    def watches(self, args: Sequence) -> bool:
+        """Whether `args` hold the very tensors this guard watches: a failed check is then a
+        change of their values, for good (versions only grow), not a call from another model."""
+        try:
+            return all(map(operator.is_, self._pick(args), self.tensors))
+        except IndexError:
+            return False
+
     def storages(self) -> set:
         """Addresses of the storages this guard's tensors rest on (what refresh() matches)."""
         return {s.data_ptr() for s in self._storages if s is not None}
@@ -175,9 +183,18 @@ class _Expired:
     def holds(args: Sequence) -> bool:
         return False
 
+    @staticmethod
+    def watches(args: Sequence) -> bool:
+        return True
+
 
 # every live compiled graph, for refresh()
 _graphs: "weakref.WeakSet[GuardedGraph]" = weakref.WeakSet()
+
+
+# builds a graph keeps beside its current one for other models: two instances of one model class
+# (a student and its teacher, two variants being compared) share dynamo's graph and take turns
+KEPT_BUILDS = 4
 
 
 class GuardedGraph:
@@ -187,18 +204,21 @@ class GuardedGraph:
         self._build = build  # (inputs) -> (callable, ValueGuard)
         # `built`: the first build, where it was made otherwise than from example_inputs
         self.fn, self.guard = built if built is not None else build(example_inputs)
+        self._kept: list = []  # (callable, ValueGuard) of other models' tensors, latest first
         self.recompactions = 0
         _graphs.add(self)
 
     def expire(self) -> None:
         """Recompact before the next call, whatever the guard says."""
         if not isinstance(self.guard, _Expired):
-            self._storages = self.guard.storages()
+            self._storages = self.guard.storages() | {p for _, g in self._kept for p in g.storages()}
             self.guard = _Expired()
+            self._kept.clear()
 
     def reads(self, storages: set) -> bool:
         """Whether a value this graph folded lives in one of `storages` (data addresses)."""
-        mine = self._storages if isinstance(self.guard, _Expired) else self.guard.storages()
+        mine = self._storages if isinstance(self.guard, _Expired) else (
+            self.guard.storages().union(*(g.storages() for _, g in self._kept)))
         return not mine.isdisjoint(storages)
 
     def __call__(self, *args):
@@ -207,10 +227,23 @@ class GuardedGraph:
             # next: nothing to read or recompact there (and fakes hold no values to read)
             return self.fn(*args)
         if not self.guard.holds(args):
+            self._switch(args)
+        return self.fn(*args)
+
+    def _switch(self, args: Sequence) -> None:
+        """The build whose folded values are the call's: one kept for these tensors, else a new
+        compaction; the build left keeps only if it watches other tensors than the call's."""
+        left = (self.fn, self.guard)
+        found = next((i for i, (_, g) in enumerate(self._kept) if g.holds(args)), None)
+        if found is not None:
+            self.fn, self.guard = self._kept.pop(found)
+        else:
             log.info("fxsparse: a folded weight, mask or statistic changed: recompacting")
             self.fn, self.guard = self._build(args)
             self.recompactions += 1
-        return self.fn(*args)
+        if not left[1].watches(args):
+            self._kept.insert(0, left)
+            del self._kept[KEPT_BUILDS:]
 
 
 def _fake(args: Sequence) -> bool:
