@@ -29,13 +29,6 @@ import train  # noqa: E402
 import fxsparse  # noqa: E402,F401  (registers the backend)
 
 
-def compiled(model, variant: str):
-    graphs = variant.endswith("cg")
-    if variant.startswith("fx"):
-        return torch.compile(model, backend="fxsparse", dynamic=False, options={"cudagraphs": graphs})
-    return torch.compile(model, dynamic=False, mode="reduce-overhead" if graphs else None)
-
-
 def kernel_profile(trainer, x, y, steps: int) -> tuple:
     """(kernel ms per step, kernels per step, {kernel name: ms per step})."""
     from torch.profiler import ProfilerActivity, profile
@@ -76,7 +69,7 @@ def main(argv=None) -> None:
             continue
         torch._dynamo.reset()
         model = train.place(physical if variant.startswith("tp") else make(), "cuda")
-        trainer = train.Trainer(model, compiled(model, variant), dtype, "cuda")
+        trainer = train.Trainer(model, train.compiled(model, variant), dtype, "cuda")
         compile_s = train.timed_first_step(trainer, x, y)
         step_ms = train.step_ms(trainer, x, y, args.steps)
         kernel_ms, kernels, per_kernel = kernel_profile(trainer, x, y, 5)

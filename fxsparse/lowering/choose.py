@@ -75,9 +75,13 @@ class ChainShape:
     graphed: bool = False
 
     def describe(self) -> str:
-        k = "x".join(map(str, self.kernel))
-        return (f"N={self.batch} {self.in_channels}->{self.out_channels} {k} s{self.stride[0]} "
-                f"{self.height}x{self.width} {self.dtype}")
+        return describe_conv(self)
+
+
+def describe_conv(s) -> str:
+    """A conv shape (ChainShape, TrainConvShape) in a line of the report."""
+    k = "x".join(map(str, s.kernel))
+    return f"N={s.batch} {s.in_channels}->{s.out_channels} {k} s{s.stride[0]} {s.height}x{s.width} {s.dtype}"
 
 
 def writes_with_zero_rows(kernel, fused: bool, residual: bool, residual_after_activation: bool) -> bool:
@@ -198,9 +202,7 @@ class TrainConvShape:
     graphed: bool = False
 
     def describe(self) -> str:
-        k = "x".join(map(str, self.kernel))
-        return (f"train N={self.batch} {self.in_channels}->{self.out_channels} {k} s{self.stride[0]} "
-                f"{self.height}x{self.width} {self.dtype}")
+        return "train " + describe_conv(self)
 
 
 @dataclass
