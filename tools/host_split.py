@@ -12,7 +12,7 @@ No profiler runs, so nothing inflates Python calls; the variants alternate in ro
 "of which gc": time the cyclic garbage collector ran during the timed calls (gc.callbacks).
 
 A plain call's latency (what `do_bench` reports) is the host time *before* the CUDA-graph
-launch plus the device time; host time after the launch overlaps the kernels. So the split is
+launch plus the GPU time; host time after the launch overlaps the kernels. So the split is
 also taken at the launch: "before launch" runs from the call to the entry of
 `CUDAGraph.replay`, "after launch" from there to the call's return.
 

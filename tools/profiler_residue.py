@@ -1,4 +1,4 @@
-"""Does one torch.profiler session slow later plain calls in the same process? (H100 check)
+"""Does profiling once with torch.profiler slow later plain calls in the same process? (H100 check)
 
     PYTHONPATH=. python tools/profiler_residue.py --model mobilenet_v2 --batch 1
 """
@@ -46,7 +46,7 @@ def main() -> None:
         rows.append(dict(variant=name, before=before[name], after=after[name]))
     print(common.model_run_title(args.model, args.keep, args.batch, how, "do_bench plain us"))
     common.print_table(rows, [("variant", "variant"), ("before", "plain us, no profiler yet"),
-                              ("after", "plain us, after one profiler session")])
+                              ("after", "plain us, after profiling once")])
 
 
 if __name__ == "__main__":
