@@ -235,15 +235,22 @@ def test_finetune_through_the_backend(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_amp_train_steps_on_cuda(dtype, tmp_path):
+@pytest.mark.parametrize("graphed", [pytest.param(False, id="plain"), pytest.param(True, id="graphed", marks=(
+    pytest.mark.xfail(reason="training under CUDA graphs drifted from eager on ResNet-50; not graphed")))])
+def test_amp_train_steps_on_cuda(dtype, graphed, tmp_path, monkeypatch):
     """CUDA, autocast, channels_last, through Inductor: the compiled model trains as eager does
-    within AMP rounding, buffers included."""
+    within AMP rounding, buffers included. `graphed`: forced under CUDA graphs, which the backend
+    refuses for training graphs (the case that shows when they can be allowed)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    from fxsparse import backend
+
+    if graphed:
+        monkeypatch.setattr(backend, "_use_cudagraphs", backend._cudagraphs_asked)
     model, shape = make("resnet", "ln0")
     ref, _ = make("resnet", "ln0")
     model, ref = (m.cuda().to(memory_format=torch.channels_last) for m in (model, ref))
-    compiled = compile_model(model, tmp_path, inductor=True)
+    compiled = compile_model(model, tmp_path, inductor=True, cudagraphs=graphed)
     opt, opt_ref = optimizer("sgd", model), optimizer("sgd", ref)
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
