@@ -69,26 +69,27 @@ def main(argv=None) -> None:
     shape = train.bm.build(args.model)[1]
     classes = train.bm.classifier(make()).out_features
     x, y = train.batch_of(args.batch, shape, classes, "cuda", torch.Generator().manual_seed(0))
-    rows = []
-    for variant in args.variants.split(","):
-        if variant.startswith("tp") and physical is None:
-            continue
-        torch._dynamo.reset()
+    variants = [v for v in args.variants.split(",") if not (v.startswith("tp") and physical is None)]
+    torch._dynamo.reset()
+    trainers, rows = {}, []
+    # every step timed before anything is profiled: after torch.profiler has run, later plain
+    # calls in the process stay slower (fxsparse's graphs more than Inductor's)
+    for variant in variants:
         model = train.place(physical if variant.startswith("tp") else make(), "cuda")
-        trainer = train.Trainer(model, train.compiled(model, variant), dtype, "cuda")
-        compile_s = train.timed_first_step(trainer, x, y)
-        step_ms = train.step_ms(trainer, x, y, args.steps)
-        kernel_ms, kernels, per_kernel, host = kernel_profile(trainer, x, y, 5)
-        rows.append({"variant": variant, "step_ms": step_ms, "kernel_ms": kernel_ms, "kernels": kernels,
-                     "host_bound": step_ms - kernel_ms, "compile_s": compile_s})
-        print(f"\n{variant}: {step_ms:.2f} ms/step, kernels {kernel_ms:.2f} ms in {kernels:.0f} launches", flush=True)
+        trainers[variant] = train.Trainer(model, train.compiled(model, variant), dtype, "cuda")
+        compile_s = train.timed_first_step(trainers[variant], x, y)
+        rows.append({"variant": variant, "step_ms": train.step_ms(trainers[variant], x, y, args.steps),
+                     "compile_s": compile_s})
+    for row in rows:
+        kernel_ms, kernels, per_kernel, host = kernel_profile(trainers[row["variant"]], x, y, 5)
+        row.update(kernel_ms=kernel_ms, kernels=kernels, host_bound=row["step_ms"] - kernel_ms)
+        print(f"\n{row['variant']}: {row['step_ms']:.2f} ms/step, kernels {kernel_ms:.2f} ms in {kernels:.0f} launches",
+              flush=True)
         for name, ms in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:args.top]:
             print(f"   {ms:7.3f} ms  {name[:140]}")
         print(f"  host ops by self time (profiled: {sum(v[0] for v in host.values()):.1f} ms/step)")
         for name, (ms, calls) in sorted(host.items(), key=lambda kv: -kv[1][0])[:args.top]:
             print(f"   {ms:7.3f} ms  {calls:6.0f} calls  {name[:120]}")
-        del trainer, model
-        torch.cuda.empty_cache()
     env = common.environment()
     common.print_table(rows, [("variant", "variant"), ("step_ms", "ms/step"), ("kernel_ms", "kernel ms/step"),
                               ("kernels", "kernels/step"), ("host_bound", "step - kernel ms"),
