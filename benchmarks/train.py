@@ -28,12 +28,13 @@ steps after warmup; CPU: median wall clock):
   fx vs fx aten                           fx aten / fxsparse (both without CUDA graphs)
   compile s                               the first step (forward and backward compiled)
   MACs kept                               fxsparse's report: conv MACs computed / before
-  exact                                   after `--check-steps` steps from the same state on the
-                                          same batches (fp16: loss scale 256, so that no step is
-                                          skipped on one side only): max |param - eager's| beside
-                                          how far eager's parameters moved, max |buffer - eager's|
-                                          / max(1, |eager's|) (BatchNorm running statistics), and
-                                          whether num_batches_tracked agree
+  grad / loss / buffer err fx, Ind        fxsparse's and, as the yardstick, Inductor's step against
+                                          eager's over `--check-steps` steps, each from the same
+                                          parameters and buffers (eager re-synced before each step):
+                                          max over steps and parameters of |grad - eager's| / max
+                                          |eager's grad|, |loss - eager's|, max |running stat -
+                                          eager's| / max(1, |eager's|); nbt ok: num_batches_tracked
+                                          equal
 
 `--finetune-steps N` adds the seed's distillation fine-tune (`fxsparse.nn.finetune`, the seed
 layer Conv2d 64->128 3x3 on 56x56, B=16, 50% of output channels masked) per step, through
@@ -69,7 +70,9 @@ COLUMNS = [
     ("fx_vs_ind", "fx vs Ind"), ("fx_vs_tp", "fx vs TP"), ("fx_vs_fxa", "fx vs fx aten"),
     ("ind_compile_s", "Ind compile s"), ("fxa_compile_s", "fx aten compile s"), ("fx_compile_s", "fx compile s"),
     ("tp_compile_s", "TP compile s"),
-    ("param_err", "param err"), ("param_moved", "params moved"), ("buffer_err", "buffer err (rel)"), ("counters_ok", "nbt ok"),
+    ("fx_grad_err", "grad err fx"), ("ind_grad_err", "grad err Ind"), ("fx_loss_err", "loss err fx"),
+    ("ind_loss_err", "loss err Ind"), ("fx_buffer_err", "buffer err fx"), ("ind_buffer_err", "buffer err Ind"),
+    ("fx_counters_ok", "nbt ok"),
 ]
 FINETUNE_COLUMNS = [("what", "fine-tune"), ("ind_ms", "Inductor ms/step"), ("fx_ms", "fxsparse ms/step"),
                     ("fx_vs_ind", "fx vs Ind"), ("loss_err", "max |loss fx - loss Ind|")]
@@ -190,25 +193,53 @@ def triton_convs(graphs: list) -> str:
 
 # --------------------------------------------------------------------------- exactness
 
-def exactness(make, device: str, dtype, batch: int, shape, classes: int, steps: int, lowering: str) -> dict:
-    """fxsparse against eager from the same state on the same batches."""
-    eager, mine, start = place(make(), device), place(make(), device), place(make(), device)
+def exactness(make, device: str, dtype, batch: int, shape, classes: int, steps: int, lowering: str,
+              label: str = "fx") -> dict:
+    """Variant `label`'s compiled model against eager, one step at a time: before each step eager
+    takes the compiled model's parameters and buffers, both run the step's forward and backward
+    on the same batch, and the loss, every gradient and the BatchNorm updates are compared. Each
+    error is one step's: over several free-running steps rounding differences grow (a
+    small-batch BatchNorm amplifies them), and Inductor's own would look like a bug. Only the
+    compiled model's optimizer steps, so later steps run its graphs on moved parameters.
+    fp16: the loss times a fixed 256 before backward (no step is skipped on either side)."""
+    mine, eager = place(make(), device), place(make(), device)
     torch._dynamo.reset()  # (after building: see model_row)
-    # a loss scale that overflows in neither: a step one side skips and the other takes is not an error
-    t_eager = Trainer(eager, eager, dtype, device, 2.0**8)
-    t_fx = Trainer(mine, compiled(mine, "fx", lowering), dtype, device, 2.0**8)
+    forward = compiled(mine, label, lowering)
+    opt = torch.optim.SGD(mine.parameters(), lr=0.01, momentum=0.9)
+    amp = torch.autocast(device, dtype=dtype, enabled=device == "cuda" and dtype != torch.float32)
+    scale = 256.0 if dtype == torch.float16 else 1.0
     g = torch.Generator().manual_seed(1)
-    loss_err = 0.0
+    err = {"grad_err": 0.0, "loss_err": 0.0, "buffer_err": 0.0, "counters_ok": True}
     for _ in range(steps):
+        eager.load_state_dict(mine.state_dict())
         x, y = batch_of(batch, shape, classes, device, g)
-        loss_err = max(loss_err, abs(float(t_eager.step(x, y)) - float(t_fx.step(x, y))))
-    moved = max(float((p - q).abs().max()) for p, q in zip(eager.parameters(), start.parameters()))
-    params = max(float((p - q).abs().max()) for p, q in zip(mine.parameters(), eager.parameters()))
-    bufs = [(n, b, c) for (n, b), (_, c) in zip(mine.named_buffers(), eager.named_buffers())]
-    stats = max((relative(b, c) for n, b, c in bufs if b.is_floating_point() and "running" in n), default=0.0)
-    counters = all(torch.equal(b, c) for n, b, c in bufs if n.endswith("num_batches_tracked"))
-    return {"param_err": params, "param_moved": moved, "buffer_err": stats, "counters_ok": counters,
-            "loss_err": loss_err}
+        losses = []
+        for model, f in ((eager, eager), (mine, forward)):
+            model.zero_grad(set_to_none=True)
+            with amp:
+                loss = F.cross_entropy(f(x), y)
+            (loss.float() * scale).backward()
+            losses.append(float(loss))
+        err["loss_err"] = max(err["loss_err"], abs(losses[0] - losses[1]))
+        err["grad_err"] = max(err["grad_err"], gradient_error(mine, eager))
+        bufs = [(n, b, c) for (n, b), (_, c) in zip(mine.named_buffers(), eager.named_buffers())]
+        err["buffer_err"] = max([err["buffer_err"]] + [relative(b, c) for n, b, c in bufs
+                                                       if b.is_floating_point() and "running" in n])
+        err["counters_ok"] &= all(torch.equal(b, c) for n, b, c in bufs if n.endswith("num_batches_tracked"))
+        opt.step()
+    return err
+
+
+def gradient_error(model: nn.Module, ref: nn.Module) -> float:
+    """max over parameters of |grad - ref's grad| / max |ref's grad| (floored at a thousandth of
+    the largest gradient: a parameter whose gradient is rounding noise does not count alone)."""
+    pairs = [(p.grad, q.grad) for p, q in zip(model.parameters(), ref.parameters())]
+    if any((a is None) != (b is None) for a, b in pairs):
+        return float("inf")
+    pairs = [(a.float(), b.float()) for a, b in pairs if b is not None]
+    top = max((float(b.abs().max()) for _, b in pairs), default=0.0)
+    floor = max(top * 1e-3, 1e-30)
+    return max((float((a - b).abs().max()) / max(float(b.abs().max()), floor) for a, b in pairs), default=0.0)
 
 
 def relative(b: torch.Tensor, c: torch.Tensor) -> float:
@@ -225,7 +256,7 @@ def batch_of(batch: int, shape, classes: int, device: str, g: torch.Generator) -
 # --------------------------------------------------------------------------- a row
 
 def model_row(name: str, keep: float, dtype_name: str, batch: int, device: str, steps: int, check_steps: int,
-              image: int, variants: tuple, lowering: str = "auto") -> dict:
+              image: int, variants: tuple, lowering: str = "auto", check_variants: tuple = ("fx", "ind")) -> dict:
     dtype = DTYPES[dtype_name]
     make, physical, how = masked_and_physical(name, keep, image)
     shape = bm.build(name)[1] if name != "small_resnet" else (3, image, image)
@@ -249,8 +280,9 @@ def model_row(name: str, keep: float, dtype_name: str, batch: int, device: str, 
             row["macs_kept"] = fxsparse_report_macs(training_graphs(start))
             row["triton_convs"] = triton_convs(training_graphs(start))
     row.update({f"{k}_ms": v for k, v in time_steps(trainers, x, y, steps).items()})
-    if check_steps:
-        row.update(exactness(make, device, dtype, batch, shape, classes, check_steps, lowering))
+    for label in check_variants if check_steps else ():  # Inductor beside fxsparse: the yardstick
+        err = exactness(make, device, dtype, batch, shape, classes, check_steps, lowering, label)
+        row.update({f"{label}_{k}": v for k, v in err.items()})
     row["fx_vs_ind"] = common.ratio(best_ms(row, "ind"), best_ms(row, "fx"))
     row["fx_vs_tp"] = common.ratio(best_ms(row, "tp"), best_ms(row, "fx"))
     row["fx_vs_fxa"] = common.ratio(row.get("fxa_ms"), row.get("fx_ms"))
@@ -318,6 +350,7 @@ def main(argv: Optional[list] = None) -> None:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     p.add_argument("--check-steps", type=int, default=3, help="exactness steps against eager (0: skip)")
+    p.add_argument("--check-variants", default="fx,ind", help="variants checked against eager")
     p.add_argument("--variants", default="eager,ind,fx,tp",
                    help=f"of {','.join(VARIANTS)} (cg: the compiled graphs under CUDA graphs; fxa: fxsparse "
                         "with lowering aten)")
@@ -348,7 +381,7 @@ def main(argv: Optional[list] = None) -> None:
         if name == "small_resnet":
             bm.IMAGE_SIZE["small_resnet"] = image
         row = model_row(name, args.keep, dtype_name, batch, device, steps, args.check_steps, image,
-                        tuple(args.variants.split(",")), args.lowering)
+                        tuple(args.variants.split(",")), args.lowering, tuple(args.check_variants.split(",")))
         rows.append(row)
         print(f"[{time.perf_counter() - start:6.1f}s] " + ", ".join(
             f"{k}={common._fmt(v, '.3g')}" for k, v in row.items()), flush=True)
@@ -361,7 +394,7 @@ def main(argv: Optional[list] = None) -> None:
         common.write_json(args.json, rows + ft, env)
     if args.quick:
         for r in rows:  # fp32 on the CPU: the compiled model trains as eager does
-            assert r["param_err"] < 1e-4 and r["buffer_err"] < 1e-4 and r["counters_ok"], r
+            assert r["fx_grad_err"] < 1e-4 and r["fx_buffer_err"] < 1e-4 and r["fx_counters_ok"], r
             assert r["macs_kept"] is not None and r["macs_kept"] < 0.5, r
         for r in ft:
             assert r["loss_err"] < 1e-4, r

@@ -235,22 +235,15 @@ def test_finetune_through_the_backend(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("graphed", [pytest.param(False, id="plain"), pytest.param(True, id="graphed", marks=(
-    pytest.mark.xfail(reason="training under CUDA graphs drifted from eager on ResNet-50; not graphed")))])
-def test_amp_train_steps_on_cuda(dtype, graphed, tmp_path, monkeypatch):
+def test_amp_train_steps_on_cuda(dtype, tmp_path):
     """CUDA, autocast, channels_last, through Inductor: the compiled model trains as eager does
-    within AMP rounding, buffers included. `graphed`: forced under CUDA graphs, which the backend
-    refuses for training graphs (the case that shows when they can be allowed)."""
+    within AMP rounding, buffers included."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from fxsparse import backend
-
-    if graphed:
-        monkeypatch.setattr(backend, "_use_cudagraphs", backend._cudagraphs_asked)
     model, shape = make("resnet", "ln0")
     ref, _ = make("resnet", "ln0")
     model, ref = (m.cuda().to(memory_format=torch.channels_last) for m in (model, ref))
-    compiled = compile_model(model, tmp_path, inductor=True, cudagraphs=graphed)
+    compiled = compile_model(model, tmp_path, inductor=True)
     opt, opt_ref = optimizer("sgd", model), optimizer("sgd", ref)
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
@@ -266,6 +259,38 @@ def test_amp_train_steps_on_cuda(dtype, graphed, tmp_path, monkeypatch):
     for (n, b), (_, c) in zip(model.named_buffers(), ref.named_buffers()):
         torch.testing.assert_close(b.float(), c.float(), rtol=2e-2, atol=2e-3, msg=lambda m, n=n: f"{n}: {m}")
     assert compacted_rows(tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.xfail(reason="training graphs are not graphed until this passes on a GPU", strict=False)
+def test_cuda_graphs_train_as_the_plain_compiled_model(tmp_path, monkeypatch):
+    """Forced under CUDA graphs (which the backend refuses for training graphs), the compiled
+    model runs the same kernels as without them: over several steps its parameters and buffers
+    must equal those of the same model compiled plainly, to rounding."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from fxsparse import backend
+
+    monkeypatch.setattr(backend, "_use_cudagraphs", backend._cudagraphs_asked)
+    models = [make("resnet", "ln0")[0].cuda().to(memory_format=torch.channels_last) for _ in range(2)]
+    shape = make("resnet", "ln0")[1]
+    compiled = [compile_model(m, tmp_path / str(graphs), inductor=True, cudagraphs=graphs)
+                for m, graphs in zip(models, (False, True))]
+    opts = [optimizer("sgd", m) for m in models]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        x = torch.randn((8,) + shape[1:], generator=g).cuda().to(memory_format=torch.channels_last)
+        for c, opt in zip(compiled, opts):
+            with torch.autocast("cuda", dtype=torch.float16):
+                loss = (c(x) - 0.5).square().mean()
+            opt.zero_grad()
+            (loss.float() * 256).backward()
+            opt.step()
+    plain, graphed = models
+    for (n, p), (_, q) in zip(graphed.named_parameters(), plain.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+    for (n, b), (_, c) in zip(graphed.named_buffers(), plain.named_buffers()):
+        torch.testing.assert_close(b.float(), c.float(), rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
 
 
 def test_dynamic_shapes_train(tmp_path):
