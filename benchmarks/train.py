@@ -256,7 +256,7 @@ def batch_of(batch: int, shape, classes: int, device: str, g: torch.Generator) -
 # --------------------------------------------------------------------------- a row
 
 def model_row(name: str, keep: float, dtype_name: str, batch: int, device: str, steps: int, check_steps: int,
-              image: int, variants: tuple, lowering: str = "auto", check_variants: tuple = ("fx", "ind")) -> dict:
+              image: int, variants: tuple, lowering: str, check_variants: tuple) -> dict:
     dtype = DTYPES[dtype_name]
     make, physical, how = masked_and_physical(name, keep, image)
     shape = bm.build(name)[1] if name != "small_resnet" else (3, image, image)

@@ -31,7 +31,8 @@ def run(device: str, timeout: int = 300) -> str:
         proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", CASE, device, f"{d}/linear.pt2"],
                               capture_output=True, text=True, timeout=timeout)
     steps = " / ".join(proc.stdout.split("\n")).strip(" /")
-    return f"{device}: exit {proc.returncode} ({'crashed' if proc.returncode < 0 else 'ok' if proc.returncode == 0 else 'failed'}) | {steps}"
+    status = "ok" if proc.returncode == 0 else "crashed" if proc.returncode < 0 else "failed"
+    return f"{device}: exit {proc.returncode} ({status}) | {steps}"
 
 
 if __name__ == "__main__":
