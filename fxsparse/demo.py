@@ -87,19 +87,25 @@ MACs kept: this conv's multiply-adds after compaction. reason: why a conv was le
 when it was rewritten)."""
 
 
-def time_in_rounds(variants, x, iters: int, min_rounds: int, max_rounds: int, tolerance: float = 0.03):
+def time_in_rounds(variants, x, iters: int, min_rounds: int, max_rounds: int, tolerance: float = 0.03,
+                   measure=None):
     """Per variant, ms per call in each round. Rounds interleave the variants, so a busy machine
     slows them alike; they go on until the median speed of the last variant against the second
-    moves by less than `tolerance` from one round to the next (or `max_rounds`)."""
-    from fxsparse.nn import benchmark_module
+    moves by less than `tolerance` from one round to the next (or `max_rounds`).
+    `measure(fn, x, iters)` gives one round's ms per call; by default the plain call, as users
+    call it (host overhead and guards included)."""
+    if measure is None:
+        from fxsparse.nn import benchmark_module
+
+        def measure(fn, x, iters):
+            return benchmark_module(fn, x, iters=iters, warmup=2, cuda_graph=False)
 
     times = {name: [] for name, _ in variants}
     last, first = variants[-1][0], variants[1][0]
     previous = None
     for r in range(max_rounds):
         for name, fn in variants:
-            # the plain call, as users call it (host overhead and guards included)
-            times[name].append(benchmark_module(fn, x, iters=iters, warmup=2, cuda_graph=False))
+            times[name].append(measure(fn, x, iters))
         speed = statistics.median(a / b for a, b in zip(times[first], times[last]))
         if r + 1 >= min_rounds and previous is not None and abs(speed / previous - 1) < tolerance:
             break

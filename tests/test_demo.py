@@ -25,17 +25,23 @@ def test_rounds_stop_between_the_bounds_and_time_every_variant_alike():
 
 
 def test_rounds_run_to_the_limit_while_the_speed_keeps_moving():
-    x = torch.randn(2)
     slow_down = iter(range(1, 100))
 
-    def drifting(t):  # each round slower than the last: the speed never settles
-        import time
-        time.sleep(0.0005 * next(slow_down))
-        return t
+    def measure(fn, x, iters):  # fxsparse slower each round: the speed never settles
+        return float(next(slow_down)) if fn == "fxsparse" else 1.0
 
-    variants = [("eager", lambda t: t), ("inductor", lambda t: t), ("fxsparse", drifting)]
-    times = time_in_rounds(variants, x, iters=1, min_rounds=3, max_rounds=6)
-    assert len(times["fxsparse"]) == 6
+    variants = [(n, n) for n in ("eager", "inductor", "fxsparse")]
+    times = time_in_rounds(variants, None, iters=1, min_rounds=3, max_rounds=6, measure=measure)
+    assert times["fxsparse"] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+
+
+def test_rounds_stop_once_the_speed_settles():
+    def measure(fn, x, iters):
+        return 2.0 if fn == "fxsparse" else 1.0
+
+    variants = [(n, n) for n in ("eager", "inductor", "fxsparse")]
+    times = time_in_rounds(variants, None, iters=1, min_rounds=3, max_rounds=6, measure=measure)
+    assert len(times["fxsparse"]) == 3
 
 
 def test_spread_is_median_min_max():
