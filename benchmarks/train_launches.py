@@ -6,6 +6,11 @@ code Inductor generates (fxsparse.report.launches), no timing involved.
     PYTHONPATH=. python benchmarks/train_launches.py --model resnet50 --image-size 64 --batch 4
     PYTHONPATH=. python benchmarks/train_launches.py --model resnet50 --batch 64 --device cuda --dtype fp16
 
+`--triton` counts what Inductor's GPU code generation (Triton kernels, its fusion rules) makes
+of the same graphs on a machine without a GPU, channels_last as on the GPU: kernels are
+generated, never compiled or run (the step's values are meaningless; only the launch lines
+are read).
+
 On the GPU every launch costs host time (~20 us each in a training step of ResNet-50), so a
 compacted graph pays for each kernel it adds. Columns: launches in the forward and backward
 wrappers (generated kernels, extern calls such as convs, aten fallbacks), Inductor's
@@ -18,6 +23,7 @@ import argparse
 import os
 import sys
 from collections import Counter
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +35,8 @@ import common  # noqa: E402
 import models as bm  # noqa: E402
 
 import fxsparse  # noqa: E402,F401  (registers the backend)
-from fxsparse.report.launches import _call_lines, captured_inductor_code, launch_sites  # noqa: E402
+from fxsparse.report.launches import (_call_lines, captured_inductor_code, launch_sites,  # noqa: E402
+                                      triton_codegen_without_gpu)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 COLUMNS = [("variant", "variant"), ("model", "model"), ("fw", "fw launches"), ("bw", "bw launches"),
@@ -37,7 +44,7 @@ COLUMNS = [("variant", "variant"), ("model", "model"), ("fw", "fw launches"), ("
            ("generated", "generated kernels"), ("scatters", "bw scatter kernels")]
 
 
-def masked_model(name: str, keep: float, image: int, device: str):
+def masked_model(name: str, keep: float, image: int, device: str, channels_last: bool):
     if name == "small_resnet":
         bm.IMAGE_SIZE["small_resnet"] = image
     else:
@@ -45,7 +52,7 @@ def masked_model(name: str, keep: float, image: int, device: str):
     torch.manual_seed(0)
     model, _, _ = bm.masked_models(name, keep, torch.randn(1, *bm.build(name)[1]))
     model = model.to(device).train()
-    return model.to(memory_format=torch.channels_last) if device == "cuda" else model
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 def scatter_kernels(code: str) -> int:
@@ -85,18 +92,22 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=DTYPES)
     p.add_argument("--variants", default="inductor,fxsparse")
+    p.add_argument("--triton", action="store_true", help="on the CPU: count Inductor's Triton code generation")
     args = p.parse_args(argv)
     common.raise_dynamo_recompile_limit()
     torch._inductor.config.fx_graph_cache = False  # every graph generated, so metrics count it
     dtype = DTYPES[args.dtype]
-    model = masked_model(args.model, args.keep, args.image_size, args.device)
+    channels_last = args.device == "cuda" or args.triton  # as models train on the GPU
+    model = masked_model(args.model, args.keep, args.image_size, args.device, channels_last)
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=args.device)
-    if args.device == "cuda":
+    if channels_last:
         x = x.to(memory_format=torch.channels_last)
     classes = bm.classifier(model).out_features
     y = torch.randint(0, classes, (args.batch,), device=args.device)
-    rows = [dict(model=args.model, **count(model, v, x, y, dtype)) for v in args.variants.split(",")]
-    print(f"\n{args.model} B={args.batch} {args.image_size}x{args.image_size} {args.device} {args.dtype}, "
+    with triton_codegen_without_gpu() if args.triton else nullcontext():
+        rows = [dict(model=args.model, **count(model, v, x, y, dtype)) for v in args.variants.split(",")]
+    codegen = " (Triton code generation)" if args.triton else ""
+    print(f"\n{args.model} B={args.batch} {args.image_size}x{args.image_size} {args.device}{codegen} {args.dtype}, "
           f"keep {args.keep}: launches per training step")
     common.print_table(rows, COLUMNS)
 

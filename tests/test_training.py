@@ -92,6 +92,27 @@ def test_train_steps_match_eager(name, mask, tmp_path):
     assert rows, "no conv compacted"
 
 
+@pytest.mark.parametrize("name,mask", [("resnet", "ln0"), ("bottleneck", "custom_out"), ("basic", "custom_in")])
+def test_train_steps_with_scattered_weights(name, mask, tmp_path, monkeypatch):
+    """The weight slice GPUs get (a scatter fused with the mask's multiply, gather.kept_weight)
+    trains as eager does; on the CPU Inductor's C++ kernels get a gather instead."""
+    from fxsparse.lowering import gather, training
+
+    calls = []
+
+    def kept_weight(*args):
+        calls.append(args[0].shape)
+        return gather.kept_weight(*args)
+
+    monkeypatch.setattr(training, "triton_kernels", lambda device: True)
+    monkeypatch.setattr(training, "kept_weight", kept_weight)
+    model, shape = make(name, mask)
+    ref, _ = make(name, mask)
+    compiled = compile_model(model, tmp_path)
+    train_both(model, ref, compiled, shape, steps=3)
+    assert len(calls) >= 3 * len(compacted_rows(tmp_path)) > 0
+
+
 @pytest.mark.parametrize("name", ["resnet", "bottleneck"])
 def test_channels_carried_to_next_conv(name, tmp_path):
     """The next conv reads only the kept channels of its input (the pruned ones folded)."""
@@ -197,6 +218,21 @@ def test_train_steps_through_inductor(name, mask, tmp_path):
     compiled = compile_model(model, tmp_path, inductor=True)
     train_both(model, ref, compiled, shape, steps=3)
     assert compacted_rows(tmp_path)
+
+
+@pytest.mark.parametrize("momentum", [0.3, None])
+def test_running_statistics_with_any_momentum(momentum, tmp_path):
+    """Running statistics of kept and pruned channels as eager updates them, for a set momentum
+    and for the cumulative average (momentum None: 1 / num_batches_tracked)."""
+    model, shape = make("resnet", "ln0")
+    ref, _ = make("resnet", "ln0")
+    for m in (*model.modules(), *ref.modules()):
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = momentum
+    # momentum None reads num_batches_tracked as a Python float: a graph break at each BatchNorm
+    compiled = compile_model(model, tmp_path, inductor=True, fullgraph=momentum is not None)
+    train_both(model, ref, compiled, shape, steps=3)
+    assert any(c["lowering"] != "unchanged" for g in report(tmp_path)["graphs"] for c in g["convs"])
 
 
 def test_num_batches_tracked_advances(tmp_path):

@@ -7,15 +7,20 @@ of a masked conv + BatchNorm + linear graph, and that every gradient and buffer 
 """
 from __future__ import annotations
 
+import re
+from contextlib import contextmanager
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.utils.prune as prune
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import models as M
 from models import fresh_dynamo  # noqa: F401
 
-from fxsparse.lowering.gather import KeptIndex, kept_slice
+from fxsparse.lowering.gather import KeptIndex, kept_slice, kept_weight
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
@@ -133,3 +138,69 @@ def test_kept_slice_is_index_select(rows, cols):
 def test_kept_index_rejects_repeated_indices():
     with pytest.raises(ValueError, match="unique"):
         KeptIndex.of(torch.tensor([1, 1, 2]), 4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), shape=st.tuples(st.integers(1, 9), st.integers(1, 9), st.integers(1, 3), st.integers(1, 3)),
+       channels_last=st.booleans())
+def test_kept_weight_is_index_select(data, shape, channels_last):
+    """The scattered slice of a conv weight: values those of index_select on rows and columns
+    (any order of kept indices, either dim kept whole), laid out as asked, every element
+    written (its storage starts as NaN), and the gradient index_select's."""
+    o, i = shape[:2]
+    pick = lambda n: data.draw(st.none() | st.permutations(range(n)).flatmap(  # noqa: E731
+        lambda p: st.integers(1, n).map(lambda k: p[:k])))
+    rows, cols = pick(o), pick(i)
+    if rows is None and cols is None:
+        rows = list(range(o))
+    t = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    r = None if rows is None else KeptIndex.of(torch.tensor(rows), o)
+    c = None if cols is None else KeptIndex.of(torch.tensor(cols), i)
+    n_rows, n_cols = len(rows) if rows else o, len(cols) if cols else i
+    args = ([None, None] if r is None else [r.positions, r.kept]) + ([None, None] if c is None else [c.positions, c.kept])
+    with poisoned_empty():
+        got = kept_weight(t, *args, n_rows, n_cols, channels_last)
+    want = t if r is None else t.index_select(0, r.ids)
+    want = want if c is None else want.index_select(1, c.ids)
+    assert torch.equal(got, want)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert got.is_contiguous(memory_format=layout)
+    grad = torch.randn_like(got)
+    g_got, = torch.autograd.grad(got, t, grad)
+    g_want, = torch.autograd.grad(want, t, grad)
+    assert torch.equal(g_got, g_want)
+
+
+@contextmanager
+def poisoned_empty():
+    """Tensor.new_empty gives NaN-filled storage, so an element the scatter misses shows."""
+    original = torch.Tensor.new_empty
+
+    def poisoned(self, *args, **kwargs):
+        return original(self, *args, **kwargs).fill_(float("nan"))
+
+    torch.Tensor.new_empty = poisoned
+    try:
+        yield
+    finally:
+        torch.Tensor.new_empty = original
+
+
+def test_weight_slice_fuses_with_the_mask_multiply(tmp_path):
+    """In the code Inductor generates for a GPU, each compacted conv's weight is written by the
+    kernel that multiplies by the prune mask: slicing a weight launches no kernel of its own."""
+    from fxsparse.report.launches import _call_lines, captured_inductor_code, triton_codegen_without_gpu
+
+    model, shape = masked_net()
+    model.float().to(memory_format=torch.channels_last)  # as models train on the GPU
+    codes = []
+    with triton_codegen_without_gpu(), captured_inductor_code(codes):
+        compiled = torch.compile(model, backend="fxsparse", fullgraph=True, options={"dump_dir": str(tmp_path)})
+        compiled(torch.randn(shape).to(memory_format=torch.channels_last)).sum().backward()
+    lines = [line.strip() for line in _call_lines(codes[0])]
+    weights = [m.group(1) for m in (re.search(r"convolution\(\w+, (?:reinterpret_tensor\()?(\w+)", line)
+                                    for line in lines) if m]
+    writers = {w: [line for line in lines if ".run(" in line and re.search(rf"\b{w}\b", line)][0] for w in weights}
+    sliced = [line for line in writers.values() if "index_put" in line]
+    assert len(sliced) == 3, writers  # the three masked convs (the fourth: a constant-channel map)
+    assert all(re.match(r"triton_\w+_mul\w*\.run", line) for line in sliced), sliced

@@ -6,6 +6,11 @@ prune mask's `grad * mask`). Every kept index appears once, so the full-size gra
 also a gather: channel i reads the compact gradient at its position in the kept list, or
 is zero where it was not kept. That is one pointwise expression Inductor fuses with its
 neighbours, and exact: each entry is a copy of one value or zero, as index_add makes it.
+
+A conv weight is sliced forward by a scatter instead (`kept_weight`): every element of the
+full weight is stored at its place in the compact one, or in scratch slots past it. The
+scatter runs over the full weight's elements, as the prune mask's multiply that makes the
+weight does, so Inductor computes both in one kernel where a gather would be a second one.
 """
 from __future__ import annotations
 
@@ -64,6 +69,59 @@ class _KeptSlice(torch.autograd.Function):
                 kept = m if kept is None else kept & m
         # a fill, not a multiply by 0/1: an inf or nan in the compact gradient stays where it is
         return full.masked_fill(~kept, 0), None, None, None, None, None, None
+
+
+# dropped elements go to this many scratch slots after the kept ones, spread by their index:
+# a GPU serialises stores to one address
+_SCRATCH = 4096
+
+
+def _scatter_index(shape, row_pos, row_kept, col_pos, col_kept, rows: int, cols: int, channels_last: bool):
+    """[O, I, kh, kw]: where each element of a conv weight of `shape` goes in the flat compact
+    weight of `rows` x `cols` (laid out channels-last or contiguous), or its scratch slot."""
+    o_n, i_n, kh, kw = shape
+    device = next(v.device for v in (row_pos, col_pos) if v is not None)
+    o = torch.arange(o_n, device=device).view(-1, 1, 1, 1)
+    i = torch.arange(i_n, device=device).view(1, -1, 1, 1)
+    h = torch.arange(kh, device=device).view(1, 1, -1, 1)
+    w = torch.arange(kw, device=device).view(1, 1, 1, -1)
+    r = o if row_pos is None else row_pos.view(-1, 1, 1, 1)
+    c = i if col_pos is None else col_pos.view(1, -1, 1, 1)
+    target = ((r * kh + h) * kw + w) * cols + c if channels_last else ((r * cols + c) * kh + h) * kw + w
+    kept = torch.ones((), dtype=torch.bool, device=device)
+    if row_kept is not None:
+        kept = kept & row_kept.view(-1, 1, 1, 1)
+    if col_kept is not None:
+        kept = kept & col_kept.view(1, -1, 1, 1)
+    scratch = rows * cols * kh * kw + (((o * i_n + i) * kh + h) * kw + w) % _SCRATCH
+    return torch.where(kept, target, scratch)
+
+
+class _KeptWeight(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, row_pos, row_kept, col_pos, col_kept, rows: int, cols: int, channels_last: bool):
+        ctx.save_for_backward(row_pos, row_kept, col_pos, col_kept)
+        ctx.rank = t.dim()
+        index = _scatter_index(t.shape, row_pos, row_kept, col_pos, col_kept, rows, cols, channels_last)
+        kh, kw = t.shape[2:]
+        flat = t.new_empty(rows * cols * kh * kw + _SCRATCH)
+        flat.index_put_((index.flatten(),), t.flatten())
+        kept = flat[: rows * cols * kh * kw]
+        if channels_last:
+            return kept.view(rows, kh, kw, cols).permute(0, 3, 1, 2)
+        return kept.view(rows, cols, kh, kw)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _KeptSlice.backward(ctx, grad)[:5] + (None, None, None)
+
+
+def kept_weight(t: torch.Tensor, row_pos=None, row_kept=None, col_pos=None, col_kept=None, rows: int = 0,
+                cols: int = 0, channels_last: bool = False) -> torch.Tensor:
+    """A conv weight `t` [O, I, kh, kw] restricted to its kept rows and columns (`rows` and
+    `cols` of them; `pos` and `kept`: KeptIndex's inverse, None for a dim kept whole), laid out
+    channels-last or contiguous. Values and gradients are those of `kept_slice`."""
+    return _KeptWeight.apply(t, row_pos, row_kept, col_pos, col_kept, rows, cols, channels_last)
 
 
 def kept_slice(t: torch.Tensor, row_ids=None, row_pos=None, row_kept=None,

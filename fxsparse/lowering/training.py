@@ -10,7 +10,7 @@ from the parameters (so autograd sees it). Carried across:
 * train-mode BatchNorm: a constant channel has batch mean = the constant and batch variance
   0, so its output is exactly `beta`. The kept channels run a compacted batch_norm; the
   pruned channels' running statistics get the update aten would make (mean towards the
-  constant, variance towards 0) on small vectors, and both are written back to the buffers.
+  constant, variance towards 0), all channels' in one write per buffer.
   `gamma` of a pruned channel is not read, so its gradient is zero, as in eager.
 * eval-mode BatchNorm, activations, pooling, flatten: the constant goes through the op.
 * residual adds (the union of the operands' channels), concat (offsets).
@@ -50,7 +50,7 @@ from fxsparse.compaction.propagate import CONST_DTYPE, KeptChannels, Propagation
 from fxsparse.graph.capture import OpView
 from fxsparse.kernels.layout import constant_input_map, relayout, select_channels
 from fxsparse.lowering import choose
-from fxsparse.lowering.gather import KeptIndex, kept_slice
+from fxsparse.lowering.gather import KeptIndex, kept_slice, kept_weight
 from fxsparse.lowering.rewrite import Lowering
 from fxsparse.ops.conv2d import triton_interpreter_on
 from fxsparse.sparsity.read import ConvSparsity
@@ -127,6 +127,29 @@ class TrainingLowering(Lowering):
             args += [self.index(k.ids, like, f"{hint}_ids"), self.index(k.positions, like, f"{hint}_pos"),
                      self.index(k.kept, like, f"{hint}_kept")]
         return t if all(a is None for a in args) else self.call(kept_slice, t, *args)
+
+    def kept_weight(self, weight: fx.Node, conv, rows: tuple, cols: tuple, dtype) -> fx.Node:
+        """A conv weight's kept rows and columns (each (ids, total)) in the conv's dtype. Where
+        Inductor writes Triton kernels (each a launch) the cast and the slice are a scatter
+        (gather.py) that goes into the kernel making the weight (the prune mask's multiply),
+        laid out channels-last where the input is and on CUDA, where Inductor lays conv weights
+        out channels-last (a contiguous one would be copied). Elsewhere (Inductor's C++ kernels
+        fuse a gather as well) a gather: it reads only the kept elements."""
+        device = conv.input.meta["example_value"].device
+        if not triton_kernels(device):
+            return self.cast(self.kept_slice(weight, conv.input, rows=rows, cols=cols), conv.weight, dtype)
+        weight = self.cast(weight, conv.weight, dtype)
+        args = []
+        for ids, total in (rows, cols):
+            if torch.equal(ids, torch.arange(total, device=ids.device)):
+                args += [None, None]
+                continue
+            k = self.kept_index(ids, total, conv.input)
+            args += [self.index(k.positions, conv.input, "pos"), self.index(k.kept, conv.input, "kept")]
+        if all(a is None for a in args):
+            return weight
+        layout = channels_last(conv.input.meta["example_value"]) or device.type == "cuda"
+        return self.call(kept_weight, weight, *args, len(rows[0]), len(cols[0]), layout)
 
     def read_as(self, old, kept: torch.Tensor) -> fx.Node:
         """The emitted value of `old` stored as channels `kept` (constants materialised)."""
@@ -216,7 +239,7 @@ class TrainingLowering(Lowering):
         else:  # read the whole stored input, zero weight columns for the few unused
             in_ids = lin.kept
         weight = self.env[conv.weight]
-        w = self.kept_slice(weight, conv.input, rows=(kept_out, sp.out_channels), cols=(in_ids, sp.in_channels))
+        w = self.kept_weight(weight, conv, (kept_out, sp.out_channels), (in_ids, sp.in_channels), example_dtype(n))
         bias = None if conv.bias is None else self.rows(self.env[conv.bias], kept_out, sp.out_channels, conv.input)
         lowering, why = self.conv_lowering(n, conv, len(in_ids), len(kept_out))
         if lowering == "triton":
@@ -261,11 +284,11 @@ class TrainingLowering(Lowering):
 
     def emit_fused_conv(self, n, conv, x, w, bias, out_channels: int) -> fx.Node:
         """The conv as the fused op, a plain conv (+ bias) in the conv's dtype: the casts autocast
-        makes for an aten conv are written out (the op has no autocast rule), the weight
-        channels_last as the op reads it best."""
+        makes for an aten conv are written out (the op has no autocast rule; `w` is cast
+        already), the weight channels_last as the op reads it best."""
         dtype = example_dtype(n)
         x = self.cast(x, conv.input, dtype)
-        w = self.call(torch.Tensor.contiguous, self.cast(w, conv.weight, dtype), memory_format=torch.channels_last)
+        w = self.call(torch.Tensor.contiguous, w, memory_format=torch.channels_last)
         bias = None if bias is None else self.cast(bias, conv.bias, dtype)
         return self.call(torch.ops.fxsparse.conv2d.default, x, w, bias, list(conv.stride), list(conv.padding),
                          list(conv.dilation), None, None, out_channels, None, None, None, "none", False)
@@ -324,12 +347,18 @@ class TrainingLowering(Lowering):
         kept, like = lin.kept, a["input"]
         pick = lambda k: None if a[k] is None else self.rows(self.env[a[k]], kept, lin.channels, like)  # noqa: E731
         stats = a["running_mean"] is not None and a["running_var"] is not None
-        mean_k, var_k = pick("running_mean"), pick("running_var")
+        if a["training"] and stats:
+            # the compacted batch_norm updates zeros, giving `momentum * batch statistic`;
+            # update_running_stats blends that into the full buffers
+            mean_k, var_k = (self.graph.call_method("new_zeros", (self.env[a[k]], (len(kept),)))
+                             for k in ("running_mean", "running_var"))
+        else:
+            mean_k, var_k = pick("running_mean"), pick("running_var")
         y = self.call(F.batch_norm, self.env[a["input"]], mean_k, var_k, pick("weight"), pick("bias"),
                       a["training"], self.scalar(a["momentum"]), self.scalar(a["eps"]))
         if a["training"]:
             if stats:
-                self.update_pruned_stats(a, lin, mean_k, var_k)
+                self.update_running_stats(a, lin, mean_k, var_k)
             out_const = None if a["bias"] is None else self.env[a["bias"]]  # exactly beta
         else:
             out_const = self.eval_bn_constants(a, lin)
@@ -337,24 +366,26 @@ class TrainingLowering(Lowering):
         self.stored[n] = Stored(lin.channels, kept, out_const)
         return True
 
-    def update_pruned_stats(self, a: dict, lin: Stored, mean_k: fx.Node, var_k: fx.Node) -> None:
-        """Writes the running statistics back: the kept channels' as the compacted batch_norm
-        updated them, the others' as aten would for a constant channel (batch mean = the
-        constant, unbiased batch variance 0). One full-size pointwise expression per buffer."""
+    def update_running_stats(self, a: dict, lin: Stored, mean_k: fx.Node, var_k: fx.Node) -> None:
+        """Writes the running statistics of every channel as aten updates them:
+        `(1 - momentum) * buffer + momentum * batch statistic`, where a pruned channel's batch
+        mean is its constant and its unbiased batch variance 0. `mean_k`, `var_k`: the kept
+        channels' `momentum * batch statistic` (batch_norm's update of zeros). One pointwise
+        expression per buffer that reads the buffer only at the channel it writes, so Inductor
+        fuses both writes into one kernel that stores into the buffers themselves."""
         like = a["input"]
         k = self.kept_index(lin.kept, lin.channels, like)
         kept, positions = self.index(k.kept, like, "rows_kept"), self.index(k.positions, like, "rows_pos")
         m = self.scalar(a["momentum"])
         keep = self.call(operator.sub, 1.0, m) if isinstance(m, fx.Node) else 1.0 - m
-        for key, batch_k, value in (("running_mean", mean_k, True), ("running_var", var_k, False)):
+        for key, update_k, value in (("running_mean", mean_k, True), ("running_var", var_k, False)):
             buf = self.env[a[key]]
-            decayed = self.call(operator.mul, buf, keep)  # (the kept channels' values are not read)
             if value and lin.const is not None:
-                batch_mean = self.call(torch.Tensor.detach, lin.const)
-                decayed = self.call(operator.add, decayed,
-                                    self.call(torch.Tensor.type_as, self.call(operator.mul, batch_mean, m), buf))
-            full = self.call(torch.where, kept, self.call(torch.index_select, batch_k, 0, positions), decayed)
-            self.graph.call_method("copy_", (buf, full))
+                pruned = self.call(torch.Tensor.type_as, self.call(operator.mul, self.call(torch.Tensor.detach, lin.const), m), buf)
+            else:
+                pruned = 0.0
+            update = self.call(torch.where, kept, self.call(torch.index_select, update_k, 0, positions), pruned)
+            self.graph.call_method("copy_", (buf, self.call(operator.add, self.call(operator.mul, buf, keep), update)))
 
     def eval_bn_constants(self, a: dict, lin: Stored) -> Optional[fx.Node]:
         """An eval-mode BatchNorm's value on the constant channels, by batch_norm itself on a
@@ -414,7 +445,7 @@ class TrainingLowering(Lowering):
 
     def emit_add(self, n: fx.Node, v: OpView) -> bool:
         la, lb = self.layout(v.args["a"]), self.layout(v.args["b"])
-        if la.is_full and lb.is_full:
+        if la is None or lb is None or (la.is_full and lb.is_full):
             return False
         kept = (la.kept_mask() | lb.kept_mask()).nonzero().flatten()
         self.env[n] = self.call(torch.add, self.read_as(v.args["a"], kept), self.read_as(v.args["b"], kept))
@@ -462,6 +493,13 @@ def example_dtype(node) -> Optional[torch.dtype]:
 
 def channels_last(t: torch.Tensor) -> bool:
     return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def triton_kernels(device: torch.device) -> bool:
+    """Whether Inductor generates Triton kernels for `device` (its C++ kernels on the CPU)."""
+    import torch._inductor.config
+
+    return device.type != "cpu" or torch._inductor.config.cpu_backend == "triton"
 
 
 def triton_trains(device: torch.device, dtype: Optional[torch.dtype]) -> bool:

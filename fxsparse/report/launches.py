@@ -87,3 +87,40 @@ def captured_inductor_code(sink: list):
         yield sink
     finally:
         GraphLowering.save_output_code = previous
+
+
+@contextmanager
+def triton_codegen_without_gpu():
+    """Inside the block Inductor generates Triton kernels for CPU tensors, as it does for a GPU,
+    and each kernel is a stub that launches nothing: the wrapper code shows the launches a GPU
+    would make, on a machine without one (outputs are meaningless). Reaches into Inductor's
+    internals: a counting tool, not a way to run models."""
+    import torch._inductor.async_compile as ac
+    import torch._inductor.codegen.triton as codegen_triton
+    import torch.utils._triton as utils_triton
+
+    class Stub:
+        def run(self, *args, **kwargs):
+            pass
+
+    guards = torch._C._dynamo.guards
+    saved = [(utils_triton, "triton_hash_with_backend"), (codegen_triton, "triton_hash_with_backend"),
+             (ac.AsyncCompile, "triton"), (guards, "_empty_strided_cpu")]
+    saved = [(owner, name, getattr(owner, name)) for owner, name in saved if hasattr(owner, name)]
+
+    def zeros_strided(size, stride, dtype):
+        # buffers the stubs leave unwritten read as zeros (an index fallback such as max-pool's
+        # backward scatter would read garbage indices)
+        storage = 1 + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else 0
+        return torch.zeros(storage, dtype=dtype).as_strided(size, stride)
+
+    stand_ins = {"triton_hash_with_backend": lambda: "codegen-only", "_empty_strided_cpu": zeros_strided,
+                 "triton": lambda self, *args, **kwargs: Stub()}
+    for owner, name, _ in saved:
+        setattr(owner, name, stand_ins[name])
+    try:
+        with torch._inductor.config.patch(cpu_backend="triton"):
+            yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
