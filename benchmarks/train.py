@@ -36,6 +36,8 @@ steps after warmup; CPU: median wall clock):
                                           eager's| / max(1, |eager's|); nbt ok: num_batches_tracked
                                           equal
 
+`--inductor-config combo_kernels=True` sets Inductor's config for every compiled variant (here:
+its horizontal fusion of independent kernels, which packs the many small ones into fewer launches).
 `--finetune-steps N` adds the seed's distillation fine-tune (`fxsparse.nn.finetune`, the seed
 layer Conv2d 64->128 3x3 on 56x56, B=16, 50% of output channels masked) per step, through
 fxsparse and through Inductor. The table is printed last.
@@ -43,6 +45,7 @@ fxsparse and through Inductor. The table is printed last.
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import os
 import statistics
@@ -358,9 +361,17 @@ def main(argv: Optional[list] = None) -> None:
                    help="fxsparse's option `lowering` for the fx variant and the exactness check")
     p.add_argument("--finetune-steps", type=int, default=20)
     p.add_argument("--budget-s", type=float, default=540, help="start no new row after this many seconds")
+    p.add_argument("--inductor-config", default="", metavar="KEY=VALUE,...",
+                   help="Inductor settings for every compiled variant, e.g. combo_kernels=True")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     common.raise_dynamo_recompile_limit()
+    import torch._inductor.config as inductor_config
+
+    for item in filter(None, args.inductor_config.split(",")):
+        key, value = item.split("=")
+        setattr(inductor_config, key, ast.literal_eval(value))
+        print(f"Inductor config: {key} = {getattr(inductor_config, key)!r}", flush=True)
     device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
     if device == "cuda":
         torch.backends.cudnn.benchmark = True

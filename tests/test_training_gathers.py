@@ -1,9 +1,11 @@
-"""The compacted training graph's gathers of parameters: their backward is a gather too.
+"""The compacted training graph's slices of parameters and what its GPU code launches.
 
 `index_select`'s backward is `new_zeros + index_add` (a fill and a scatter per dim, kernels
 Inductor cannot fuse); `gather.kept_slice` builds the full-size gradient by gathering the
 compact one by inverse positions. These tests check that no scatter is left in the backward
-of a masked conv + BatchNorm + linear graph, and that every gradient and buffer is eager's.
+of a masked conv + BatchNorm + linear graph, and that every gradient and buffer is eager's;
+that a conv weight's slice (a scatter) is exact and fused with the prune mask's multiply; and
+that running statistics and counters are written by one kernel each.
 """
 from __future__ import annotations
 
@@ -186,18 +188,32 @@ def poisoned_empty():
         torch.Tensor.new_empty = original
 
 
-def test_weight_slice_fuses_with_the_mask_multiply(tmp_path):
-    """In the code Inductor generates for a GPU, each compacted conv's weight is written by the
-    kernel that multiplies by the prune mask: slicing a weight launches no kernel of its own."""
+def gpu_forward_launches(model, shape, tmp_path) -> list:
+    """The launch lines of the forward Inductor generates for a GPU (counted on the CPU)."""
     from fxsparse.report.launches import _call_lines, captured_inductor_code, triton_codegen_without_gpu
 
-    model, shape = masked_net()
     model.float().to(memory_format=torch.channels_last)  # as models train on the GPU
     codes = []
     with triton_codegen_without_gpu(), captured_inductor_code(codes):
         compiled = torch.compile(model, backend="fxsparse", fullgraph=True, options={"dump_dir": str(tmp_path)})
         compiled(torch.randn(shape).to(memory_format=torch.channels_last)).sum().backward()
-    lines = [line.strip() for line in _call_lines(codes[0])]
+    return [line.strip() for line in _call_lines(codes[0])]
+
+
+def test_statistics_and_counters_written_by_one_kernel_each(tmp_path):
+    """Every BatchNorm's running statistics are written by one foreach kernel at the end of the
+    forward, and every num_batches_tracked by another, not by a copy kernel each."""
+    model, shape = masked_net()
+    launches = [line for line in gpu_forward_launches(model, shape, tmp_path) if ".run(" in line]
+    assert len([line for line in launches if line.startswith("triton_for_fused")]) == 2, launches
+    assert not [line for line in launches if "copy_" in line.split(".run(")[0]], launches
+
+
+def test_weight_slice_fuses_with_the_mask_multiply(tmp_path):
+    """In the code Inductor generates for a GPU, each compacted conv's weight is written by the
+    kernel that multiplies by the prune mask: slicing a weight launches no kernel of its own."""
+    model, shape = masked_net()
+    lines = gpu_forward_launches(model, shape, tmp_path)
     weights = [m.group(1) for m in (re.search(r"convolution\(\w+, (?:reinterpret_tensor\()?(\w+)", line)
                                     for line in lines) if m]
     writers = {w: [line for line in lines if ".run(" in line and re.search(rf"\b{w}\b", line)][0] for w in weights}

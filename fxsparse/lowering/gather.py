@@ -51,6 +51,20 @@ def _along(mask: torch.Tensor, dim: int, rank: int) -> torch.Tensor:
     return mask.reshape(shape)
 
 
+def _full_gradient(ctx, grad):
+    """The full-size gradient of a kept slice: the compact gradient gathered back by inverse
+    positions, zero where nothing was kept (ctx saved row_pos, row_kept, col_pos, col_kept)."""
+    row_pos, row_kept, col_pos, col_kept = ctx.saved_tensors
+    full = _pick(_pick(grad, 0, row_pos), 1, col_pos)
+    kept = None
+    for mask, dim in ((row_kept, 0), (col_kept, 1)):
+        if mask is not None:
+            m = _along(mask, dim, ctx.rank)
+            kept = m if kept is None else kept & m
+    # a fill, not a multiply by 0/1: an inf or nan in the compact gradient stays where it is
+    return full.masked_fill(~kept, 0)
+
+
 class _KeptSlice(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t, row_ids, row_pos, row_kept, col_ids, col_pos, col_kept):
@@ -60,15 +74,7 @@ class _KeptSlice(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        row_pos, row_kept, col_pos, col_kept = ctx.saved_tensors
-        full = _pick(_pick(grad, 0, row_pos), 1, col_pos)
-        kept = None
-        for mask, dim in ((row_kept, 0), (col_kept, 1)):
-            if mask is not None:
-                m = _along(mask, dim, ctx.rank)
-                kept = m if kept is None else kept & m
-        # a fill, not a multiply by 0/1: an inf or nan in the compact gradient stays where it is
-        return full.masked_fill(~kept, 0), None, None, None, None, None, None
+        return _full_gradient(ctx, grad), None, None, None, None, None, None
 
 
 # dropped elements go to this many scratch slots after the kept ones, spread by their index:
@@ -113,7 +119,7 @@ class _KeptWeight(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _KeptSlice.backward(ctx, grad)[:5] + (None, None, None)
+        return _full_gradient(ctx, grad), None, None, None, None, None, None, None
 
 
 def kept_weight(t: torch.Tensor, row_pos=None, row_kept=None, col_pos=None, col_kept=None, rows: int = 0,

@@ -10,7 +10,8 @@ from the parameters (so autograd sees it). Carried across:
 * train-mode BatchNorm: a constant channel has batch mean = the constant and batch variance
   0, so its output is exactly `beta`. The kept channels run a compacted batch_norm; the
   pruned channels' running statistics get the update aten would make (mean towards the
-  constant, variance towards 0), all channels' in one write per buffer.
+  constant, variance towards 0). The buffers are written at the end of the graph, all by one
+  foreach multiply-add (and num_batches_tracked by one foreach add): one launch, not one each.
   `gamma` of a pruned channel is not read, so its gradient is zero, as in eager.
 * eval-mode BatchNorm, activations, pooling, flatten: the constant goes through the op.
 * residual adds (the union of the operands' channels), concat (offsets).
@@ -19,13 +20,15 @@ from the parameters (so autograd sees it). Carried across:
   and the weights get the gradients eager gives them. A linear head folds them likewise.
 * anything else reads its inputs at full width (constants materialised).
 
-Weights are gathered inside the graph from `mask * weight_orig`, so gradients reach
+Weights are sliced inside the graph from `mask * weight_orig`, so gradients reach
 `weight_orig` (zero on pruned rows) and optimizers keep the original parameters. Every such
-gather (conv weights, rows and columns at once, BatchNorm's parameters and buffers, the
-constants) is `gather.kept_slice`, whose backward gathers the compact gradient back by
-inverse positions instead of scattering it: one pointwise kernel with `grad * mask` under
-Inductor, where index_select's backward costs a fill and a scatter per dim. Masks are the
-only source of sparsity here; the runtime guard watches them and rebuilds when one changes.
+slice (conv weights, rows and columns at once, BatchNorm's parameters, the constants) is
+`gather.kept_slice`, or for a conv weight where Inductor writes Triton kernels
+`gather.kept_weight` (a scatter in the kernel that applies the mask); the backward of both
+gathers the compact gradient back by inverse positions instead of scattering it: one pointwise
+kernel with `grad * mask` under Inductor, where index_select's backward costs a fill and a
+scatter per dim. Masks are the only source of sparsity here; the runtime guard watches them
+and rebuilds when one changes.
 
 Each compacted dense conv runs as the option `lowering` says, as in inference: an aten conv
 ("aten"), the fused op `torch.ops.fxsparse.conv2d` as a plain conv (+ bias) where it runs
@@ -81,6 +84,8 @@ class TrainingLowering(Lowering):
                          cudagraphs=cudagraphs)
         self.stored: dict = {}  # captured node -> Stored (channel-carrying tensors only)
         self.kept_indices: dict = {}  # (ids, total, device) -> KeptIndex: one set of constants each
+        self.deferred_stats: dict = {}  # keep (1 - momentum) -> [(running buffer, update)]: written at the end
+        self.deferred_counters: dict = {}  # step -> [counter]: advanced at the end
 
     # -- layouts --------------------------------------------------------------------------
     def layout(self, old) -> Optional[Stored]:
@@ -182,6 +187,8 @@ class TrainingLowering(Lowering):
 
     # -- the walk -------------------------------------------------------------------------
     def emit_node(self, n: fx.Node) -> None:
+        if self.defer_counter_step(n):
+            return
         v = self.cap.views.get(n)
         kind = v.kind if v is not None else "unknown"
         handler = {"conv2d": self.emit_train_conv, "batch_norm": self.emit_train_bn,
@@ -208,6 +215,7 @@ class TrainingLowering(Lowering):
         return new
 
     def emit_output(self, n: fx.Node) -> None:
+        self.write_deferred_stats()
         self.graph.output(fx.node.map_arg(n.args[0], self.read_full))
 
     # -- convs ----------------------------------------------------------------------------
@@ -370,9 +378,10 @@ class TrainingLowering(Lowering):
         """Writes the running statistics of every channel as aten updates them:
         `(1 - momentum) * buffer + momentum * batch statistic`, where a pruned channel's batch
         mean is its constant and its unbiased batch variance 0. `mean_k`, `var_k`: the kept
-        channels' `momentum * batch statistic` (batch_norm's update of zeros). One pointwise
-        expression per buffer that reads the buffer only at the channel it writes, so Inductor
-        fuses both writes into one kernel that stores into the buffers themselves."""
+        channels' `momentum * batch statistic` (batch_norm's update of zeros). A buffer nothing
+        else in the graph reads is written at the end of the graph, with the others, by one
+        foreach multiply and add (one kernel for all BatchNorms, where each would be a launch);
+        any other is written here."""
         like = a["input"]
         k = self.kept_index(lin.kept, lin.channels, like)
         kept, positions = self.index(k.kept, like, "rows_kept"), self.index(k.positions, like, "rows_pos")
@@ -385,7 +394,34 @@ class TrainingLowering(Lowering):
             else:
                 pruned = 0.0
             update = self.call(torch.where, kept, self.call(torch.index_select, update_k, 0, positions), pruned)
-            self.graph.call_method("copy_", (buf, self.call(operator.add, self.call(operator.mul, buf, keep), update)))
+            if isinstance(keep, float) and len(a[key].users) == 1:
+                self.deferred_stats.setdefault(keep, []).append((buf, update))
+            else:
+                self.graph.call_method("copy_", (buf, self.call(operator.add, self.call(operator.mul, buf, keep), update)))
+
+    def defer_counter_step(self, n: fx.Node) -> bool:
+        """`counter.add_(k)` on a scalar integer input nothing else in the graph reads (BatchNorm's
+        num_batches_tracked): done at the end of the graph with the others, one foreach add for
+        all where each would be a launch."""
+        if not (n.op == "call_method" and n.target == "add_" and not n.users and len(n.args) == 2 and not n.kwargs):
+            return False
+        counter, step = n.args
+        value = counter.meta.get("example_value") if isinstance(counter, fx.Node) else None
+        if not (counter.op == "placeholder" and len(counter.users) == 1 and isinstance(step, int)
+                and isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point()):
+            return False
+        self.deferred_counters.setdefault(step, []).append(self.env[counter])
+        return True
+
+    def write_deferred_stats(self) -> None:
+        """`buffer = buffer * keep + update` for every deferred buffer, one foreach pair per keep;
+        `counter += step` for every deferred counter, one foreach add per step."""
+        for keep, pairs in self.deferred_stats.items():
+            bufs, updates = [b for b, _ in pairs], [u for _, u in pairs]
+            self.call(torch.ops.aten._foreach_mul_.Scalar, bufs, keep)
+            self.call(torch.ops.aten._foreach_add_.List, bufs, updates)
+        for step, counters in self.deferred_counters.items():
+            self.call(torch.ops.aten._foreach_add_.Scalar, counters, step)
 
     def eval_bn_constants(self, a: dict, lin: Stored) -> Optional[fx.Node]:
         """An eval-mode BatchNorm's value on the constant channels, by batch_norm itself on a
