@@ -144,18 +144,20 @@ def test_kept_index_rejects_repeated_indices():
 
 @settings(max_examples=40, deadline=None)
 @given(data=st.data(), shape=st.tuples(st.integers(1, 9), st.integers(1, 9), st.integers(1, 3), st.integers(1, 3)),
-       channels_last=st.booleans())
-def test_kept_weight_is_index_select(data, shape, channels_last):
-    """The scattered slice of a conv weight: values those of index_select on rows and columns
-    (any order of kept indices, either dim kept whole), laid out as asked, every element
-    written (its storage starts as NaN), and the gradient index_select's."""
+       channels_last=st.booleans(), weight_channels_last=st.booleans())
+def test_kept_weight_is_index_select(data, shape, channels_last, weight_channels_last):
+    """The scattered slice of a conv weight (itself in either layout): values those of
+    index_select on rows and columns (any order of kept indices, either dim kept whole), laid
+    out as asked, every element written (its storage starts as NaN), and the gradient
+    index_select's."""
     o, i = shape[:2]
     pick = lambda n: data.draw(st.none() | st.permutations(range(n)).flatmap(  # noqa: E731
         lambda p: st.integers(1, n).map(lambda k: p[:k])))
     rows, cols = pick(o), pick(i)
     if rows is None and cols is None:
         rows = list(range(o))
-    t = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    layout = torch.channels_last if weight_channels_last else torch.contiguous_format
+    t = torch.randn(shape, dtype=torch.float64).to(memory_format=layout).requires_grad_()
     r = None if rows is None else KeptIndex.of(torch.tensor(rows), o)
     c = None if cols is None else KeptIndex.of(torch.tensor(cols), i)
     n_rows, n_cols = len(rows) if rows else o, len(cols) if cols else i

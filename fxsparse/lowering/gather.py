@@ -111,7 +111,10 @@ class _KeptWeight(torch.autograd.Function):
         index = _scatter_index(t.shape, row_pos, row_kept, col_pos, col_kept, rows, cols, channels_last)
         kh, kw = t.shape[2:]
         flat = t.new_empty(rows * cols * kh * kw + _SCRATCH)
-        flat.index_put_((index.flatten(),), t.flatten())
+        # elements in t's memory order: the scatter then reads t where the kernel making t wrote
+        # it, and Inductor fuses the two (in another order it would not, and t.flatten() copies)
+        order = sorted(range(4), key=lambda d: -t.stride(d))
+        flat.index_put_((index.permute(order).reshape(-1),), t.permute(order).reshape(-1))
         kept = flat[: rows * cols * kh * kw]
         if channels_last:
             return kept.view(rows, kh, kw, cols).permute(0, 3, 1, 2)
