@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import models as M
 from models import fresh_dynamo  # noqa: F401
 
-from fxsparse.lowering.gather import KeptIndex, kept_slice, kept_weight
+from fxsparse.lowering.gather import KeptIndex, kept_rows, kept_slice, kept_weight
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
@@ -137,6 +137,23 @@ def test_kept_slice_is_index_select(rows, cols):
     torch.autograd.gradcheck(lambda t: kept_slice(t, *args), (t.detach().requires_grad_(),))
 
 
+def test_kept_rows_is_index_select_of_each():
+    """Several vectors sliced at once: values and gradients bit for bit those of index_select,
+    an unused slice gives no gradient, and an inf in a compact gradient stays on its entry."""
+    sizes, picks = (6, 4, 5), ([5, 1, 3], [0, 2, 1, 3], [4])
+    ts = [torch.randn(n, dtype=torch.float64, requires_grad=True) for n in sizes]
+    ks = [KeptIndex.of(torch.tensor(p), n) for p, n in zip(picks, sizes)]
+    got = kept_rows(*[x for t, k in zip(ts, ks) for x in (t, k.ids, k.positions, k.kept)])
+    want = [t.index_select(0, k.ids) for t, k in zip(ts, ks)]
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    grads = [torch.randn_like(g) for g in got[:2]]  # the third slice is not used
+    grads[0][1] = float("inf")
+    g_got = torch.autograd.grad(got[:2], ts, grads, allow_unused=True)
+    g_want = torch.autograd.grad(want[:2], ts, grads, allow_unused=True)
+    assert torch.equal(g_got[0], g_want[0]) and torch.equal(g_got[1], g_want[1])
+    assert g_got[2] is None and g_want[2] is None
+
+
 def test_kept_index_rejects_repeated_indices():
     with pytest.raises(ValueError, match="unique"):
         KeptIndex.of(torch.tensor([1, 1, 2]), 4)
@@ -190,8 +207,9 @@ def poisoned_empty():
         torch.Tensor.new_empty = original
 
 
-def gpu_forward_launches(model, shape, tmp_path) -> list:
-    """The launch lines of the forward Inductor generates for a GPU (counted on the CPU)."""
+def gpu_launches(model, shape, tmp_path, backward: bool = False) -> list:
+    """The launch lines of the forward (or backward) Inductor generates for a GPU (counted on
+    the CPU)."""
     from fxsparse.report.launches import _call_lines, captured_inductor_code, triton_codegen_without_gpu
 
     model.float().to(memory_format=torch.channels_last)  # as models train on the GPU
@@ -199,23 +217,34 @@ def gpu_forward_launches(model, shape, tmp_path) -> list:
     with triton_codegen_without_gpu(), captured_inductor_code(codes):
         compiled = torch.compile(model, backend="fxsparse", fullgraph=True, options={"dump_dir": str(tmp_path)})
         compiled(torch.randn(shape).to(memory_format=torch.channels_last)).sum().backward()
-    return [line.strip() for line in _call_lines(codes[0])]
+    return [line.strip() for line in _call_lines(codes[1 if backward else 0])]
 
 
 def test_statistics_and_counters_written_by_one_kernel_each(tmp_path):
     """Every BatchNorm's running statistics are written by one foreach kernel at the end of the
     forward, and every num_batches_tracked by another, not by a copy kernel each."""
     model, shape = masked_net()
-    launches = [line for line in gpu_forward_launches(model, shape, tmp_path) if ".run(" in line]
+    launches = [line for line in gpu_launches(model, shape, tmp_path) if ".run(" in line]
     assert len([line for line in launches if line.startswith("triton_for_fused")]) == 2, launches
     assert not [line for line in launches if "copy_" in line.split(".run(")[0]], launches
+
+
+def test_vector_gradients_expanded_by_one_kernel(tmp_path):
+    """The gamma and beta gradients of every BatchNorm (and the linear bias) are expanded to
+    full width by one foreach kernel in the backward (gather.kept_rows)."""
+    model, shape = masked_net()
+    launches = [line for line in gpu_launches(model, shape, tmp_path, backward=True) if ".run(" in line]
+    expansions = [line for line in launches if line.startswith("triton_for_fused")]
+    assert len(expansions) == 1, launches
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        assert bn.weight.grad is not None and bn.bias.grad is not None
 
 
 def test_weight_slice_fuses_with_the_mask_multiply(tmp_path):
     """In the code Inductor generates for a GPU, each compacted conv's weight is written by the
     kernel that multiplies by the prune mask: slicing a weight launches no kernel of its own."""
     model, shape = masked_net()
-    lines = gpu_forward_launches(model, shape, tmp_path)
+    lines = gpu_launches(model, shape, tmp_path)
     weights = [m.group(1) for m in (re.search(r"convolution\(\w+, (?:reinterpret_tensor\()?(\w+)", line)
                                     for line in lines) if m]
     writers = {w: [line for line in lines if ".run(" in line and re.search(rf"\b{w}\b", line)][0] for w in weights}

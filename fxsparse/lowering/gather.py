@@ -133,6 +133,36 @@ def kept_weight(t: torch.Tensor, row_pos=None, row_kept=None, col_pos=None, col_
     return _KeptWeight.apply(t, row_pos, row_kept, col_pos, col_kept, rows, cols, channels_last)
 
 
+class _KeptRows(torch.autograd.Function):
+    """Several vectors' kept entries at once; the backward expands every gradient in one
+    foreach op, which Inductor makes one kernel where each expansion would be a launch."""
+
+    @staticmethod
+    def forward(ctx, *flat):
+        groups = [flat[i:i + 4] for i in range(0, len(flat), 4)]  # (t, ids, pos, kept)
+        ctx.set_materialize_grads(False)  # a slice nothing used gives its vector no gradient
+        ctx.save_for_backward(*[x for g in groups for x in g[2:]])
+        return tuple(t.index_select(0, ids) for t, ids, _, _ in groups)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        index = [i for i, g in enumerate(grads) if g is not None]
+        fulls = [grads[i].index_select(0, saved[2 * i]).masked_fill(~saved[2 * i + 1], 0) for i in index]
+        # an exact identity, there to put the expansions in one foreach kernel
+        fulls = torch._foreach_mul(fulls, 1.0) if fulls else []
+        out = [None] * (4 * len(grads))
+        for i, full in zip(index, fulls):
+            out[4 * i] = full
+        return tuple(out)
+
+
+def kept_rows(*flat: torch.Tensor) -> tuple:
+    """For each (vector, ids, pos, kept) in `flat`: the vector's kept entries (KeptIndex:
+    `ids`, and its inverse `pos`, `kept`). Values and gradients are those of index_select."""
+    return _KeptRows.apply(*flat)
+
+
 def kept_slice(t: torch.Tensor, row_ids=None, row_pos=None, row_kept=None,
                col_ids=None, col_pos=None, col_kept=None) -> torch.Tensor:
     """`t` restricted to the kept rows (dim 0) and/or columns (dim 1): `ids` the kept

@@ -146,10 +146,14 @@ class Lowering:
             if n.op == "get_attr" and not hasattr(root, n.target):
                 setattr(root, n.target, getattr(self.cap.gm, n.target))
         self.drop_unused_weight_math(self.graph)  # before the module generates its code, once
+        self.finish_graph()
         gm = python_module(root, self.graph)
         keep_dynamo_metadata(self.cap.gm, gm)
         check_lowered(self.cap.gm, gm, self.constant_outputs)
         return gm
+
+    def finish_graph(self) -> None:
+        """Rewrites of the emitted graph as a whole, once every node is emitted (none here)."""
 
     @staticmethod
     def drop_unused_weight_math(graph: fx.Graph) -> None:

@@ -27,7 +27,9 @@ slice (conv weights, rows and columns at once, BatchNorm's parameters, the const
 `gather.kept_weight` (a scatter in the kernel that applies the mask); the backward of both
 gathers the compact gradient back by inverse positions instead of scattering it: one pointwise
 kernel with `grad * mask` under Inductor, where index_select's backward costs a fill and a
-scatter per dim. Masks are the only source of sparsity here; the runtime guard watches them
+scatter per dim. The trained vectors (BatchNorm's gamma and beta, biases) are then sliced
+together by one `gather.kept_rows`, whose backward expands all their gradients in one foreach
+kernel (finish_graph). Masks are the only source of sparsity here; the runtime guard watches them
 and rebuilds when one changes.
 
 Each compacted dense conv runs as the option `lowering` says, as in inference: an aten conv
@@ -53,7 +55,7 @@ from fxsparse.compaction.propagate import CONST_DTYPE, KeptChannels, Propagation
 from fxsparse.graph.capture import OpView
 from fxsparse.kernels.layout import constant_input_map, relayout, select_channels
 from fxsparse.lowering import choose
-from fxsparse.lowering.gather import KeptIndex, kept_slice, kept_weight
+from fxsparse.lowering.gather import KeptIndex, kept_rows, kept_slice, kept_weight
 from fxsparse.lowering.rewrite import Lowering
 from fxsparse.ops.conv2d import triton_interpreter_on
 from fxsparse.sparsity.read import ConvSparsity
@@ -398,6 +400,29 @@ class TrainingLowering(Lowering):
                 self.deferred_stats.setdefault(keep, []).append((buf, update))
             else:
                 self.graph.call_method("copy_", (buf, self.call(operator.add, self.call(operator.mul, buf, keep), update)))
+
+    def finish_graph(self) -> None:
+        """The kept entries of every trained vector (BatchNorm's gamma and beta, biases) in one
+        `kept_rows` call at the top of the graph: its backward expands all their gradients in
+        one kernel, where a slice each launches one each."""
+        slices = [n for n in self.graph.nodes if n.op == "call_function" and n.target is kept_slice
+                  and n.args[0].op == "placeholder" and all(a is None for a in n.args[4:])
+                  and n.args[0].meta["example_value"].dim() == 1 and n.args[0].meta["example_value"].requires_grad]
+        if len(slices) < 2:
+            return
+        top = next(n for n in self.graph.nodes if n.op != "placeholder")
+        for index in {a: None for n in slices for a in n.args[1:4]}:  # constants: no inputs
+            if index is not top:
+                top.prepend(index)
+        args = tuple(a for n in slices for a in n.args[:4])
+        anchor = max(args, key=list(self.graph.nodes).index)
+        with self.graph.inserting_after(anchor):
+            batch = self.call(kept_rows, *args)
+        for i, n in reversed(list(enumerate(slices))):
+            with self.graph.inserting_after(batch):
+                item = self.call(operator.getitem, batch, i)
+            n.replace_all_uses_with(item)
+            self.graph.erase_node(n)
 
     def defer_counter_step(self, n: fx.Node) -> bool:
         """`counter.add_(k)` on a scalar integer input nothing else in the graph reads (BatchNorm's
