@@ -44,13 +44,13 @@ COLUMNS = [("variant", "variant"), ("model", "model"), ("fw", "fw launches"), ("
            ("generated", "generated kernels"), ("scatters", "bw scatter kernels")]
 
 
-def masked_model(name: str, keep: float, image: int, device: str, channels_last: bool):
+def masked_model(name: str, keep: float, image: int, device: str, channels_last: bool, masks: str = "groups"):
     if name == "small_resnet":
         bm.IMAGE_SIZE["small_resnet"] = image
     else:
         bm.IMAGE_SIZE["torchvision"] = image
     torch.manual_seed(0)
-    model, _, _ = bm.masked_models(name, keep, torch.randn(1, *bm.build(name)[1]))
+    model, _, _ = bm.masked_models(name, keep, torch.randn(1, *bm.build(name)[1]), masks)
     model = model.to(device).train()
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
@@ -92,13 +92,15 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=DTYPES)
     p.add_argument("--variants", default="inductor,fxsparse")
+    p.add_argument("--masks", default="groups", choices=("groups", "ln"),
+                   help="consistent channel groups, or prune.ln_structured on every conv on its own")
     p.add_argument("--triton", action="store_true", help="on the CPU: count Inductor's Triton code generation")
     args = p.parse_args(argv)
     common.raise_dynamo_recompile_limit()
     torch._inductor.config.fx_graph_cache = False  # every graph generated, so metrics count it
     dtype = DTYPES[args.dtype]
     channels_last = args.device == "cuda" or args.triton  # as models train on the GPU
-    model = masked_model(args.model, args.keep, args.image_size, args.device, channels_last)
+    model = masked_model(args.model, args.keep, args.image_size, args.device, channels_last, args.masks)
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=args.device)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
@@ -108,7 +110,7 @@ def main(argv=None) -> None:
         rows = [dict(model=args.model, **count(model, v, x, y, dtype)) for v in args.variants.split(",")]
     codegen = " (Triton code generation)" if args.triton else ""
     print(f"\n{args.model} B={args.batch} {args.image_size}x{args.image_size} {args.device}{codegen} {args.dtype}, "
-          f"keep {args.keep}: launches per training step")
+          f"keep {args.keep}, {args.masks} masks: launches per training step")
     common.print_table(rows, COLUMNS)
 
 

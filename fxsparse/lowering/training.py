@@ -17,7 +17,10 @@ from the parameters (so autograd sees it). Carried across:
 * residual adds (the union of the operands' channels), concat (offsets).
 * the next conv: constant input channels become a bias (no padding) or a bias map (zero
   padding), computed in the graph from the constants and those weight columns, so `beta`
-  and the weights get the gradients eager gives them. A linear head folds them likewise.
+  and the weights get the gradients eager gives them. A linear head folds them likewise. A
+  bias that a train-mode BatchNorm subtracts again (the conv feeds only it) is left out of
+  the conv's output and moves only that BatchNorm's running mean: its gradient is zero (in
+  eager, rounding noise around zero).
 * anything else reads its inputs at full width (constants materialised).
 
 Weights are sliced inside the graph from `mask * weight_orig`, so gradients reach
@@ -88,6 +91,7 @@ class TrainingLowering(Lowering):
         self.kept_indices: dict = {}  # (ids, total, device) -> KeptIndex: one set of constants each
         self.deferred_stats: dict = {}  # keep (1 - momentum) -> [(running buffer, update)]: written at the end
         self.deferred_counters: dict = {}  # step -> [counter]: advanced at the end
+        self.shifts: dict = {}  # conv node -> per-channel constant its BatchNorm cancels (batch_norm_cancels)
 
     # -- layouts --------------------------------------------------------------------------
     def layout(self, old) -> Optional[Stored]:
@@ -257,7 +261,13 @@ class TrainingLowering(Lowering):
         else:
             y = self.call(torch.conv2d, x, w, bias, conv.stride, conv.padding, conv.dilation, 1)
         if len(const_cols):
-            y = self.call(torch.add, y, self.constant_input_term(conv, lin, const_cols, weight, kept_out, sp, x, y))
+            term = self.constant_input_term(conv, lin, const_cols, weight, kept_out, sp, x, y)
+            if conv.padding == (0, 0) and self.batch_norm_cancels(n):
+                # a per-channel constant the train-mode BatchNorm after the conv subtracts again:
+                # only that BatchNorm's running mean sees it (emit_train_bn)
+                self.shifts[n] = self.call(torch.Tensor.detach, term)
+            else:
+                y = self.call(torch.add, y, term)
         out_const = None if conv.bias is None else self.env[conv.bias]
         self.stored[n] = Stored(sp.out_channels, kept_out, out_const)
         self.env[n] = y
@@ -265,6 +275,13 @@ class TrainingLowering(Lowering):
         self.records[n] = self._record(sp, len(in_ids), len(kept_out), ideal_in, len(kept_out), lowering, None)
         self.records[n].choice = why
         return True
+
+    def batch_norm_cancels(self, n: fx.Node) -> bool:
+        """Whether `n` feeds only a train-mode BatchNorm, whose output no per-channel constant
+        added to `n` changes (it subtracts the batch mean)."""
+        users = list(n.users)
+        v = self.cap.views.get(users[0]) if len(users) == 1 else None
+        return v is not None and v.kind == "batch_norm" and v.args["input"] is n and v.args["training"] is True
 
     def conv_lowering(self, n, conv, in_channels: int, out_channels: int) -> tuple:
         """("triton" | "aten", why where it was measured) for a compacted dense conv reading
@@ -349,10 +366,12 @@ class TrainingLowering(Lowering):
     # -- BatchNorm ------------------------------------------------------------------------
     def emit_train_bn(self, n: fx.Node, v: OpView) -> bool:
         a = v.args
+        shift = self.shifts.pop(a["input"], None)
         lin = self.layout(a["input"])
-        if lin is None or lin.is_full or not isinstance(a["training"], bool):
-            return False
-        if any(a[k] is not None and not isinstance(a[k], fx.Node) for k in ("running_mean", "running_var", "weight", "bias")):
+        if lin is None or lin.is_full or not isinstance(a["training"], bool) or any(
+                a[k] is not None and not isinstance(a[k], fx.Node) for k in ("running_mean", "running_var", "weight", "bias")):
+            if shift is not None:  # the BatchNorm runs as it is: its input gets the constant back
+                self.env[a["input"]] = self.call(torch.add, self.env[a["input"]], shift)
             return False
         kept, like = lin.kept, a["input"]
         pick = lambda k: None if a[k] is None else self.rows(self.env[a[k]], kept, lin.channels, like)  # noqa: E731
@@ -368,7 +387,7 @@ class TrainingLowering(Lowering):
                       a["training"], self.scalar(a["momentum"]), self.scalar(a["eps"]))
         if a["training"]:
             if stats:
-                self.update_running_stats(a, lin, mean_k, var_k)
+                self.update_running_stats(a, lin, mean_k, var_k, shift)
             out_const = None if a["bias"] is None else self.env[a["bias"]]  # exactly beta
         else:
             out_const = self.eval_bn_constants(a, lin)
@@ -376,11 +395,14 @@ class TrainingLowering(Lowering):
         self.stored[n] = Stored(lin.channels, kept, out_const)
         return True
 
-    def update_running_stats(self, a: dict, lin: Stored, mean_k: fx.Node, var_k: fx.Node) -> None:
+    def update_running_stats(self, a: dict, lin: Stored, mean_k: fx.Node, var_k: fx.Node,
+                             shift: Optional[fx.Node] = None) -> None:
         """Writes the running statistics of every channel as aten updates them:
         `(1 - momentum) * buffer + momentum * batch statistic`, where a pruned channel's batch
         mean is its constant and its unbiased batch variance 0. `mean_k`, `var_k`: the kept
-        channels' `momentum * batch statistic` (batch_norm's update of zeros). A buffer nothing
+        channels' `momentum * batch statistic` (batch_norm's update of zeros); `shift`: a
+        per-channel constant left out of the BatchNorm's input, which moves its batch mean
+        (not its variance or output). A buffer nothing
         else in the graph reads is written at the end of the graph, with the others, by one
         foreach multiply and add (one kernel for all BatchNorms, where each would be a launch);
         any other is written here."""
@@ -389,6 +411,9 @@ class TrainingLowering(Lowering):
         kept, positions = self.index(k.kept, like, "rows_kept"), self.index(k.positions, like, "rows_pos")
         m = self.scalar(a["momentum"])
         keep = self.call(operator.sub, 1.0, m) if isinstance(m, fx.Node) else 1.0 - m
+        if shift is not None:
+            moved = self.call(torch.Tensor.type_as, self.call(torch.reshape, shift, (-1,)), mean_k)
+            mean_k = self.call(operator.add, mean_k, self.call(operator.mul, moved, m))
         for key, update_k, value in (("running_mean", mean_k, True), ("running_var", var_k, False)):
             buf = self.env[a[key]]
             if value and lin.const is not None:
