@@ -239,10 +239,11 @@ def test_every_channel_removed_training(case):
         got.square().sum().backward()
         want.square().sum().backward()
     grads = {k: p.grad for k, p in model.named_parameters()}
-    # training sums a constant channel's contribution in another order (a bias map): gradients
-    # that cancel to zero (into a train-mode BatchNorm) differ by fp32 rounding of the largest
-    # gradient of the model (in float64 they agree to 1e-12 of it)
-    atol = max(1e-4, 1e-5 * max(float(p.grad.abs().max()) for p in ref.parameters()))
+    # gradients that cancel to zero (into a train-mode BatchNorm) are rounding noise of the
+    # largest gradient of the model in eager, amplified by 1/sqrt(eps) where the BatchNorm's input
+    # channel is constant; the compacted graph sums them in another order, or leaves out a term
+    # that BatchNorm cancels, and gets zero (in float64 both agree to 1e-12 of the largest)
+    atol = max(1e-4, 2e-5 * max(float(p.grad.abs().max()) for p in ref.parameters()))
     for k, p in ref.named_parameters():
         torch.testing.assert_close(grads[k], p.grad, rtol=1e-4, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
     assert_state_equal(model, ref)
