@@ -32,8 +32,8 @@ gathers the compact gradient back by inverse positions instead of scattering it:
 kernel with `grad * mask` under Inductor, where index_select's backward costs a fill and a
 scatter per dim. The trained vectors (BatchNorm's gamma and beta, biases) are then sliced
 together by one `gather.kept_rows`, whose backward expands all their gradients in one foreach
-kernel (finish_graph). Masks are the only source of sparsity here; the runtime guard watches them
-and rebuilds when one changes.
+kernel (finish_graph). Masks are the only source of sparsity here; the runtime guard watches
+them and rebuilds when one changes.
 
 Each compacted dense conv runs as the option `lowering` says, as in inference: an aten conv
 ("aten"), the fused op `torch.ops.fxsparse.conv2d` as a plain conv (+ bias) where it runs
@@ -129,15 +129,16 @@ class TrainingLowering(Lowering):
         """`t`'s kept rows (dim 0) and/or columns (dim 1), each given as (ids, total); a dim
         kept whole in order is left as it is. The backward gathers too (gather.py), so Inductor
         fuses a parameter's gradient into one pointwise kernel."""
-        args = []
-        for picked, hint in ((rows, "rows"), (cols, "cols")):
-            if picked is None or torch.equal(picked[0], torch.arange(picked[1], device=picked[0].device)):
-                args += [None, None, None]
-                continue
-            k = self.kept_index(*picked, like)
-            args += [self.index(k.ids, like, f"{hint}_ids"), self.index(k.positions, like, f"{hint}_pos"),
-                     self.index(k.kept, like, f"{hint}_kept")]
+        args = self.slice_args(rows, like, "rows") + self.slice_args(cols, like, "cols")
         return t if all(a is None for a in args) else self.call(kept_slice, t, *args)
+
+    def slice_args(self, picked: Optional[tuple], like, hint: str, parts=("ids", "positions", "kept")) -> list:
+        """The KeptIndex constants `parts` of one dim given as (ids, total), or Nones where the
+        dim is kept whole in order (None too)."""
+        if picked is None or torch.equal(picked[0], torch.arange(picked[1], device=picked[0].device)):
+            return [None] * len(parts)
+        k = self.kept_index(*picked, like)
+        return [self.index(getattr(k, part), like, f"{hint}_{part}") for part in parts]
 
     def kept_weight(self, weight: fx.Node, conv, rows: tuple, cols: tuple, dtype) -> fx.Node:
         """A conv weight's kept rows and columns (each (ids, total)) in the conv's dtype. Where
@@ -150,13 +151,8 @@ class TrainingLowering(Lowering):
         if not triton_kernels(device):
             return self.cast(self.kept_slice(weight, conv.input, rows=rows, cols=cols), conv.weight, dtype)
         weight = self.cast(weight, conv.weight, dtype)
-        args = []
-        for ids, total in (rows, cols):
-            if torch.equal(ids, torch.arange(total, device=ids.device)):
-                args += [None, None]
-                continue
-            k = self.kept_index(ids, total, conv.input)
-            args += [self.index(k.positions, conv.input, "pos"), self.index(k.kept, conv.input, "kept")]
+        inverse = ("positions", "kept")
+        args = self.slice_args(rows, conv.input, "rows", inverse) + self.slice_args(cols, conv.input, "cols", inverse)
         if all(a is None for a in args):
             return weight
         layout = channels_last(conv.input.meta["example_value"]) or device.type == "cuda"
@@ -402,10 +398,9 @@ class TrainingLowering(Lowering):
         mean is its constant and its unbiased batch variance 0. `mean_k`, `var_k`: the kept
         channels' `momentum * batch statistic` (batch_norm's update of zeros); `shift`: a
         per-channel constant left out of the BatchNorm's input, which moves its batch mean
-        (not its variance or output). A buffer nothing
-        else in the graph reads is written at the end of the graph, with the others, by one
-        foreach multiply and add (one kernel for all BatchNorms, where each would be a launch);
-        any other is written here."""
+        (not its variance or output). A buffer nothing else in the graph reads is written at
+        the end of the graph, with the others, by one foreach multiply and add (one kernel for
+        all BatchNorms, where each would be a launch); any other is written here."""
         like = a["input"]
         k = self.kept_index(lin.kept, lin.channels, like)
         kept, positions = self.index(k.kept, like, "rows_kept"), self.index(k.positions, like, "rows_pos")
