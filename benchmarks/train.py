@@ -18,8 +18,8 @@ steps after warmup; CPU: median wall clock):
   eager / Inductor / fxsparse / TP Ind    the masked model eager, under Inductor, under fxsparse
                                           (option `lowering` = `--lowering`, default auto);
                                           Torch-Pruning's physical model under Inductor
-  Ind+cg / TP+cg                          the same under CUDA graphs (variants indcg, tpcg; fxsparse
-                                          runs training graphs without them)
+  Ind+cg / fx+cg / TP+cg                  the same under CUDA graphs (variants indcg, fxcg, tpcg:
+                                          mode "reduce-overhead", for fxsparse option cudagraphs=True)
   fx aten                                 variant `fxa`: fxsparse with lowering "aten" (every
                                           compacted conv on cuDNN), beside `fx`
   triton convs                            fxsparse's report: compacted convs run as the fused op / all
@@ -69,7 +69,7 @@ COLUMNS = [
     ("model", "model"), ("dtype", "dtype"), ("batch", "B"), ("macs_kept", "MACs kept"),
     ("lowering", "lowering"), ("triton_convs", "triton convs"),
     ("eager_ms", "eager ms"), ("ind_ms", "Inductor ms"), ("indcg_ms", "Ind+cg ms"), ("fxa_ms", "fx aten ms"),
-    ("fx_ms", "fxsparse ms"), ("tp_ms", "TP Ind ms"), ("tpcg_ms", "TP+cg ms"),
+    ("fx_ms", "fxsparse ms"), ("fxcg_ms", "fx+cg ms"), ("tp_ms", "TP Ind ms"), ("tpcg_ms", "TP+cg ms"),
     ("fx_vs_ind", "fx vs Ind"), ("fx_vs_tp", "fx vs TP"), ("fx_vs_fxa", "fx vs fx aten"),
     ("ind_compile_s", "Ind compile s"), ("fxa_compile_s", "fx aten compile s"), ("fx_compile_s", "fx compile s"),
     ("tp_compile_s", "TP compile s"),
@@ -79,7 +79,7 @@ COLUMNS = [
 ]
 FINETUNE_COLUMNS = [("what", "fine-tune"), ("ind_ms", "Inductor ms/step"), ("fx_ms", "fxsparse ms/step"),
                     ("fx_vs_ind", "fx vs Ind"), ("loss_err", "max |loss fx - loss Ind|")]
-VARIANTS = ("eager", "ind", "indcg", "fxa", "fx", "tp", "tpcg")
+VARIANTS = ("eager", "ind", "indcg", "fxa", "fx", "fxcg", "tp", "tpcg")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -299,7 +299,7 @@ def compiled(model: nn.Module, label: str, lowering: str = "auto"):
         return model
     graphs = label.endswith("cg")
     if label.startswith("fx"):
-        options = {"lowering": "aten" if label == "fxa" else lowering}
+        options = {"lowering": "aten" if label == "fxa" else lowering, **({"cudagraphs": True} if graphs else {})}
         return torch.compile(model, backend="fxsparse", dynamic=False, options=options)
     return torch.compile(model, dynamic=False, mode="reduce-overhead" if graphs else None)
 

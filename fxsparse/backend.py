@@ -9,7 +9,6 @@ through the `torch_dynamo_backends` entry point; `Options` lists what it takes.
 from __future__ import annotations
 
 import itertools
-import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -190,9 +189,9 @@ def _inductor(gm: fx.GraphModule, example_inputs: Sequence, opts: Options, cudag
     return fn, sum(launch_sites(codes[-1]).values()) + fxsparse_extra_launches(gm)
 
 
-def _cudagraphs_asked(opts: Options, example_inputs: Sequence, inference: bool) -> bool:
-    """Whether option `cudagraphs` (or `mode`) asks for CUDA graphs here; by default they are on
-    for CUDA inference with static shapes."""
+def _use_cudagraphs(opts: Options, example_inputs: Sequence, inference: bool) -> bool:
+    """Whether the graph runs under CUDA graphs: as option `cudagraphs` (or `mode`) asks; by
+    default on for CUDA inference with static shapes, off for training (as Inductor's default)."""
     if not _on_cuda(example_inputs):
         return False
     explicit = opts.cudagraphs if opts.cudagraphs is not None else opts.mode_wants_cudagraphs()
@@ -202,30 +201,15 @@ def _cudagraphs_asked(opts: Options, example_inputs: Sequence, inference: bool) 
     return inference and static
 
 
-# Training graphs are not graphed until a step-by-step check shows them exact: the one check of
-# a compacted ResNet-50 under CUDA graphs (fp16, H100) ended far from eager's parameters.
-TRAINING_WITHOUT_CUDAGRAPHS = ("CUDA graphs asked for but not used: fxsparse runs training graphs without them "
-                               "until their exactness is established (a check under them did not match eager)")
-
-
-def _use_cudagraphs(opts: Options, example_inputs: Sequence, inference: bool) -> bool:
-    return inference and _cudagraphs_asked(opts, example_inputs, inference)
-
-
 def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, opts: Options):
     index = next(_graph_counter)
     inference = is_inference(example_inputs)
     cudagraphs = _use_cudagraphs(opts, example_inputs, inference)
-    refused = not cudagraphs and _cudagraphs_asked(opts, example_inputs, inference)
-    if refused:
-        warnings.warn(f"fxsparse: {TRAINING_WITHOUT_CUDAGRAPHS}", stacklevel=2)
     report = current_report(opts.dump_dir)
 
     def build(inputs: Sequence, compile_inputs: Optional[Sequence] = None):
         """`compile_inputs`: what Inductor compiles with, where `inputs` are not (fake inputs)."""
         rw = rewrite(gm, inputs, opts, index, cudagraphs)
-        if refused:
-            rw.report.notes.append(TRAINING_WITHOUT_CUDAGRAPHS)
         if opts.dump_dir:
             write_dumps(opts.dump_dir, index, gm, rw.gm, inputs)
         if opts.inductor:

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from fxsparse import backend
-from fxsparse.backend import TRAINING_WITHOUT_CUDAGRAPHS, _use_cudagraphs
+from fxsparse.backend import _use_cudagraphs
 from fxsparse.options import MODES, Options
 
 
@@ -48,30 +48,12 @@ def test_cudagraphs_never_chosen_without_a_gpu_even_when_asked():
 
 
 @pytest.mark.parametrize("options,mode", [({"cudagraphs": True}, None), (None, "reduce-overhead")])
-def test_training_graphs_are_never_graphed_even_when_asked(options, mode, monkeypatch):
+def test_training_graphs_are_graphed_when_asked_and_only_then(options, mode, monkeypatch):
     monkeypatch.setattr(backend, "_on_cuda", lambda inputs, floating_only=False: True)
-    opts = Options.parse(options, mode=mode)
     inputs = [torch.randn(2, 3, 8, 8)]
-    assert _use_cudagraphs(opts, inputs, inference=True)
-    assert not _use_cudagraphs(opts, inputs, inference=False)
-
-
-def test_a_refused_cudagraphs_request_is_reported_and_warned(monkeypatch):
-    """(CPU stand-in: the request is made to look granted-but-refused as it is on CUDA)"""
-    from torch.nn.utils import prune
-
-    torch._dynamo.reset()
-    monkeypatch.setattr(backend, "_cudagraphs_asked", lambda opts, inputs, inference: not inference)
-    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)).train()
-    prune.ln_structured(m[0], "weight", 0.5, n=1, dim=0)
-    report = backend.current_report(None)
-    start = len(report.graphs)
-    c = torch.compile(m, backend="fxsparse", options={"cudagraphs": True})
-    with pytest.warns(UserWarning, match="training graphs without them"):
-        out = c(torch.randn(2, 3, 8, 8))
-    out.sum().backward()
-    notes = [n for g in report.graphs[start:] for n in g.notes]
-    assert TRAINING_WITHOUT_CUDAGRAPHS in notes
+    assert _use_cudagraphs(Options.parse(options, mode=mode), inputs, inference=False)
+    assert _use_cudagraphs(Options.parse(None), inputs, inference=True)
+    assert not _use_cudagraphs(Options.parse(None), inputs, inference=False)
 
 
 def test_cudagraphs_explicit_false_beats_the_mode():

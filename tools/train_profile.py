@@ -7,8 +7,8 @@ bound by the host launching kernels), and the kernels that take the most time.
     PYTHONPATH=. python tools/train_profile.py --model resnet50 --dtype fp16 --variants ind,fx,tp,indcg
 
 Variants: ind (Inductor on the masked model), fx (fxsparse), tp (Torch-Pruning's physically
-pruned model under Inductor); indcg and tpcg: Inductor's under CUDA graphs (mode
-"reduce-overhead"; fxsparse runs training graphs without them). Then each variant's host ops
+pruned model under Inductor); indcg, fxcg and tpcg: the same under CUDA graphs (mode
+"reduce-overhead"; fxsparse's option cudagraphs=True). Then each variant's host ops
 by self time: where a step bound by launching kernels spends its host time.
 """
 from __future__ import annotations
