@@ -299,7 +299,7 @@ def compiled(model: nn.Module, label: str, lowering: str = "auto"):
         return model
     graphs = label.endswith("cg")
     if label.startswith("fx"):
-        options = {"lowering": "aten" if label == "fxa" else lowering, **({"cudagraphs": True} if graphs else {})}
+        options = {"lowering": "aten" if label == "fxa" else lowering, "cudagraphs": True if graphs else None}
         return torch.compile(model, backend="fxsparse", dynamic=False, options=options)
     return torch.compile(model, dynamic=False, mode="reduce-overhead" if graphs else None)
 
