@@ -50,9 +50,12 @@ def masked_model(name: str, keep: float, image: int, device: str, channels_last:
     else:
         bm.IMAGE_SIZE["torchvision"] = image
     torch.manual_seed(0)
-    model, _, _ = bm.masked_models(name, keep, torch.randn(1, *bm.build(name)[1]), masks)
-    model = model.to(device).train()
-    return model.to(memory_format=torch.channels_last) if channels_last else model
+    model, physical, _ = bm.masked_models(name, keep, torch.randn(1, *bm.build(name)[1]), masks)
+
+    def place(m):
+        m = m.to(device).train()
+        return m.to(memory_format=torch.channels_last) if channels_last else m
+    return place(model), None if physical is None else place(physical)
 
 
 def scatter_kernels(code: str) -> int:
@@ -91,7 +94,8 @@ def main(argv=None) -> None:
     p.add_argument("--image-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=DTYPES)
-    p.add_argument("--variants", default="inductor,fxsparse")
+    p.add_argument("--variants", default="inductor,fxsparse",
+                   help="inductor, fxsparse (the masked model), tp (Torch-Pruning's physically pruned model, Inductor)")
     p.add_argument("--masks", default="groups", choices=("groups", "ln"),
                    help="consistent channel groups, or prune.ln_structured on every conv on its own")
     p.add_argument("--triton", action="store_true", help="on the CPU: count Inductor's Triton code generation")
@@ -100,14 +104,15 @@ def main(argv=None) -> None:
     torch._inductor.config.fx_graph_cache = False  # every graph generated, so metrics count it
     dtype = DTYPES[args.dtype]
     channels_last = args.device == "cuda" or args.triton  # as models train on the GPU
-    model = masked_model(args.model, args.keep, args.image_size, args.device, channels_last, args.masks)
+    model, physical = masked_model(args.model, args.keep, args.image_size, args.device, channels_last, args.masks)
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=args.device)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     classes = bm.classifier(model).out_features
     y = torch.randint(0, classes, (args.batch,), device=args.device)
     with triton_codegen_without_gpu() if args.triton else nullcontext():
-        rows = [dict(model=args.model, **count(model, v, x, y, dtype)) for v in args.variants.split(",")]
+        rows = [dict(model=args.model, **count(physical if v == "tp" else model, v, x, y, dtype))
+                for v in args.variants.split(",") if v != "tp" or physical is not None]
     codegen = " (Triton code generation)" if args.triton else ""
     print(f"\n{args.model} B={args.batch} {args.image_size}x{args.image_size} {args.device}{codegen} {args.dtype}, "
           f"keep {args.keep}, {args.masks} masks: launches per training step")
