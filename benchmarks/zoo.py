@@ -11,10 +11,12 @@ channels_last, B in `--batch`:
     Ind graph / plain   Inductor on the masked model, the better of default and freezing
     fx graph / plain    fxsparse (cudagraphs off: kernel time from a CUDA-graph replay of the
                         call, and the plain call)
-    TP graph            Torch-Pruning's physically pruned model under Inductor freezing
-    fx/Ind, fx/TP       speed ratios of the graph (kernel) times
-    err                 max |fxsparse - eager masked|; TP err: the physical model's (it drops
-                        the constants pruned channels carry through BatchNorm)
+    physical graph      the physically smaller model under Inductor freezing: Torch-Pruning's
+                        where it handles the model, else fxsparse.compact's (exact)
+    fx/Ind, fx/physical speed ratios of the graph (kernel) times
+    err                 max |fxsparse - eager masked|; physical err: the physical model's
+                        (Torch-Pruning's drops the constants pruned channels carry through
+                        BatchNorm; fxsparse.compact's folds them)
     compile s           first call of fxsparse and of Inductor (default)
     MACs / ideal        the report's macs_after / macs_ideal (convs)
 
@@ -54,8 +56,8 @@ COLUMNS = [
     ("model", "model"), ("batch", "B"), ("masks", "masks"), ("macs_kept", "MACs kept"),
     ("macs_vs_ideal", "MACs / ideal"),
     ("ind_graph", "Ind graph"), ("ind_plain", "Ind plain"), ("fx_graph", "fx graph"), ("fx_plain", "fx plain"),
-    ("tp_graph", "TP graph"), ("speedup_graph", "fx/Ind"), ("vs_tp", "fx/TP"),
-    ("fx_err", "fx err"), ("tp_err", "TP err"), ("ind_compile_s", "Ind compile s"), ("fx_compile_s", "fx compile s"),
+    ("physical", "physical model"), ("tp_graph", "physical graph"), ("speedup_graph", "fx/Ind"), ("vs_tp", "fx/physical"),
+    ("fx_err", "fx err"), ("tp_err", "physical err"), ("ind_compile_s", "Ind compile s"), ("fx_compile_s", "fx compile s"),
 ]
 CPU_COLUMNS = [("model", "model"), ("batch", "B"), ("macs_kept", "MACs kept"), ("macs_vs_ideal", "MACs / ideal"),
                ("eager_plain", "eager ms"), ("fx_plain", "fxsparse ms"), ("fx_err", "fx err"),
@@ -157,10 +159,13 @@ def first_output(out):
 def gpu_row(name: str, keep: float, batch: int, image: int) -> dict:
     masked, pruned, how = masked_models(name, keep, image)
     _, shape = build(name, image)
+    row = {"model": name, "batch": batch, "masks": how, "physical": "torch-pruning"}
+    if pruned is None:  # the exact physically smaller model instead
+        pruned = fxsparse.compact(copy.deepcopy(masked), torch.randn(1, *shape))
+        row["physical"] = "fxsparse.compact"
     to_gpu = lambda m: m.to("cuda", torch.float16).to(memory_format=torch.channels_last)  # noqa: E731
     masked = to_gpu(masked)
     x = torch.randn(batch, *shape, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
-    row = {"model": name, "batch": batch, "masks": how}
     errors: dict = {}
     wrap = lambda m: (lambda t: first_output(m(t)))  # noqa: E731
     with torch.no_grad():
@@ -175,10 +180,9 @@ def gpu_row(name: str, keep: float, batch: int, image: int) -> dict:
         fxsparse.report.current_report(None).graphs.clear()
         M.measure("fx", wrap(fx), x, ref, row, True, True, errors)
         report_macs(row)
-        if pruned is not None:
-            pruned = to_gpu(pruned)
-            M.measure("tp", wrap(M.compile_inductor(pruned, freezing=True)), x, None, row, True, False, errors)
-            row["tp_err"] = common.max_abs_err(first_output(pruned(x)), ref)
+        pruned = to_gpu(pruned)
+        M.measure("tp", wrap(M.compile_inductor(pruned, freezing=True)), x, None, row, True, False, errors)
+        row["tp_err"] = common.max_abs_err(first_output(pruned(x)), ref)
     row["speedup_graph"] = common.ratio(row.get("ind_graph"), row.get("fx_graph"))
     row["vs_tp"] = common.ratio(row.get("tp_graph"), row.get("fx_graph"))
     row["errors"] = errors
