@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/zoo.py --models resnet50,resnext50_32x4d,convnext_tiny --batch 32,1
     PYTHONPATH=. python benchmarks/zoo.py --quick        # two small replicas on the CPU (CI smoke test)
+    PYTHONPATH=. python benchmarks/zoo.py --cpu --masks ln --models shufflenet_v2_x1_0 --batch 8 --image-size 128
 
 Per model, at `--keep` (0.5) of every prunable channel group: the masked model (prune masks on
 conv and channel-dim linear weights, the groups of Torch-Pruning's MagnitudePruner where
@@ -19,6 +20,10 @@ channels_last, B in `--batch`:
                         BatchNorm; fxsparse.compact's folds them)
     compile s           first call of fxsparse and of Inductor (default)
     MACs / ideal        the report's macs_after / macs_ideal (convs)
+
+`--cpu` runs the full models on the CPU (fp32, one thread) and times Inductor against fxsparse
+(each with its defaults, in alternating rounds); `--masks ln` prunes every dense conv and
+channel-dim linear on its own with `prune.ln_structured` instead of by groups.
 
 `--budget-s` stops starting models once that many seconds have passed (the rest are listed as
 skipped), so that a run fits a time-limited machine: split the models over several calls.
@@ -59,9 +64,10 @@ COLUMNS = [
     ("physical", "physical model"), ("tp_graph", "physical graph"), ("speedup_graph", "fx/Ind"), ("vs_tp", "fx/physical"),
     ("fx_err", "fx err"), ("tp_err", "physical err"), ("ind_compile_s", "Ind compile s"), ("fx_compile_s", "fx compile s"),
 ]
-CPU_COLUMNS = [("model", "model"), ("batch", "B"), ("macs_kept", "MACs kept"), ("macs_vs_ideal", "MACs / ideal"),
-               ("eager_plain", "eager ms"), ("fx_plain", "fxsparse ms"), ("fx_err", "fx err"),
-               ("fx_compile_s", "fx compile s")]
+CPU_COLUMNS = [("model", "model"), ("batch", "B"), ("masks", "masks"), ("macs_kept", "MACs kept"),
+               ("macs_vs_ideal", "MACs / ideal"), ("eager_plain", "eager ms"), ("ind_plain", "Inductor ms"),
+               ("fx_plain", "fxsparse ms"), ("speedup_plain", "fx/Ind"), ("fx_err", "fx err"),
+               ("ind_compile_s", "Ind compile s"), ("fx_compile_s", "fx compile s")]
 
 
 def build(name: str, image: int) -> tuple:
@@ -139,6 +145,21 @@ def masked_models(name: str, keep: float, image: int) -> tuple:
         return model, None, "fxsparse groups"
 
 
+def ln_masked_model(name: str, keep: float, image: int) -> tuple:
+    """(model with `prune.ln_structured` on every dense conv and channel-dim linear on its own
+    (L1 over output channels; the classifier kept), None, "ln per layer"): masks that disagree
+    across adds and concats."""
+    from torch.nn.utils import prune
+
+    model, _ = build(name, image)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)][:-1]
+    for m in model.modules():
+        dense_conv = isinstance(m, nn.Conv2d) and m.groups == 1 and m.out_channels > 8
+        if dense_conv or any(m is lin for lin in linears):
+            prune.ln_structured(m, "weight", 1.0 - keep, 1, 0)
+    return model, None, "ln per layer"
+
+
 def report_macs(row: dict) -> None:
     rep = fxsparse.report.current_report(None).graphs
     before, after, ideal = (sum(getattr(g, k) for g in rep) for k in ("macs_before", "macs_after", "macs_ideal"))
@@ -189,21 +210,32 @@ def gpu_row(name: str, keep: float, batch: int, image: int) -> dict:
     return row
 
 
-def cpu_row(name: str, keep: float, batch: int) -> dict:
-    masked, _, how = masked_models(name, keep, 0)
-    _, shape = build(name, 0)
+def cpu_row(name: str, keep: float, batch: int, image: int, masks: str, quick: bool) -> dict:
+    """On the CPU: the small replicas (quick: eager against fxsparse without Inductor, a smoke
+    test) or the full models (Inductor against fxsparse, each with its defaults), wall-clock."""
+    image = 0 if quick else image
+    masked, _, how = ln_masked_model(name, keep, image) if masks == "ln" else masked_models(name, keep, image)
+    _, shape = build(name, image)
     x = torch.randn(batch, *shape)
     row = {"model": name, "batch": batch, "masks": how}
     with torch.no_grad():
         ref = first_output(masked(x))
         row["eager_plain"] = common.time_cpu(lambda: masked(x))
         torch._dynamo.reset()
+        if not quick:
+            ind = torch.compile(copy.deepcopy(masked))
+            _, row["ind_compile_s"] = M.first_call(ind, x)
         fxsparse.report.current_report(None).graphs.clear()
-        fx = torch.compile(copy.deepcopy(masked), backend="fxsparse", options={"inductor": False})
+        fx = torch.compile(copy.deepcopy(masked), backend="fxsparse", options={"inductor": False} if quick else None)
         out, row["fx_compile_s"] = M.first_call(fx, x)
         row["fx_err"] = common.max_abs_err(first_output(out), ref)
-        row["fx_plain"] = common.time_cpu(lambda: fx(x))
         report_macs(row)
+        if quick:
+            row["fx_plain"] = common.time_cpu(lambda: fx(x))
+        else:  # in alternating rounds: the machine's load falls on both alike
+            rounds = [(common.time_cpu(lambda: ind(x)), common.time_cpu(lambda: fx(x))) for _ in range(3)]
+            row["ind_plain"], row["fx_plain"] = (sorted(r[i] for r in rounds)[1] for i in (0, 1))
+            row["speedup_plain"] = common.ratio(row["ind_plain"], row["fx_plain"])
     return row
 
 
@@ -215,13 +247,21 @@ def main(argv: Optional[list] = None) -> None:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--budget-s", type=float, default=540, help="start no model after this many seconds")
     p.add_argument("--quick", action="store_true", help="small replicas on the CPU (CI)")
+    p.add_argument("--cpu", action="store_true", help="the full models on the CPU, Inductor beside fxsparse")
+    p.add_argument("--masks", default="groups", choices=("groups", "ln"),
+                   help="channel groups (Torch-Pruning's, else fxsparse.sparsify's), or prune.ln_structured on "
+                        "every dense conv and channel-dim linear on its own")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     common.raise_dynamo_recompile_limit()
     torch.backends.cudnn.benchmark = True
-    on_gpu = torch.cuda.is_available() and not args.quick
+    on_gpu = torch.cuda.is_available() and not (args.quick or args.cpu)
+    if not on_gpu and not args.quick:
+        torch.set_num_threads(1)
     names = QUICK if args.quick else args.models.split(",")
     batches = [2] if args.quick else [int(b) for b in args.batch.split(",")]
+    if on_gpu and args.masks != "groups":
+        p.error("--masks ln: on the CPU only (--cpu)")
     rows, skipped = [], []
     start = time.perf_counter()
     for name in names:
@@ -230,7 +270,8 @@ def main(argv: Optional[list] = None) -> None:
                 skipped.append(f"{name} B={batch}")
                 continue
             try:
-                row = gpu_row(name, args.keep, batch, args.image_size) if on_gpu else cpu_row(name, args.keep, batch)
+                row = gpu_row(name, args.keep, batch, args.image_size) if on_gpu else \
+                    cpu_row(name, args.keep, batch, args.image_size, args.masks, args.quick)
             except Exception as e:  # noqa: BLE001 - one model's failure is a row, not the end of the run
                 row = {"model": name, "batch": batch, "errors": {"run": f"{type(e).__name__}: {str(e)[:300]}"}}
             rows.append(row)
@@ -246,7 +287,7 @@ def main(argv: Optional[list] = None) -> None:
     if skipped:
         print("skipped (time budget):", ", ".join(skipped))
     print(f"\n{env['device']} | torch {env['torch']} | triton {env['triton']} | keep {args.keep} | "
-          f"{'fp16 channels_last, ms' if on_gpu else 'fp32 CPU wall-clock, ms'}")
+          f"{'fp16 channels_last, ms' if on_gpu else 'fp32 CPU wall-clock, ms' + ('' if args.quick else ', one thread')}")
     common.print_table(rows, COLUMNS if on_gpu else CPU_COLUMNS)
 
 
