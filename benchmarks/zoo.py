@@ -74,12 +74,12 @@ def build(name: str, image: int) -> tuple:
     """(model in eval mode with trained-looking norms, input shape without the batch)."""
     import zoo_models as Z
 
-    if name == "yolo" and image:  # a YOLOv8s-sized detector (widths 64..256 at the backbone's end)
-        torch.manual_seed(0)
-        return Z.randomize(Z.YoloDetector(w=64, outputs=144)).eval(), (3, 320, 320)
-    if name in Z.FAMILIES:  # the small replicas (--quick)
+    if not image:  # the small replicas (--quick); their names overlap torchvision's
         model, shape = Z.build(name)
         return model, tuple(shape[1:])
+    if name == "yolo":  # a YOLOv8s-sized detector (widths 64..256 at the backbone's end)
+        torch.manual_seed(0)
+        return Z.randomize(Z.YoloDetector(w=64, outputs=144)).eval(), (3, image, image)
     import torchvision
 
     torch.manual_seed(0)
