@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
 import sys
 import time
 from typing import Optional
@@ -233,8 +234,8 @@ def cpu_row(name: str, keep: float, batch: int, image: int, masks: str, quick: b
         if quick:
             row["fx_plain"] = common.time_cpu(lambda: fx(x))
         else:  # in alternating rounds: the machine's load falls on both alike
-            rounds = [(common.time_cpu(lambda: ind(x)), common.time_cpu(lambda: fx(x))) for _ in range(3)]
-            row["ind_plain"], row["fx_plain"] = (sorted(r[i] for r in rounds)[1] for i in (0, 1))
+            ind_ms, fx_ms = zip(*[(common.time_cpu(lambda: ind(x)), common.time_cpu(lambda: fx(x))) for _ in range(3)])
+            row["ind_plain"], row["fx_plain"] = statistics.median(ind_ms), statistics.median(fx_ms)
             row["speedup_plain"] = common.ratio(row["ind_plain"], row["fx_plain"])
     return row
 
