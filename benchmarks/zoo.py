@@ -9,9 +9,10 @@ conv and channel-dim linear weights, the groups of Torch-Pruning's MagnitudePrun
 torch_pruning imports and handles the model, else `fxsparse.sparsify`'s groups), fp16
 channels_last, B in `--batch`:
 
-    Ind graph / plain   Inductor on the masked model, the better of default and freezing
-    fx graph / plain    fxsparse (cudagraphs off: kernel time from a CUDA-graph replay of the
-                        call, and the plain call)
+    Ind graph / plain   Inductor on the masked model, the best of default, freezing and (plain
+                        call only) freezing + CUDA graphs (mode "reduce-overhead")
+    fx graph            fxsparse built with cudagraphs=False, its call replayed in a CUDA graph
+    fx plain            fxsparse with its defaults (CUDA graphs on), called as users call it
     physical graph      the physically smaller model under Inductor freezing: Torch-Pruning's
                         where it handles the model, else fxsparse.compact's (exact)
     fx/Ind, fx/physical speed ratios of the graph (kernel) times
@@ -192,16 +193,22 @@ def gpu_row(name: str, keep: float, batch: int, image: int) -> dict:
     wrap = lambda m: (lambda t: first_output(m(t)))  # noqa: E731
     with torch.no_grad():
         ref = first_output(masked(x))
-        M.measure("ind", wrap(M.compile_inductor(copy.deepcopy(masked))), x, ref, row, True, True, errors)
-        frz = {}
-        M.measure("frz", wrap(M.compile_inductor(copy.deepcopy(masked), freezing=True)), x, ref, frz, True, True, errors)
-        for k in ("graph", "plain"):  # Inductor's better setting
-            if frz.get(f"frz_{k}") is not None and (row.get(f"ind_{k}") is None or frz[f"frz_{k}"] < row[f"ind_{k}"]):
-                row[f"ind_{k}"] = frz[f"frz_{k}"]
+        settings = {"ind": {}, "frz": {"freezing": True}, "frzcg": {"freezing": True, "cudagraphs": True}}
+        for label, kw in settings.items():  # Inductor's best: default, freezing, freezing + CUDA graphs
+            M.measure(label, wrap(M.compile_inductor(copy.deepcopy(masked), **kw)), x, ref, row, label != "frzcg",
+                      True, errors)
+        for k in ("graph", "plain"):
+            times = [row.pop(f"{label}_{k}", None) for label in settings]
+            row[f"ind_{k}"] = min((t for t in times if t is not None), default=None)
+        # fxsparse as users call it (its defaults: CUDA graphs on) for the plain call; its kernel
+        # time from the build without CUDA graphs, replayed in one
         fx, _ = M.fxsparse_compiled(copy.deepcopy(masked), {"cudagraphs": False})
         fxsparse.report.current_report(None).graphs.clear()
-        M.measure("fx", wrap(fx), x, ref, row, True, True, errors)
+        M.measure("fx", wrap(fx), x, ref, row, True, False, errors)
         report_macs(row)
+        fxcg, _ = M.fxsparse_compiled(copy.deepcopy(masked), {})
+        M.measure("fxcg", wrap(fxcg), x, ref, row, False, True, errors)
+        row["fx_plain"] = row.pop("fxcg_plain", None)
         pruned = to_gpu(pruned)
         M.measure("tp", wrap(M.compile_inductor(pruned, freezing=True)), x, None, row, True, False, errors)
         row["tp_err"] = common.max_abs_err(first_output(pruned(x)), ref)

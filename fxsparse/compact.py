@@ -255,13 +255,21 @@ def _trace_and_build(model, inputs: tuple, opts: Options, dynamic_batch: bool, e
     except torch._dynamo.exc.BackendCompilerFailed as e:
         raise (e.inner_exception if isinstance(e.inner_exception, (CompactError, ValueError)) else e) from e
     finally:
-        with contextlib.suppress(Exception):
-            from torch._C._dynamo.eval_frame import reset_code
-
-            reset_code(code)
+        # dynamo marks code first run inside a backend (the built module's forward ran there, in
+        # the exactness check) as never to compile: a user's torch.compile of the module would
+        # silently run it eagerly
+        _forget_dynamo_state([code] + [type(m).forward.__code__ for m in built])
     if len(built) != 1:
         raise CompactError(f"fxsparse.compact: expected one graph of the forward, dynamo produced {len(built)}")
     return built[0]
+
+
+def _forget_dynamo_state(codes: Sequence) -> None:
+    with contextlib.suppress(Exception):
+        from torch._C._dynamo.eval_frame import reset_code
+
+        for code in codes:
+            reset_code(code)
 
 
 # -- the standalone module -----------------------------------------------------------------

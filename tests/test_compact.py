@@ -161,6 +161,28 @@ def test_under_inductor_freezing():
     assert compact_size(small) < 0.4 * dense_size(model)
 
 
+def test_torch_compile_compiles_it():
+    """torch.compile of the compact module traces it (its forward first ran inside compact's own
+    dynamo backend, which dynamo would otherwise remember as code never to compile) and computes
+    the same values."""
+    model, x = small_resnet(0.5)
+    small = fxsparse.compact(model, x)
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(small, backend=counting)
+    y = fresh(x.shape, 7)
+    with torch.no_grad():
+        want = model(y)
+        torch.testing.assert_close(compiled(y), want, rtol=0, atol=1e-5 * max(1.0, float(want.abs().max())))
+    assert len(graphs) == 1
+    assert any(n.target is torch.conv2d for n in graphs[0].graph.nodes)
+
+
 def test_owns_its_tensors():
     """No tensor of the compact module shares storage with the model: changing or deleting
     the model afterwards changes nothing."""
