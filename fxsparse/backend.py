@@ -27,6 +27,7 @@ from fxsparse.options import Options
 from fxsparse.report import GraphReport, current_report, log_graph, write_dumps
 from fxsparse.report.launches import captured_inductor_code, fxsparse_extra_launches, launch_sites
 from fxsparse.runtime import GuardedGraph, ValueGuard
+from fxsparse.runtime.param_outputs import ParamOutputs, with_param_output_grads
 from fxsparse.sparsity.read import evaluate, param_only, placeholder_deps, read_all
 
 _graph_counter = itertools.count()
@@ -41,6 +42,7 @@ class Rewrite:
     counters: list = field(default_factory=list)  # tensors watched in place of BatchNorm statistics
     frozen: list = field(default_factory=list)  # tensors the graph holds as attributes (see frozen_tensors)
     by_value: list = field(default_factory=list)  # positions of read inputs guarded by value (made anew per call)
+    param_outputs: Optional[ParamOutputs] = None  # training: outputs handed out detached (runtime/param_outputs.py)
 
 
 def is_inference(example_inputs: Sequence) -> bool:
@@ -89,8 +91,11 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence, opts: Options, index: 
     if inference or not propagating:
         prop = propagate(cap, sparsity, enabled=enabled, storage=channel_storage(opts, example_inputs))
         new_gm, records, constant_outputs = lower(prop, sparsity, lowering, inference, cudagraphs)
+        param_outputs = None
     else:  # training: kept channels carried across the graph, constants as graph values
-        (new_gm, records), constant_outputs, prop = lower_training(cap, sparsity, lowering, cudagraphs), {}, None
+        new_gm, records, detached = lower_training(cap, sparsity, lowering, cudagraphs)
+        constant_outputs, prop = {}, None
+        param_outputs = ParamOutputs.of(detached, gm.graph, gm)
     report = GraphReport(index, "inference" if inference else "training", lowering, enabled,
                          [records[n] for n in gm.graph.nodes if n in records])
     if opts.propagate and not propagating:
@@ -108,7 +113,8 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence, opts: Options, index: 
     depends_on = [i for i in read if i not in by_value]
     # (attributes: under freezing every statistic is one, and the guard watches them all)
     counters = batchnorm_counters([placeholders[i] for i in depends_on] + gm.graph.find_nodes(op="get_attr"), report)
-    return Rewrite(new_gm, report, depends_on, constant_outputs, counters, frozen_tensors(gm), by_value)
+    return Rewrite(new_gm, report, depends_on, constant_outputs, counters, frozen_tensors(gm), by_value,
+                   param_outputs)
 
 
 def wrapped_scalar(p: fx.Node) -> bool:
@@ -221,6 +227,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, opts: Options):
             fn = rw.gm.forward
         _record(report, rw.report, opts)
         fn = with_constant_outputs(fn, rw.constant_outputs, graph_output_count(gm))
+        if rw.param_outputs is not None:
+            fn = with_param_output_grads(fn, rw.param_outputs)
         return fn, ValueGuard(rw.depends_on, inputs, list(rw.constant_outputs.values()) + rw.counters + rw.frozen,
                               check=opts.guard_check(), by_value=rw.by_value)
 

@@ -113,6 +113,63 @@ def test_train_steps_with_scattered_weights(name, mask, tmp_path, monkeypatch):
     assert len(calls) >= 3 * len(compacted_rows(tmp_path)) > 0
 
 
+def pruned_modules(model):
+    return [m for m in model.modules() if hasattr(m, "weight_mask")]
+
+
+@pytest.mark.parametrize("inductor", [False, True])
+def test_loss_through_the_recomputed_weight(inductor, tmp_path):
+    """A loss that reads a pruned module's `weight` (prune's `weight_orig * mask`, written back
+    to the module on every forward: a weight penalty here) trains as eager does; the compiled
+    graph hands that weight out detached and its gradient comes from the replay
+    (runtime/param_outputs.py)."""
+    model, shape = make("resnet", "ln0")
+    ref, _ = make("resnet", "ln0")
+    compiled = compile_model(model, tmp_path, inductor=inductor)
+    opt, opt_ref = optimizer("sgd", model), optimizer("sgd", ref)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        x = torch.randn(shape, generator=g)
+        losses = []
+        for net, fn, o in ((model, compiled, opt), (ref, ref, opt_ref)):
+            out = fn(x)
+            penalty = sum(m.weight.square().sum() for m in pruned_modules(net)[:2])
+            loss = out.square().mean() + 1e-2 * penalty
+            o.zero_grad()
+            loss.backward()
+            o.step()
+            losses.append(loss.detach())
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-6)
+        assert_state_equal(model, ref, opt, opt_ref)
+    assert all(m.weight.requires_grad for m in pruned_modules(model))
+
+
+def test_backward_takes_no_gradient_for_the_recomputed_weights(tmp_path, monkeypatch):
+    """The backward's inputs hold no gradient of a pruned module's `weight` (a tensor of zeros
+    per pruned conv each step, copied into the graph's memory under CUDA graphs): only the
+    activations it saved and the output's gradient."""
+    import torch._inductor.compile_fx as cfx
+
+    graphs = []
+    original = cfx._compile_fx_inner
+
+    def spy(gm, example_inputs, **kwargs):
+        graphs.append((kwargs.get("is_backward", False), example_inputs, set(kwargs.get("static_input_idxs", ()))))
+        return original(gm, example_inputs, **kwargs)
+
+    monkeypatch.setattr(cfx, "_compile_fx_inner", spy)
+    model, shape = make("resnet", "ln0")
+    compiled = compile_model(model, tmp_path, inductor=True)
+    with torch._inductor.config.patch(fx_graph_cache=False):  # (a cached graph is not compiled)
+        compiled(torch.randn(shape)).square().mean().backward()
+    weight_shapes = {tuple(m.weight.shape) for m in pruned_modules(model)}
+    backward = [inputs for is_bw, inputs, _ in graphs if is_bw]
+    assert backward, "no backward compiled"
+    non_static = [tuple(t.shape) for is_bw, inputs, static in graphs if is_bw
+                  for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and i not in static]
+    assert not weight_shapes & set(non_static), non_static
+
+
 @pytest.mark.parametrize("name", ["resnet", "bottleneck"])
 def test_channels_carried_to_next_conv(name, tmp_path):
     """The next conv reads only the kept channels of its input (the pruned ones folded)."""

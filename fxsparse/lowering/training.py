@@ -61,7 +61,7 @@ from fxsparse.lowering import choose
 from fxsparse.lowering.gather import KeptIndex, kept_rows, kept_slice, kept_weight
 from fxsparse.lowering.rewrite import Lowering
 from fxsparse.ops.conv2d import triton_interpreter_on
-from fxsparse.sparsity.read import ConvSparsity
+from fxsparse.sparsity.read import ConvSparsity, param_only
 
 
 @dataclass
@@ -92,6 +92,7 @@ class TrainingLowering(Lowering):
         self.deferred_stats: dict = {}  # keep (1 - momentum) -> [(running buffer, update)]: written at the end
         self.deferred_counters: dict = {}  # step -> [counter]: advanced at the end
         self.shifts: dict = {}  # conv node -> per-channel constant its BatchNorm cancels (batch_norm_cancels)
+        self.param_outputs: dict = {}  # output position -> captured node: handed out detached (emit_output)
 
     # -- layouts --------------------------------------------------------------------------
     def layout(self, old) -> Optional[Stored]:
@@ -217,8 +218,28 @@ class TrainingLowering(Lowering):
         return new
 
     def emit_output(self, n: fx.Node) -> None:
+        """The graph's outputs; those computed from parameters alone that require grad (prune's
+        recomputed `weight`, written back to the module) detached: the wrapper gives them their
+        gradient (runtime/param_outputs.py), and the backward takes no gradient for them."""
         self.write_deferred_stats()
-        self.graph.output(fx.node.map_arg(n.args[0], self.read_full))
+        outs = n.args[0]
+        if not isinstance(outs, (tuple, list)):
+            self.graph.output(fx.node.map_arg(outs, self.read_full))
+            return
+        values = []
+        for i, a in enumerate(outs):
+            value = fx.node.map_arg(a, self.read_full)
+            if self.differentiable_param_output(a):
+                self.param_outputs[i] = a
+                value = self.graph.call_method("detach", (value,))
+            values.append(value)
+        self.graph.output(type(outs)(values))
+
+    def differentiable_param_output(self, a) -> bool:
+        if not isinstance(a, fx.Node) or a.op in ("placeholder", "get_attr") or not param_only(a, self.cap):
+            return False
+        value = a.meta.get("example_value")
+        return isinstance(value, torch.Tensor) and value.requires_grad
 
     # -- convs ----------------------------------------------------------------------------
     def emit_train_conv(self, n: fx.Node, v: OpView) -> bool:
@@ -614,11 +635,12 @@ def out_of_place(graph: fx.Graph, n: fx.Node, vector: fx.Node, src, read) -> fx.
 
 
 def lower_training(cap, sparsity: dict, lowering: str, cudagraphs: bool = False) -> tuple:
-    """(compacted training graph, {conv node: ConvRecord}). `cudagraphs`: what lowering "auto"
-    times (kernel time where the graph runs under CUDA graphs)."""
+    """(compacted training graph, {conv node: ConvRecord}, {output position: captured node} of the
+    outputs it hands out detached). `cudagraphs`: what lowering "auto" times (kernel time where
+    the graph runs under CUDA graphs)."""
     low = TrainingLowering(cap, sparsity, lowering, cudagraphs)
     gm = low.run()
     for n, sp in sparsity.items():  # convs no handler rewrote
         if n not in low.records:
             low.record_unchanged(n, sp)
-    return gm, low.records
+    return gm, low.records, low.param_outputs
