@@ -5,9 +5,9 @@
     PYTHONPATH=. python benchmarks/zoo.py --cpu --masks ln --models shufflenet_v2_x1_0 --batch 8 --image-size 128
 
 Per model, at `--keep` (0.5) of every prunable channel group: the masked model (prune masks on
-conv and channel-dim linear weights, the groups of Torch-Pruning's MagnitudePruner where
-torch_pruning imports and handles the model, else `fxsparse.sparsify`'s groups), fp16
-channels_last, B in `--batch`:
+conv and channel-dim linear weights and on channel LayerNorm weights, the groups of
+Torch-Pruning's MagnitudePruner where torch_pruning imports and handles the model, else
+`fxsparse.sparsify`'s groups), fp16 channels_last, B in `--batch`:
 
     Ind graph / plain   Inductor on the masked model, the best of default, freezing and (plain
                         call only) freezing + CUDA graphs (mode "reduce-overhead")
@@ -99,13 +99,14 @@ def tp_removed(model: nn.Module, example: torch.Tensor, keep: float) -> tuple:
     outputs = [m for m in pruned.modules() if isinstance(m, nn.Linear)][-1:]  # the classifier's outputs
     pruner = tp.pruner.MagnitudePruner(pruned, example, importance=tp.importance.GroupMagnitudeImportance(p=1),
                                        pruning_ratio=1.0 - keep, ignored_layers=outputs, round_to=8)
-    out_fns = {tp.prune_conv_out_channels, tp.prune_depthwise_conv_out_channels, tp.prune_linear_out_channels}
+    out_fns = {tp.prune_conv_out_channels, tp.prune_depthwise_conv_out_channels, tp.prune_linear_out_channels,
+               tp.prune_layernorm_out_channels}
     in_fns = {tp.prune_conv_in_channels, tp.prune_depthwise_conv_in_channels, tp.prune_linear_in_channels}
     removed: dict = {}
     for group in pruner.step(interactive=True):
         for dep, idxs in group:
             module = dep.target.module
-            if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            if not isinstance(module, (nn.Conv2d, nn.Linear, nn.LayerNorm)):
                 continue
             kind = "out" if dep.handler in out_fns else "in" if dep.handler in in_fns else None
             if kind is not None:
@@ -120,6 +121,12 @@ def mask_removed(model: nn.Module, removed: dict) -> None:
 
     for name, r in removed.items():
         m = model.get_submodule(name)
+        if isinstance(m, nn.LayerNorm):  # its weight (see fxsparse.sparsify): the channel leaves as a constant
+            if m.weight is not None and r["out"]:
+                mask = torch.ones_like(m.weight)
+                mask[sorted(r["out"])] = 0
+                apply_mask(m, mask)
+            continue
         mask = torch.ones_like(m.weight)
         depthwise = isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1
         if r["out"]:

@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.utils.prune as prune
 
 import zoo_models as Z
+
+import fxsparse
 from models import compile_model, fresh_dynamo, report  # noqa: F401
 from fxsparse.compaction.groups import channel_groups, group_importance, zero_input_channels
 
@@ -164,6 +166,19 @@ def test_convnext_linears_are_compacted(tmp_path, fresh_dynamo):
     assert k_hidden < fc1.out_features and k_dim < fc1.in_features
     assert f'"f32[{k_hidden}, {k_dim}]"' in graph, graph
     assert f'"f32[{int((fc2.weight != 0).any(1).sum())}, {k_hidden}]"' in graph or k_hidden == fc2.in_features
+
+
+def test_sparsify_masks_channel_layernorms(tmp_path, fresh_dynamo):
+    """fxsparse.sparsify masks a channel LayerNorm's weight with its group: the removed channels
+    leave it as constants (its bias), so the residual stream after ConvNeXt's stem stays
+    compacted (no relayout back to full width), and the compiled model is exact."""
+    from models import after_graph
+    model, shape = Z.build("convnext")
+    fxsparse.sparsify(model, 0.5, example_inputs=(torch.randn(shape),), skip_stem=False)
+    norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm) and hasattr(m, "weight_mask")]
+    assert norms and all(bool((m.weight_mask == 0).any()) for m in norms)
+    compile_and_check(model, shape, tmp_path)
+    assert "relayout" not in after_graph(tmp_path)
 
 
 def test_unknown_op_is_named_in_the_report(tmp_path, fresh_dynamo):

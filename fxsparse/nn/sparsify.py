@@ -19,8 +19,11 @@ finds the channels that must go together; in each prunable group the channels of
 `group_importance` (sum of |w| over every member) are pruned: the producing convs' output rows
 AND the consuming convs' input columns are masked (what a physical pruning removes), and so are
 the rows and columns of linear layers on the channel dim (a ConvNeXt MLP; the classifier's
-outputs reach the graph output and are never pruned). BatchNorm and LayerNorm are left as is
-(the backend folds them, a masked channel is a constant). Groups that reach the
+outputs reach the graph output and are never pruned). BatchNorm is left as is (the backend folds
+it: a masked channel is a constant). A LayerNorm over channels gets its weight masked: it mixes
+every channel into its statistics, so a removed channel with its weight left would leave it
+with values that depend on the input (ConvNeXt's stem), live wherever the stream goes; masked,
+it leaves as its bias, a constant. Groups that reach the
 graph output or an op fxsparse does not understand are not pruned, nor groups written by the stem
 (the first conv executed) or by a module named in `skip`; a module named in `skip` gets no mask.
 """
@@ -102,12 +105,14 @@ def _sparsify_groups(model: nn.Module, keep_ratio: float, skip: set, example_inp
         kept = set(top_indices(group_importance(group, p=1), keep).tolist())
         pruned = [i for i in range(group.size) if i not in kept]
         for m in group.members:
-            if m.module in skip or m.kind not in ("conv_out", "conv_in", "linear_out", "linear_in"):
+            if m.module in skip or m.kind not in ("conv_out", "conv_in", "linear_out", "linear_in", "ln"):
+                continue
+            if m.kind == "ln" and getattr(model.get_submodule(m.module), "weight", None) is None:
                 continue
             channels = torch.tensor([m.indices[i] for i in pruned], dtype=torch.long)
             mask = mask_of(m.module)
             channels = channels.to(mask.device)
-            if m.kind in ("conv_out", "linear_out"):
+            if m.kind in ("conv_out", "linear_out", "ln"):
                 mask[channels] = 0
             else:
                 zero_input_channels(mask, getattr(model.get_submodule(m.module), "groups", 1), channels)
