@@ -106,7 +106,7 @@ def tp_removed(model: nn.Module, example: torch.Tensor, keep: float) -> tuple:
     for group in pruner.step(interactive=True):
         for dep, idxs in group:
             module = dep.target.module
-            if not isinstance(module, (nn.Conv2d, nn.Linear, nn.LayerNorm)):
+            if not isinstance(module, (nn.Conv2d, nn.Linear, nn.LayerNorm)) or module.weight is None:
                 continue
             kind = "out" if dep.handler in out_fns else "in" if dep.handler in in_fns else None
             if kind is not None:
@@ -121,13 +121,7 @@ def mask_removed(model: nn.Module, removed: dict) -> None:
 
     for name, r in removed.items():
         m = model.get_submodule(name)
-        if isinstance(m, nn.LayerNorm):  # its weight (see fxsparse.sparsify): the channel leaves as a constant
-            if m.weight is not None and r["out"]:
-                mask = torch.ones_like(m.weight)
-                mask[sorted(r["out"])] = 0
-                apply_mask(m, mask)
-            continue
-        mask = torch.ones_like(m.weight)
+        mask = torch.ones_like(m.weight)  # (a LayerNorm's weight too, see fxsparse.sparsify: out only)
         depthwise = isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1
         if r["out"]:
             mask[sorted(r["out"])] = 0

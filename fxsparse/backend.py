@@ -95,7 +95,7 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence, opts: Options, index: 
     else:  # training: kept channels carried across the graph, constants as graph values
         new_gm, records, detached = lower_training(cap, sparsity, lowering, cudagraphs)
         constant_outputs, prop = {}, None
-        param_outputs = ParamOutputs.of(detached, gm.graph, gm)
+        param_outputs = ParamOutputs.of(detached, gm.graph, gm) if detached else None
     report = GraphReport(index, "inference" if inference else "training", lowering, enabled,
                          [records[n] for n in gm.graph.nodes if n in records])
     if opts.propagate and not propagating:

@@ -50,8 +50,7 @@ class ParamOutputs:
             else:
                 env[n] = replay.node_copy(n, env.__getitem__)
         replay.output(tuple(env[outputs[s]] for s in slots))
-        used = [p for p in placeholders if p in needed]
-        return cls(slots, fx.GraphModule(root, replay), [placeholders.index(p) for p in used])
+        return cls(slots, fx.GraphModule(root, replay), [i for i, p in enumerate(placeholders) if p in needed])
 
 
 class _Reattach(torch.autograd.Function):
@@ -82,9 +81,6 @@ class _Reattach(torch.autograd.Function):
 def with_param_output_grads(fn, outputs: ParamOutputs):
     """`fn` (the compiled graph, called with every graph input) with the outputs in
     `outputs.slots` given their gradient path (module doc)."""
-    if not outputs.slots:
-        return fn
-
     def run(*args):
         result = fn(*args)
         if not torch.is_grad_enabled() or _fake(args):  # (DDPOptimizer's shape propagation)
