@@ -20,12 +20,13 @@ steps after warmup; CPU: median wall clock):
                                           Torch-Pruning's physical model under Inductor
   Ind+cg / fx+cg / TP+cg                  the same under CUDA graphs (variants indcg, fxcg, tpcg:
                                           mode "reduce-overhead", for fxsparse option cudagraphs=True)
-  fx aten                                 variant `fxa`: fxsparse with lowering "aten" (every
-                                          compacted conv on cuDNN), beside `fx`
+  fx aten / fx aten+cg                    variants `fxa`, `fxacg`: fxsparse with lowering "aten"
+                                          (every compacted conv on cuDNN), beside `fx` / `fxcg`
   triton convs                            fxsparse's report: compacted convs run as the fused op / all
   fx vs Ind, fx vs TP                     speedups, each side the better of with and without CUDA
                                           graphs
-  fx vs fx aten                           fx aten / fxsparse (both without CUDA graphs)
+  fx vs fx aten                           fx aten / fxsparse, each the better of with and without
+                                          CUDA graphs
   compile s                               the first step (forward and backward compiled)
   MACs kept                               fxsparse's report: conv MACs computed / before
   grad / loss / buffer err fx, Ind        fxsparse's and, as the yardstick, Inductor's step against
@@ -69,9 +70,10 @@ COLUMNS = [
     ("model", "model"), ("dtype", "dtype"), ("batch", "B"), ("macs_kept", "MACs kept"),
     ("lowering", "lowering"), ("triton_convs", "triton convs"),
     ("eager_ms", "eager ms"), ("ind_ms", "Inductor ms"), ("indcg_ms", "Ind+cg ms"), ("fxa_ms", "fx aten ms"),
-    ("fx_ms", "fxsparse ms"), ("fxcg_ms", "fx+cg ms"), ("tp_ms", "TP Ind ms"), ("tpcg_ms", "TP+cg ms"),
+    ("fxacg_ms", "fx aten+cg ms"), ("fx_ms", "fxsparse ms"), ("fxcg_ms", "fx+cg ms"), ("tp_ms", "TP Ind ms"), ("tpcg_ms", "TP+cg ms"),
     ("fx_vs_ind", "fx vs Ind"), ("fx_vs_tp", "fx vs TP"), ("fx_vs_fxa", "fx vs fx aten"),
     ("ind_compile_s", "Ind compile s"), ("indcg_compile_s", "Ind+cg compile s"), ("fxa_compile_s", "fx aten compile s"),
+    ("fxacg_compile_s", "fx aten+cg compile s"),
     ("fx_compile_s", "fx compile s"), ("fxcg_compile_s", "fx+cg compile s"), ("tp_compile_s", "TP compile s"),
     ("fx_grad_err", "grad err fx"), ("ind_grad_err", "grad err Ind"), ("fx_loss_err", "loss err fx"),
     ("ind_loss_err", "loss err Ind"), ("fx_buffer_err", "buffer err fx"), ("ind_buffer_err", "buffer err Ind"),
@@ -79,7 +81,7 @@ COLUMNS = [
 ]
 FINETUNE_COLUMNS = [("what", "fine-tune"), ("ind_ms", "Inductor ms/step"), ("fx_ms", "fxsparse ms/step"),
                     ("fx_vs_ind", "fx vs Ind"), ("loss_err", "max |loss fx - loss Ind|")]
-VARIANTS = ("eager", "ind", "indcg", "fxa", "fx", "fxcg", "tp", "tpcg")
+VARIANTS = ("eager", "ind", "indcg", "fxa", "fxacg", "fx", "fxcg", "tp", "tpcg")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -288,18 +290,18 @@ def model_row(name: str, keep: float, dtype_name: str, batch: int, device: str, 
         row.update({f"{label}_{k}": v for k, v in err.items()})
     row["fx_vs_ind"] = common.ratio(best_ms(row, "ind"), best_ms(row, "fx"))
     row["fx_vs_tp"] = common.ratio(best_ms(row, "tp"), best_ms(row, "fx"))
-    row["fx_vs_fxa"] = common.ratio(row.get("fxa_ms"), row.get("fx_ms"))
+    row["fx_vs_fxa"] = common.ratio(best_ms(row, "fxa"), best_ms(row, "fx"))
     return row
 
 
 def compiled(model: nn.Module, label: str, lowering: str = "auto"):
     """The step's forward for a variant: eager, or compiled (a "cg" suffix: under CUDA graphs;
-    fxsparse with option `lowering`, "aten" for the fxa variant)."""
+    fxsparse with option `lowering`, "aten" for the fxa and fxacg variants)."""
     if label == "eager":
         return model
     graphs = label.endswith("cg")
     if label.startswith("fx"):
-        options = {"lowering": "aten" if label == "fxa" else lowering, "cudagraphs": True if graphs else None}
+        options = {"lowering": "aten" if label.startswith("fxa") else lowering, "cudagraphs": True if graphs else None}
         return torch.compile(model, backend="fxsparse", dynamic=False, options=options)
     return torch.compile(model, dynamic=False, mode="reduce-overhead" if graphs else None)
 

@@ -99,6 +99,8 @@ def _check(name: str, value) -> None:
 # `configure(...)`; an environment variable gives each one's default.
 
 TUNE_MODES = ("cache", "always", "off")
+# fxsparse's disk cache (tuned launches, the built guard's location) unless cache_dir says otherwise
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "fxsparse")
 
 
 @dataclass(frozen=True)

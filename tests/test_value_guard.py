@@ -125,3 +125,45 @@ def test_content_check_is_exact_on_bytes():
     w.data[1, 1] = torch.nextafter(w[1, 1], torch.tensor(float("inf")))  # one ulp
     assert not check.unchanged()
 
+
+
+_GUARD_IN_A_FRESH_PROCESS = """
+import sys, torch
+from fxsparse.runtime.guards import ValueGuard, native_checker
+module = native_checker()
+assert module is not None
+w = torch.nn.Parameter(torch.randn(3))
+g = ValueGuard([0], (w,))
+assert g._native is not None and g.holds((w,))
+with torch.no_grad():
+    w.add_(1)
+assert not g.holds((w,))
+print("cpp_extension imported:", "torch.utils.cpp_extension" in sys.modules)
+"""
+
+
+def _guard_process(cache_dir) -> str:
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, FXSPARSE_CACHE_DIR=str(cache_dir))
+    done = subprocess.run([sys.executable, "-c", _GUARD_IN_A_FRESH_PROCESS], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_a_later_process_imports_the_built_guard_directly(tmp_path):
+    """The first process builds (or finds) the guard through cpp_extension and notes where it
+    lives; the next imports it from there without cpp_extension, and it checks as before. A
+    damaged note costs only the direct import."""
+    if guards.native_checker() is None:
+        pytest.skip("no C++ toolchain for torch.utils.cpp_extension here")
+    assert _guard_process(tmp_path) == "cpp_extension imported: True"
+    notes = list(tmp_path.glob("fxsparse_version_guard_*.json"))
+    assert len(notes) == 1
+    assert _guard_process(tmp_path) == "cpp_extension imported: False"
+    notes[0].write_text("{not json")
+    assert _guard_process(tmp_path) == "cpp_extension imported: True"
+    assert _guard_process(tmp_path) == "cpp_extension imported: False"

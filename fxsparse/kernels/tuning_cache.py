@@ -21,6 +21,8 @@ import re
 import tempfile
 from typing import Optional
 
+from fxsparse.options import DEFAULT_CACHE_DIR
+
 log = logging.getLogger(__name__)
 
 SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned")
@@ -34,7 +36,7 @@ def device_slug(device_name: str, capability: tuple, sms: int, triton_version: s
 
 
 def cache_path(slug: str, cache_dir: Optional[str] = None) -> str:
-    root = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "fxsparse")
+    root = cache_dir or DEFAULT_CACHE_DIR
     return os.path.join(root, f"conv2d-tuning-{slug}.json")
 
 

@@ -29,10 +29,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
+import json
 import logging
 import operator
 import os
 import re
+import sys
 import weakref
 from collections import defaultdict
 from pathlib import Path
@@ -63,22 +66,61 @@ def _storage_or_none(t: torch.Tensor):
 @functools.lru_cache(maxsize=None)
 def native_checker():
     """The compiled VersionGuard module, or None (then ValueGuard checks in Python)."""
-    from fxsparse.options import kernel_settings
+    from fxsparse.options import DEFAULT_CACHE_DIR, kernel_settings
 
-    if not kernel_settings().native_guard:
+    settings = kernel_settings()
+    if not settings.native_guard:
         return None
+    source = Path(__file__).with_name("version_guard.cpp").resolve()
+    # one build per torch version and per checkout: checkouts sharing a build directory
+    # rebuild it in turn (ninja sees another source path), 20 s in the first call each time
+    checkout = hashlib.sha1(str(source).encode()).hexdigest()[:8]
+    name = "fxsparse_version_guard_" + re.sub(r"\W", "_", torch.__version__) + "_" + checkout
+    built = Path(settings.cache_dir or DEFAULT_CACHE_DIR) / f"{name}-{sys.implementation.cache_tag}.json"
+    digest = hashlib.sha1(source.read_bytes() + repr(_GUARD_CFLAGS).encode()).hexdigest()
+    module = _import_built(built, name, digest)
+    if module is not None:
+        return module
     try:
         from torch.utils.cpp_extension import load
 
-        source = Path(__file__).with_name("version_guard.cpp").resolve()
-        # one build per torch version and per checkout: checkouts sharing a build directory
-        # rebuild it in turn (ninja sees another source path), 20 s in the first call each time
-        checkout = hashlib.sha1(str(source).encode()).hexdigest()[:8]
-        name = "fxsparse_version_guard_" + re.sub(r"\W", "_", torch.__version__) + "_" + checkout
-        return load(name, sources=[str(source)], extra_cflags=["-O3"], verbose=False)
+        module = load(name, sources=[str(source)], extra_cflags=list(_GUARD_CFLAGS), verbose=False)
     except Exception as e:  # noqa: BLE001 - no compiler, no headers: the Python check is exact too
         log.info("fxsparse: compiled guard unavailable (%s: %s); checking in Python", type(e).__name__, e)
         return None
+    _note_built(built, module.__file__, digest)
+    return module
+
+
+_GUARD_CFLAGS = ("-O3",)
+
+
+def _import_built(note: Path, name: str, digest: str):
+    """The guard module an earlier process built from this very source, imported directly: a
+    warm first compile then skips cpp_extension's import and its compiler and ninja checks. None
+    where there is no such build (then `load` builds or finds it)."""
+    try:
+        entry = json.loads(note.read_text())
+        if entry.get("source") != digest or not os.path.isfile(entry["library"]):
+            return None
+        spec = importlib.util.spec_from_file_location(name, entry["library"])
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    except Exception:  # noqa: BLE001 - no note, a damaged one, a library that will not load: build
+        return None
+
+
+def _note_built(note: Path, library: str, digest: str) -> None:
+    """Where the built guard module lives, for the next process (written atomically; a cache
+    that cannot be written only costs the next process cpp_extension's checks)."""
+    try:
+        note.parent.mkdir(parents=True, exist_ok=True)
+        tmp = note.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"library": library, "source": digest}))
+        os.replace(tmp, note)
+    except OSError as e:
+        log.info("fxsparse: could not note the built guard's location (%s)", e)
 
 
 def _byte_span(t: torch.Tensor) -> torch.Tensor:
