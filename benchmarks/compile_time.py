@@ -27,10 +27,12 @@ table is printed last.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import contextlib
 import functools
 import json
 import os
+import pstats
 import subprocess
 import sys
 import tempfile
@@ -216,16 +218,27 @@ def child(args) -> None:
         seconds = clocks.enter_context(stage_clock()) if args.backend == "fxsparse" else {}
         clocks.enter_context(compile_fx_clock(seconds, first_run=args.backend != "fxsparse"))
         clocks.enter_context(gc_clock(seconds))
+        profiler = cProfile.Profile() if args.profile_dir else contextlib.nullcontext()
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), profiler:
             compiled(x)
         sync()
         total = time.perf_counter() - t0
+    if args.profile_dir:
+        write_profile(profiler, os.path.join(args.profile_dir, f"warm_{args.backend}_{args.model}.txt"))
     print(json.dumps(dict(stats, compile_s=total, stages=seconds)), flush=True)
 
 
+def write_profile(profiler, path: str, top: int = 40) -> None:
+    """The profiled first call's functions, by cumulative and by own time (cProfile's clock adds
+    its own cost: read the shares, not the seconds)."""
+    with open(path, "w") as f:
+        for order in ("cumulative", "tottime"):
+            pstats.Stats(profiler, stream=f).sort_stats(order).print_stats(top)
+
+
 def measure(backend: str, model: str, keep: float, batch: int, dirs: dict, table: bool, timeout: float,
-            device: str = "cuda", workers: int = 0, image_size: int = 0) -> dict:
+            device: str = "cuda", workers: int = 0, image_size: int = 0, profile_dir: str = "") -> dict:
     env = dict(os.environ, TRITON_CACHE_DIR=dirs["triton"], TORCHINDUCTOR_CACHE_DIR=dirs["inductor"],
                FXSPARSE_CACHE_DIR=dirs["fxsparse"], FXSPARSE_SHIPPED_TABLE="1" if table else "0",
                FXSPARSE_COMPILE_WORKERS=str(workers),
@@ -233,6 +246,9 @@ def measure(backend: str, model: str, keep: float, batch: int, dirs: dict, table
     env.pop("FXSPARSE_TUNE", None)
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--backend", backend, "--model", model,
            "--keep", str(keep), "--batch", str(batch), "--device", device, "--image-size", str(image_size)]
+    if profile_dir:
+        os.makedirs(profile_dir, exist_ok=True)
+        cmd += ["--profile-dir", os.path.abspath(profile_dir)]
     try:
         run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -298,6 +314,8 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=0, help="torchvision models' input size (default 224)")
     p.add_argument("--repeat", type=int, default=1,
                    help="warm processes per backend: the warm figures and the stage table are their medians")
+    p.add_argument("--profile-dir", default="",
+                   help="also profile one more warm first call per backend (cProfile), written here")
     args = p.parse_args(argv)
     if args.child:
         child(args)
@@ -314,6 +332,8 @@ def main(argv=None) -> int:
                                     args.device, image_size=args.image_size)
             cold = run()
             warm = median_run([run() for _ in range(max(1, args.repeat))])
+            if args.profile_dir:  # one more warm process, under cProfile (not in the figures)
+                run(profile_dir=args.profile_dir)
             row[f"{label}_cold"], row[f"{label}_warm"] = cold.get("compile_s"), warm.get("compile_s")
             parts[label] = stage_parts(warm, label)
             if backend == "fxsparse":

@@ -12,7 +12,8 @@ wall-clock per run; "compact vs X" = X ms / compact ms; err = max |ORT output of
 masked eager output| / max(1, max |masked eager output|); size = the .onnx files.
 
 GPU (--gpu): fp16, channels_last, per batch: AOTInductor packages (aoti_compile_and_package,
-aoti_load_package, one static-shape package per batch) of the compact model (lowering "auto";
+aoti_load_package, one static-shape package per batch; --runner compile: the exported program's
+module under torch.compile with freezing instead, the same generated code in-process) of the compact model (lowering "auto";
 --lowerings auto,aten adds aten), of Torch-Pruning's physically pruned model (where
 torch_pruning imports; --with-masked adds the masked model), and torch.compile(backend="fxsparse")
 on the masked model. ms = median plain call
@@ -138,13 +139,19 @@ def cpu_rows(name: str, keep: float, batches: list, threads: list, repeat: int, 
 
 # --------------------------------------------------------------------------- GPU: AOTInductor
 
-def aoti_package(module, x: torch.Tensor, path: str):
+def aoti_package(module, x: torch.Tensor, path: str, runner: str = "aoti"):
+    """`module` exported, then packaged by AOTInductor and loaded ("aoti"), or the exported
+    program's module compiled by Inductor in this process with freezing ("compile": the same
+    generated code behind a Python wrapper, where an install's AOTInductor runtime fails)."""
     with torch.no_grad():
         ep = torch.export.export(module, (x,))
+        if runner == "compile":
+            torch._dynamo.reset()
+            return torch.compile(ep.module(), options={"freezing": True})
         return torch._inductor.aoti_load_package(torch._inductor.aoti_compile_and_package(ep, package_path=path))
 
 
-def gpu_rows(name: str, keep: float, batches: list, lowerings: list, with_masked: bool) -> list:
+def gpu_rows(name: str, keep: float, batches: list, lowerings: list, with_masked: bool, runner: str = "aoti") -> list:
     _, shape = models.build(name)
     masked, pruned, how = masked_model(name, keep, torch.randn(1, *shape))
     to_gpu = lambda m: m.to("cuda", torch.half).to(memory_format=torch.channels_last)  # noqa: E731
@@ -158,13 +165,14 @@ def gpu_rows(name: str, keep: float, batches: list, lowerings: list, with_masked
         row = {"model": name, "keep": keep, "batch": batch, "masks": how}
         builders = {}  # each is built, then timed, before the next: a crash leaves the rows before it printed
         if pruned is not None:
-            builders["aoti_tp"] = lambda d: aoti_package(pruned, x, os.path.join(d, "tp.pt2"))
+            builders["aoti_tp"] = lambda d: aoti_package(pruned, x, os.path.join(d, "tp.pt2"), runner)
         builders["fx_compile"] = lambda d: compiled_fxsparse(masked)
         if with_masked:
-            builders["aoti_masked"] = lambda d: aoti_package(copy.deepcopy(masked), x, os.path.join(d, "masked.pt2"))
+            builders["aoti_masked"] = lambda d: aoti_package(copy.deepcopy(masked), x, os.path.join(d, "masked.pt2"),
+                                                           runner)
         for lowering in sorted(lowerings, key=lambda low: low != "aten"):  # "auto" times each conv chain at this batch
             builders[f"aoti_compact_{lowering}"] = lambda d, low=lowering: aoti_package(
-                fxsparse.compact(masked, x, lowering=low), x, os.path.join(d, f"compact_{low}.pt2"))
+                fxsparse.compact(masked, x, lowering=low), x, os.path.join(d, f"compact_{low}.pt2"), runner)
         with tempfile.TemporaryDirectory() as d:
             for label, build in builders.items():
                 fn = build(d)
@@ -197,6 +205,8 @@ def main(argv=None) -> None:
     parser.add_argument("--gpu", action="store_true", help="AOTInductor on CUDA, fp16")
     parser.add_argument("--lowerings", default="auto", help="GPU: compact lowerings to package (auto,aten)")
     parser.add_argument("--with-masked", action="store_true", help="GPU: also package the masked model")
+    parser.add_argument("--runner", choices=("aoti", "compile"), default="aoti",
+                        help="GPU: load AOTInductor packages, or compile the exported programs in-process")
     parser.add_argument("--quick", action="store_true", help="test-sized: small ResNet, B=8, CPU")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -206,8 +216,11 @@ def main(argv=None) -> None:
     if args.gpu:
         batches = [int(b) for b in (args.batch or "1,64").split(",")]
         rows = [r for n in names for r in gpu_rows(n, args.keep, batches, args.lowerings.split(","),
-                                                   args.with_masked)]
+                                                   args.with_masked, args.runner)]
         columns, how = GPU_COLUMNS, "AOTInductor / torch.compile plain call, fp16, CUDA"
+        if args.runner == "compile":
+            columns = [(k, title.replace("AOTI", "export+compile")) for k, title in GPU_COLUMNS]
+            how = "exported programs under torch.compile (freezing) / torch.compile plain call, fp16, CUDA"
     else:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
         batches = [int(b) for b in (args.batch or "1,8").split(",")]
