@@ -103,16 +103,38 @@ def tp_removed(model: nn.Module, example: torch.Tensor, keep: float) -> tuple:
                tp.prune_layernorm_out_channels}
     in_fns = {tp.prune_conv_in_channels, tp.prune_depthwise_conv_in_channels, tp.prune_linear_in_channels}
     removed: dict = {}
+    alive: dict = {}  # (name, "out" | "in"): the original ids of the channels still there
     for group in pruner.step(interactive=True):
+        cuts: dict = {}
         for dep, idxs in group:
             module = dep.target.module
             if not isinstance(module, (nn.Conv2d, nn.Linear, nn.LayerNorm)) or module.weight is None:
                 continue
             kind = "out" if dep.handler in out_fns else "in" if dep.handler in in_fns else None
-            if kind is not None:
-                removed.setdefault(names[id(module)], {"out": set(), "in": set()})[kind].update(int(i) for i in idxs)
+            if kind is None:
+                continue
+            if isinstance(module, nn.Conv2d) and module.groups == module.in_channels > 1:
+                kind = "out"  # a depthwise conv's input and output are one set of channels
+            key = (names[id(module)], kind)
+            alive.setdefault(key, list(range(channel_count(module, kind))))
+            cuts.setdefault(key, set()).update(int(i) for i in idxs)
+        # a group's idxs are positions in the modules as earlier groups left them (a DenseNet
+        # conv's input loses one group per concatenated part): mapped back to original ids
+        for (name, kind), cut in cuts.items():
+            ids = alive[(name, kind)]
+            removed.setdefault(name, {"out": set(), "in": set()})[kind].update(ids[i] for i in cut)
+            alive[(name, kind)] = [c for i, c in enumerate(ids) if i not in cut]
         group.prune()
     return removed, pruned.eval()
+
+
+def channel_count(module: nn.Module, kind: str) -> int:
+    """A conv's, linear's or LayerNorm's output ("out") or input ("in") channels."""
+    if isinstance(module, nn.Conv2d):
+        return module.out_channels if kind == "out" else module.in_channels
+    if isinstance(module, nn.Linear):
+        return module.out_features if kind == "out" else module.in_features
+    return module.normalized_shape[0]
 
 
 def mask_removed(model: nn.Module, removed: dict) -> None:

@@ -6,6 +6,8 @@ import re
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import models as M
 from models import after_graph, assert_matches, compile_model, conv_rows, fresh_dynamo, report  # noqa: F401
@@ -52,6 +54,33 @@ def test_reads_whole_only_for_few_unused_channels():
     assert s.reads_whole(32, 256)  # an eighth
     assert not s.reads_whole(64, 256)  # a gather is cheaper than a quarter of zero columns
     assert not s.reads_whole(0, 16)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 64).flatmap(lambda n: st.tuples(st.lists(st.booleans(), min_size=n, max_size=n),
+                                                        st.lists(st.booleans(), min_size=n, max_size=n))),
+       st.sampled_from([1, 4, 8]))
+def test_a_conv_reads_its_used_channels_in_whole_rows(masks, multiple):
+    """A conv reads every stored channel its filters use and nothing unstored; where it gathers,
+    the count is a multiple of `multiple` (or all that is stored), padded with unused ones."""
+    used, stored = (torch.tensor(m, dtype=torch.bool) for m in masks)
+    s = Storage.align_channels(multiple)
+    read = s.conv_reads(used, stored)
+    assert not bool((read & ~stored).any())
+    assert bool(read[used & stored].all())
+    k, total = int(read.sum()), int(stored.sum())
+    if multiple == 1:
+        assert torch.equal(read, used & stored)
+    elif k:
+        assert k % multiple == 0 or k == total
+
+
+def test_a_gathered_input_is_padded_to_whole_rows():
+    s = Storage.align_channels(8)
+    stored, used = mask(64, range(40)), mask(64, range(0, 40, 3))  # 14 used of 40 stored
+    read = s.conv_reads(used, stored)
+    assert int(read.sum()) == 16 and bool(read[used].all())
+    assert torch.equal(s.conv_reads(mask(64, range(37)), stored), stored)  # 3 unused: read whole
 
 
 def test_option_is_validated():

@@ -343,3 +343,34 @@ def test_zoo_benchmark_quick(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {r["model"] for r in rows} == {"convnext", "yolo"}
     assert all(r["fx_err"] < 1e-4 and r["macs_kept"] < 0.6 and r["macs_vs_ideal"] <= 1.05 for r in rows), rows
+
+
+@pytest.mark.parametrize("name", ["densenet", "googlenet", "mobilenet_v2", "convnext", "resnet"])
+def test_zoo_masks_name_the_channels_torch_pruning_removes(name):
+    """benchmarks/zoo.py masks the channels Torch-Pruning removes: each module's weight with
+    the recorded rows and columns deleted is the physically pruned module's weight (group by
+    group, Torch-Pruning names positions in the already-shrunk module; a DenseNet conv reading a
+    concat is cut once per part)."""
+    pytest.importorskip("torch_pruning")
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from zoo import tp_removed
+
+    model, shape = Z.build(name)
+    if name == "densenet":  # growth 16: groups of 8 channels to remove (Torch-Pruning rounds to 8)
+        model = Z.randomize(Z.DenseNet(growth=16)).eval()
+    removed, pruned = tp_removed(model, torch.randn(1, *shape[1:]), 0.5)
+    assert any(r["in"] for r in removed.values()), "no conv lost input channels"
+    for path, r in removed.items():
+        m, p = model.get_submodule(path), pruned.get_submodule(path)
+        w = m.weight.detach()
+        keep_out = [i for i in range(w.shape[0]) if i not in r["out"]]
+        w = w[keep_out]
+        if w.dim() > 1 and getattr(m, "groups", 1) == 1:
+            w = w[:, [i for i in range(w.shape[1]) if i not in r["in"]]]
+        elif w.dim() > 1:  # grouped: Torch-Pruning's own bookkeeping, checked by shape only
+            assert w.shape[0] == p.weight.shape[0], path
+            continue
+        assert torch.equal(w, p.weight.detach()), path

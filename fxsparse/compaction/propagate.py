@@ -135,6 +135,21 @@ class Storage:
         input, a few zero columns cost a few MACs per pixel."""
         return self.multiple > 1 and 0 < unused and (unused < self.multiple or 8 * unused <= stored)
 
+    def conv_reads(self, used: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+        """The stored channels (a bool mask) a conv reads, of those `used` by its filters: all of
+        them (reads_whole), or the used ones gathered, rounded up to `multiple` with unused stored
+        channels read through zero weight columns, so that a gathered pixel's row stays whole
+        vectors as a stored one does."""
+        unused = stored & ~used
+        read = used & stored
+        if self.reads_whole(int(unused.sum()), int(stored.sum())):
+            return stored
+        extra = min(int(stored.sum()), -(-int(read.sum()) // self.multiple) * self.multiple) - int(read.sum())
+        if extra > 0:
+            read = read.clone()
+            read[unused.nonzero().flatten()[:extra]] = True
+        return read
+
 
 @dataclass(frozen=True)
 class BiasMap:
@@ -441,11 +456,7 @@ class Propagation:
         if len(const_in):
             folded, bias_map = self._fold_constant_inputs(w_out, const_in, lin.const[const_in], x, conv)
             kept_bias = folded + (0 if kept_bias is None else kept_bias)
-        stored = lin.kept_mask()
-        in_mask = used & stored
-        if self.storage.reads_whole(int((stored & ~used).sum()), len(lin.kept)):
-            in_mask = stored
-        in_ids = in_mask.nonzero().flatten()
+        in_ids = self.storage.conv_reads(used, lin.kept_mask()).nonzero().flatten()
         w_in = w_out[:, in_ids]
         if not len(in_ids):  # every input folded into the bias: one stored channel, read with zero weights
             in_ids = lin.kept[:1]
