@@ -69,8 +69,11 @@ def count(model, label: str, x, y, dtype) -> dict:
 
     torch._dynamo.reset()
     metrics.reset()
-    fn = torch.compile(model, backend="fxsparse", dynamic=False) if label == "fxsparse" else \
-        torch.compile(model, dynamic=False)
+    if label.startswith("fxsparse"):  # fxsparse-triton: every compacted dense conv on the fused op
+        options = {"lowering": "triton" if label == "fxsparse-triton" else "auto"}
+        fn = torch.compile(model, backend="fxsparse", dynamic=False, options=options)
+    else:
+        fn = torch.compile(model, dynamic=False)
     fw, bw = [], []
     autocast = torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32)
     with captured_inductor_code(fw):
@@ -95,7 +98,8 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=DTYPES)
     p.add_argument("--variants", default="inductor,fxsparse",
-                   help="inductor, fxsparse (the masked model), tp (Torch-Pruning's physically pruned model, Inductor)")
+                   help="inductor, fxsparse (the masked model), fxsparse-triton (its convs on the fused op; on "
+                        "the CPU under TRITON_INTERPRET=1), tp (Torch-Pruning's physically pruned model, Inductor)")
     p.add_argument("--masks", default="groups", choices=("groups", "ln"),
                    help="consistent channel groups, or prune.ln_structured on every conv on its own")
     p.add_argument("--triton", action="store_true", help="on the CPU: count Inductor's Triton code generation")
