@@ -8,7 +8,7 @@ is zero where it was not kept. That is one pointwise expression Inductor fuses w
 neighbours, and exact: each entry is a copy of one value or zero, as index_add makes it.
 
 A conv weight is sliced forward by a scatter instead (`kept_weight`): every element of the
-full weight is stored at its place in the compact one, or in scratch slots past it. The
+full weight is stored at its place in the compact one, or in a scratch slot of its own past it. The
 scatter runs over the full weight's elements, as the prune mask's multiply that makes the
 weight does, so Inductor computes both in one kernel where a gather would be a second one.
 """
@@ -77,15 +77,13 @@ class _KeptSlice(torch.autograd.Function):
         return _full_gradient(ctx, grad), None, None, None, None, None, None
 
 
-# dropped elements go to this many scratch slots after the kept ones, spread by their index:
-# a GPU serialises stores to one address
-_SCRATCH = 4096
-
-
-def _scatter_index(shape, row_pos, row_kept, col_pos, col_kept, rows: int, cols: int, channels_last: bool):
-    """[O, I, kh, kw]: where each element of a conv weight of `shape` goes in the flat compact
-    weight of `rows` x `cols` (laid out channels-last or contiguous), or its scratch slot."""
-    o_n, i_n, kh, kw = shape
+def _scatter_index(t: torch.Tensor, row_pos, row_kept, col_pos, col_kept, rows: int, cols: int,
+                   channels_last: bool) -> torch.Tensor:
+    """Where each element of the conv weight `t` [O, I, kh, kw], taken in its memory order, goes
+    in the flat compact weight of `rows` x `cols` (laid out channels-last or contiguous), or,
+    dropped, its own slot after it, in the same order: a GPU serialises stores to one address,
+    so dropped elements sharing a few slots made the scatter the step's slowest pointwise kernel."""
+    o_n, i_n, kh, kw = t.shape
     device = next(v.device for v in (row_pos, col_pos) if v is not None)
     o = torch.arange(o_n, device=device).view(-1, 1, 1, 1)
     i = torch.arange(i_n, device=device).view(1, -1, 1, 1)
@@ -94,13 +92,19 @@ def _scatter_index(shape, row_pos, row_kept, col_pos, col_kept, rows: int, cols:
     r = o if row_pos is None else row_pos.view(-1, 1, 1, 1)
     c = i if col_pos is None else col_pos.view(1, -1, 1, 1)
     target = ((r * kh + h) * kw + w) * cols + c if channels_last else ((r * cols + c) * kh + h) * kw + w
-    kept = torch.ones((), dtype=torch.bool, device=device)
+    kept = torch.ones(t.shape, dtype=torch.bool, device=device)
     if row_kept is not None:
         kept = kept & row_kept.view(-1, 1, 1, 1)
     if col_kept is not None:
         kept = kept & col_kept.view(1, -1, 1, 1)
-    scratch = rows * cols * kh * kw + (((o * i_n + i) * kh + h) * kw + w) % _SCRATCH
-    return torch.where(kept, target, scratch)
+    order = _memory_order(t)
+    scratch = rows * cols * kh * kw + torch.arange(t.numel(), device=device)
+    return torch.where(kept.permute(order).reshape(-1), target.expand(t.shape).permute(order).reshape(-1), scratch)
+
+
+def _memory_order(t: torch.Tensor) -> list:
+    """t's dims from outermost to innermost in memory."""
+    return sorted(range(t.dim()), key=lambda d: -t.stride(d))
 
 
 class _KeptWeight(torch.autograd.Function):
@@ -108,13 +112,12 @@ class _KeptWeight(torch.autograd.Function):
     def forward(ctx, t, row_pos, row_kept, col_pos, col_kept, rows: int, cols: int, channels_last: bool):
         ctx.save_for_backward(row_pos, row_kept, col_pos, col_kept)
         ctx.rank = t.dim()
-        index = _scatter_index(t.shape, row_pos, row_kept, col_pos, col_kept, rows, cols, channels_last)
+        index = _scatter_index(t, row_pos, row_kept, col_pos, col_kept, rows, cols, channels_last)
         kh, kw = t.shape[2:]
-        flat = t.new_empty(rows * cols * kh * kw + _SCRATCH)
+        flat = t.new_empty(rows * cols * kh * kw + t.numel())
         # elements in t's memory order: the scatter then reads t where the kernel making t wrote
         # it, and Inductor fuses the two (in another order it would not, and t.flatten() copies)
-        order = sorted(range(4), key=lambda d: -t.stride(d))
-        flat.index_put_((index.permute(order).reshape(-1),), t.permute(order).reshape(-1))
+        flat.index_put_((index,), t.permute(_memory_order(t)).reshape(-1))
         kept = flat[: rows * cols * kh * kw]
         if channels_last:
             return kept.view(rows, kh, kw, cols).permute(0, 3, 1, 2)
