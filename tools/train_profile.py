@@ -2,7 +2,8 @@
 
 Per variant, on the GPU: ms per step (CUDA events over `--steps` steps), the kernel time and
 the number of kernels per step from the profiler (a step much longer than its kernel time is
-bound by the host launching kernels), and the kernels that take the most time.
+bound by the host launching kernels), the kernels that take the most time, and the kernel time
+by what the kernels do, read off their names (CATEGORIES).
 
     PYTHONPATH=. python tools/train_profile.py --model resnet50 --dtype fp16 --variants ind,fx,tp,indcg
 
@@ -30,6 +31,34 @@ import train  # noqa: E402
 import fxsparse  # noqa: E402,F401  (registers the backend)
 
 
+# What a kernel of a training step does, read off its name; the first matching rule wins
+# (Inductor names a fused kernel after every op it holds, so the rarer ops are tested first).
+CATEGORIES = (
+    ("fxsparse conv op", ("conv_kernel", "_gemm_kernel", "_box_kernel", "_box_ws_kernel")),
+    ("cuDNN / cuBLAS conv, matmul", ("xmma", "cudnn", "cutlass", "convolve", "implicit_gemm", "gemm", "nhwc",
+                                      "nchwToNhwc", "nhwcToNchw")),
+    ("kept-weight slice (scatter)", ("index_put",)),
+    ("gradient expansion to full size", ("masked_fill",)),
+    ("optimizer", ("multi_tensor_apply", "foreach")),
+    ("memory copy / fill", ("Memcpy", "Memset", "fill")),
+    ("batch norm", ("batch_norm",)),
+    ("other generated kernels", ("triton_",)),
+)
+
+
+def kernel_category(name: str) -> str:
+    """The category of a kernel of a training step (CATEGORIES), "other" where none matches."""
+    return next((cat for cat, keys in CATEGORIES if any(k in name for k in keys)), "other")
+
+
+def by_category(per_kernel: dict) -> dict:
+    """{category: ms per step} of {kernel name: ms per step}."""
+    out = defaultdict(float)
+    for name, ms in per_kernel.items():
+        out[kernel_category(name)] += ms
+    return dict(out)
+
+
 def kernel_profile(trainer, x, y, steps: int) -> tuple:
     """(kernel ms per step, kernels per step, {kernel name: ms per step}, {host op: (self ms
     per step, calls per step)})."""
@@ -42,6 +71,8 @@ def kernel_profile(trainer, x, y, steps: int) -> tuple:
     per_kernel, count = defaultdict(float), 0
     host = defaultdict(lambda: [0.0, 0.0])
     for e in prof.events():
+        if getattr(e, "is_user_annotation", False):
+            continue  # a range such as the optimizer step's, over kernels counted on their own
         if e.device_type == torch.autograd.DeviceType.CUDA:
             per_kernel[e.name] += e.device_time_total / 1e3 / steps
             count += 1
@@ -80,9 +111,11 @@ def main(argv=None) -> None:
         compile_s = train.timed_first_step(trainers[variant], x, y)
         rows.append({"variant": variant, "step_ms": train.step_ms(trainers[variant], x, y, args.steps),
                      "compile_s": compile_s})
+    categories = {}
     for row in rows:
         kernel_ms, kernels, per_kernel, host = kernel_profile(trainers[row["variant"]], x, y, 5)
         row.update(kernel_ms=kernel_ms, kernels=kernels, host_bound=row["step_ms"] - kernel_ms)
+        categories[row["variant"]] = by_category(per_kernel)
         print(f"\n{row['variant']}: {row['step_ms']:.2f} ms/step, kernels {kernel_ms:.2f} ms in {kernels:.0f} launches",
               flush=True)
         for name, ms in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:args.top]:
@@ -90,6 +123,9 @@ def main(argv=None) -> None:
         print(f"  host ops by self time (profiled: {sum(v[0] for v in host.values()):.1f} ms/step)")
         for name, (ms, calls) in sorted(host.items(), key=lambda kv: -kv[1][0])[:args.top]:
             print(f"   {ms:7.3f} ms  {calls:6.0f} calls  {name[:120]}")
+    names = [c for c, _ in CATEGORIES] + ["other"]
+    common.print_table([{"category": c, **{v: round(categories[v].get(c, 0.0), 3) for v in categories}}
+                        for c in names], [("category", "kernel ms / step by name")] + [(v, v) for v in categories])
     env = common.environment()
     common.print_table(rows, [("variant", "variant"), ("step_ms", "ms/step"), ("kernel_ms", "kernel ms/step"),
                               ("kernels", "kernels/step"), ("host_bound", "step - kernel ms"),
