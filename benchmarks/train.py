@@ -13,7 +13,8 @@ model's own parameters (`weight_orig` of the masked convs); on the GPU under aut
 GradScaler for fp16, the parameters fp32. Masks: 50% of the channel groups (benchmarks/models.py:
 Torch-Pruning's groups where it is installed, which also gives the physical model; else
 `fxsparse.sparsify`'s coupled groups). Columns (ms per step; GPU: CUDA-event time of `--steps`
-steps after warmup; CPU: median wall clock):
+steps after warmup, the median of three rounds that take the variants in turn; CPU: median wall
+clock):
 
   eager / Inductor / fxsparse / TP Ind    the masked model eager, under Inductor, under fxsparse
                                           (option `lowering` = `--lowering`, default auto);
@@ -164,11 +165,16 @@ def step_ms(trainer: Trainer, x, y, steps: int, warmup: int = 3) -> float:
     return statistics.median(samples)
 
 
-def time_steps(trainers: dict, x, y, steps: int) -> dict:
-    """ms per step of each trainer: on the GPU each on its own (CUDA events); on the CPU in
-    rounds, one step of each per round, medians (a loaded host slows all of them alike)."""
+def time_steps(trainers: dict, x, y, steps: int, rounds: int = 3) -> dict:
+    """ms per step of each trainer, medians over rounds that take the trainers in turn: on the
+    GPU `steps` steps of each per round (CUDA events), on the CPU one step of each per round,
+    `steps` rounds (a loaded host slows all of them alike)."""
     if x.is_cuda:
-        return {k: step_ms(t, x, y, steps) for k, t in trainers.items()}
+        samples = {k: [] for k in trainers}
+        for _ in range(rounds):
+            for k, t in trainers.items():
+                samples[k].append(step_ms(t, x, y, steps))
+        return {k: statistics.median(v) for k, v in samples.items()}
     samples = {k: [] for k in trainers}
     for t in trainers.values():
         t.step(x, y)
