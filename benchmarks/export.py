@@ -13,10 +13,10 @@ masked eager output| / max(1, max |masked eager output|); size = the .onnx files
 
 GPU (--gpu): fp16, channels_last, per batch: AOTInductor packages (aoti_compile_and_package,
 aoti_load_package, one static-shape package per batch; --runner compile: the exported program's
-module under torch.compile with freezing instead, the same generated code in-process) of the compact model (lowering "auto";
---lowerings auto,aten adds aten), of Torch-Pruning's physically pruned model (where
-torch_pruning imports; --with-masked adds the masked model), and torch.compile(backend="fxsparse")
-on the masked model. ms = median plain call
+module under torch.compile with freezing instead, the same generated code in-process) of the
+compact model (lowering "auto"; --lowerings auto,aten adds aten), of Torch-Pruning's physically
+pruned model (where torch_pruning imports; --with-masked adds the masked model), and
+torch.compile(backend="fxsparse") on the masked model. ms = median plain call
 (triton.testing.do_bench: host time included); err = max |out - masked eager fp16 out|.
 """
 from __future__ import annotations

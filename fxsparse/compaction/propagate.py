@@ -142,9 +142,10 @@ class Storage:
         vectors as a stored one does."""
         unused = stored & ~used
         read = used & stored
-        if self.reads_whole(int(unused.sum()), int(stored.sum())):
+        total, k = int(stored.sum()), int(read.sum())
+        if self.reads_whole(int(unused.sum()), total):
             return stored
-        extra = min(int(stored.sum()), -(-int(read.sum()) // self.multiple) * self.multiple) - int(read.sum())
+        extra = min(total, -(-k // self.multiple) * self.multiple) - k
         if extra > 0:
             read = read.clone()
             read[unused.nonzero().flatten()[:extra]] = True

@@ -99,7 +99,7 @@ def _scatter_index(t: torch.Tensor, row_pos, row_kept, col_pos, col_kept, rows: 
         kept = kept & col_kept.view(1, -1, 1, 1)
     order = _memory_order(t)
     scratch = rows * cols * kh * kw + torch.arange(t.numel(), device=device)
-    return torch.where(kept.permute(order).reshape(-1), target.expand(t.shape).permute(order).reshape(-1), scratch)
+    return torch.where(kept.permute(order).reshape(-1), target.permute(order).reshape(-1), scratch)
 
 
 def _memory_order(t: torch.Tensor) -> list:

@@ -63,6 +63,9 @@ def _storage_or_none(t: torch.Tensor):
         return None
 
 
+_GUARD_CFLAGS = ("-O3",)
+
+
 @functools.lru_cache(maxsize=None)
 def native_checker():
     """The compiled VersionGuard module, or None (then ValueGuard checks in Python)."""
@@ -90,9 +93,6 @@ def native_checker():
         return None
     _note_built(built, module.__file__, digest)
     return module
-
-
-_GUARD_CFLAGS = ("-O3",)
 
 
 def _import_built(note: Path, name: str, digest: str):
