@@ -492,6 +492,7 @@ def test_aot_inductor_packages_the_fused_op(tmp_path):
 
 # -- the benchmark's test-sized form -------------------------------------------------------------
 
+@pytest.mark.slow
 def test_export_benchmark_quick(tmp_path):
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnxruntime")

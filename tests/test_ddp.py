@@ -110,7 +110,9 @@ def worker(rank: int, world: int, port: int, how: str, optimize_ddp: bool, induc
 
 @pytest.mark.parametrize("how,optimize_ddp,inductor,dynamic", [
     ("ddp_of_compiled", True, False, None), ("compiled_ddp", True, False, None), ("compiled_ddp", False, False, None),
-    ("compiled_ddp", True, True, None), ("ddp_of_compiled", True, True, True),
+    # through Inductor: the two slowest, left out of the fast tier
+    pytest.param("compiled_ddp", True, True, None, marks=pytest.mark.slow),
+    pytest.param("ddp_of_compiled", True, True, True, marks=pytest.mark.slow),
 ])
 def test_ddp_matches_eager_and_compacts(how, optimize_ddp, inductor, dynamic):
     if not dist.is_available() or not dist.is_gloo_available():

@@ -154,6 +154,7 @@ def _guard_process(cache_dir) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
+@pytest.mark.slow  # two fresh processes
 def test_a_later_process_imports_the_built_guard_directly(tmp_path):
     """The first process builds (or finds) the guard through cpp_extension and notes where it
     lives; the next imports it from there without cpp_extension, and it checks as before. A

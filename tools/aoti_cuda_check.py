@@ -5,20 +5,26 @@
 Exports an `nn.Linear(16, 16)` + ReLU, packages it with `aoti_compile_and_package`, then loads and
 runs it, each case in a fresh process so that a crash is reported instead of ending the check.
 A crash of this case means the torch build's AOTInductor runtime fails on CUDA, whatever the
-model holds.
+model holds. Each device is tried with Inductor's defaults, then with the kernels' binaries
+embedded in the package's library (`aot_inductor.embed_kernel_binary`: no cubin files loaded at
+run time).
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tempfile
 
+CONFIGS = ({}, {"aot_inductor.embed_kernel_binary": True})
+
 CASE = r'''
-import sys, torch
-device = sys.argv[1]
+import json, sys, torch
+device, configs = sys.argv[1], json.loads(sys.argv[3])
 m = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU()).to(device)
 x = torch.randn(4, 16, device=device)
-path = torch._inductor.aoti_compile_and_package(torch.export.export(m, (x,)), package_path=sys.argv[2])
+path = torch._inductor.aoti_compile_and_package(torch.export.export(m, (x,)), package_path=sys.argv[2],
+                                                inductor_configs=configs)
 print("packaged", flush=True)
 f = torch._inductor.aoti_load_package(path)
 print("loaded", flush=True)
@@ -26,13 +32,13 @@ print("max error", float((f(x) - m(x)).abs().max()), flush=True)
 '''
 
 
-def run(device: str, timeout: int = 300) -> str:
+def run(device: str, configs: dict, timeout: int = 300) -> str:
     with tempfile.TemporaryDirectory() as d:
-        proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", CASE, device, f"{d}/linear.pt2"],
-                              capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", CASE, device, f"{d}/linear.pt2",
+                               json.dumps(configs)], capture_output=True, text=True, timeout=timeout)
     steps = " / ".join(proc.stdout.split("\n")).strip(" /")
     status = "ok" if proc.returncode == 0 else "crashed" if proc.returncode < 0 else "failed"
-    return f"{device}: exit {proc.returncode} ({status}) | {steps}"
+    return f"{device} {configs or 'defaults'}: exit {proc.returncode} ({status}) | {steps}"
 
 
 if __name__ == "__main__":
@@ -40,4 +46,5 @@ if __name__ == "__main__":
 
     print(f"torch {torch.__version__}")
     for device in (["cuda"] if torch.cuda.is_available() else []) + ["cpu"]:
-        print(run(device), flush=True)
+        for configs in CONFIGS:
+            print(run(device, configs), flush=True)
