@@ -124,9 +124,17 @@ class Storage:
             return kept
         if k > self.dense_above * c:
             return torch.ones_like(kept)
-        extra = min(c, -(-k // self.multiple) * self.multiple) - k
-        out = kept.clone()
-        out[(~kept).nonzero().flatten()[:extra]] = True
+        return self._rounded_up(kept, ~kept, c)
+
+    def _rounded_up(self, chosen: torch.Tensor, spare: torch.Tensor, limit: int) -> torch.Tensor:
+        """`chosen` (a bool mask) with the first `spare` channels added, so that it holds a
+        multiple of `multiple` channels (or `limit`, where that is fewer)."""
+        k = int(chosen.sum())
+        extra = min(limit, -(-k // self.multiple) * self.multiple) - k
+        if extra <= 0:
+            return chosen
+        out = chosen.clone()
+        out[spare.nonzero().flatten()[:extra]] = True
         return out
 
     def reads_whole(self, unused: int, stored: int) -> bool:
@@ -141,15 +149,10 @@ class Storage:
         channels read through zero weight columns, so that a gathered pixel's row stays whole
         vectors as a stored one does."""
         unused = stored & ~used
-        read = used & stored
-        total, k = int(stored.sum()), int(read.sum())
+        total = int(stored.sum())
         if self.reads_whole(int(unused.sum()), total):
             return stored
-        extra = min(total, -(-k // self.multiple) * self.multiple) - k
-        if extra > 0:
-            read = read.clone()
-            read[unused.nonzero().flatten()[:extra]] = True
-        return read
+        return self._rounded_up(used & stored, unused, total)
 
 
 @dataclass(frozen=True)
