@@ -12,12 +12,14 @@ FXSPARSE_CACHE_DIR (fxsparse still reads the table of tuned launches shipped wit
 adds a column without it; --workers N one with settings.compile_workers = N: each shape's
 candidates compiled on N threads before timing, and the launches the cache holds compiled on
 background threads during the graph's compile, cold and warm). Warm: a second process on the caches
-the cold one filled (--repeat N: N such processes, the median). fxsparse's columns also say where
+the cold one filled (--repeat N: N such processes, the median; both cold processes run first, then
+the warm ones alternate between the backends). fxsparse's columns also say where
 its first call went: seconds in the selector's timing of launches (`tune s`, shapes timed / read
 from the shipped table), of the lowering's triton-vs-aten choices (`pick s`) and of the value guard
 (`guard s`: a fresh machine builds its C++ check in the cold process).
 
-Then, per model, where the warm first call goes, for both backends: dynamo's trace (and guards),
+Then, per model, where the warm first call goes, for both backends: dynamo's side (its trace before
+the backend is called, then guards and code after it returns),
 the compile (Inductor's compile_fx; fxsparse's whole backend, its compile_fx included), the first
 run of the compiled graph (kernels loaded, CUDA-graph trees warmed up), the garbage collector's
 share of all that, and fxsparse's backend by stage (capture, sparsity, compaction, lowering,
@@ -61,6 +63,7 @@ def _clocked(fn, seconds: dict, key: str, first_run: bool = False):
     @functools.wraps(fn)
     def run(*a, **k):
         t0 = time.perf_counter()
+        seconds.setdefault(key + "_entered", t0)
         depth[0] += 1
         try:
             out = fn(*a, **k)
@@ -224,6 +227,12 @@ def child(args) -> None:
             compiled(x)
         sync()
         total = time.perf_counter() - t0
+    # dynamo's side before the backend is called (its trace) and after it returns (guards, code)
+    entered = seconds.pop("backend_entered" if args.backend == "fxsparse" else "compile_fx_entered", None)
+    for key in [k for k in seconds if k.endswith("_entered")]:
+        del seconds[key]
+    if entered is not None:
+        seconds["trace_before"] = entered - t0
     if args.profile_dir:
         write_profile(profiler, os.path.join(args.profile_dir, f"warm_{args.backend}_{args.model}.txt"))
     print(json.dumps(dict(stats, compile_s=total, stages=seconds)), flush=True)
@@ -269,6 +278,7 @@ def median_run(results: list) -> dict:
 
 # The rows of the stage table: the warm first call, its parts, then fxsparse's backend by stage.
 PARTS = (("first call", "compile_s"), ("  dynamo's trace and guards", "trace"),
+         ("    before the backend (trace)", "trace_before"), ("    after it (guards, code)", "trace_after"),
          ("  compile (Ind: compile_fx; fx: backend)", "compile"), ("  first run of the graph", "first_run"),
          ("  garbage collection, within those", "gc"), ("  full collections (count)", "gc_full"),
          ("  Inductor's compile_fx", "compile_fx"))
@@ -281,6 +291,8 @@ def stage_parts(result: dict, label: str) -> dict:
     out = {**stages, "compile_s": result.get("compile_s"), "compile": compile_s}
     if None not in (compile_s, stages.get("first_run"), result.get("compile_s")):
         out["trace"] = result["compile_s"] - compile_s - stages["first_run"]
+        if stages.get("trace_before") is not None:
+            out["trace_after"] = out["trace"] - stages["trace_before"]
     return out
 
 
@@ -326,14 +338,21 @@ def main(argv=None) -> int:
     for model in args.models.split(","):
         row = dict(model=model, keep=args.keep, batch=args.batch)
         parts = {}
-        for backend, label in (("inductor", "ind"), ("fxsparse", "fx")):
-            dirs = fresh_dirs()
-            run = functools.partial(measure, backend, model, args.keep, args.batch, dirs, True, args.timeout,
-                                    args.device, image_size=args.image_size)
-            cold = run()
-            warm = median_run([run() for _ in range(max(1, args.repeat))])
+        backends = (("inductor", "ind"), ("fxsparse", "fx"))
+        runs = {label: functools.partial(measure, backend, model, args.keep, args.batch, fresh_dirs(), True,
+                                         args.timeout, args.device, image_size=args.image_size)
+                for backend, label in backends}
+        colds = {label: runs[label]() for _, label in backends}
+        # warm processes alternate between the backends, so that neither runs in a machine state
+        # (page cache, processes the cold runs left) the other does not
+        warms = {label: [] for _, label in backends}
+        for _ in range(max(1, args.repeat)):
+            for _, label in backends:
+                warms[label].append(runs[label]())
+        for backend, label in backends:
+            cold, warm = colds[label], median_run(warms[label])
             if args.profile_dir:  # one more warm process, under cProfile (not in the figures)
-                run(profile_dir=args.profile_dir)
+                runs[label](profile_dir=args.profile_dir)
             row[f"{label}_cold"], row[f"{label}_warm"] = cold.get("compile_s"), warm.get("compile_s")
             parts[label] = stage_parts(warm, label)
             if backend == "fxsparse":

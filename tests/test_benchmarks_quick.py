@@ -90,5 +90,18 @@ def test_compile_time_stage_clock_splits_the_backend():
     assert seconds["inductor"] == 0  # inductor=False: the rewritten graph runs as it is
     assert seconds["report"] >= 0 and seconds["other"] >= 0, seconds
     assert sum(seconds[s] for s in compile_time.STAGES) == pytest.approx(seconds["backend"])
+    assert seconds["backend_entered"] <= seconds["capture_entered"]  # when dynamo handed over the graph
     with torch.no_grad():
         torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_compile_time_splits_dynamo_side_where_the_backend_is_called():
+    """Dynamo's side of a first call = before the backend (its trace) + after it (guards, code)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import compile_time
+
+    result = dict(compile_s=4.0, stages=dict(backend=1.0, first_run=0.5, trace_before=2.0))
+    parts = compile_time.stage_parts(result, "fx")
+    assert parts["trace"] == pytest.approx(2.5) and parts["trace_after"] == pytest.approx(0.5)
+    assert "trace_after" not in compile_time.stage_parts(dict(compile_s=4.0, stages=dict(backend=1.0, first_run=0.5)),
+                                                         "fx")
