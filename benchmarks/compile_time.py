@@ -268,6 +268,13 @@ def measure(backend: str, model: str, keep: float, batch: int, dirs: dict, table
     return json.loads(lines[-1])
 
 
+def announced(result: dict, model: str, label: str, kind: str) -> dict:
+    """`result`, after printing its first call's time (a run stopped midway keeps what it measured)."""
+    print(f"   {model} {label} {kind}: " + (f"{result['compile_s']:.2f} s" if "compile_s" in result
+                                           else result.get("error", "no result")), flush=True)
+    return result
+
+
 def median_run(results: list) -> dict:
     """The result whose first call is the median of `results` (the first error where one failed)."""
     errors = [r for r in results if "error" in r]
@@ -342,13 +349,13 @@ def main(argv=None) -> int:
         runs = {label: functools.partial(measure, backend, model, args.keep, args.batch, fresh_dirs(), True,
                                          args.timeout, args.device, image_size=args.image_size)
                 for backend, label in backends}
-        colds = {label: runs[label]() for _, label in backends}
+        colds = {label: announced(runs[label](), model, label, "cold") for _, label in backends}
         # warm processes alternate between the backends, so that neither runs in a machine state
         # (page cache, processes the cold runs left) the other does not
         warms = {label: [] for _, label in backends}
         for _ in range(max(1, args.repeat)):
             for _, label in backends:
-                warms[label].append(runs[label]())
+                warms[label].append(announced(runs[label](), model, label, "warm"))
         for backend, label in backends:
             cold, warm = colds[label], median_run(warms[label])
             if args.profile_dir:  # one more warm process, under cProfile (not in the figures)

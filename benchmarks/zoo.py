@@ -203,7 +203,14 @@ def first_output(out):
     return out
 
 
+def progress(name: str, batch: int, phase: str, since: float) -> None:
+    """One line per finished phase of a model's row, so that a run stopped midway says how far
+    each model got and what its phases cost."""
+    print(f"   {name} B={batch}: {phase} ({time.perf_counter() - since:.0f} s)", flush=True)
+
+
 def gpu_row(name: str, keep: float, batch: int, image: int) -> dict:
+    t0 = time.perf_counter()
     masked, pruned, how = masked_models(name, keep, image)
     _, shape = build(name, image)
     row = {"model": name, "batch": batch, "masks": how, "physical": "torch-pruning"}
@@ -224,6 +231,7 @@ def gpu_row(name: str, keep: float, batch: int, image: int) -> dict:
         for k in ("graph", "plain"):
             times = [row.pop(f"{label}_{k}", None) for label in settings]
             row[f"ind_{k}"] = min((t for t in times if t is not None), default=None)
+        progress(name, batch, "masks and Inductor's three settings", t0)
         # fxsparse as users call it (its defaults: CUDA graphs on) for the plain call; its kernel
         # time from the build without CUDA graphs, replayed in one
         fx, _ = M.fxsparse_compiled(copy.deepcopy(masked), {"cudagraphs": False})
@@ -233,10 +241,12 @@ def gpu_row(name: str, keep: float, batch: int, image: int) -> dict:
         fxcg, _ = M.fxsparse_compiled(copy.deepcopy(masked), {})
         M.measure("fxcg", wrap(fxcg), x, ref, row, False, True, errors)
         row["fx_plain"] = row.pop("fxcg_plain", None)
+        progress(name, batch, "fxsparse (its launches tuned on the first compile)", t0)
         pruned = to_gpu(pruned)
         tp = wrap(M.compile_inductor(pruned, freezing=True))
         M.measure("tp", tp, x, None, row, True, False, errors)
         row["tp_err"] = common.max_abs_err(first_output(pruned(x)), ref)
+        progress(name, batch, "the physically pruned model", t0)
         alternate_graph_times(row, {"fx": wrap(fx), "tp": tp}, x)
     row["speedup_graph"] = common.ratio(row.get("ind_graph"), row.get("fx_graph"))
     row["vs_tp"] = common.ratio(row.get("tp_graph"), row.get("fx_graph"))
