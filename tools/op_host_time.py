@@ -15,25 +15,16 @@ import contextlib
 import os
 import statistics
 import sys
-import time
 from unittest import mock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def per_call_us(fn, calls: int, sync, rounds: int = 5) -> float:
-    """Median over `rounds` of the mean host time of `calls` back-to-back calls, in us."""
-    for _ in range(min(calls, 200)):
-        fn()
-    sync()
-    means = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        sync()
-        means.append((time.perf_counter() - t0) / calls * 1e6)
-    return statistics.median(means)
+def per_call_us(fn, calls: int, rounds: int = 5) -> float:
+    """Median over `rounds` of benchmarks/common.py's host time per call, in us."""
+    import common
+
+    return statistics.median(common.time_host_us(fn, calls) for _ in range(rounds))
 
 
 def example_args(device: str):
@@ -60,7 +51,6 @@ def measure(device: str, calls: int) -> dict:
 
     args = example_args(device)
     cuda = device == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     with contextlib.ExitStack() as stack:
         if not cuda:
             stack.enter_context(triton_on_cpu())
@@ -69,17 +59,16 @@ def measure(device: str, calls: int) -> dict:
         op = torch.ops.fxsparse.conv2d.default
         with torch.no_grad():
             op(*args)
-            sync()
-            rows = dict(op=per_call_us(lambda: op(*args), calls, sync),
-                        checks=per_call_us(lambda: check_conv2d_args(ConvArgs(*args)), calls, sync),
-                        launcher=per_call_us(lambda: conv2d_triton(ConvArgs(*args)), calls, sync))
+            rows = dict(op=per_call_us(lambda: op(*args), calls),
+                        checks=per_call_us(lambda: check_conv2d_args(ConvArgs(*args)), calls),
+                        launcher=per_call_us(lambda: conv2d_triton(ConvArgs(*args)), calls))
             if cuda:
                 call = conv_call(ConvArgs(*args))
                 sel = selector.launch(call)[1]
-                rows["launch"] = per_call_us(lambda: sel.choice.run(call, sel.config, sel.split_k), calls, sync)
+                rows["launch"] = per_call_us(lambda: sel.choice.run(call, sel.config, sel.split_k), calls)
                 rows["launch_kind"] = sel.describe()
             x, w, b = args[:3]
-            rows["aten"] = per_call_us(lambda: torch.relu(torch.conv2d(x, w, b, 1, 1) + args[11]), calls, sync)
+            rows["aten"] = per_call_us(lambda: torch.relu(torch.conv2d(x, w, b, 1, 1) + args[11]), calls)
     rows["dispatch"] = rows["op"] - rows["checks"] - rows["launcher"]
     return rows
 
@@ -91,7 +80,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"  # (read when triton is imported: the interpreter's path)
-    sys.path.insert(0, ROOT)
+    sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]  # (common.py lives there)
     import torch
     import triton
     from tabulate import tabulate
