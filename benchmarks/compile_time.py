@@ -244,6 +244,7 @@ def write_profile(profiler, path: str, top: int = 40) -> None:
     with open(path, "w") as f:
         for order in ("cumulative", "tottime"):
             pstats.Stats(profiler, stream=f).sort_stats(order).print_stats(top)
+    profiler.dump_stats(os.path.splitext(path)[0] + ".prof")  # the whole profile, for pstats or snakeviz
 
 
 def measure(backend: str, model: str, keep: float, batch: int, dirs: dict, table: bool, timeout: float,
@@ -334,7 +335,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=1,
                    help="warm processes per backend: the warm figures and the stage table are their medians")
     p.add_argument("--profile-dir", default="",
-                   help="also profile one more warm first call per backend (cProfile), written here")
+                   help="also profile one more warm first call per backend (cProfile: a text summary and the .prof), written here")
     args = p.parse_args(argv)
     if args.child:
         child(args)

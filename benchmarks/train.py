@@ -355,7 +355,7 @@ def finetune_row(steps: int, device: str, quick: bool) -> dict:
 def main(argv: Optional[list] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small ResNet on the CPU, one thread; asserts exactness")
-    p.add_argument("--models", default="resnet50,mobilenet_v2")
+    p.add_argument("--models", default="resnet50,mobilenet_v2", help="'' for the fine-tune row only")
     p.add_argument("--dtypes", default="fp16,bf16", help="AMP dtypes on the GPU (fp32: no autocast)")
     p.add_argument("--keep", type=float, default=0.5)
     p.add_argument("--batch", type=int, default=64)
@@ -391,7 +391,8 @@ def main(argv: Optional[list] = None) -> None:
         plan = [("small_resnet", "fp32", 16, 16)]
         steps, finetune_steps = 7, 3
     else:
-        plan = [(m, d, args.batch, args.image_size) for m in args.models.split(",") for d in args.dtypes.split(",")]
+        plan = [(m, d, args.batch, args.image_size) for m in filter(None, args.models.split(","))
+                for d in args.dtypes.split(",")]
         steps, finetune_steps = args.steps, args.finetune_steps
     rows, start = [], time.perf_counter()
     for name, dtype_name, batch, image in plan:

@@ -151,7 +151,7 @@ def _mask_zeros(mask: torch.Tensor, shape, name: str) -> torch.Tensor:
     if torch.isnan(mask).any():
         raise SparsityError(f"fxsparse: the mask of {name} contains NaN")
     try:
-        return torch.broadcast_to(mask == 0, shape).cpu()
+        return torch.broadcast_to(mask == 0, shape)  # left on its device: _zero_pairs reduces it there
     except RuntimeError:
         raise SparsityError(
             f"fxsparse: the mask of {name} has shape {tuple(mask.shape)}, which does not fit its weight {tuple(shape)}"
@@ -163,7 +163,8 @@ def _zero_pairs(zero: torch.Tensor) -> tuple:
     kh * kw weights are zero. Reduced where the weight lives; rows and columns are read off
     these small matrices."""
     flat = zero.flatten(2)
-    return flat.all(2).cpu(), flat.any(2).cpu()
+    both = torch.stack((flat.all(2), flat.any(2))).cpu()  # one copy (and sync) per conv
+    return both[0], both[1]
 
 
 def _rows_cols(whole: torch.Tensor) -> tuple:
