@@ -17,7 +17,8 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from fxsparse.compaction.propagate import Storage, propagate
+from fxsparse.compaction.plan import Storage
+from fxsparse.compaction.propagate import propagate
 from fxsparse.graph.capture import (_SOURCE_KEY, Capture, capture, placeholder_source, real_example_inputs,
                                     running_stat_counter, written_placeholders)
 from fxsparse.lowering import choose
@@ -70,7 +71,7 @@ def conv_lowering(opts: Options, example_inputs: Sequence, inference: bool) -> s
 
 def channel_storage(opts: Options, example_inputs: Sequence) -> Storage:
     """Exact compaction on the CPU; on CUDA, stored channel counts in multiples of 8 (16-byte
-    rows of fp16) and near-full layouts stored full (propagate.Storage says why)."""
+    rows of fp16) and near-full layouts stored full (plan.Storage says why)."""
     multiple = opts.align_channels
     if multiple is None:
         multiple = 8 if _on_cuda(example_inputs, floating_only=True) else 1

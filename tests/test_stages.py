@@ -12,7 +12,8 @@ import models as M
 from models import fresh_dynamo  # noqa: F401
 from fxsparse.compaction import rules
 from fxsparse.compaction.check import check_plan
-from fxsparse.compaction.propagate import Layout, Storage, propagate
+from fxsparse.compaction.plan import Layout, Storage
+from fxsparse.compaction.propagate import propagate
 from fxsparse.graph.capture import capture
 from fxsparse.lowering import rewrite
 from fxsparse.sparsity import read

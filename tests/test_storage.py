@@ -1,4 +1,4 @@
-"""What a layout stores (`compaction.propagate.Storage`): on CUDA, channel counts rounded up
+"""What a layout stores (`compaction.plan.Storage`): on CUDA, channel counts rounded up
 to whole 16-byte rows and near-full layouts stored full. The added channels are real
 channels of the model, so compiled still equals eager; the tests run the rounding on the CPU
 through the `align_channels` option (small multiples: the zoo's layers are 8-16 wide)."""
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import models as M
 from models import after_graph, assert_matches, compile_model, conv_rows, fresh_dynamo, report  # noqa: F401
-from fxsparse.compaction.propagate import Storage
+from fxsparse.compaction.plan import Storage
 from fxsparse.options import Options
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")

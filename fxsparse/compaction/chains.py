@@ -22,20 +22,22 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.fx as fx
 
+from fxsparse.compaction.plan import CONST_DTYPE, BiasMap, ConvPlan, Layout
+
 if TYPE_CHECKING:
-    from fxsparse.compaction.propagate import BiasMap, ConvPlan, Layout, Propagation
+    from fxsparse.compaction.propagate import Propagation
 
 
 @dataclass(frozen=True, eq=False)
 class Chain:
     conv: fx.Node
     # the layout the chain writes its result in (see result_layout); None until planned
-    result: Optional["Layout"] = None
+    result: Optional[Layout] = None
     # the conv's constants with its BatchNorm folded in (CONST_DTYPE, on the CPU): w' = w * a,
     # b' = b * a + s, bias map' = bias map * a
     weight: Optional[torch.Tensor] = None
     bias: Optional[torch.Tensor] = None
-    bias_map: Optional["BiasMap"] = None
+    bias_map: Optional[BiasMap] = None
     bn: Optional[fx.Node] = None
     act: Optional[fx.Node] = None
     add: Optional[fx.Node] = None
@@ -100,9 +102,8 @@ def plan_chains(prop: "Propagation") -> dict:
     return chains
 
 
-def planned(prop: "Propagation", chain: Chain, plan: "ConvPlan") -> Chain:
+def planned(prop: "Propagation", chain: Chain, plan: ConvPlan) -> Chain:
     """`chain` with its result layout and its BatchNorm-folded constants."""
-    from fxsparse.compaction.propagate import CONST_DTYPE
     weight, bias, bias_map = plan.weight.to("cpu", CONST_DTYPE), plan.bias, plan.bias_map
     if chain.bn is not None:
         a, s = prop.bn_folds[chain.bn]
@@ -113,7 +114,7 @@ def planned(prop: "Propagation", chain: Chain, plan: "ConvPlan") -> Chain:
     return replace(chain, result=result_layout(prop, chain), weight=weight, bias=bias, bias_map=bias_map)
 
 
-def result_layout(prop: "Propagation", chain: Chain) -> "Layout":
+def result_layout(prop: "Propagation", chain: Chain) -> Layout:
     """The layout a chain writes its result in: its residual add's; for a chain without one
     whose only reader is an add storing more channels (a downsample branch), that add's,
     which it then reads without a relayout; else the chain's own."""

@@ -31,8 +31,12 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
+from fxsparse.compaction.plan import CONST_DTYPE, Layout, at_least_one
 from fxsparse.graph.capture import OpView, view
+from fxsparse.kernels.layout import select_channels
+from fxsparse.sparsity.read import param_only
 
 _AXIS = "_fxsparse_channel_axis"
 SKIP = object()  # emit(): the node needs no emitted value (its users read its input)
@@ -160,7 +164,6 @@ class Elementwise(Rule):
 
 class Pointwise(Elementwise):
     def layout(self, prop, n, v, c):
-        from fxsparse.compaction.propagate import CONST_DTYPE, Layout
         lin = prop.input_layout(v.node.args[0])
         const = v.fn(lin.const.reshape(1, -1, 1, 1)).reshape(-1).to(CONST_DTYPE)
         return Layout(c, lin.kept, const)
@@ -176,7 +179,6 @@ class Permute(Elementwise):
         return v.args["dims"].index(_axis_of(v.args["input"]))
 
     def layout(self, prop, n, v, c):
-        from fxsparse.compaction.propagate import Layout
         lin = prop.input_layout(v.args["input"])
         return Layout(c, lin.kept, lin.const.clone())
 
@@ -189,7 +191,6 @@ class Pool(Elementwise):
         return 1
 
     def layout(self, prop, n, v, c):
-        from fxsparse.compaction.propagate import Layout
         lin = prop.input_layout(v.args["input"])
         if prop._uniform_pool(v):
             return Layout(c, lin.kept, lin.const.clone())
@@ -210,7 +211,6 @@ class BatchNorm(Elementwise):
         super().live(prop, n, v, out_live)
 
     def layout(self, prop, n, v, c):
-        from fxsparse.compaction.propagate import Layout
         if not prop._foldable_bn(v):
             return f"batch_norm {n.name} in training or with statistics that are not parameters"
         lin = prop.input_layout(v.args["input"])
@@ -218,7 +218,6 @@ class BatchNorm(Elementwise):
         return Layout(c, lin.kept, lin.const * a + b)
 
     def couple(self, b, g, n, v, values):
-        import torch.nn as nn
         x = v.args["input"]
         if not b.couple(g, x, n):
             return b.block_all(g, n, "batch_norm on a tensor without channels")
@@ -249,7 +248,6 @@ class Flatten(Rule):
         prop._need(v.args["input"], out_live.reshape(-1, self.per_channel(v)).any(1))
 
     def layout(self, prop, n, v, c):
-        from fxsparse.compaction.propagate import Layout
         lin = prop.input_layout(v.args["input"])
         hw = self.per_channel(v)
         kept = (lin.kept.reshape(-1, 1) * hw + torch.arange(hw)).reshape(-1)
@@ -279,7 +277,6 @@ class Add(Rule):
         prop._need(v.args["b"], out_live)
 
     def layout(self, prop, n, v, c):
-        from fxsparse.compaction.propagate import Layout
         la, lb = prop.input_layout(v.args["a"]), prop.input_layout(v.args["b"])
         kept = la.kept_mask() | lb.kept_mask()
         if n in prop.widen:
@@ -308,7 +305,6 @@ class Mul(Rule):
     def operands(self, v, prop=None):
         """(the channel operand, the parameter operand or None for a gate of two channel tensors).
         With `prop`, an operand computed from parameters only is the parameter, whatever its shape."""
-        from fxsparse.sparsity.read import param_only
         a, b = v.args["a"], v.args["b"]
         if channel_count(a) is not None and channel_count(b) is not None:
             if prop is not None and prop.enabled and param_only(b, prop.cap) and not param_only(a, prop.cap):
@@ -355,8 +351,6 @@ class Mul(Rule):
             prop._need_rest(n, x)
 
     def layout(self, prop, n, v, c):
-        from fxsparse.compaction.propagate import CONST_DTYPE, Layout
-        from fxsparse.sparsity.read import param_only
         if param_only(n, prop.cap):
             return "parameter arithmetic"  # (a mask times a weight: never a compacted tensor)
         x, p = self.operands(v, prop)
@@ -374,10 +368,8 @@ class Mul(Rule):
 
     def combine(self, prop, la, lb, c):
         """The layout of a * b from the operands' (a product is 0 where either is the constant 0)."""
-        from fxsparse.compaction.propagate import CONST_DTYPE, Layout
         zero_a = ~la.kept_mask() & (la.const == 0)
         zero_b = ~lb.kept_mask() & (lb.const == 0)
-        from fxsparse.compaction.propagate import at_least_one
         kept = at_least_one((la.kept_mask() | lb.kept_mask()) & ~zero_a & ~zero_b)
         const = torch.where(zero_a | zero_b, torch.zeros((), dtype=CONST_DTYPE), la.const * lb.const)
         return Layout(c, prop.storage.round(kept).nonzero().flatten(), const)
@@ -386,7 +378,6 @@ class Mul(Rule):
         return const * scale
 
     def scale(self, prop, x, p) -> torch.Tensor:
-        from fxsparse.compaction.propagate import CONST_DTYPE
         dim = self._scale_dim(x, p)
         return prop.value(p).detach().to("cpu", CONST_DTYPE).movedim(dim, 0).reshape(-1)
 
@@ -416,7 +407,6 @@ class AddBroadcast(Mul):
     op = torch.add
 
     def combine(self, prop, la, lb, c):
-        from fxsparse.compaction.propagate import Layout
         kept = la.kept_mask() | lb.kept_mask()
         return Layout(c, prop.storage.round(kept).nonzero().flatten(), la.const + lb.const)
 
@@ -438,7 +428,6 @@ class Cat(Rule):
             start += c
 
     def layout(self, prop, n, v, c):
-        from fxsparse.compaction.propagate import Layout
         kept, const, start = [], [], 0
         for t in v.args["tensors"]:
             lt = prop.input_layout(t)
@@ -495,7 +484,6 @@ class SplitItem(Rule):
         prop._need(x, mask)
 
     def layout(self, prop, n, v, c):
-        from fxsparse.compaction.propagate import Layout
         x = v.args["input"]
         lin = prop.input_layout(x)
         start = v.args["start"]
@@ -542,7 +530,6 @@ class Shuffle(Rule):
         prop._need(v.args["input"], mask)
 
     def layout(self, prop, n, v, c):
-        from fxsparse.compaction.propagate import Layout
         lin = prop.input_layout(v.args["input"])
         perm = self.perm(v, c)
         return Layout(c, lin.kept_mask()[perm].nonzero().flatten(), lin.const[perm])
@@ -555,7 +542,6 @@ class Shuffle(Rule):
             b.uf.union(px + i, pn + j)
 
     def emit(self, low, n, v):
-        from fxsparse.kernels.layout import select_channels
         x = v.args["input"]
         lin, mine = low.prop.layout[x], low.prop.layout[n]
         pos = lin.positions_of(self.perm(v, mine.channels)[mine.kept])
@@ -667,7 +653,6 @@ class Linear(Rule):
         return prop._plan_linear(n, v, c)
 
     def couple(self, b, g, n, v, values):
-        import torch.nn as nn
         x = v.args["input"]
         path = b.owner(v.args["weight"], values, ("weight", "weight_orig"), nn.Linear)
         px = b.pos(g, x)
@@ -703,7 +688,6 @@ class LayerNorm(Rule):
         prop._need_rest(n, v.args["input"])
 
     def couple(self, b, g, n, v, values):
-        import torch.nn as nn
         if not b.couple(g, v.args["input"], n):
             return b.block_all(g, n, f"layer_norm {n.name} changes the channel count")
         path = b.owner(v.args.get("weight"), values, ("weight",), nn.LayerNorm)
@@ -711,14 +695,12 @@ class LayerNorm(Rule):
             b.uf.union_ranges(b.pos(g, n), b.member(path, "ln", b.count(g, n)), b.count(g, n))
 
     def affine(self, prop, v, c) -> tuple:
-        from fxsparse.compaction.propagate import CONST_DTYPE
         w, b = v.args["weight"], v.args["bias"]
         w = torch.ones(c, dtype=CONST_DTYPE) if w is None else prop.value(w).detach().to("cpu", CONST_DTYPE)
         b = torch.zeros(c, dtype=CONST_DTYPE) if b is None else prop.value(b).detach().to("cpu", CONST_DTYPE)
         return w, b
 
     def layout(self, prop, n, v, c):
-        from fxsparse.compaction.propagate import Layout
         if not all(a is None or (isinstance(a, fx.Node) and prop.inference_value_ok(a))
                    for a in (v.args["weight"], v.args["bias"])) or not isinstance(v.args["eps"], float):
             return f"layer_norm {n.name} whose weight or bias is not a parameter (or training)"

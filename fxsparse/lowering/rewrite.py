@@ -31,7 +31,8 @@ import torch
 import torch.fx as fx
 
 from fxsparse.compaction.chains import Chain
-from fxsparse.compaction.propagate import BiasMap, ConvPlan, Layout, LinearPlan, Propagation, at_least_one
+from fxsparse.compaction.plan import BiasMap, ConvPlan, Layout, LinearPlan, at_least_one
+from fxsparse.compaction.propagate import Propagation
 from fxsparse.compaction.rules import SKIP, channel_axis, rule_for
 from fxsparse.graph.capture import OpView, module_path, written_args
 from fxsparse.kernels.layout import constant_input_map, relayout, select_channels

@@ -54,7 +54,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from fxsparse.compaction.propagate import CONST_DTYPE, KeptChannels, Propagation, at_least_one, channel_count
+from fxsparse.compaction.plan import CONST_DTYPE, KeptChannels, at_least_one
+from fxsparse.compaction.propagate import Propagation
+from fxsparse.compaction.rules import channel_count
 from fxsparse.graph.capture import OpView
 from fxsparse.kernels.layout import constant_input_map, relayout, select_channels
 from fxsparse.lowering import choose
