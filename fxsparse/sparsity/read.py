@@ -158,24 +158,35 @@ def _mask_zeros(mask: torch.Tensor, shape, name: str) -> torch.Tensor:
         ) from None
 
 
-def _zero_pairs(zero: torch.Tensor) -> tuple:
-    """[Cout, Cin / groups] masks, on the CPU: whether all / some of each (output, input) pair's
-    kh * kw weights are zero. Reduced where the weight lives; rows and columns are read off
-    these small matrices."""
+@dataclass(frozen=True)
+class ZeroChannels:
+    """A weight's zeros read as channels, on the CPU: its zero rows (output channels) and
+    columns (input channels; none for a grouped conv), whether it has any zero, whether any
+    is left outside those rows and columns, and whether a mask (`structural`) has any."""
+    rows: torch.Tensor
+    cols: torch.Tensor
+    some: bool
+    leftover: bool
+    masked: bool
+
+
+def zero_channels(zero: torch.Tensor, grouped: bool, structural: Optional[torch.Tensor] = None) -> ZeroChannels:
+    """Reduces `zero` (the weight's element mask of zeros) where it lives and copies the few
+    results to the CPU at once: one sync per conv, and no large tensor work on the host."""
     flat = zero.flatten(2)
-    both = torch.stack((flat.all(2), flat.any(2))).cpu()  # one copy (and sync) per conv
-    return both[0], both[1]
+    whole, some = flat.all(2), flat.any(2)  # [Cout, Cin / groups]: all / some of the pair's kh * kw are zero
+    rows = whole.all(1)
+    cols = torch.zeros_like(whole[0]) if grouped else whole.all(0)  # a group's columns are not channels
+    flags = torch.stack((some.any(), (some & ~rows[:, None] & ~cols[None, :]).any(),
+                         structural.any().to(zero.device) if structural is not None else some.new_zeros(())))
+    out = torch.cat((rows, cols, flags)).cpu()
+    c = len(rows)
+    return ZeroChannels(out[:c], out[c:c + len(cols)], bool(out[-3]), bool(out[-2]), bool(out[-1]))
 
 
-def _rows_cols(whole: torch.Tensor) -> tuple:
-    return whole.all(1), whole.all(0)
-
-
-def _leftover_zeros(zero: torch.Tensor, some: torch.Tensor, rows, cols) -> float:
+def _leftover_fraction(zero: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> float:
     """Fraction of the weights still zero once zero rows and columns are removed."""
-    if not bool(some[~rows][:, ~cols].any()):
-        return 0.0
-    rest = zero[~rows.to(zero.device)][:, ~cols.to(zero.device)].cpu()
+    rest = zero[~rows.to(zero.device)][:, ~cols.to(zero.device)]
     return float(rest.float().mean())
 
 
@@ -231,22 +242,18 @@ def read_conv(v: OpView, cap: Capture, inference: bool) -> ConvSparsity:
         sp.bias = evaluate(conv.bias, cap) if conv.bias is not None else None
         sp.depends_on = placeholder_deps(wnode) + (placeholder_deps(conv.bias) if conv.bias is not None else [])
         zero = weight == 0
-        sp.source = "mask" if structural is not None and bool(structural.any()) else "values"
     else:
         if structural is None:
             return sp
         zero = structural
-        sp.source = "mask"
         sp.depends_on = [p for p in placeholder_deps(wnode) if not _depends_on_trainable(p, cap)]
-    whole, some = _zero_pairs(zero)
-    rows, cols = _rows_cols(whole)
-    if conv.groups != 1:
-        cols = torch.zeros_like(cols)  # a grouped conv's columns are not whole input channels
-    sp.zero_rows, sp.zero_cols = rows, cols
-    if not bool(rows.any() or cols.any()):
-        sp.source = "none" if not bool(some.any()) else sp.source
-    leftover = _leftover_zeros(zero, some, rows, cols)
-    if leftover > 0:
+    read = zero_channels(zero, conv.groups != 1, structural)
+    sp.zero_rows, sp.zero_cols = read.rows, read.cols
+    sp.source = "mask" if read.masked else "values"
+    if not bool(read.rows.any() or read.cols.any()) and not read.some:
+        sp.source = "none"
+    if read.leftover:
+        leftover = _leftover_fraction(zero, read.rows, read.cols)
         sp.notes.append(f"{leftover:.0%} of the remaining weights are zero but form no whole channel "
                         "(element-wise or 2-D block sparsity): computed as dense")
     return sp
