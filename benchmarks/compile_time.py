@@ -335,7 +335,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=1,
                    help="warm processes per backend: the warm figures and the stage table are their medians")
     p.add_argument("--profile-dir", default="",
-                   help="also profile one more warm first call per backend (cProfile: a text summary and the .prof), written here")
+                   help="also profile one more warm first call per backend (cProfile: a text summary "
+                        "and the .prof), written here")
     args = p.parse_args(argv)
     if args.child:
         child(args)
