@@ -35,4 +35,3 @@ def test_zero_channels_reads_what_the_elements_say(cout, cin, k, grouped, row_p,
     assert (read.some, read.leftover) == (some, leftover)
     assert read.masked == (masked and some)
     assert read.rows.device.type == "cpu" and read.rows.dtype == torch.bool
-

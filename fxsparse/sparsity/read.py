@@ -151,7 +151,7 @@ def _mask_zeros(mask: torch.Tensor, shape, name: str) -> torch.Tensor:
     if torch.isnan(mask).any():
         raise SparsityError(f"fxsparse: the mask of {name} contains NaN")
     try:
-        return torch.broadcast_to(mask == 0, shape)  # left on its device: _zero_pairs reduces it there
+        return torch.broadcast_to(mask == 0, shape)  # left on its device: zero_channels reduces it there
     except RuntimeError:
         raise SparsityError(
             f"fxsparse: the mask of {name} has shape {tuple(mask.shape)}, which does not fit its weight {tuple(shape)}"
@@ -249,9 +249,7 @@ def read_conv(v: OpView, cap: Capture, inference: bool) -> ConvSparsity:
         sp.depends_on = [p for p in placeholder_deps(wnode) if not _depends_on_trainable(p, cap)]
     read = zero_channels(zero, conv.groups != 1, structural)
     sp.zero_rows, sp.zero_cols = read.rows, read.cols
-    sp.source = "mask" if read.masked else "values"
-    if not bool(read.rows.any() or read.cols.any()) and not read.some:
-        sp.source = "none"
+    sp.source = "none" if not read.some else "mask" if read.masked else "values"
     if read.leftover:
         leftover = _leftover_fraction(zero, read.rows, read.cols)
         sp.notes.append(f"{leftover:.0%} of the remaining weights are zero but form no whole channel "
