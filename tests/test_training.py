@@ -170,6 +170,31 @@ def test_backward_takes_no_gradient_for_the_recomputed_weights(tmp_path, monkeyp
     assert not weight_shapes & set(non_static), non_static
 
 
+def test_kept_indices_reach_the_compiled_graphs_as_one_input_per_dtype(tmp_path, monkeypatch):
+    """The lowering's index and mask vectors are packed (rewrite.pack_vectors): the compiled
+    forward takes at most one integer and one boolean vector, where each conv's indices would
+    otherwise be inputs (and saved tensors) of their own."""
+    import torch._inductor.compile_fx as cfx
+
+    graphs = []
+    original = cfx._compile_fx_inner
+
+    def spy(gm, example_inputs, **kwargs):
+        graphs.append(example_inputs)
+        return original(gm, example_inputs, **kwargs)
+
+    monkeypatch.setattr(cfx, "_compile_fx_inner", spy)
+    model, shape = make("resnet", "ln0")
+    ref, _ = make("resnet", "ln0")
+    compiled = compile_model(model, tmp_path, inductor=True)
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        train_both(model, ref, compiled, shape, steps=2)
+    assert len(graphs) == 2 and compacted_rows(tmp_path)
+    forward = graphs[0]
+    vectors = [t.dtype for t in forward if isinstance(t, torch.Tensor) and t.dim() == 1 and not t.is_floating_point()]
+    assert len(vectors) == len(set(vectors)) <= 2, vectors
+
+
 @pytest.mark.parametrize("name", ["resnet", "bottleneck"])
 def test_channels_carried_to_next_conv(name, tmp_path):
     """The next conv reads only the kept channels of its input (the pruned ones folded)."""

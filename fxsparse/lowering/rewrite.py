@@ -583,12 +583,15 @@ def pack_vectors(graph: fx.Graph, consts: dict) -> dict:
 
     A compiled graph takes each buffer as an input, the training backward saves each one it
     reads, and under CUDA graphs every input and saved tensor costs host time on every call:
-    a pruned ResNet-50's kept indices and masks are ~110 of them. Views start 16-byte aligned."""
+    a pruned ResNet-50's kept indices and masks are ~110 of them. Views start 16-byte aligned.
+    What the fused op reads stays whole: it checks an index once per tensor, not per view."""
+    op_reads = {a.target for n in graph.find_nodes(op="call_function", target=torch.ops.fxsparse.conv2d.default)
+                for a in n.all_input_nodes if a.op == "get_attr"}
+    packable = [name for name, t in consts.items() if t.dim() == 1 and name not in op_reads]
     groups: dict = {}
-    for name, t in consts.items():
-        if t.dim() == 1:
-            groups.setdefault((t.device, t.dtype), []).append(name)
-    out = {name: t for name, t in consts.items() if t.dim() != 1}
+    for name in packable:
+        groups.setdefault((consts[name].device, consts[name].dtype), []).append(name)
+    out = {name: t for name, t in consts.items() if name not in packable}
     place: dict = {}  # name -> (buffer name, offset)
     for i, ((device, dtype), names) in enumerate(groups.items()):
         step = max(1, 16 // torch.empty((), dtype=dtype).element_size())
