@@ -61,7 +61,7 @@ class _Reattach(torch.autograd.Function):
         ctx.replay, ctx.count = replay, count
         ctx.save_for_backward(*tensors[count:])
         ctx.set_materialize_grads(False)  # unused outputs: no tensors of zeros
-        return tuple(t.view_as(t) for t in tensors[:count])
+        return tensors[:count]  # (autograd views an input returned as it is, in C++)
 
     @staticmethod
     def backward(ctx, *grads):
