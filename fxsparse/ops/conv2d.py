@@ -151,37 +151,34 @@ def check_conv2d_args(args: ConvArgs) -> tuple:
     return out_shape
 
 
-@torch.library.custom_op("fxsparse::conv2d", mutates_args=())
-def conv2d(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    in_index: Optional[Tensor],
-    out_index: Optional[Tensor],
-    out_channels: int,
-    fill: Optional[Tensor],
-    bias_map: Optional[Tensor],
-    residual: Optional[Tensor],
-    activation: str,
-    residual_after_activation: bool,
-) -> Tensor:
-    # (the schema is read from this signature; kernels.problem.ConvArgs names the same arguments)
-    args = ConvArgs(x, weight, bias, stride, padding, dilation, in_index, out_index, out_channels, fill,
-                    bias_map, residual, activation, residual_after_activation)
+# Defined with torch.library.Library rather than torch.library.custom_op: a call then goes
+# from the dispatcher straight to these functions (custom_op's Python layers cost a third of a
+# call's host time). The schema is kernels.problem.ConvArgs's arguments, in its order.
+_lib = torch.library.Library("fxsparse", "DEF")
+_lib.define(
+    "conv2d(Tensor x, Tensor weight, Tensor? bias, SymInt[] stride, SymInt[] padding, SymInt[] dilation, "
+    "Tensor? in_index, Tensor? out_index, SymInt out_channels, Tensor? fill, Tensor? bias_map, "
+    "Tensor? residual, str activation, bool residual_after_activation) -> Tensor")
+conv2d = torch.ops.fxsparse.conv2d.default
+
+
+def _conv2d(*args) -> Tensor:
+    args = ConvArgs(*args)
     check_conv2d_args(args)
-    if _use_triton(x):
+    if _use_triton(args.x):
         from fxsparse.kernels.conv2d import conv2d_triton
 
         return conv2d_triton(args)
     return conv2d_reference(args)
 
 
-@conv2d.register_fake
-def _(*args):
+def _conv2d_fake(*args) -> Tensor:
     return args[0].new_empty(check_conv2d_args(ConvArgs(*args))).contiguous(memory_format=torch.channels_last)
+
+
+for _device in ("CPU", "CUDA"):
+    _lib.impl("conv2d", _conv2d, _device)
+torch.library.register_fake("fxsparse::conv2d", _conv2d_fake, lib=_lib)
 
 
 _SLOT = {name: i for i, name in enumerate(ConvArgs._fields)}
@@ -250,4 +247,4 @@ def _reference_backward(ctx, grad_out):
     return tuple(result)
 
 
-conv2d.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("fxsparse::conv2d", _backward, setup_context=_setup_context, lib=_lib)
