@@ -151,9 +151,9 @@ def check_conv2d_args(args: ConvArgs) -> tuple:
     return out_shape
 
 
-# Defined with torch.library.Library rather than torch.library.custom_op: a call then goes
-# from the dispatcher straight to these functions (custom_op's Python layers cost a third of a
-# call's host time). The schema is kernels.problem.ConvArgs's arguments, in its order.
+# Defined with torch.library.Library rather than torch.library.custom_op: a call goes from the
+# dispatcher straight to these functions, without custom_op's Python wrappers (host time per call
+# counts wherever CUDA graphs are off). The schema is kernels.problem.ConvArgs's, in its order.
 _lib = torch.library.Library("fxsparse", "DEF")
 _lib.define(
     "conv2d(Tensor x, Tensor weight, Tensor? bias, SymInt[] stride, SymInt[] padding, SymInt[] dilation, "
