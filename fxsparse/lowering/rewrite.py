@@ -587,41 +587,42 @@ def pack_vectors(graph: fx.Graph, consts: dict) -> dict:
     What the fused op reads stays whole: it checks an index once per tensor, not per view."""
     op_reads = {a.target for n in graph.find_nodes(op="call_function", target=torch.ops.fxsparse.conv2d.default)
                 for a in n.all_input_nodes if a.op == "get_attr"}
-    packable = [name for name, t in consts.items() if t.dim() == 1 and name not in op_reads]
-    groups: dict = {}
-    for name in packable:
-        groups.setdefault((consts[name].device, consts[name].dtype), []).append(name)
-    out = {name: t for name, t in consts.items() if name not in packable}
-    place: dict = {}  # name -> (buffer name, offset)
-    for i, ((device, dtype), names) in enumerate(groups.items()):
-        step = max(1, 16 // torch.empty((), dtype=dtype).element_size())
-        offsets, end = [], 0
-        for name in names:
-            offsets.append(end)
-            end += -(-consts[name].numel() // step) * step
-        buf = torch.zeros(end, dtype=dtype, device=device)
-        for name, off in zip(names, offsets):
-            buf[off:off + consts[name].numel()] = consts[name]
-        packed = f"_fxsparse_vectors_{i}"
-        out[packed] = buf
-        place.update({name: (packed, off) for name, off in zip(names, offsets)})
-    if not place:
-        return out
+    groups: dict = {}  # (device, dtype) -> names
+    for name, t in consts.items():
+        if t.dim() == 1 and name not in op_reads:
+            groups.setdefault((t.device, t.dtype), []).append(name)
+    out = {name: t for name, t in consts.items() if t.dim() != 1 or name in op_reads}
+    place: dict = {}  # name -> (buffer node, offset)
     first = next(n for n in graph.nodes if n.op != "placeholder")
-    buffers = {}
-    with graph.inserting_before(first):
-        for packed in dict.fromkeys(b for b, _ in place.values()):
-            buffers[packed] = graph.get_attr(packed)
-            buffers[packed].meta["example_value"] = out[packed]
+    for i, names in enumerate(groups.values()):
+        packed, offsets = _packed([consts[n] for n in names])
+        out[f"_fxsparse_vectors_{i}"] = packed
+        with graph.inserting_before(first):
+            buffer = graph.get_attr(f"_fxsparse_vectors_{i}")
+        buffer.meta["example_value"] = packed
+        place.update({name: (buffer, off) for name, off in zip(names, offsets)})
     for node in list(graph.find_nodes(op="get_attr")):
         if node.target in place:
-            packed, off = place[node.target]
+            buffer, off = place[node.target]
             with graph.inserting_before(node):
-                view = graph.call_function(torch.narrow, (buffers[packed], 0, off, consts[node.target].numel()))
+                view = graph.call_function(torch.narrow, (buffer, 0, off, consts[node.target].numel()))
             view.meta = dict(node.meta)
             node.replace_all_uses_with(view)
             graph.erase_node(node)
     return out
+
+
+def _packed(vectors: list) -> tuple:
+    """(one buffer holding `vectors` (same device and dtype), each one's offset: 16-byte aligned)."""
+    step = max(1, 16 // vectors[0].element_size())
+    offsets, end = [], 0
+    for v in vectors:
+        offsets.append(end)
+        end += -(-v.numel() // step) * step
+    packed = vectors[0].new_zeros(end)
+    for v, off in zip(vectors, offsets):
+        packed[off:off + v.numel()] = v
+    return packed, offsets
 
 
 def python_module(root: torch.nn.Module, graph: fx.Graph) -> fx.GraphModule:
