@@ -45,8 +45,6 @@ def test_packed_views_equal_their_constants(specs):
 
 def test_what_the_fused_op_reads_stays_whole():
     """The op checks an index once per tensor: an index it reads is not turned into a view."""
-    import fxsparse  # noqa: F401  (registers torch.ops.fxsparse.conv2d)
-
     consts = {"idx": torch.tensor([0, 2]), "other": torch.tensor([1, 3])}
     g = fx.Graph()
     x, w = g.placeholder("x"), g.placeholder("w")
