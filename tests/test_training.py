@@ -144,10 +144,9 @@ def test_loss_through_the_recomputed_weight(inductor, tmp_path):
     assert all(m.weight.requires_grad for m in pruned_modules(model))
 
 
-def test_backward_takes_no_gradient_for_the_recomputed_weights(tmp_path, monkeypatch):
-    """The backward's inputs hold no gradient of a pruned module's `weight` (a tensor of zeros
-    per pruned conv each step, copied into the graph's memory under CUDA graphs): only the
-    activations it saved and the output's gradient."""
+def inductor_graphs(monkeypatch) -> list:
+    """Fills with (is_backward, example inputs, static input positions) for each graph Inductor
+    compiles from here on (run under fx_graph_cache=False: a cached graph is not compiled)."""
     import torch._inductor.compile_fx as cfx
 
     graphs = []
@@ -158,6 +157,14 @@ def test_backward_takes_no_gradient_for_the_recomputed_weights(tmp_path, monkeyp
         return original(gm, example_inputs, **kwargs)
 
     monkeypatch.setattr(cfx, "_compile_fx_inner", spy)
+    return graphs
+
+
+def test_backward_takes_no_gradient_for_the_recomputed_weights(tmp_path, monkeypatch):
+    """The backward's inputs hold no gradient of a pruned module's `weight` (a tensor of zeros
+    per pruned conv each step, copied into the graph's memory under CUDA graphs): only the
+    activations it saved and the output's gradient."""
+    graphs = inductor_graphs(monkeypatch)
     model, shape = make("resnet", "ln0")
     compiled = compile_model(model, tmp_path, inductor=True)
     with torch._inductor.config.patch(fx_graph_cache=False):  # (a cached graph is not compiled)
@@ -174,23 +181,14 @@ def test_kept_indices_reach_the_compiled_graphs_as_one_input_per_dtype(tmp_path,
     """The lowering's index and mask vectors are packed (rewrite.pack_vectors): the compiled
     forward takes at most one integer and one boolean vector, where each conv's indices would
     otherwise be inputs (and saved tensors) of their own."""
-    import torch._inductor.compile_fx as cfx
-
-    graphs = []
-    original = cfx._compile_fx_inner
-
-    def spy(gm, example_inputs, **kwargs):
-        graphs.append(example_inputs)
-        return original(gm, example_inputs, **kwargs)
-
-    monkeypatch.setattr(cfx, "_compile_fx_inner", spy)
+    graphs = inductor_graphs(monkeypatch)
     model, shape = make("resnet", "ln0")
     ref, _ = make("resnet", "ln0")
     compiled = compile_model(model, tmp_path, inductor=True)
     with torch._inductor.config.patch(fx_graph_cache=False):
         train_both(model, ref, compiled, shape, steps=2)
     assert len(graphs) == 2 and compacted_rows(tmp_path)
-    forward = graphs[0]
+    (forward,) = [inputs for is_backward, inputs, _ in graphs if not is_backward]
     vectors = [t.dtype for t in forward if isinstance(t, torch.Tensor) and t.dim() == 1 and not t.is_floating_point()]
     assert len(vectors) == len(set(vectors)) <= 2, vectors
 

@@ -588,10 +588,12 @@ def pack_vectors(graph: fx.Graph, consts: dict) -> dict:
     op_reads = {a.target for n in graph.find_nodes(op="call_function", target=torch.ops.fxsparse.conv2d.default)
                 for a in n.all_input_nodes if a.op == "get_attr"}
     groups: dict = {}  # (device, dtype) -> names
+    out = {}  # what stays as it is, then the buffers
     for name, t in consts.items():
         if t.dim() == 1 and name not in op_reads:
             groups.setdefault((t.device, t.dtype), []).append(name)
-    out = {name: t for name, t in consts.items() if t.dim() != 1 or name in op_reads}
+        else:
+            out[name] = t
     place: dict = {}  # name -> (buffer node, offset)
     first = next(n for n in graph.nodes if n.op != "placeholder")
     for i, names in enumerate(groups.values()):
