@@ -137,28 +137,57 @@ def test_a_winner_of_a_checked_kind_is_compared_with_the_safe_launch(monkeypatch
     assert len(sel.timings) == 2
 
 
-def test_selector_reads_the_shipped_table_untimed(monkeypatch, tmp_path):
-    """A shape found in the table shipped for the device is launched without timing anything."""
-    x, w3, out = cl(2, 16, 4, 4), cl(32, 16, 3, 3), cl(2, 32, 4, 4)
-    call = call_of(x, w3, out)
+def shipped_table(monkeypatch, tmp_path, entries: dict) -> None:
+    """The selector's disk cache: a shipped table of {problem: (choice, config)}, chosen among
+    each problem's candidates for `call_of`'s conv, and an empty user file."""
+    import json
     monkeypatch.setattr(S, "sm_count", lambda index: 132)
     monkeypatch.setattr(S, "_device_index", lambda device: 0)
-    p = call.problem(132)
-    cands = C.candidates(p, call)
+    x, w3, out = cl(2, 16, 4, 4), cl(32, 16, 3, 3), cl(2, 32, 4, 4)
+    signature = S._signature(C.candidates(next(iter(entries)), call_of(x, w3, out)))
     shipped = tmp_path / "shipped.json"
-    cfg = C.tile_config(64, 32, 16, 4, 4)
-    import json
-    shipped.write_text(json.dumps({repr(p): dict(choice="tma_box", config=cfg, split_k=1,
-                                                 candidates=S._signature(cands))}))
+    shipped.write_text(json.dumps({repr(p): dict(choice=choice, config=cfg, split_k=1, candidates=signature)
+                                   for p, (choice, cfg) in entries.items()}))
     cache = tuning_cache.TuningCache(str(tmp_path / "user.json"), str(shipped))
     monkeypatch.setattr(S, "disk_cache", lambda index: cache)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+
+
+def test_selector_reads_the_shipped_table_untimed(monkeypatch, tmp_path):
+    """A shape found in the table shipped for the device is launched without timing anything."""
+    call = call_of(cl(2, 16, 4, 4), cl(32, 16, 3, 3), cl(2, 32, 4, 4))
+    p, cfg = call.problem(132), C.tile_config(64, 32, 16, 4, 4)
+    shipped_table(monkeypatch, tmp_path, {p: ("tma_box", cfg)})
     monkeypatch.setattr(S.Selector, "tune", lambda *a: pytest.fail("timed a shape the table holds"))
     sel = S.Selector()
     with options.configure(tune="cache"):
         got_p, got = sel.launch(call)
     assert got_p == p and got.choice is C.TMA_BOX and got.config == cfg and got.note == "from the shipped table"
     assert sel.chosen() == [(p, got)]
+
+
+def test_a_launch_tuned_for_one_16_bit_type_serves_the_other(monkeypatch, tmp_path):
+    """bf16 takes the fp16 launch of its shape where only that one is known (and the reverse),
+    its own where both are; fp32 borrows nothing."""
+    def conv(dtype):
+        make = lambda *shape: torch.zeros(*shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        return call_of(make(2, 16, 4, 4), make(32, 16, 3, 3), make(2, 32, 4, 4))
+
+    fp16, bf16, fp32 = conv(torch.float16), conv(torch.bfloat16), conv(torch.float32)
+    tma, ws = C.tile_config(64, 32, 16, 4, 4), C.tile_config(128, 32, 16, 4, 8)
+    shipped_table(monkeypatch, tmp_path, {fp16.problem(132): ("tma_box", tma)})
+    monkeypatch.setattr(S.Selector, "tune", lambda *a: pytest.fail("timed a shape the table holds"))
+    with options.configure(tune="cache"):
+        got_p, got = S.Selector().launch(bf16)
+        assert got_p.dtype == "bfloat16" and got.choice is C.TMA_BOX and got.config == tma
+        assert got.note == "from the shipped table, tuned for float16"
+        assert not S.Selector().known(fp32)
+
+    both = {fp16.problem(132): ("tma_box", tma), bf16.problem(132): ("pointer", ws)}
+    shipped_table(monkeypatch, tmp_path, both)
+    with options.configure(tune="cache"):
+        _, got = S.Selector().launch(bf16)
+    assert got.choice is C.POINTER and got.config == ws and got.note == "from the shipped table"
 
 
 def test_tune_off_takes_the_safe_launch(monkeypatch):

@@ -2,7 +2,8 @@
 between it and aten, the `nn` module's executions and the benchmarks alike.
 
 `selector.launch(call)` picks the op's launch for a conv shape: from this process's table, else
-the disk cache (the user's, then the table shipped with fxsparse for the device), else by timing
+the disk cache (the user's, then the table shipped with fxsparse for the device; a shape found
+there only for the other 16-bit type takes that launch), else by timing
 the best-ranked candidates (choices.candidates; `settings.tune_top` of them) with CUDA-graph
 replay (timing.gpu_time_ms), the winner checked against a 4-warp pointer launch where it is a
 kind that has miscompiled elsewhere (8-warp tap loops, TMA, warp-specialised), and written back.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 # How candidates are timed: part of the cache's signature, so that winners timed otherwise are re-timed.
 TIMING = "cuda-graph replay"
+# A launch tuned for one 16-bit type serves the other until the other is tuned (tune="always").
+HALF_TWIN = {"float16": "bfloat16", "bfloat16": "float16"}
 
 
 @dataclass
@@ -113,12 +116,17 @@ class Selector:
         return problem, sel
 
     def _cached(self, problem: ConvProblem, cands: list, index: int) -> Optional[Selection]:
-        """The disk cache's launch for `problem` if it was chosen among `cands`, else None."""
-        cached = disk_cache(index).get(repr(problem), _signature(cands))
-        if cached is None or cached.get("choice") not in C.BY_NAME:
-            return None
-        return Selection(C.BY_NAME[cached["choice"]], dict(cached["config"]), int(cached["split_k"]),
-                         note="from the " + cached.get("source", "tuning cache"))
+        """The disk cache's launch for `problem` if it was chosen among `cands`; else the one chosen
+        for the same shape in the other 16-bit type (the kernels are the same code for both, with
+        the same tiles, bytes and tensor-core rate); else None."""
+        cache, signature = disk_cache(index), _signature(cands)
+        for dtype in (problem.dtype, HALF_TWIN.get(problem.dtype)):
+            cached = cache.get(repr(replace(problem, dtype=dtype)), signature) if dtype else None
+            if cached is not None and cached.get("choice") in C.BY_NAME:
+                source = cached.get("source", "tuning cache") + ("" if dtype == problem.dtype else f", tuned for {dtype}")
+                return Selection(C.BY_NAME[cached["choice"]], dict(cached["config"]), int(cached["split_k"]),
+                                 note="from the " + source)
+        return None
 
     def known(self, call: ConvCall, split_k: Optional[int] = None) -> bool:
         """Whether `launch(call)` would find its launch without timing anything."""
