@@ -166,9 +166,11 @@ def test_selector_reads_the_shipped_table_untimed(monkeypatch, tmp_path):
     assert sel.chosen() == [(p, got)]
 
 
-def test_a_launch_tuned_for_one_16_bit_type_serves_the_other(monkeypatch, tmp_path):
+@pytest.mark.parametrize("wrong", [False, True])
+def test_a_launch_tuned_for_one_16_bit_type_serves_the_other(monkeypatch, tmp_path, wrong):
     """bf16 takes the fp16 launch of its shape where only that one is known (and the reverse),
-    its own where both are; fp32 borrows nothing."""
+    checked against the safe launch as a tuned winner of its kind is; its own launch where both
+    are known; fp32 borrows nothing."""
     def conv(dtype):
         make = lambda *shape: torch.zeros(*shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
         return call_of(make(2, 16, 4, 4), make(32, 16, 3, 3), make(2, 32, 4, 4))
@@ -177,10 +179,16 @@ def test_a_launch_tuned_for_one_16_bit_type_serves_the_other(monkeypatch, tmp_pa
     tma, ws = C.tile_config(64, 32, 16, 4, 4), C.tile_config(128, 32, 16, 4, 8)
     shipped_table(monkeypatch, tmp_path, {fp16.problem(132): ("tma_box", tma)})
     monkeypatch.setattr(S.Selector, "tune", lambda *a: pytest.fail("timed a shape the table holds"))
+    monkeypatch.setattr(C.TMA_BOX, "run", lambda call, cfg, s=1: call.out.fill_(7.0 if wrong else 1.0))
+    monkeypatch.setattr(C.POINTER, "run", lambda call, cfg, s=1: call.out.fill_(1.0))
     with options.configure(tune="cache"):
         got_p, got = S.Selector().launch(bf16)
-        assert got_p.dtype == "bfloat16" and got.choice is C.TMA_BOX and got.config == tma
-        assert got.note == "from the shipped table, tuned for float16"
+        assert got_p.dtype == "bfloat16"
+        if wrong:
+            assert got.choice is C.POINTER and "TMA MISMATCH" in got.note
+        else:
+            assert got.choice is C.TMA_BOX and got.config == tma
+            assert got.note == "from the shipped table, tuned for float16, TMA output checked"
         assert not S.Selector().known(fp32)
 
     both = {fp16.problem(132): ("tma_box", tma), bf16.problem(132): ("pointer", ws)}

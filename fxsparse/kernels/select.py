@@ -3,7 +3,7 @@ between it and aten, the `nn` module's executions and the benchmarks alike.
 
 `selector.launch(call)` picks the op's launch for a conv shape: from this process's table, else
 the disk cache (the user's, then the table shipped with fxsparse for the device; a shape found
-there only for the other 16-bit type takes that launch), else by timing
+there only for the other 16-bit type takes that launch, checked as a tuned winner), else by timing
 the best-ranked candidates (choices.candidates; `settings.tune_top` of them) with CUDA-graph
 replay (timing.gpu_time_ms), the winner checked against a 4-warp pointer launch where it is a
 kind that has miscompiled elsewhere (8-warp tap loops, TMA, warp-specialised), and written back.
@@ -104,7 +104,7 @@ class Selector:
         cands = C.candidates(problem, call)
         offered = _signature(cands)
         cache = disk_cache(index)
-        sel = self._cached(problem, cands, index) if settings.tune == "cache" else None
+        sel = self._cached(problem, cands, index, call) if settings.tune == "cache" else None
         if sel is None:
             top = cands[:settings.tune_top or len(cands)]
             if settings.compile_workers > 1:
@@ -115,17 +115,23 @@ class Selector:
         self._seen[key] = (problem, sel, self.table)
         return problem, sel
 
-    def _cached(self, problem: ConvProblem, cands: list, index: int) -> Optional[Selection]:
+    def _cached(self, problem: ConvProblem, cands: list, index: int,
+                call: Optional[ConvCall] = None) -> Optional[Selection]:
         """The disk cache's launch for `problem` if it was chosen among `cands`; else the one chosen
         for the same shape in the other 16-bit type (the kernels are the same code for both, with
-        the same tiles, bytes and tensor-core rate); else None."""
+        the same tiles, bytes and tensor-core rate), checked on `call` as a tuned winner is (its
+        check ran in the other type); else None."""
         cache, signature = disk_cache(index), _signature(cands)
-        for dtype in (problem.dtype, HALF_TWIN.get(problem.dtype)):
-            cached = cache.get(repr(replace(problem, dtype=dtype)), signature) if dtype else None
-            if cached is not None and cached.get("choice") in C.BY_NAME:
-                source = cached.get("source", "tuning cache") + ("" if dtype == problem.dtype else f", tuned for {dtype}")
-                return Selection(C.BY_NAME[cached["choice"]], dict(cached["config"]), int(cached["split_k"]),
-                                 note="from the " + source)
+        for dtype in filter(None, (problem.dtype, HALF_TWIN.get(problem.dtype))):
+            cached = cache.get(repr(replace(problem, dtype=dtype)), signature)
+            if cached is None or cached.get("choice") not in C.BY_NAME:
+                continue
+            sel = Selection(C.BY_NAME[cached["choice"]], dict(cached["config"]), int(cached["split_k"]),
+                            note="from the " + cached.get("source", "tuning cache"))
+            if dtype == problem.dtype:
+                return sel
+            sel.note += f", tuned for {dtype}"
+            return self.checked(sel, problem, call) if call is not None else sel
         return None
 
     def known(self, call: ConvCall, split_k: Optional[int] = None) -> bool:
@@ -180,20 +186,24 @@ class Selector:
         choice, cfg, s, ms = timings[0]
         if ms == float("inf"):
             raise RuntimeError(f"fxsparse.conv2d: every candidate launch failed for {problem.describe()}")
-        sel = Selection(choice, cfg, s, "", timings)
+        return self.checked(Selection(choice, cfg, s, "", timings), problem, call)
+
+    def checked(self, sel: Selection, problem: ConvProblem, call: ConvCall) -> Selection:
+        """`sel`, or a safe launch where `sel` is of a kind that has miscompiled elsewhere and its
+        output on `call` differs from the safe launch's (the safe one timed beside it, if any)."""
         kind = _checked_kind(sel, problem)
-        if kind is not None:
-            safe = next(((c, k, sk) for c, k, sk, t in timings if C.is_safe(c, k, problem) and t < float("inf")),
-                        C.safe_launch(problem))
-            safe[0].run(call, safe[1], safe[2])
-            reference = call.out.clone()
-            choice.run(call, cfg, s)
-            if same_output(call.out, reference):
-                sel.note = f"{kind} output checked"
-            else:
-                log.warning("fxsparse: %s launch %s gave wrong results for %s; using %s", kind,
-                            choice.describe(cfg, s), problem.describe(), safe[0].describe(safe[1], safe[2]))
-                sel = Selection(*safe, f"{kind} MISMATCH, fell back to a 4-warp tile", timings)
+        if kind is None:
+            return sel
+        safe = next(((c, k, sk) for c, k, sk, t in sel.timings if C.is_safe(c, k, problem) and t < float("inf")),
+                    C.safe_launch(problem))
+        safe[0].run(call, safe[1], safe[2])
+        reference = call.out.clone()
+        sel.choice.run(call, sel.config, sel.split_k)
+        if not same_output(call.out, reference):
+            log.warning("fxsparse: %s launch %s gave wrong results for %s; using %s", kind, sel.describe(),
+                        problem.describe(), safe[0].describe(safe[1], safe[2]))
+            return Selection(*safe, f"{kind} MISMATCH, fell back to a 4-warp tile", sel.timings)
+        sel.note = ", ".join(filter(None, (sel.note, f"{kind} output checked")))
         return sel
 
     # ---------------------------------------------------------------- named alternatives
